@@ -1,0 +1,1 @@
+//! Gateway → backend trust: short-lived signed assertions and the JWKS that verifies them.

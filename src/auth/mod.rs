@@ -1,0 +1,1 @@
+//! Edge authentication: identities, per-route requirements and their errors.

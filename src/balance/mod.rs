@@ -1,0 +1,1 @@
+//! Which endpoint takes this request: the balancing algorithms and passive outlier ejection.

@@ -1,0 +1,476 @@
+//! The configuration file: its TOML shape, defaults, and one `validate()` into the runtime
+//! [`Config`]. Command-line flags are applied on top by the binary before validation.
+//!
+//! Everything that changes at run time (routes, JWT providers in KV, API keys) lives in
+//! Consul KV instead; this file holds what a gateway needs before it can reach Consul.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting `{field}`: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// The whole file. Every section is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub consul: ConsulSection,
+    pub proxy: ProxySection,
+    pub tls: Option<TlsSection>,
+    pub admin: AdminSection,
+    pub readiness: ReadinessSection,
+    pub log: LogSection,
+    pub registration: RegistrationSection,
+    pub fabio: FabioSection,
+    /// JWT providers by name; providers in KV under `<kv_prefix>jwt/<name>` are merged in
+    /// and win on a name clash, so a cluster can rotate them without a restart.
+    pub jwt_providers: BTreeMap<String, serde_json::Value>,
+    pub upstream_tls: Option<UpstreamTlsSection>,
+    pub assertion: Option<AssertionSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsulSection {
+    /// `http://host:port`, `https://host:port` or bare `host:port` (like `CONSUL_HTTP_ADDR`).
+    pub address: String,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub datacenter: Option<String>,
+    /// Prefix in KV under which `routes/`, `jwt/` and `apikeys/` live.
+    pub kv_prefix: String,
+    /// The `wait` of each blocking query, in seconds (Consul caps it at 600).
+    pub wait_s: u64,
+    /// Read with `?stale` so any server may answer (survives a lost leader).
+    pub stale: bool,
+    pub ca_cert: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Upper bound of the retry backoff after Consul errors, in seconds.
+    pub max_backoff_s: u64,
+    /// A snapshot of the last known state, written after each change and read at boot
+    /// when Consul cannot be reached (warm start).
+    pub state_file: Option<PathBuf>,
+}
+
+impl Default for ConsulSection {
+    fn default() -> Self {
+        Self {
+            address: "http://127.0.0.1:8500".into(),
+            token: None,
+            token_file: None,
+            datacenter: None,
+            kv_prefix: "switchyard/".into(),
+            wait_s: 300,
+            stale: false,
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+            max_backoff_s: 60,
+            state_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxySection {
+    /// Plain-HTTP listener (HTTP/1.1 and h2c).
+    pub listen: String,
+    pub max_connections: usize,
+    /// Time a client has to send a complete request head (slowloris guard).
+    pub header_read_timeout_ms: u64,
+    /// Largest request head accepted; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Default request body limit; a route may lower or raise it.
+    pub max_body_bytes: u64,
+    pub idle_timeout_s: u64,
+    /// Time in-flight requests get to finish after SIGTERM.
+    pub drain_timeout_s: u64,
+    /// Tokio worker threads (0 = one per core).
+    pub worker_threads: usize,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Idle keep-alive connections kept per upstream instance.
+    pub pool_max_idle_per_host: usize,
+    /// Retries allowed, as a share of requests in flight (budget), in percent.
+    pub retry_budget_percent: u32,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            max_connections: 10_000,
+            header_read_timeout_ms: 10_000,
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 10 * 1024 * 1024,
+            idle_timeout_s: 60,
+            drain_timeout_s: 30,
+            worker_threads: 0,
+            trusted_proxies: Vec::new(),
+            pool_max_idle_per_host: 64,
+            retry_budget_percent: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub listen: String,
+    /// Certificates chosen by SNI; the first one is the default.
+    pub certificates: Vec<CertificateSection>,
+    /// When set, clients must present a certificate signed by this CA bundle.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// A plain listener that answers everything with a redirect to HTTPS.
+    #[serde(default)]
+    pub redirect_http_listen: Option<String>,
+    /// How often certificate files are checked for changes, in seconds.
+    #[serde(default = "default_reload_s")]
+    pub reload_interval_s: u64,
+}
+
+fn default_reload_s() -> u64 {
+    5
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSection {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: String,
+    /// When set, every admin endpoint but `/healthz` and `/ready` needs `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9901".into(),
+            token: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReadinessSection {
+    /// Not ready when the oldest Consul data is older than this many seconds (0 = never).
+    pub max_data_age_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// A `tracing` filter such as `info` or `switchyard=debug` (env `RUST_LOG` wins).
+    pub level: String,
+    pub format: LogFormat,
+    pub access_log: bool,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrationSection {
+    pub enabled: bool,
+    pub service_name: String,
+    /// Address advertised to Consul; empty means the agent's address.
+    pub address: String,
+    pub tags: Vec<String>,
+    pub check_interval_s: u64,
+}
+
+impl Default for RegistrationSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            service_name: "switchyard".into(),
+            address: String::new(),
+            tags: Vec::new(),
+            check_interval_s: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FabioSection {
+    /// Route services tagged `urlprefix-host/path` as fabio would.
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsSection {
+    /// Client certificate presented to upstreams that require mTLS.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// CA bundle that upstream certificates must chain to.
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssertionSection {
+    /// PKCS#8 PEM private key (Ed25519 or P-256) used to sign upstream assertions.
+    pub key_file: PathBuf,
+    /// Key id published in `/jwks.json`.
+    pub kid: String,
+    /// `iss` of the assertions.
+    #[serde(default = "default_assertion_issuer")]
+    pub issuer: String,
+}
+
+fn default_assertion_issuer() -> String {
+    "switchyard".into()
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: FileConfig,
+    pub consul_address: String,
+    pub consul_token: Option<String>,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub tls_listen: Option<SocketAddr>,
+    pub redirect_listen: Option<SocketAddr>,
+    pub wait: Duration,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file; errors carry the path, line and field.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks every setting and resolves what the gateway needs at run time.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let consul_address = normalize_consul_address(&self.consul.address)
+            .map_err(|m| invalid("consul.address", m))?;
+        if !(1..=600).contains(&self.consul.wait_s) {
+            return Err(invalid("consul.wait_s", "must be between 1 and 600"));
+        }
+        if self.consul.max_backoff_s == 0 {
+            return Err(invalid("consul.max_backoff_s", "must be at least 1"));
+        }
+        if !self.consul.kv_prefix.is_empty() && !self.consul.kv_prefix.ends_with('/') {
+            return Err(invalid("consul.kv_prefix", "must end with '/'"));
+        }
+        if self.consul.kv_prefix.starts_with('/') {
+            return Err(invalid("consul.kv_prefix", "must not start with '/'"));
+        }
+        match (&self.consul.client_cert, &self.consul.client_key) {
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(invalid(
+                    "consul.client_cert",
+                    "client_cert and client_key go together",
+                ))
+            }
+            _ => {}
+        }
+        let consul_token = match (&self.consul.token, &self.consul.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("consul.token", "set token or token_file, not both"))
+            }
+            (Some(t), None) => Some(t.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| invalid("consul.token_file", format!("{}: {e}", path.display())))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        }
+        .filter(|t| !t.is_empty());
+
+        let listen = parse_addr("proxy.listen", &self.proxy.listen)?;
+        let admin_listen = parse_addr("admin.listen", &self.admin.listen)?;
+        if self.proxy.max_connections == 0 {
+            return Err(invalid("proxy.max_connections", "must be at least 1"));
+        }
+        if self.proxy.max_header_bytes < 1024 {
+            return Err(invalid("proxy.max_header_bytes", "must be at least 1024"));
+        }
+        if self.proxy.header_read_timeout_ms == 0 {
+            return Err(invalid("proxy.header_read_timeout_ms", "must be positive"));
+        }
+        if self.proxy.retry_budget_percent > 100 {
+            return Err(invalid("proxy.retry_budget_percent", "must be 0..=100"));
+        }
+        let (tls_listen, redirect_listen) = match &self.tls {
+            None => (None, None),
+            Some(tls) => {
+                if tls.certificates.is_empty() {
+                    return Err(invalid("tls.certificates", "at least one certificate"));
+                }
+                let redirect = tls
+                    .redirect_http_listen
+                    .as_deref()
+                    .map(|a| parse_addr("tls.redirect_http_listen", a))
+                    .transpose()?;
+                (Some(parse_addr("tls.listen", &tls.listen)?), redirect)
+            }
+        };
+        if self.registration.enabled && self.registration.service_name.trim().is_empty() {
+            return Err(invalid("registration.service_name", "must not be empty"));
+        }
+        if self.log.level.trim().is_empty() {
+            return Err(invalid("log.level", "must not be empty"));
+        }
+        let wait = Duration::from_secs(self.consul.wait_s);
+        Ok(Config {
+            file: self,
+            consul_address,
+            consul_token,
+            listen,
+            admin_listen,
+            tls_listen,
+            redirect_listen,
+            wait,
+        })
+    }
+}
+
+fn parse_addr(field: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|e| invalid(field, format!("`{value}` is not an ip:port address: {e}")))
+}
+
+/// Accepts what the Consul CLI accepts in `CONSUL_HTTP_ADDR`: a URL, or `host:port`
+/// meaning `http://host:port`. Returns the base URL without a trailing slash.
+pub fn normalize_consul_address(addr: &str) -> Result<String, String> {
+    let addr = addr.trim().trim_end_matches('/');
+    if addr.is_empty() {
+        return Err("empty address".into());
+    }
+    let with_scheme = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let url = url::Url::parse(&with_scheme).map_err(|e| format!("`{addr}`: {e}"))?;
+    match url.scheme() {
+        "http" | "https" => {}
+        other => return Err(format!("unsupported scheme `{other}`")),
+    }
+    if url.host_str().is_none() {
+        return Err(format!("`{addr}` has no host"));
+    }
+    Ok(with_scheme)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consul_address_accepts_host_port_like_the_cli() {
+        assert_eq!(
+            normalize_consul_address("127.0.0.1:8500").unwrap(),
+            "http://127.0.0.1:8500"
+        );
+        assert_eq!(
+            normalize_consul_address("https://consul.local:8501/").unwrap(),
+            "https://consul.local:8501"
+        );
+        assert!(normalize_consul_address("ftp://x").is_err());
+        assert!(normalize_consul_address("").is_err());
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let cfg = FileConfig::parse("").unwrap().validate().unwrap();
+        assert_eq!(cfg.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(cfg.admin_listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(cfg.file.consul.kv_prefix, "switchyard/");
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let err = FileConfig::parse("[proxy]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
+        assert!(err.contains("lisen"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let err = FileConfig::parse("[consul]\nwait_s = 0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("consul.wait_s"));
+        let err = FileConfig::parse("[proxy]\nlisten = \"nope\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("proxy.listen"));
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/switchyard.toml");
+        FileConfig::load(&path).unwrap().validate().unwrap();
+    }
+}

@@ -1,0 +1,1 @@
+//! Which instances may serve, decided from their Consul checks: one pure function.

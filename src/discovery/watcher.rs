@@ -1,0 +1,1 @@
+//! One health watch per routed service, feeding instance lists to the snapshot writer.

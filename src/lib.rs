@@ -1,0 +1,29 @@
+//! Switchyard: an API gateway that lives on HashiCorp Consul.
+//!
+//! Two flows, pointing one way:
+//! - **Consul → snapshot.** `consul` watches blocking queries; `discovery` turns health
+//!   entries into upstream sets, `routing` turns KV documents into a route table; `app`
+//!   (the single writer) combines them into one immutable [`state::Snapshot`] and swaps it in.
+//! - **Request → upstream.** `proxy` loads the snapshot once per request, matches a route,
+//!   applies `auth` and `policy`, lets `balance` pick an instance and forwards.
+//!
+//! The request path never takes a lock and never waits on Consul. `devregistry` is a
+//! Consul-compatible registry for tests and the quick start; it imports nothing from here.
+
+pub mod admin;
+pub mod app;
+pub mod assertion;
+pub mod auth;
+pub mod balance;
+pub mod config;
+pub mod consul;
+pub mod devregistry;
+pub mod discovery;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod routing;
+pub mod shutdown;
+pub mod state;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,177 @@
+//! The `switchyard` binary: command line, logging, and a call into the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use switchyard::config::{FileConfig, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "An API gateway that lives on HashiCorp Consul"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway against a Consul agent.
+    Run(RunArgs),
+    /// Run the embedded Consul-compatible dev registry alone.
+    Registry(RegistryArgs),
+    /// Quick start: the dev registry, demo services, example routes and the gateway in one go.
+    Dev(DevArgs),
+    /// Validate a configuration file and exit.
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+}
+
+/// Settings shared by `run` and `dev`. Flags override the config file.
+#[derive(Args, Clone)]
+struct GatewayArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Proxy listener address.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Admin listener address.
+    #[arg(long)]
+    admin: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum, env = "SWITCHYARD_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// Consul agent: `http(s)://host:port` or `host:port`.
+    #[arg(long, env = "CONSUL_HTTP_ADDR")]
+    consul: Option<String>,
+    /// Consul ACL token.
+    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// KV prefix holding routes/, jwt/ and apikeys/.
+    #[arg(long)]
+    kv_prefix: Option<String>,
+    /// File for the last known state (warm start when Consul is down at boot).
+    #[arg(long)]
+    state_file: Option<PathBuf>,
+    /// Do not register the gateway itself in Consul.
+    #[arg(long)]
+    no_register: bool,
+}
+
+#[derive(Args)]
+struct RegistryArgs {
+    /// Address to serve the Consul HTTP API on.
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    listen: String,
+    /// Require this ACL token on every request.
+    #[arg(long)]
+    token: Option<String>,
+}
+
+#[derive(Args)]
+struct DevArgs {
+    #[command(flatten)]
+    gateway: GatewayArgs,
+    /// Address of the embedded registry.
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    registry_listen: String,
+}
+
+fn load_file(args: &GatewayArgs) -> anyhow::Result<FileConfig> {
+    let mut file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    if let Some(l) = &args.listen {
+        file.proxy.listen = l.clone();
+    }
+    if let Some(a) = &args.admin {
+        file.admin.listen = a.clone();
+    }
+    if let Some(f) = args.log_format {
+        file.log.format = f;
+    }
+    Ok(file)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => {
+            let cfg = FileConfig::load(&file)?.validate()?;
+            println!(
+                "{}: ok (proxy {}, admin {}, consul {})",
+                file.display(),
+                cfg.listen,
+                cfg.admin_listen,
+                cfg.consul_address
+            );
+            Ok(())
+        }
+        Command::Run(args) => {
+            let mut file = load_file(&args.gateway)?;
+            if let Some(c) = args.consul {
+                file.consul.address = c;
+            }
+            if let Some(t) = args.token {
+                file.consul.token = Some(t);
+                file.consul.token_file = None;
+            }
+            if let Some(p) = args.kv_prefix {
+                file.consul.kv_prefix = p;
+            }
+            if let Some(s) = args.state_file {
+                file.consul.state_file = Some(s);
+            }
+            if args.no_register {
+                file.registration.enabled = false;
+            }
+            let cfg = file.validate()?;
+            switchyard::telemetry::init(&cfg.file.log.level, cfg.file.log.format);
+            runtime(cfg.file.proxy.worker_threads)?
+                .block_on(switchyard::app::run_until_signal(cfg))?;
+            Ok(())
+        }
+        Command::Registry(args) => {
+            switchyard::telemetry::init("info", LogFormat::Text);
+            let addr = args
+                .listen
+                .parse()
+                .with_context(|| format!("--listen {}", args.listen))?;
+            runtime(0)?.block_on(switchyard::devregistry::serve_until_signal(
+                addr, args.token,
+            ))?;
+            Ok(())
+        }
+        Command::Dev(args) => {
+            let file = load_file(&args.gateway)?;
+            let registry = args
+                .registry_listen
+                .parse()
+                .with_context(|| format!("--registry-listen {}", args.registry_listen))?;
+            switchyard::telemetry::init(&file.log.level, file.log.format);
+            runtime(0)?.block_on(switchyard::app::dev(file, registry))?;
+            Ok(())
+        }
+    }
+}
+
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all().build().context("starting the tokio runtime")
+}

@@ -1,0 +1,1 @@
+//! Every metric name, registered in one place, and the Prometheus renderer.

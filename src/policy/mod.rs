@@ -1,0 +1,1 @@
+//! Edge policy per route: rate limits, IP rules, CORS and request limits.

@@ -1,0 +1,1 @@
+//! The data plane: listeners, the per-request handler, forwarding, retries and errors.

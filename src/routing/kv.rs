@@ -1,0 +1,1 @@
+//! Watches `<prefix>routes/` and keeps the last good document per key.

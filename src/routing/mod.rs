@@ -1,0 +1,231 @@
+//! Routes: the KV document shape ([`spec`]), its validation into a [`Route`], the lookup
+//! table ([`table`]) and the KV watch that keeps the last good document per key ([`kv`]).
+
+pub mod kv;
+pub mod spec;
+pub mod table;
+
+use std::sync::Arc;
+
+use http::{HeaderName, HeaderValue, Method};
+
+pub use spec::RouteSpec;
+pub use table::RouteTable;
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum RouteError {
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    #[error("field `{field}`: {message}")]
+    Field {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn field(field: &'static str, message: impl Into<String>) -> RouteError {
+    RouteError::Field {
+        field,
+        message: message.into(),
+    }
+}
+
+/// How a route matches the `Host` header.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostMatch {
+    Any,
+    /// Lower-case, without port.
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`: matches exactly one more label.
+    Wildcard(String),
+}
+
+/// A validated route, ready for the request path.
+#[derive(Debug)]
+pub struct Route {
+    /// KV key name below `<prefix>routes/` (or a synthetic name for tag routes).
+    pub name: String,
+    pub spec: Arc<RouteSpec>,
+    pub host: HostMatch,
+    /// Normalised: starts with `/`, no trailing `/` unless it is `/`.
+    pub path_prefix: String,
+    /// Empty = any method.
+    pub methods: Vec<Method>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Replacement for `path_prefix` when forwarding (`""` for strip_prefix).
+    pub rewrite: Option<String>,
+}
+
+impl Route {
+    /// Validates the routing part of a document. Other concerns (auth, policy, balancing)
+    /// validate their own fields through their modules' compile functions.
+    pub fn compile(name: &str, spec: RouteSpec) -> Result<Route, RouteError> {
+        if spec.service.trim().is_empty() {
+            return Err(field("service", "must not be empty"));
+        }
+        if spec.service.contains('/') || spec.service.chars().any(|c| c.is_whitespace()) {
+            return Err(field("service", "must be a Consul service name"));
+        }
+        let path_prefix =
+            normalize_prefix(&spec.path_prefix).map_err(|m| field("path_prefix", m))?;
+        let host = match spec.host.as_deref().map(str::trim) {
+            None | Some("") => HostMatch::Any,
+            Some(h) => parse_host(h).map_err(|m| field("host", m))?,
+        };
+        let mut methods = Vec::with_capacity(spec.methods.len());
+        for m in &spec.methods {
+            let method = Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| field("methods", format!("`{m}` is not an HTTP method")))?;
+            methods.push(method);
+        }
+        let mut headers = Vec::with_capacity(spec.headers.len());
+        for (k, v) in &spec.headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| field("headers", format!("`{k}` is not a header name")))?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|_| field("headers", format!("value of `{k}` is not a header value")))?;
+            headers.push((name, value));
+        }
+        let rewrite = match (&spec.rewrite_prefix, spec.strip_prefix) {
+            (Some(_), true) => {
+                return Err(field(
+                    "rewrite_prefix",
+                    "strip_prefix and rewrite_prefix exclude each other",
+                ))
+            }
+            (Some(r), false) => {
+                if !r.starts_with('/') {
+                    return Err(field("rewrite_prefix", "must start with '/'"));
+                }
+                Some(r.trim_end_matches('/').to_string())
+            }
+            (None, true) => Some(String::new()),
+            (None, false) => None,
+        };
+        Ok(Route {
+            name: name.to_string(),
+            spec: Arc::new(spec),
+            host,
+            path_prefix,
+            methods,
+            headers,
+            rewrite,
+        })
+    }
+
+    /// Does the request (path already normalised) match everything but the prefix?
+    pub fn matches_request(&self, method: &Method, headers: &http::HeaderMap) -> bool {
+        (self.methods.is_empty() || self.methods.contains(method))
+            && self
+                .headers
+                .iter()
+                .all(|(k, v)| headers.get_all(k).iter().any(|have| have == v))
+    }
+
+    /// The upstream path for a matched request path (prefix rewritten, never empty).
+    pub fn upstream_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
+        let Some(replacement) = &self.rewrite else {
+            return std::borrow::Cow::Borrowed(path);
+        };
+        let rest = if self.path_prefix == "/" {
+            path
+        } else {
+            &path[self.path_prefix.len().min(path.len())..]
+        };
+        let joined = format!("{replacement}{rest}");
+        if joined.is_empty() {
+            std::borrow::Cow::Owned("/".into())
+        } else if !joined.starts_with('/') {
+            std::borrow::Cow::Owned(format!("/{joined}"))
+        } else {
+            std::borrow::Cow::Owned(joined)
+        }
+    }
+}
+
+fn normalize_prefix(p: &str) -> Result<String, String> {
+    if !p.starts_with('/') {
+        return Err("must start with '/'".into());
+    }
+    if p.contains(['?', '#', '%', ' ']) {
+        return Err("must be a plain path (no query, fragment, escapes or spaces)".into());
+    }
+    if p.split('/').any(|s| s == "." || s == "..") {
+        return Err("must not contain '.' or '..' segments".into());
+    }
+    let trimmed = p.trim_end_matches('/');
+    Ok(if trimmed.is_empty() {
+        "/".into()
+    } else {
+        trimmed.to_string()
+    })
+}
+
+fn parse_host(h: &str) -> Result<HostMatch, String> {
+    let h = h.to_ascii_lowercase();
+    if h.contains(':') || h.contains('/') {
+        return Err("a host name without port or path".into());
+    }
+    if let Some(rest) = h.strip_prefix("*.") {
+        if rest.is_empty() || rest.contains('*') {
+            return Err("wildcard must look like *.example.com".into());
+        }
+        return Ok(HostMatch::Wildcard(format!(".{rest}")));
+    }
+    if h.contains('*') {
+        return Err("only a leading `*.` wildcard is allowed".into());
+    }
+    Ok(HostMatch::Exact(h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> RouteSpec {
+        RouteSpec::from_json(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn prefix_is_normalised_and_checked() {
+        let r = Route::compile("r", spec(r#"{"service":"a","path_prefix":"/api/"}"#)).unwrap();
+        assert_eq!(r.path_prefix, "/api");
+        for bad in ["api", "/a/../b", "/a?x", "/%2e"] {
+            let s = spec(&format!(r#"{{"service":"a","path_prefix":"{bad}"}}"#));
+            assert!(Route::compile("r", s).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn strip_and_rewrite_build_the_upstream_path() {
+        let r = Route::compile(
+            "r",
+            spec(r#"{"service":"a","path_prefix":"/api","strip_prefix":true}"#),
+        )
+        .unwrap();
+        assert_eq!(r.upstream_path("/api"), "/");
+        assert_eq!(r.upstream_path("/api/x/y"), "/x/y");
+        let r = Route::compile(
+            "r",
+            spec(r#"{"service":"a","path_prefix":"/old","rewrite_prefix":"/new/"}"#),
+        )
+        .unwrap();
+        assert_eq!(r.upstream_path("/old/x"), "/new/x");
+        let r = Route::compile("r", spec(r#"{"service":"a","path_prefix":"/k"}"#)).unwrap();
+        assert_eq!(r.upstream_path("/k/x"), "/k/x");
+    }
+
+    #[test]
+    fn hosts_parse() {
+        assert_eq!(
+            parse_host("API.example.com").unwrap(),
+            HostMatch::Exact("api.example.com".into())
+        );
+        assert_eq!(
+            parse_host("*.example.com").unwrap(),
+            HostMatch::Wildcard(".example.com".into())
+        );
+        assert!(parse_host("a.*.com").is_err());
+        assert!(parse_host("a.com:80").is_err());
+    }
+}

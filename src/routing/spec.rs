@@ -1,0 +1,327 @@
+//! The JSON document an operator stores at `<kv-prefix>routes/<name>`: its serde shape only.
+//! `routing::compile` turns it into a [`super::Route`]; a document that does not compile
+//! is rejected alone, and that key's last good version keeps serving.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// One route document. `service` and `path_prefix` are required; everything else has a default.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Consul service the route sends traffic to.
+    pub service: String,
+    /// Matches this path and everything below it, on segment boundaries.
+    pub path_prefix: String,
+    /// Exact host (`api.example.com`) or one-level wildcard (`*.example.com`); none = any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Allowed methods; empty = all.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Request headers that must be present with exactly these values.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Remove `path_prefix` before forwarding.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Replace `path_prefix` with this before forwarding.
+    #[serde(default)]
+    pub rewrite_prefix: Option<String>,
+    /// Which instances may serve.
+    #[serde(default)]
+    pub health: HealthPolicy,
+    /// Only instances carrying all of these Consul tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub lb: LbPolicy,
+    /// For `consistent_hash`: `header:<name>`, `cookie:<name>` or `client_ip`.
+    #[serde(default)]
+    pub hash_on: Option<String>,
+    /// Protocol spoken to upstreams.
+    #[serde(default)]
+    pub upstream_protocol: UpstreamProtocol,
+    #[serde(default)]
+    pub timeouts: TimeoutSpec,
+    #[serde(default)]
+    pub retry: RetrySpec,
+    #[serde(default)]
+    pub outlier: OutlierSpec,
+    /// Request body limit in bytes (overrides `proxy.max_body_bytes`).
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+    /// Request header count limit.
+    #[serde(default)]
+    pub max_headers: Option<usize>,
+    /// Request URL (path + query) length limit.
+    #[serde(default)]
+    pub max_url_bytes: Option<usize>,
+    #[serde(default)]
+    pub auth: AuthSpec,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+    #[serde(default)]
+    pub ip_allow: Vec<IpNet>,
+    #[serde(default)]
+    pub ip_deny: Vec<IpNet>,
+    #[serde(default)]
+    pub cors: Option<CorsSpec>,
+    #[serde(default)]
+    pub upstream_assertion: Option<AssertionSpec>,
+    /// Present the gateway's client certificate (`[upstream_tls]`) and speak TLS to upstreams.
+    #[serde(default)]
+    pub upstream_tls: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthPolicy {
+    /// Every check, node checks included, is passing.
+    #[default]
+    Passing,
+    /// Passing or warning; warning instances take `Weights.Warning`.
+    PassingOrWarning,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    Random,
+    LeastRequest,
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), e.g. for gRPC.
+    Http2,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimeoutSpec {
+    pub connect_ms: u64,
+    /// Time to response headers for one try.
+    pub per_try_ms: u64,
+    /// Time to response headers for the whole request, retries included.
+    pub total_ms: u64,
+}
+
+impl Default for TimeoutSpec {
+    fn default() -> Self {
+        Self {
+            connect_ms: 2_000,
+            per_try_ms: 15_000,
+            total_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Further tries after the first, each on a different instance when one exists.
+    pub attempts: u32,
+    /// Upstream statuses that count as a failed try (connect errors, resets and
+    /// per-try timeouts always do).
+    pub on_status: Vec<u16>,
+    /// Retry methods that are not idempotent (POST, PATCH) too.
+    pub non_idempotent: bool,
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            attempts: 2,
+            on_status: Vec::new(),
+            non_idempotent: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierSpec {
+    /// Consecutive failures that eject an instance (0 = never eject).
+    pub consecutive_failures: u32,
+    /// First ejection time; doubles with each repeated ejection.
+    pub base_ejection_ms: u64,
+    pub max_ejection_ms: u64,
+    /// At most this share of a pool is ejected at once.
+    pub max_ejected_percent: u32,
+    /// Below this share of usable instances, use all of them (panic mode).
+    pub panic_threshold_percent: u32,
+}
+
+impl Default for OutlierSpec {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection_ms: 30_000,
+            max_ejection_ms: 300_000,
+            max_ejected_percent: 50,
+            panic_threshold_percent: 50,
+        }
+    }
+}
+
+/// `"auth": "none"`, absent, or `{"jwt": [...], "api_key": true, "scopes": [...]}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AuthSpec {
+    /// Providers any of which may vouch for a bearer token.
+    pub jwt: Vec<String>,
+    /// Accept an API key (either this or a JWT when both are set).
+    pub api_key: bool,
+    /// Scopes the credential must carry, all of them.
+    pub scopes: Vec<String>,
+    /// For browsers (`Accept: text/html`) without credentials: 302 here instead of 401.
+    pub on_unauthenticated_redirect: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for AuthSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Unauthenticated {
+            redirect: String,
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            #[serde(default)]
+            jwt: Vec<String>,
+            #[serde(default)]
+            api_key: bool,
+            #[serde(default)]
+            scopes: Vec<String>,
+            #[serde(default)]
+            on_unauthenticated: Option<Unauthenticated>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Word(String),
+            Full(Full),
+        }
+        match Either::deserialize(d)? {
+            Either::Word(w) if w == "none" => Ok(AuthSpec::default()),
+            Either::Word(w) => Err(serde::de::Error::custom(format!(
+                "auth must be \"none\" or an object, not \"{w}\""
+            ))),
+            Either::Full(f) => Ok(AuthSpec {
+                jwt: f.jwt,
+                api_key: f.api_key,
+                scopes: f.scopes,
+                on_unauthenticated_redirect: f.on_unauthenticated.map(|u| u.redirect),
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    pub per_second: f64,
+    pub burst: u32,
+    /// `client_ip` (default), `consumer`, or `header:<name>`.
+    #[serde(default = "default_rate_key")]
+    pub key: String,
+}
+
+fn default_rate_key() -> String {
+    "client_ip".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsSpec {
+    /// Exact origins or `https://*.example.com`; `*` allows any (not with credentials).
+    pub origins: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    #[serde(default)]
+    pub credentials: bool,
+    #[serde(default)]
+    pub max_age_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssertionSpec {
+    #[serde(default = "default_assertion_header")]
+    pub header: String,
+    #[serde(default = "default_assertion_ttl")]
+    pub ttl_s: u64,
+    /// `aud` of the assertion; defaults to the route's service name.
+    #[serde(default)]
+    pub audience: Option<String>,
+}
+
+fn default_assertion_header() -> String {
+    "X-Gateway-Assertion".into()
+}
+
+fn default_assertion_ttl() -> u64 {
+    30
+}
+
+impl RouteSpec {
+    /// Parses a KV value; the error says what is wrong and where.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_document_takes_defaults() {
+        let r = RouteSpec::from_json(br#"{"service":"users","path_prefix":"/users"}"#).unwrap();
+        assert_eq!(r.service, "users");
+        assert_eq!(r.health, HealthPolicy::Passing);
+        assert_eq!(r.lb, LbPolicy::RoundRobin);
+        assert_eq!(r.auth, AuthSpec::default());
+    }
+
+    #[test]
+    fn auth_accepts_none_and_objects() {
+        let r = RouteSpec::from_json(
+            br#"{"service":"a","path_prefix":"/","auth":{"jwt":["main"],"scopes":["x"],"on_unauthenticated":{"redirect":"https://login"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.auth.jwt, vec!["main"]);
+        assert_eq!(
+            r.auth.on_unauthenticated_redirect.as_deref(),
+            Some("https://login")
+        );
+        let r =
+            RouteSpec::from_json(br#"{"service":"a","path_prefix":"/","auth":"none"}"#).unwrap();
+        assert_eq!(r.auth, AuthSpec::default());
+        assert!(
+            RouteSpec::from_json(br#"{"service":"a","path_prefix":"/","auth":"jwt"}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn typos_are_rejected_by_name() {
+        let err = RouteSpec::from_json(br#"{"service":"a","path_prefix":"/","strip_prefx":true}"#)
+            .unwrap_err();
+        assert!(err.contains("strip_prefx"), "{err}");
+        let err = RouteSpec::from_json(br#"{"path_prefix":"/"}"#).unwrap_err();
+        assert!(err.contains("service"), "{err}");
+    }
+}

@@ -1,0 +1,1 @@
+//! TLS termination with rustls: certificates by SNI, hot reload, optional client certificates.
