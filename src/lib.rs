@@ -17,6 +17,7 @@ pub mod auth;
 pub mod balance;
 pub mod config;
 pub mod consul;
+pub mod demo;
 pub mod devregistry;
 pub mod discovery;
 pub mod metrics;

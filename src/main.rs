@@ -25,6 +25,8 @@ enum Command {
     Registry(RegistryArgs),
     /// Quick start: the dev registry, demo services, example routes and the gateway in one go.
     Dev(DevArgs),
+    /// A demo upstream: an HTTP echo service that can register itself in Consul.
+    Echo(EchoArgs),
     /// Validate a configuration file and exit.
     CheckConfig {
         /// The TOML file to check.
@@ -78,6 +80,31 @@ struct RegistryArgs {
     /// Require this ACL token on every request.
     #[arg(long)]
     token: Option<String>,
+}
+
+#[derive(Args)]
+struct EchoArgs {
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: String,
+    /// Consul service name.
+    #[arg(long, default_value = "demo")]
+    name: String,
+    /// Consul service ID (default: the name and port).
+    #[arg(long)]
+    id: Option<String>,
+    /// Address to advertise in Consul (default: the listen address's IP).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Register in this Consul agent (`http://host:port`), deregister on exit.
+    #[arg(long)]
+    register: Option<String>,
+    /// Consul ACL token.
+    #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Consul tags.
+    #[arg(long = "tag")]
+    tags: Vec<String>,
 }
 
 #[derive(Args)]
@@ -155,6 +182,10 @@ fn main() -> anyhow::Result<()> {
             ))?;
             Ok(())
         }
+        Command::Echo(args) => {
+            switchyard::telemetry::init("info", LogFormat::Text);
+            runtime(1)?.block_on(echo(args))
+        }
         Command::Dev(args) => {
             let file = load_file(&args.gateway)?;
             let registry = args
@@ -166,6 +197,55 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn echo(args: EchoArgs) -> anyhow::Result<()> {
+    use switchyard::demo;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let id = args
+        .id
+        .unwrap_or_else(|| format!("{}-{}", args.name, addr.port()));
+    let shutdown = switchyard::shutdown::Shutdown::new();
+    shutdown.trigger_on_signals();
+    demo::start_echo(listener, &id, shutdown.clone())?;
+    tracing::info!(%addr, %id, "echo service listening");
+    let registration = match args.register {
+        None => None,
+        Some(consul) => {
+            let reg = demo::Registration {
+                consul: switchyard::config::normalize_consul_address(&consul)
+                    .map_err(|e| anyhow::anyhow!("--register: {e}"))?,
+                token: args.token,
+                name: args.name,
+                id,
+                address: args.advertise.unwrap_or_else(|| addr.ip().to_string()),
+                port: addr.port(),
+                tags: args.tags,
+                check_interval: std::time::Duration::from_secs(2),
+            };
+            // The agent may still be starting (docker-compose): retry for a while.
+            let mut tries = 0;
+            while let Err(e) = demo::register(&reg).await {
+                tries += 1;
+                if tries >= 30 {
+                    return Err(e.into());
+                }
+                tracing::warn!(error = %e, "registration failed, retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            tracing::info!(service = %reg.name, id = %reg.id, "registered in consul");
+            Some(reg)
+        }
+    };
+    shutdown.wait().await;
+    if let Some(reg) = registration {
+        demo::deregister(&reg).await?;
+        tracing::info!(id = %reg.id, "deregistered");
+    }
+    Ok(())
 }
 
 fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
