@@ -1,6 +1,7 @@
 //! Routes: the KV document shape ([`spec`]), its validation into a [`Route`], the lookup
 //! table ([`table`]) and the KV watch that keeps the last good document per key ([`kv`]).
 
+pub mod fabio;
 pub mod kv;
 pub mod spec;
 pub mod table;

@@ -278,6 +278,37 @@ fn default_assertion_ttl() -> u64 {
 }
 
 impl RouteSpec {
+    /// A route with only the required fields set and every other field at its default.
+    pub fn minimal(service: &str, path_prefix: &str) -> Self {
+        RouteSpec {
+            service: service.to_string(),
+            path_prefix: path_prefix.to_string(),
+            host: None,
+            methods: Vec::new(),
+            headers: BTreeMap::new(),
+            strip_prefix: false,
+            rewrite_prefix: None,
+            health: HealthPolicy::default(),
+            tags: Vec::new(),
+            lb: LbPolicy::default(),
+            hash_on: None,
+            upstream_protocol: UpstreamProtocol::default(),
+            timeouts: TimeoutSpec::default(),
+            retry: RetrySpec::default(),
+            outlier: OutlierSpec::default(),
+            max_body_bytes: None,
+            max_headers: None,
+            max_url_bytes: None,
+            auth: AuthSpec::default(),
+            rate_limit: None,
+            ip_allow: Vec::new(),
+            ip_deny: Vec::new(),
+            cors: None,
+            upstream_assertion: None,
+            upstream_tls: false,
+        }
+    }
+
     /// Parses a KV value; the error says what is wrong and where.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
         serde_json::from_slice(bytes).map_err(|e| e.to_string())
@@ -295,6 +326,12 @@ mod tests {
         assert_eq!(r.health, HealthPolicy::Passing);
         assert_eq!(r.lb, LbPolicy::RoundRobin);
         assert_eq!(r.auth, AuthSpec::default());
+    }
+
+    #[test]
+    fn minimal_equals_the_parsed_minimal_document() {
+        let parsed = RouteSpec::from_json(br#"{"service":"s","path_prefix":"/p"}"#).unwrap();
+        assert_eq!(RouteSpec::minimal("s", "/p"), parsed);
     }
 
     #[test]
