@@ -1,1 +1,205 @@
-//! One health watch per routed service, feeding instance lists to the snapshot writer.
+//! One blocking watch on `/v1/health/service/<name>` per service that some route names.
+//! The caller (the single writer in `app`) says which services are wanted; watch cost grows
+//! with what is routed, not with the size of the catalog.
+//!
+//! Each answer is reduced to the sorted `Vec<Instance>` that may serve before it is compared
+//! with the last one, so a check whose `Output` text changes on every run rebuilds nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::consul::client::health_service_path;
+use crate::consul::types::ServiceEntry;
+use crate::consul::watch::{self, Source};
+use crate::consul::{
+    Answer, ConsulClient, ConsulError, Index, WatchHandle, WatchOptions, WatchStatus,
+};
+
+use super::{passing, Instance};
+
+/// The instances of a service that may serve changed (or were read for the first time).
+#[derive(Debug, Clone)]
+pub struct ServiceUpdate {
+    pub service: String,
+    pub instances: Arc<Vec<Instance>>,
+}
+
+/// Reads the health of one service and reduces it to its serving instances.
+#[derive(Debug, Clone)]
+pub struct HealthSource {
+    client: ConsulClient,
+    path: String,
+}
+
+impl HealthSource {
+    pub fn new(client: &ConsulClient, service: &str) -> HealthSource {
+        HealthSource {
+            client: client.clone(),
+            path: health_service_path(service),
+        }
+    }
+}
+
+impl Source for HealthSource {
+    type Output = Vec<Instance>;
+
+    fn fetch(&mut self, index: Index) -> impl Future<Output = Result<Answer, ConsulError>> + Send {
+        let client = self.client.clone();
+        let path = self.path.clone();
+        async move { client.blocking_get(&path, &[], index).await }
+    }
+
+    fn decode(&mut self, body: Option<Bytes>) -> Result<Vec<Instance>, ConsulError> {
+        let Some(body) = body else {
+            return Ok(Vec::new());
+        };
+        let entries: Vec<ServiceEntry> =
+            serde_json::from_slice(&body).map_err(|e| ConsulError::Decode(e.to_string()))?;
+        Ok(passing::instances(&entries))
+    }
+}
+
+/// What [`HealthWatcher::sync`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub started: Vec<String>,
+    pub stopped: Vec<String>,
+}
+
+/// The set of running health watches, one per wanted service.
+pub struct HealthWatcher {
+    client: ConsulClient,
+    options: WatchOptions,
+    updates: mpsc::UnboundedSender<ServiceUpdate>,
+    watches: BTreeMap<String, WatchHandle>,
+}
+
+impl HealthWatcher {
+    /// Updates of every watch go to `updates`; `options` is the template (name replaced).
+    pub fn new(
+        client: ConsulClient,
+        options: WatchOptions,
+        updates: mpsc::UnboundedSender<ServiceUpdate>,
+    ) -> HealthWatcher {
+        HealthWatcher {
+            client,
+            options,
+            updates,
+            watches: BTreeMap::new(),
+        }
+    }
+
+    /// Starts a watch for each wanted service without one and stops those no longer wanted.
+    pub fn sync(&mut self, wanted: &BTreeSet<String>) -> SyncReport {
+        let mut report = SyncReport::default();
+        self.watches.retain(|service, _| {
+            let keep = wanted.contains(service);
+            if !keep {
+                report.stopped.push(service.clone());
+            }
+            keep
+        });
+        for service in wanted {
+            if self.watches.contains_key(service) {
+                continue;
+            }
+            let tx = self.updates.clone();
+            let name = service.clone();
+            let handle = watch::spawn(
+                HealthSource::new(&self.client, service),
+                self.options.named(format!("health:{service}")),
+                move |instances| {
+                    let _ = tx.send(ServiceUpdate {
+                        service: name.clone(),
+                        instances,
+                    });
+                },
+            );
+            self.watches.insert(service.clone(), handle);
+            report.started.push(service.clone());
+        }
+        report
+    }
+
+    pub fn status(&self, service: &str) -> Option<&Arc<WatchStatus>> {
+        self.watches.get(service).map(WatchHandle::status)
+    }
+
+    /// Every running watch, by service name.
+    pub fn statuses(&self) -> impl Iterator<Item = (&str, &Arc<WatchStatus>)> {
+        self.watches.iter().map(|(k, h)| (k.as_str(), h.status()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.watches.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.watches.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::consul::ClientSettings;
+    use std::time::Duration;
+
+    fn watcher() -> HealthWatcher {
+        // Nothing listens on port 9: the watches just retry in the background.
+        let client = ConsulClient::new(&ClientSettings::new(
+            "http://127.0.0.1:9",
+            Duration::from_secs(1),
+        ))
+        .unwrap();
+        let options = WatchOptions::for_client("t", &client, Duration::from_secs(1));
+        let (tx, _rx) = mpsc::unbounded_channel();
+        HealthWatcher::new(client, options, tx)
+    }
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn watches_follow_the_wanted_set() {
+        let mut w = watcher();
+        let r = w.sync(&set(&["a", "b"]));
+        assert_eq!(r.started, ["a", "b"]);
+        let r = w.sync(&set(&["b", "c"]));
+        assert_eq!(
+            r,
+            SyncReport {
+                started: vec!["c".into()],
+                stopped: vec!["a".into()]
+            }
+        );
+        assert_eq!(w.sync(&set(&["b", "c"])), SyncReport::default());
+        assert_eq!(w.status("c").unwrap().name(), "health:c");
+        assert_eq!(w.len(), 2);
+    }
+
+    #[test]
+    fn a_health_answer_decodes_to_serving_instances() {
+        let body = br#"[{"Node":{"Node":"n1","Address":"10.0.0.1"},
+            "Service":{"ID":"w1","Service":"web","Port":80},
+            "Checks":[{"CheckID":"serfHealth","Status":"passing","Output":"x"}]},
+          {"Node":{"Node":"n2","Address":"10.0.0.2"},
+            "Service":{"ID":"w2","Service":"web","Port":80},
+            "Checks":[{"CheckID":"service:w2","Status":"critical"}]}]"#;
+        let client = ConsulClient::new(&ClientSettings::new(
+            "http://127.0.0.1:9",
+            Duration::from_secs(1),
+        ))
+        .unwrap();
+        let mut src = HealthSource::new(&client, "web");
+        let got = src.decode(Some(Bytes::from_static(body))).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].id, "n1/w1");
+        assert!(src.decode(Some(Bytes::from_static(b"{oops"))).is_err());
+    }
+}
