@@ -8,15 +8,16 @@ pub mod watcher;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use http::uri::Authority;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::routing::spec::HealthPolicy;
 
 /// Health of an instance that may serve (critical and maintenance never reach a set).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum InstanceHealth {
     Passing,
@@ -24,7 +25,7 @@ pub enum InstanceHealth {
 }
 
 /// One service instance as Consul reports it, reduced to what routing needs.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Instance {
     /// `<node>/<service id>`: unique in a datacenter, stable across re-registration.
     pub id: String,
@@ -51,13 +52,20 @@ impl Instance {
     }
 }
 
+/// Milliseconds on the process clock that [`EndpointStats::ejected_until_ms`] is measured
+/// on (monotonic; its epoch is the first call). Never 0, so 0 can mean "not ejected".
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
 /// Live, per-instance counters the data plane updates: in-flight requests, consecutive
 /// failures and ejection. Shared by id across snapshots.
 #[derive(Debug, Default)]
 pub struct EndpointStats {
     pub in_flight: AtomicU64,
     pub consecutive_failures: AtomicU32,
-    /// Milliseconds since the process clock epoch until which the endpoint is ejected (0 = not).
+    /// [`now_ms`] until which the endpoint is ejected (0 = not).
     pub ejected_until_ms: AtomicU64,
     /// How many times it has been ejected in a row (drives the growing ejection time).
     pub ejections: AtomicU32,

@@ -197,7 +197,8 @@ mod tests {
     #[test]
     fn instances_from_entries() {
         type Tweak = fn(&mut ServiceEntry);
-        let cases: Vec<(&str, Tweak, Option<(&str, u16, u32)>)> = vec![
+        type Dial<'a> = Option<(&'a str, u16, u32)>;
+        let cases: Vec<(&str, Tweak, Dial)> = vec![
             (
                 "the node address is used when the service has none",
                 |_| {},
