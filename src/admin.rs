@@ -1,1 +1,303 @@
-//! The admin listener: read-only JSON views of what the gateway believes, and metrics.
+//! The admin listener: read-only JSON views of what the gateway believes (`/ready`,
+//! `/routes`, `/upstreams`). Every endpoint is one arm of the match in [`respond`]; each
+//! view reads the current snapshot and the control-plane view once, never waits on Consul.
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+
+use crate::control::Control;
+use crate::discovery;
+use crate::routing::HostMatch;
+use crate::shutdown::Shutdown;
+use crate::state::State;
+
+/// Time open admin connections get to finish after shutdown.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// What the admin endpoints read.
+#[derive(Debug)]
+pub struct Admin {
+    pub state: Arc<State>,
+    pub control: Arc<Control>,
+    /// When set, every endpoint but `/healthz` and `/ready` needs `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+/// Serves the admin API on `listener` until `shutdown` trips.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Shutdown) {
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.wait() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let admin = admin.clone();
+        let service = service_fn(move |req| {
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(respond(&admin, &req)) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(DRAIN, graceful.shutdown()).await;
+}
+
+/// The one place that maps a request to a view.
+pub fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "read-only: use GET\n");
+    }
+    let path = req.uri().path();
+    let open = matches!(path, "/healthz" | "/ready");
+    if !open && !authorized(admin, req) {
+        return text(StatusCode::UNAUTHORIZED, "admin token required\n");
+    }
+    match path {
+        "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        "/ready" => ready(admin),
+        "/routes" => json_response(StatusCode::OK, &routes(admin)),
+        "/upstreams" => json_response(StatusCode::OK, &upstreams(admin)),
+        _ => text(StatusCode::NOT_FOUND, "no such admin endpoint\n"),
+    }
+}
+
+fn authorized<B>(admin: &Admin, req: &Request<B>) -> bool {
+    let Some(token) = &admin.token else {
+        return true;
+    };
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| bool::from(given.trim().as_bytes().ct_eq(token.as_bytes())))
+}
+
+fn ready(admin: &Admin) -> Response<Full<Bytes>> {
+    let r = admin.control.readiness(admin.state.load().version);
+    let status = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, &serde_json::to_value(&r).unwrap_or(Value::Null))
+}
+
+/// The live table, every rejected document with its error, and shadowed routes.
+pub fn routes(admin: &Admin) -> Value {
+    let snap = admin.state.load();
+    let view = admin.control.view();
+    let routes: Vec<Value> = snap
+        .table
+        .routes()
+        .iter()
+        .zip(&snap.upstreams)
+        .map(|(r, set)| {
+            let host = match &r.host {
+                HostMatch::Any => None,
+                HostMatch::Exact(h) => Some(h.clone()),
+                HostMatch::Wildcard(suffix) => Some(format!("*{suffix}")),
+            };
+            json!({
+                "name": r.name,
+                "service": r.spec.service,
+                "host": host,
+                "path_prefix": r.path_prefix,
+                "methods": r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+                "health": r.spec.health,
+                "tags": r.spec.tags,
+                "upstreams": set.len(),
+            })
+        })
+        .collect();
+    json!({
+        "version": snap.version,
+        "source": view.source,
+        "routes": routes,
+        "rejected": view.rejected,
+        "conflicts": snap.table.conflicts(),
+    })
+}
+
+/// Per routed service: its instances with health, weight and passive-health state, and
+/// how fresh its Consul watch is.
+pub fn upstreams(admin: &Admin) -> Value {
+    let snap = admin.state.load();
+    let view = admin.control.view();
+    let now = discovery::now_ms();
+    let names: BTreeSet<&String> = view
+        .services
+        .keys()
+        .chain(view.health_watches.keys())
+        .collect();
+    let services: Vec<Value> = names
+        .into_iter()
+        .map(|service| {
+            let stats = snap.stats.get(service);
+            let instances: Vec<Value> = view
+                .services
+                .get(service)
+                .map(|list| list.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .map(|i| {
+                    let s = stats.and_then(|m| m.get(&i.id));
+                    let ejected_for_ms = s
+                        .map(|s| s.ejected_until_ms.load(Ordering::Relaxed).saturating_sub(now))
+                        .unwrap_or(0);
+                    json!({
+                        "id": i.id,
+                        "address": i.address,
+                        "port": i.port,
+                        "health": i.health,
+                        "weight": i.weight,
+                        "tags": i.tags,
+                        "ejected": ejected_for_ms > 0,
+                        "ejected_for_ms": ejected_for_ms,
+                        "consecutive_failures": s.map(|s| s.consecutive_failures.load(Ordering::Relaxed)),
+                        "in_flight": s.map(|s| s.in_flight.load(Ordering::Relaxed)),
+                    })
+                })
+                .collect();
+            let watch = view.health_watches.get(service).map(|w| {
+                json!({
+                    "data_age_s": w.data_age().map(|a| a.as_secs_f64()),
+                    "index": w.index(),
+                    "errors_total": w.errors_total(),
+                    "consecutive_errors": w.consecutive_errors(),
+                    "last_error": w.last_error(),
+                })
+            });
+            json!({
+                "service": service,
+                "instances": instances,
+                "watch": watch,
+            })
+        })
+        .collect();
+    let routes_watch = view.routes_watch.as_ref().map(|w| {
+        json!({
+            "data_age_s": w.data_age().map(|a| a.as_secs_f64()),
+            "index": w.index(),
+            "errors_total": w.errors_total(),
+            "last_error": w.last_error(),
+        })
+    });
+    json!({
+        "version": snap.version,
+        "source": view.source,
+        "data_age_s": admin.control.data_age().map(|a| a.as_secs_f64()),
+        "routes_watch": routes_watch,
+        "services": services,
+    })
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut bytes = serde_json::to_vec_pretty(body).unwrap_or_default();
+    bytes.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Full::new(Bytes::from(bytes)))
+        .unwrap_or_default()
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::{Route, RouteSpec};
+    use crate::state::Snapshot;
+    use std::collections::HashMap;
+
+    fn admin(token: Option<&str>) -> Admin {
+        let route = Route::compile(
+            "users",
+            RouteSpec::from_json(
+                br#"{"service":"users","path_prefix":"/users","methods":["GET"]}"#,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let snap = Snapshot::build(4, vec![Arc::new(route)], &HashMap::new(), None);
+        let control = Control::new("http://c", None);
+        control.published(4);
+        Admin {
+            state: Arc::new(State::new(snap)),
+            control: Arc::new(control),
+            token: token.map(str::to_string),
+        }
+    }
+
+    fn get(path: &str) -> Request<()> {
+        Request::get(path).body(()).unwrap()
+    }
+
+    #[test]
+    fn routes_lists_the_live_table() {
+        let v = routes(&admin(None));
+        assert_eq!(v["version"], 4);
+        assert_eq!(v["routes"][0]["name"], "users");
+        assert_eq!(v["routes"][0]["methods"][0], "GET");
+        assert_eq!(v["routes"][0]["upstreams"], 0);
+        assert!(v["rejected"].as_array().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_token_protects_everything_but_health_and_readiness() {
+        let a = admin(Some("s3cret"));
+        assert_eq!(respond(&a, &get("/routes")).status(), 401);
+        assert_eq!(respond(&a, &get("/ready")).status(), 200);
+        assert_eq!(respond(&a, &get("/healthz")).status(), 200);
+        let req = Request::get("/routes")
+            .header("authorization", "Bearer s3cret")
+            .body(())
+            .unwrap();
+        assert_eq!(respond(&a, &req).status(), 200);
+    }
+
+    #[test]
+    fn writes_and_unknown_paths_are_refused() {
+        let a = admin(None);
+        let post = Request::post("/routes").body(()).unwrap();
+        assert_eq!(respond(&a, &post).status(), 405);
+        assert_eq!(respond(&a, &get("/nope")).status(), 404);
+    }
+}
