@@ -191,6 +191,7 @@ pub fn upstreams(admin: &Admin) -> Value {
             let watch = view.health_watches.get(service).map(|w| {
                 json!({
                     "data_age_s": w.data_age().map(|a| a.as_secs_f64()),
+                    "last_contact_s": w.last_contact().map(|a| a.as_secs_f64()),
                     "index": w.index(),
                     "errors_total": w.errors_total(),
                     "consecutive_errors": w.consecutive_errors(),
@@ -207,8 +208,10 @@ pub fn upstreams(admin: &Admin) -> Value {
     let routes_watch = view.routes_watch.as_ref().map(|w| {
         json!({
             "data_age_s": w.data_age().map(|a| a.as_secs_f64()),
+            "last_contact_s": w.last_contact().map(|a| a.as_secs_f64()),
             "index": w.index(),
             "errors_total": w.errors_total(),
+            "consecutive_errors": w.consecutive_errors(),
             "last_error": w.last_error(),
         })
     });

@@ -80,7 +80,7 @@ fn describe() {
     describe_gauge!(
         DATA_AGE,
         Unit::Seconds,
-        "Seconds since each Consul watch last heard from Consul."
+        "Staleness of each Consul watch: 0 while its blocking query is healthy, else seconds since Consul last answered it."
     );
     describe_counter!(SNAPSHOTS, "Routing snapshots published.");
     describe_gauge!(ROUTES, "Routes in the live table.");

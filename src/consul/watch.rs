@@ -102,6 +102,8 @@ pub struct WatchStatus {
 #[derive(Debug, Default)]
 struct StatusInner {
     last_success: Option<Instant>,
+    /// The most recent request failed (the data may have moved on without us).
+    failing: bool,
     last_error: Option<String>,
 }
 
@@ -122,8 +124,21 @@ impl WatchStatus {
         &self.name
     }
 
-    /// Time since Consul last answered this watch (changed or not); `None` if it never has.
+    /// How stale the delivered data may be: zero while the watch is healthy (a pending
+    /// blocking query returns as soon as anything changes), the time since Consul last
+    /// answered once requests fail; `None` if Consul never answered.
     pub fn data_age(&self) -> Option<Duration> {
+        let inner = self.lock();
+        let last = inner.last_success?;
+        Some(if inner.failing {
+            last.elapsed()
+        } else {
+            Duration::ZERO
+        })
+    }
+
+    /// Time since Consul last answered this watch (changed or not).
+    pub fn last_contact(&self) -> Option<Duration> {
         self.lock().last_success.map(|t| t.elapsed())
     }
 
@@ -164,13 +179,19 @@ impl WatchStatus {
     }
 
     fn record_success(&self, index: Index) {
-        self.lock().last_success = Some(Instant::now());
+        let mut inner = self.lock();
+        inner.last_success = Some(Instant::now());
+        inner.failing = false;
+        drop(inner);
         self.consecutive_errors.store(0, Ordering::Relaxed);
         self.index.store(index.get(), Ordering::Relaxed);
     }
 
     fn record_error(&self, error: &ConsulError) -> u32 {
-        self.lock().last_error = Some(error.to_string());
+        let mut inner = self.lock();
+        inner.last_error = Some(error.to_string());
+        inner.failing = true;
+        drop(inner);
         self.errors_total.fetch_add(1, Ordering::Relaxed);
         self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -551,6 +572,7 @@ mod tests {
         assert_eq!(status.errors_total(), 2);
         assert_eq!(status.consecutive_errors(), 0);
         assert!(status.last_error().unwrap().contains("No cluster leader"));
+        assert_eq!(status.data_age(), Some(Duration::ZERO), "healthy again");
         assert_eq!(drain(&mut run.got), ["a", "c"]);
     }
 
@@ -617,6 +639,21 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn data_age_grows_only_while_requests_fail() {
+        let run = start(
+            vec![Reply::Ok(5, "a"), Reply::Fail, Reply::Hang],
+            quick("t"),
+        );
+        asked_after(&run, 3).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let age = run.handle.status().data_age().unwrap();
+        assert!(age >= Duration::from_millis(30), "{age:?}");
+        let never = start(vec![Reply::Fail, Reply::Hang], quick("t"));
+        asked_after(&never, 2).await;
+        assert_eq!(never.handle.status().data_age(), None);
     }
 
     #[tokio::test]

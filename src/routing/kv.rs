@@ -336,6 +336,24 @@ mod tests {
     }
 
     #[test]
+    fn every_example_route_in_config_compiles() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/routes");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+                let bytes = std::fs::read(&path).unwrap();
+                if let Err(e) = compile(&name, &bytes) {
+                    panic!("{}: {e}", path.display());
+                }
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "examples expected in {}", dir.display());
+    }
+
+    #[test]
     fn seeded_documents_serve_until_consul_says_otherwise() {
         let mut docs = RouteDocs::new("sy/");
         let mut seed = BTreeMap::new();
