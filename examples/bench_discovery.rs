@@ -3,12 +3,13 @@
 //! 1. Propagation: time from a Consul write (KV put of a route, a check turning critical,
 //!    a deregistration) to the snapshot that reflects it, p50/p99 over N changes each, with
 //!    an in-process gateway and production blocking waits (`wait_s = 300`).
-//! 2. Scale: 10,000 services of 10 instances in the catalog, 1,000 of them routed; a
+//! 2. Scale: 10,000 services of 10 instances registered, 1,000 of them routed; a
 //!    `switchyard run` child process is measured from `/proc`: time to ready, resident
 //!    memory, CPU while syncing, idle, and under churn.
 //!
-//! Needs `CONSUL_HTTP_ADDR` (the script starts `switchyard registry` for it) and, for part
-//! 2, `--gateway <path to the switchyard binary>`.
+//! Talks to the agent at `CONSUL_HTTP_ADDR` when set, else to the in-process stand-in
+//! registry of the test suite (`tests/support/fake_consul.rs`). Part 2 needs
+//! `--gateway <path to the switchyard binary>`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +20,9 @@ use switchyard::app::{self, Listeners};
 use switchyard::config::FileConfig;
 use switchyard::shutdown::Shutdown;
 use switchyard::state::{Snapshot, State};
+
+#[path = "../tests/support/fake_consul.rs"]
+mod fake_consul;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -48,31 +52,8 @@ impl Consul {
             .await
     }
 
-    /// A catalog-only instance (no agent, no TTL timer): cheap to create in bulk.
-    async fn catalog_register(
-        &self,
-        node: &str,
-        name: &str,
-        id: &str,
-        port: u16,
-    ) -> Result<(), Error> {
-        let body = json!({
-            "Node": node, "Address": "10.1.0.1",
-            "Service": {"ID": id, "Service": name, "Port": port},
-            "Check": {"CheckID": format!("service:{id}"), "Name": "bench", "ServiceID": id,
-                      "Status": "passing"},
-        });
-        self.put("/v1/catalog/register", body.to_string().into_bytes())
-            .await
-    }
-
-    async fn catalog_check(&self, node: &str, id: &str, status: &str) -> Result<(), Error> {
-        let body = json!({
-            "Node": node, "Address": "10.1.0.1", "SkipNodeUpdate": true,
-            "Check": {"CheckID": format!("service:{id}"), "Name": "bench", "ServiceID": id,
-                      "Status": status},
-        });
-        self.put("/v1/catalog/register", body.to_string().into_bytes())
+    async fn check(&self, id: &str, verb: &str) -> Result<(), Error> {
+        self.put(&format!("/v1/agent/check/{verb}/service:{id}"), Vec::new())
             .await
     }
 }
@@ -300,16 +281,10 @@ async fn scale(
         http: consul.http.clone(),
         token: consul.token.clone(),
     });
-    let work: Vec<(String, String, String)> = (0..services)
+    let work: Vec<(String, String)> = (0..services)
         .flat_map(|s| {
             let tag = tag.clone();
-            (0..per).map(move |i| {
-                (
-                    format!("node-{}", (s * per + i) % 100),
-                    format!("s{s}-{tag}"),
-                    format!("s{s}-{tag}-{i}"),
-                )
-            })
+            (0..per).map(move |i| (format!("s{s}-{tag}"), format!("s{s}-{tag}-{i}")))
         })
         .collect();
     let total = work.len();
@@ -320,10 +295,10 @@ async fn scale(
         let consul = consul.clone();
         workers.push(tokio::spawn(async move {
             loop {
-                let Some((node, name, id)) = queue.lock().unwrap().pop() else {
+                let Some((name, id)) = queue.lock().unwrap().pop() else {
                     return Ok::<(), Error>(());
                 };
-                consul.catalog_register(&node, &name, &id, 8080).await?;
+                consul.register(&name, &id, 8080).await?;
             }
         }));
     }
@@ -430,15 +405,12 @@ async fn scale(
     while t.elapsed() < churn {
         let s = (i * 37) % routed;
         let inst = i % per;
-        let node = format!("node-{}", (s * per + inst) % 100);
-        let status = if (i / routed) % 2 == 0 {
-            "critical"
+        let verb = if (i / routed) % 2 == 0 {
+            "fail"
         } else {
-            "passing"
+            "pass"
         };
-        consul
-            .catalog_check(&node, &format!("s{s}-{tag}-{inst}"), status)
-            .await?;
+        consul.check(&format!("s{s}-{tag}-{inst}"), verb).await?;
         i += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -457,8 +429,16 @@ async fn scale(
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let addr = std::env::var("CONSUL_HTTP_ADDR").map_err(|_| "set CONSUL_HTTP_ADDR")?;
-    let url = switchyard::config::normalize_consul_address(&addr)?;
+    let (url, _fake) = match std::env::var("CONSUL_HTTP_ADDR") {
+        Ok(addr) if !addr.is_empty() => {
+            (switchyard::config::normalize_consul_address(&addr)?, None)
+        }
+        _ => {
+            let fake = fake_consul::FakeConsul::start().await;
+            println!("consul: in-process stand-in registry at {}", fake.url());
+            (fake.url(), Some(fake))
+        }
+    };
     let consul = Consul {
         url,
         http: reqwest::Client::builder()

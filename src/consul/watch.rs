@@ -340,7 +340,11 @@ where
                     options.max_backoff,
                     &mut rand::rng(),
                 );
-                if e.is_transient() {
+                if !failures.is_power_of_two() {
+                    // An outage fails every watch at once: log 1st, 2nd, 4th, 8th... failure.
+                    tracing::debug!(watch = %options.name, error = %e, failures,
+                        retry_in_ms = delay.as_millis() as u64, "consul watch failed again");
+                } else if e.is_transient() {
                     tracing::warn!(watch = %options.name, error = %e, failures,
                         retry_in_ms = delay.as_millis() as u64, "consul watch failed; keeping last state");
                 } else {

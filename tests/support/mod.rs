@@ -1,0 +1,366 @@
+//! Shared helpers of the end-to-end tests: a Consul to talk to (the embedded dev registry,
+//! or a real agent when `CONSUL_HTTP_ADDR` is set), a gateway started on `127.0.0.1:0`
+//! listeners, and [`eventually`] for every wait.
+#![allow(dead_code)]
+
+pub mod fake_consul;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, Method};
+use serde_json::{json, Value};
+use switchyard::app::{self, AppHandle, Listeners};
+use switchyard::config::FileConfig;
+use switchyard::shutdown::Shutdown;
+use switchyard::state::Snapshot;
+use tokio::net::TcpListener;
+
+use fake_consul::{FakeConsul as Registry, Faults};
+
+/// Default deadline of [`eventually`] in these tests.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `deadline` naming `what`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= end {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A name no other test (or earlier run against a shared agent) uses.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// The Consul a test talks to.
+pub struct Consul {
+    pub url: String,
+    http: reqwest::Client,
+    token: Option<String>,
+    registry: Option<Registry>,
+    /// Service ids registered through [`Consul::register`], deregistered on drop (real agent).
+    registered: std::sync::Mutex<Vec<String>>,
+}
+
+/// One service instance to register, with a TTL check the test drives.
+#[derive(Clone, Debug)]
+pub struct Svc {
+    pub name: String,
+    pub id: String,
+    pub port: u16,
+    pub address: String,
+    pub tags: Vec<String>,
+    pub weights: Option<(u32, u32)>,
+    /// Initial check status: `passing`, `warning` or `critical`.
+    pub status: &'static str,
+}
+
+impl Svc {
+    pub fn new(name: &str, id: &str, port: u16) -> Svc {
+        Svc {
+            name: name.into(),
+            id: id.into(),
+            port,
+            address: "127.0.0.1".into(),
+            tags: Vec::new(),
+            weights: None,
+            status: "passing",
+        }
+    }
+
+    pub fn check_id(&self) -> String {
+        format!("service:{}", self.id)
+    }
+}
+
+impl Consul {
+    /// A real agent when `CONSUL_HTTP_ADDR` is set, else a fresh dev registry.
+    pub async fn start() -> Consul {
+        match std::env::var("CONSUL_HTTP_ADDR") {
+            Ok(addr) if !addr.is_empty() => {
+                let url =
+                    switchyard::config::normalize_consul_address(&addr).expect("CONSUL_HTTP_ADDR");
+                Consul::with(url, std::env::var("CONSUL_HTTP_TOKEN").ok(), None)
+            }
+            _ => Consul::dev().await,
+        }
+    }
+
+    /// Always the in-process registry (for fault injection).
+    pub async fn dev() -> Consul {
+        let registry = Registry::start().await;
+        Consul::with(registry.url(), None, Some(registry))
+    }
+
+    fn with(url: String, token: Option<String>, registry: Option<Registry>) -> Consul {
+        Consul {
+            url,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+            token,
+            registry,
+            registered: Default::default(),
+        }
+    }
+
+    pub fn is_real(&self) -> bool {
+        self.registry.is_none()
+    }
+
+    /// Fault injection; `None` against a real agent (print why and skip the test then).
+    pub fn faults(&self) -> Option<&Faults> {
+        self.registry.as_ref().map(|r| r.faults())
+    }
+
+    pub fn registry(&self) -> Option<&Registry> {
+        self.registry.as_ref()
+    }
+
+    async fn put(&self, path: &str, body: Option<Vec<u8>>) -> (u16, String) {
+        let mut req = self.http.put(format!("{}{}", self.url, path));
+        if let Some(t) = &self.token {
+            req = req.header("X-Consul-Token", t);
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let resp = req.send().await.expect("consul answers");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap_or_default())
+    }
+
+    async fn put_ok(&self, path: &str, body: Option<Vec<u8>>) {
+        let (status, text) = self.put(path, body).await;
+        assert!(status == 200, "PUT {path}: {status} {text}");
+    }
+
+    pub async fn register(&self, svc: &Svc) {
+        let mut body = json!({
+            "Name": svc.name,
+            "ID": svc.id,
+            "Address": svc.address,
+            "Port": svc.port,
+            "Tags": svc.tags,
+            "Check": {"TTL": "10m", "Status": svc.status},
+        });
+        if let Some((passing, warning)) = svc.weights {
+            body["Weights"] = json!({"Passing": passing, "Warning": warning});
+        }
+        self.put_ok(
+            "/v1/agent/service/register",
+            Some(serde_json::to_vec(&body).unwrap()),
+        )
+        .await;
+        self.registered.lock().unwrap().push(svc.id.clone());
+    }
+
+    pub async fn deregister(&self, id: &str) {
+        self.put_ok(&format!("/v1/agent/service/deregister/{id}"), None)
+            .await;
+    }
+
+    /// `pass`, `warn` or `fail` a TTL check, with a note (the check's `Output`).
+    pub async fn check(&self, check_id: &str, verb: &str, note: &str) {
+        let note: String = url::form_urlencoded::byte_serialize(note.as_bytes()).collect();
+        self.put_ok(
+            &format!("/v1/agent/check/{verb}/{check_id}?note={note}"),
+            None,
+        )
+        .await;
+    }
+
+    pub async fn service_maintenance(&self, id: &str, enable: bool) {
+        self.put_ok(
+            &format!("/v1/agent/service/maintenance/{id}?enable={enable}&reason=test"),
+            None,
+        )
+        .await;
+    }
+
+    pub async fn put_kv(&self, key: &str, value: &str) {
+        self.put_ok(&format!("/v1/kv/{key}"), Some(value.as_bytes().to_vec()))
+            .await;
+    }
+
+    pub async fn delete_kv(&self, key: &str) {
+        let mut req = self.http.delete(format!("{}/v1/kv/{key}", self.url));
+        if let Some(t) = &self.token {
+            req = req.header("X-Consul-Token", t);
+        }
+        let resp = req.send().await.expect("consul answers");
+        assert!(resp.status().is_success(), "DELETE {key}");
+    }
+
+    /// Removes every key under `prefix` (cleanup against a shared agent).
+    pub async fn delete_prefix(&self, prefix: &str) {
+        let mut req = self
+            .http
+            .delete(format!("{}/v1/kv/{prefix}?recurse", self.url));
+        if let Some(t) = &self.token {
+            req = req.header("X-Consul-Token", t);
+        }
+        let _ = req.send().await;
+    }
+
+    /// Deregisters what this test registered (matters only on a shared real agent).
+    pub async fn cleanup(&self) {
+        let ids = std::mem::take(&mut *self.registered.lock().unwrap());
+        for id in ids {
+            let _ = self
+                .put(&format!("/v1/agent/service/deregister/{id}"), None)
+                .await;
+        }
+    }
+}
+
+/// A gateway under test.
+pub struct Gateway {
+    pub app: AppHandle,
+    pub kv_prefix: String,
+    http: reqwest::Client,
+}
+
+/// The settings every test gateway shares: short blocking waits and backoff, loopback
+/// listeners, no self-registration.
+pub fn test_config(consul_url: &str, kv_prefix: &str) -> FileConfig {
+    let mut file = FileConfig::default();
+    file.consul.address = consul_url.to_string();
+    file.consul.kv_prefix = kv_prefix.to_string();
+    file.consul.wait_s = 1;
+    file.consul.max_backoff_s = 1;
+    file.proxy.listen = "127.0.0.1:0".into();
+    file.admin.listen = "127.0.0.1:0".into();
+    file.registration.enabled = false;
+    file
+}
+
+impl Gateway {
+    /// Starts a gateway on fresh loopback ports; `tweak` adjusts the config first.
+    pub async fn start(
+        consul: &Consul,
+        kv_prefix: &str,
+        tweak: impl FnOnce(&mut FileConfig),
+    ) -> Gateway {
+        let mut file = test_config(&consul.url, kv_prefix);
+        if let Some(t) = &consul.token {
+            file.consul.token = Some(t.clone());
+        }
+        tweak(&mut file);
+        Gateway::start_with(file).await
+    }
+
+    pub async fn start_with(file: FileConfig) -> Gateway {
+        let kv_prefix = file.consul.kv_prefix.clone();
+        let cfg = file.validate().expect("test config is valid");
+        let listeners = Listeners {
+            proxy: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let app = app::start(cfg, listeners, Shutdown::new())
+            .await
+            .expect("gateway starts");
+        Gateway {
+            app,
+            kv_prefix,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.app.state().load()
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.app.admin_addr()
+    }
+
+    /// Status and JSON body of an admin endpoint.
+    pub async fn admin(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(format!("http://{}{path}", self.admin_addr()))
+            .send()
+            .await
+            .expect("admin answers");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Ids of the instances the route matching `GET path` (any host) would use, sorted;
+    /// `None` when no route matches.
+    pub fn upstreams_for(&self, path: &str) -> Option<Vec<String>> {
+        self.upstreams_for_host("", path)
+    }
+
+    pub fn upstreams_for_host(&self, host: &str, path: &str) -> Option<Vec<String>> {
+        let snap = self.snapshot();
+        let m = snap.lookup(host, path, &Method::GET, &HeaderMap::new())?;
+        Some(
+            m.upstreams
+                .endpoints
+                .iter()
+                .map(|e| e.instance.service_id.clone())
+                .collect(),
+        )
+    }
+
+    /// Waits until `GET path` routes to exactly the instances `ids` (by service id).
+    pub async fn wait_upstreams(&self, path: &str, ids: &[&str]) {
+        let mut want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        eventually(DEADLINE, &format!("{path} → {want:?}"), || {
+            let got = self.upstreams_for(path);
+            let ok = got.as_ref() == Some(&want);
+            async move { ok.then_some(()) }
+        })
+        .await;
+    }
+
+    pub async fn wait_ready(&self) {
+        assert!(
+            self.app.first_snapshot(DEADLINE).await,
+            "no first snapshot within {DEADLINE:?}"
+        );
+    }
+
+    pub fn route_key(&self, name: &str) -> String {
+        format!("{}routes/{name}", self.kv_prefix)
+    }
+
+    pub async fn stop(self) {
+        self.app.stop().await;
+    }
+}
+
+/// A route document for `service` at `prefix` with extra JSON fields merged in.
+pub fn route(service: &str, prefix: &str, extra: Value) -> String {
+    let mut doc = json!({"service": service, "path_prefix": prefix});
+    if let (Some(d), Some(e)) = (doc.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            d.insert(k.clone(), v.clone());
+        }
+    }
+    doc.to_string()
+}
