@@ -204,6 +204,7 @@ pub async fn start(
         routes_watch,
         health: HealthWatcher::new(client, options, svc_tx),
         services: BTreeMap::new(),
+        build_input: HashMap::new(),
         wanted_since: HashMap::new(),
         held_back: BTreeSet::new(),
         routes_seen: false,
@@ -296,6 +297,9 @@ struct Writer {
     /// Serving-capable instances of each routed service that has answered (or was loaded
     /// from the state file).
     services: BTreeMap<String, Arc<Vec<Instance>>>,
+    /// The same `Arc`s by service, the shape `Snapshot::build_shared` takes: a service
+    /// whose `Arc` did not change since the last publish is reused without a look.
+    build_input: HashMap<String, Arc<Vec<Instance>>>,
     /// When each routed service's watch started (for [`SERVICE_GRACE`]).
     wanted_since: HashMap<String, Instant>,
     /// Routes left out of the last snapshot because their service had not answered yet.
@@ -376,6 +380,8 @@ impl Writer {
         }
         tracing::debug!(service = %update.service, instances = update.instances.len(),
             "instances changed");
+        self.build_input
+            .insert(update.service.clone(), update.instances.clone());
         self.services.insert(update.service, update.instances);
         self.dirty = true;
     }
@@ -396,6 +402,7 @@ impl Writer {
         for s in &report.stopped {
             self.wanted_since.remove(s);
             self.services.remove(s);
+            self.build_input.remove(s);
             self.dirty = true;
         }
         if !report.started.is_empty() || !report.stopped.is_empty() {
@@ -466,7 +473,8 @@ impl Writer {
         self.sync_watches();
         for (service, instances) in loaded.services {
             if self.wanted_since.contains_key(&service) {
-                self.services.insert(service, Arc::new(instances));
+                self.build_input.insert(service.clone(), instances.clone());
+                self.services.insert(service, instances);
             }
         }
         tracing::warn!(path = %path.display(), routes = loaded.routes.len(),
@@ -550,17 +558,15 @@ impl Writer {
     }
 
     fn publish(&mut self) {
+        let started = std::time::Instant::now();
         self.dirty = false;
         self.view_dirty = true;
         let (routes, held) = self.effective_routes();
-        let services: HashMap<String, Vec<Instance>> = self
-            .services
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_ref().clone()))
-            .collect();
         let previous = self.state.load();
         let version = previous.version + 1;
-        let snapshot = Snapshot::build(version, routes, &services, Some(&previous));
+        let t_build = std::time::Instant::now();
+        let snapshot = Snapshot::build_shared(version, routes, &self.build_input, Some(&previous));
+        let build_us = t_build.elapsed().as_micros() as u64;
         if snapshot.table.conflicts() != previous.table.conflicts() {
             for c in snapshot.table.conflicts() {
                 tracing::warn!(route = %c.route, shadowed_by = %c.shadowed_by,
@@ -587,17 +593,18 @@ impl Writer {
             );
             let _ = self.first_tx.send(true);
         } else {
-            tracing::debug!(version, routes = routes_n, empty_sets, "snapshot published");
+            tracing::debug!(
+                version,
+                routes = routes_n,
+                empty_sets,
+                build_us,
+                total_us = started.elapsed().as_micros() as u64,
+                "snapshot published"
+            );
         }
         // Only data Consul confirmed goes to the state file.
         if let (Some(tx), true) = (&self.persist, self.routes_seen) {
-            let persisted = PersistedState::new(
-                self.docs.good_documents(),
-                self.services
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.as_ref().clone()))
-                    .collect(),
-            );
+            let persisted = PersistedState::new(self.docs.good_documents(), self.services.clone());
             let _ = tx.send(Some(Arc::new(persisted)));
         }
     }

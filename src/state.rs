@@ -11,6 +11,9 @@ use http::{HeaderMap, Method};
 use crate::discovery::{self, EndpointStats, HealthPolicy, Instance, UpstreamSet};
 use crate::routing::{Route, RouteTable};
 
+/// Endpoint stats of one service, by instance id.
+pub type ServiceStats = HashMap<String, Arc<EndpointStats>>;
+
 /// Everything one request needs to know about the world.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -21,13 +24,25 @@ pub struct Snapshot {
     pub upstreams: Vec<Arc<UpstreamSet>>,
     /// Endpoint stats by service, then instance id: shared by every set containing the
     /// instance and carried into the next snapshot.
-    pub stats: HashMap<String, HashMap<String, Arc<EndpointStats>>>,
+    pub stats: HashMap<String, Arc<ServiceStats>>,
+    /// The instances (passing or warning) of each routed service the sets were built from.
+    pub instances: HashMap<String, Arc<Vec<Instance>>>,
 }
 
 /// A matched route and the instances it may use.
 pub struct Match<'a> {
     pub route: &'a Arc<Route>,
     pub upstreams: &'a Arc<UpstreamSet>,
+}
+
+/// Routes that share service, health policy and (sorted) tags share one upstream set.
+type SetKey = (String, HealthPolicy, Vec<String>);
+
+fn set_key(route: &Route) -> SetKey {
+    let spec = &route.spec;
+    let mut tags = spec.tags.clone();
+    tags.sort();
+    (spec.service.clone(), spec.health, tags)
 }
 
 impl Snapshot {
@@ -40,38 +55,73 @@ impl Snapshot {
         services: &HashMap<String, Vec<Instance>>,
         previous: Option<&Snapshot>,
     ) -> Snapshot {
+        let shared = services
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::new(v.clone())))
+            .collect();
+        Self::build_shared(version, routes, &shared, previous)
+    }
+
+    /// [`Snapshot::build`] for a writer that keeps each service's instances in an `Arc`:
+    /// a service whose `Arc` is the one `previous` was built from keeps its sets and stats
+    /// as they are, and one whose members did not change keeps them after a comparison, so
+    /// a change to one service costs little more than that service.
+    pub fn build_shared(
+        version: u64,
+        routes: Vec<Arc<Route>>,
+        services: &HashMap<String, Arc<Vec<Instance>>>,
+        previous: Option<&Snapshot>,
+    ) -> Snapshot {
         let table = RouteTable::build(routes);
-        let mut stats: HashMap<String, HashMap<String, Arc<EndpointStats>>> = HashMap::new();
-        let mut sets: HashMap<(String, HealthPolicy, Vec<String>), Arc<UpstreamSet>> =
-            HashMap::new();
-        let empty = Vec::new();
-        let no_stats = HashMap::new();
+        let mut previous_sets: HashMap<SetKey, &Arc<UpstreamSet>> = HashMap::new();
+        if let Some(p) = previous {
+            for (route, set) in p.table.routes().iter().zip(&p.upstreams) {
+                previous_sets.entry(set_key(route)).or_insert(set);
+            }
+        }
+        let empty = Arc::new(Vec::new());
+        let mut stats: HashMap<String, Arc<ServiceStats>> = HashMap::new();
+        let mut instances: HashMap<String, Arc<Vec<Instance>>> = HashMap::new();
+        let mut sets: HashMap<SetKey, Arc<UpstreamSet>> = HashMap::new();
         let mut upstreams = Vec::with_capacity(table.len());
         for route in table.routes() {
-            let spec = &route.spec;
-            let mut tags = spec.tags.clone();
-            tags.sort();
-            let key = (spec.service.clone(), spec.health, tags);
-            let set = sets
-                .entry(key)
-                .or_insert_with_key(|(service, health, tags)| {
-                    let instances = services.get(service).unwrap_or(&empty);
-                    let service_stats = stats.entry(service.clone()).or_insert_with(|| {
-                        let prev = previous
-                            .and_then(|p| p.stats.get(service))
-                            .unwrap_or(&no_stats);
-                        instances
-                            .iter()
-                            .map(|i| {
-                                let s = prev.get(&i.id).cloned().unwrap_or_default();
-                                (i.id.clone(), s)
-                            })
-                            .collect()
-                    });
-                    let chosen = discovery::select(instances, *health, tags);
-                    Arc::new(UpstreamSet::build(service, chosen, service_stats))
+            let key = set_key(route);
+            if let Some(set) = sets.get(&key) {
+                upstreams.push(set.clone());
+                continue;
+            }
+            let (service, health, tags) = &key;
+            let list = services.get(service).unwrap_or(&empty);
+            let unchanged = previous
+                .and_then(|p| p.instances.get(service))
+                .is_some_and(|prev| Arc::ptr_eq(prev, list));
+            instances
+                .entry(service.clone())
+                .or_insert_with(|| list.clone());
+            let service_stats = stats
+                .entry(service.clone())
+                .or_insert_with(|| {
+                    let prev = previous.and_then(|p| p.stats.get(service));
+                    match prev {
+                        Some(prev) if unchanged => prev.clone(),
+                        _ => carry_stats(list, prev),
+                    }
                 })
                 .clone();
+            let chosen = || {
+                list.iter()
+                    .filter(move |i| discovery::selected(i, *health, tags))
+            };
+            let set = match previous_sets.get(&key) {
+                Some(prev) if unchanged => (*prev).clone(),
+                Some(prev) if same_members(prev, chosen(), &service_stats) => (*prev).clone(),
+                _ => Arc::new(UpstreamSet::build(
+                    service,
+                    chosen().cloned().collect(),
+                    &service_stats,
+                )),
+            };
+            sets.insert(key, set.clone());
             upstreams.push(set);
         }
         Snapshot {
@@ -79,6 +129,7 @@ impl Snapshot {
             table,
             upstreams,
             stats,
+            instances,
         }
     }
 
@@ -96,6 +147,47 @@ impl Snapshot {
             upstreams: self.upstreams.get(id)?,
         })
     }
+}
+
+/// The stats map of a service: the previous one if it holds exactly these instances,
+/// else a new one that takes over the previous stats by instance id.
+fn carry_stats(instances: &[Instance], previous: Option<&Arc<ServiceStats>>) -> Arc<ServiceStats> {
+    if let Some(prev) = previous {
+        if prev.len() == instances.len() && instances.iter().all(|i| prev.contains_key(&i.id)) {
+            return prev.clone();
+        }
+    }
+    let map = instances
+        .iter()
+        .map(|i| {
+            let s = previous
+                .and_then(|p| p.get(&i.id))
+                .cloned()
+                .unwrap_or_default();
+            (i.id.clone(), s)
+        })
+        .collect();
+    Arc::new(map)
+}
+
+/// Would a set built from `chosen` equal `set`: same instances, in order, with the same
+/// stats handles? (Instances are sorted by id upstream; any difference just rebuilds.)
+fn same_members<'a>(
+    set: &UpstreamSet,
+    mut chosen: impl Iterator<Item = &'a Instance>,
+    stats: &ServiceStats,
+) -> bool {
+    for endpoint in &set.endpoints {
+        match chosen.next() {
+            Some(i)
+                if *i == endpoint.instance
+                    && stats
+                        .get(&i.id)
+                        .is_some_and(|s| Arc::ptr_eq(s, &endpoint.stats)) => {}
+            _ => return false,
+        }
+    }
+    chosen.next().is_none()
 }
 
 /// The holder of the current snapshot. Readers call [`State::load`]; one writer publishes.
@@ -150,6 +242,47 @@ mod tests {
             health,
             weight: 1,
         }
+    }
+
+    #[test]
+    fn a_change_to_one_service_reuses_the_other_sets() {
+        let routes = || {
+            vec![
+                route("a", r#"{"service":"a","path_prefix":"/a"}"#),
+                route("b", r#"{"service":"b","path_prefix":"/b"}"#),
+            ]
+        };
+        let mut services = HashMap::new();
+        services.insert("a".to_string(), vec![inst("a1", InstanceHealth::Passing)]);
+        services.insert("b".to_string(), vec![inst("b1", InstanceHealth::Passing)]);
+        let first = Snapshot::build(1, routes(), &services, None);
+        services.insert(
+            "b".to_string(),
+            vec![
+                inst("b1", InstanceHealth::Passing),
+                inst("b2", InstanceHealth::Passing),
+            ],
+        );
+        let second = Snapshot::build(2, routes(), &services, Some(&first));
+        assert!(
+            Arc::ptr_eq(&first.upstreams[0], &second.upstreams[0]),
+            "a reused"
+        );
+        assert!(Arc::ptr_eq(&first.stats["a"], &second.stats["a"]));
+        assert!(
+            !Arc::ptr_eq(&first.upstreams[1], &second.upstreams[1]),
+            "b rebuilt"
+        );
+        assert_eq!(second.upstreams[1].len(), 2);
+        assert!(Arc::ptr_eq(
+            &first.upstreams[1].endpoints[0].stats,
+            &second.upstreams[1].endpoints[0].stats
+        ));
+        // A health change with the same ids rebuilds the set but keeps the stats map.
+        services.insert("a".to_string(), vec![inst("a1", InstanceHealth::Warning)]);
+        let third = Snapshot::build(3, routes(), &services, Some(&second));
+        assert!(third.upstreams[0].is_empty());
+        assert!(Arc::ptr_eq(&second.stats["a"], &third.stats["a"]));
     }
 
     #[test]

@@ -6,9 +6,10 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::discovery::Instance;
 
@@ -34,15 +35,24 @@ pub struct PersistedState {
     pub written_at_unix_ms: u64,
     /// Route documents as stored in KV, by route name.
     pub routes: BTreeMap<String, String>,
-    /// Instances of each routed service.
-    pub services: BTreeMap<String, Vec<Instance>>,
+    /// Instances of each routed service (shared with the writer: no copy per change).
+    #[serde(serialize_with = "ser_services", deserialize_with = "de_services")]
+    pub services: BTreeMap<String, Arc<Vec<Instance>>>,
+}
+
+type Services = BTreeMap<String, Arc<Vec<Instance>>>;
+
+fn ser_services<S: Serializer>(services: &Services, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(services.iter().map(|(k, v)| (k, v.as_slice())))
+}
+
+fn de_services<'de, D: Deserializer<'de>>(d: D) -> Result<Services, D::Error> {
+    let plain = BTreeMap::<String, Vec<Instance>>::deserialize(d)?;
+    Ok(plain.into_iter().map(|(k, v)| (k, Arc::new(v))).collect())
 }
 
 impl PersistedState {
-    pub fn new(
-        routes: BTreeMap<String, String>,
-        services: BTreeMap<String, Vec<Instance>>,
-    ) -> PersistedState {
+    pub fn new(routes: BTreeMap<String, String>, services: Services) -> PersistedState {
         PersistedState {
             format: FORMAT,
             written_at_unix_ms: unix_ms(),
@@ -136,7 +146,7 @@ mod tests {
         let mut services = BTreeMap::new();
         services.insert(
             "users".into(),
-            vec![Instance {
+            Arc::new(vec![Instance {
                 id: "n1/users-1".into(),
                 node: "n1".into(),
                 service_id: "users-1".into(),
@@ -146,7 +156,7 @@ mod tests {
                 meta: Default::default(),
                 health: InstanceHealth::Warning,
                 weight: 3,
-            }],
+            }]),
         );
         PersistedState::new(routes, services)
     }

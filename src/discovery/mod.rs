@@ -163,14 +163,18 @@ impl UpstreamSet {
 pub fn select(instances: &[Instance], policy: HealthPolicy, tags: &[String]) -> Vec<Instance> {
     instances
         .iter()
-        .filter(|i| match policy {
-            HealthPolicy::Passing => i.health == InstanceHealth::Passing,
-            HealthPolicy::PassingOrWarning => true,
-        })
-        .filter(|i| tags.iter().all(|t| i.tags.contains(t)))
-        .filter(|i| i.weight > 0)
+        .filter(|i| selected(i, policy, tags))
         .cloned()
         .collect()
+}
+
+/// Does one instance serve a route with this health policy and these required tags?
+pub fn selected(instance: &Instance, policy: HealthPolicy, tags: &[String]) -> bool {
+    let healthy = match policy {
+        HealthPolicy::Passing => instance.health == InstanceHealth::Passing,
+        HealthPolicy::PassingOrWarning => true,
+    };
+    healthy && instance.weight > 0 && tags.iter().all(|t| instance.tags.contains(t))
 }
 
 #[cfg(test)]
