@@ -8,6 +8,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::fake_consul::FakeOptions;
 use support::{eventually, route, unique, Consul, Gateway, Svc, DEADLINE};
 
 fn skip_without_faults(consul: &Consul, test: &str) -> bool {
@@ -625,4 +626,93 @@ async fn stale_data_makes_the_gateway_unready_when_a_limit_is_set() {
     })
     .await;
     gw.stop().await;
+}
+
+// ---- Access to Consul: ACL token and TLS (in-process registry only) ----
+
+fn real_agent_configured(test: &str) -> bool {
+    match std::env::var("CONSUL_HTTP_ADDR") {
+        Ok(addr) if !addr.is_empty() => {
+            eprintln!(
+                "{test}: skipped: needs a specially set up registry, not the real agent at {addr}"
+            );
+            true
+        }
+        _ => false,
+    }
+}
+
+#[tokio::test]
+async fn the_acl_token_goes_with_every_request() {
+    if real_agent_configured("the_acl_token_goes_with_every_request") {
+        return;
+    }
+    let options = FakeOptions {
+        token: Some("s3cret".into()),
+        ..FakeOptions::default()
+    };
+    let consul = Consul::custom(options, reqwest::Client::new()).await;
+    let name = unique("acl");
+    consul
+        .register(&Svc::new(&name, &format!("{name}-1"), 9911))
+        .await;
+    let gw = gateway_with_routes(&consul, &[("a", route(&name, "/a", json!({})))]).await;
+    gw.wait_upstreams("/a", &[&format!("{name}-1")]).await;
+    gw.stop().await;
+
+    let mut file = support::test_config(&consul.url, "sy/");
+    file.consul.token = Some("wrong".into());
+    let denied = Gateway::start_with(file).await;
+    let body: Value = eventually(DEADLINE, "the refusal is visible in /ready", || async {
+        let (status, body) = denied.admin("/ready").await;
+        let reason = body["reason"].as_str().unwrap_or_default().to_string();
+        (status == 503 && reason.contains("Permission denied")).then_some(body)
+    })
+    .await;
+    assert!(body["reason"].as_str().unwrap().contains("403"), "{body}");
+    denied.stop().await;
+}
+
+#[tokio::test]
+async fn consul_over_https_with_a_client_certificate() {
+    if real_agent_configured("consul_over_https_with_a_client_certificate") {
+        return;
+    }
+    let pki = support::pki();
+    let options = FakeOptions {
+        tls: Some(pki.server.clone()),
+        ..FakeOptions::default()
+    };
+    let consul = Consul::custom(options, pki.http.clone()).await;
+    assert!(consul.url.starts_with("https://"));
+    let name = unique("tls");
+    consul
+        .register(&Svc::new(&name, &format!("{name}-1"), 9912))
+        .await;
+    let prefix = format!("{}/", unique("sy"));
+    consul
+        .put_kv(&format!("{prefix}routes/t"), &route(&name, "/t", json!({})))
+        .await;
+    let (ca, cert, key) = (
+        pki.ca.clone(),
+        pki.client_cert.clone(),
+        pki.client_key.clone(),
+    );
+    let gw = Gateway::start(&consul, &prefix, |f| {
+        f.consul.ca_cert = Some(ca);
+        f.consul.client_cert = Some(cert);
+        f.consul.client_key = Some(key);
+    })
+    .await;
+    gw.wait_ready().await;
+    gw.wait_upstreams("/t", &[&format!("{name}-1")]).await;
+    gw.stop().await;
+
+    // Without the client certificate the agent refuses the handshake: not ready.
+    let ca = pki.ca.clone();
+    let refused = Gateway::start(&consul, &prefix, |f| f.consul.ca_cert = Some(ca)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (status, body) = refused.admin("/ready").await;
+    assert_eq!(status, 503, "{body}");
+    refused.stop().await;
 }

@@ -112,17 +112,32 @@ struct Shared {
     store: Mutex<Store>,
     changed: watch::Sender<u64>,
     faults: Arc<Faults>,
+    /// When set, requests without this `X-Consul-Token` get 403.
+    token: Option<String>,
+}
+
+/// How the fake agent is set up.
+#[derive(Default, Clone)]
+pub struct FakeOptions {
+    pub token: Option<String>,
+    /// Serve HTTPS with this configuration (e.g. requiring client certificates).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// A running fake agent.
 pub struct FakeConsul {
     addr: SocketAddr,
     shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     server: Mutex<Option<JoinSet<()>>>,
 }
 
 impl FakeConsul {
     pub async fn start() -> FakeConsul {
+        FakeConsul::start_with(FakeOptions::default()).await
+    }
+
+    pub async fn start_with(options: FakeOptions) -> FakeConsul {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let faults = Arc::new(Faults::default());
@@ -135,11 +150,13 @@ impl FakeConsul {
             }),
             changed,
             faults: faults.clone(),
+            token: options.token,
         });
         *faults.store.lock().unwrap() = Some(shared.clone());
         let fake = FakeConsul {
             addr,
             shared,
+            tls: options.tls.map(tokio_rustls::TlsAcceptor::from),
             server: Mutex::new(None),
         };
         fake.serve(listener);
@@ -149,6 +166,7 @@ impl FakeConsul {
     fn serve(&self, listener: TcpListener) {
         let mut set = JoinSet::new();
         let shared = self.shared.clone();
+        let tls = self.tls.clone();
         set.spawn(async move {
             let mut conns = JoinSet::new();
             loop {
@@ -156,14 +174,23 @@ impl FakeConsul {
                     continue;
                 };
                 let shared = shared.clone();
+                let tls = tls.clone();
                 conns.spawn(async move {
                     let svc = service_fn(move |req| {
                         let shared = shared.clone();
                         async move { handle(&shared, req).await }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                            }
+                        }
+                    }
                 });
                 while conns.try_join_next().is_some() {}
             }
@@ -172,7 +199,8 @@ impl FakeConsul {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn faults(&self) -> &Faults {
@@ -218,6 +246,16 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Dr
     }
     if f.no_leader.load(Ordering::Relaxed) {
         return Ok(text(500, "rpc error making call: No cluster leader", 0));
+    }
+    if let Some(token) = &shared.token {
+        let given = req.headers().get("x-consul-token").map(|v| v.as_bytes());
+        if given != Some(token.as_bytes()) {
+            return Ok(text(
+                403,
+                "Permission denied: anonymous token lacks permission",
+                0,
+            ));
+        }
     }
     let method = req.method().clone();
     let path = req.uri().path().to_string();

@@ -18,7 +18,7 @@ use switchyard::shutdown::Shutdown;
 use switchyard::state::Snapshot;
 use tokio::net::TcpListener;
 
-use fake_consul::{FakeConsul as Registry, Faults};
+use fake_consul::{FakeConsul as Registry, FakeOptions, Faults};
 
 /// Default deadline of [`eventually`] in these tests.
 pub const DEADLINE: Duration = Duration::from_secs(15);
@@ -107,6 +107,16 @@ impl Consul {
     pub async fn dev() -> Consul {
         let registry = Registry::start().await;
         Consul::with(registry.url(), None, Some(registry))
+    }
+
+    /// The in-process registry set up with `options` (an ACL token, HTTPS); `http` is the
+    /// client the test itself writes with.
+    pub async fn custom(options: FakeOptions, http: reqwest::Client) -> Consul {
+        let token = options.token.clone();
+        let registry = Registry::start_with(options).await;
+        let mut consul = Consul::with(registry.url(), token, Some(registry));
+        consul.http = http;
+        consul
     }
 
     fn with(url: String, token: Option<String>, registry: Option<Registry>) -> Consul {
@@ -363,4 +373,87 @@ pub fn route(service: &str, prefix: &str, extra: Value) -> String {
         }
     }
     doc.to_string()
+}
+
+/// A throwaway PKI: a CA, a server certificate for 127.0.0.1 and a client certificate,
+/// written as PEM files for the gateway's `consul.ca_cert` / `client_cert` / `client_key`.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+    /// HTTPS that requires a client certificate signed by the CA.
+    pub server: Arc<rustls::ServerConfig>,
+    /// A client that trusts the CA and presents the client certificate.
+    pub http: reqwest::Client,
+}
+
+pub fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "switchyard test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &ca, &ca_key)
+        .unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let mut client_params = CertificateParams::new(vec!["gateway".to_string()]).unwrap();
+    client_params
+        .distinguished_name
+        .push(DnType::CommonName, "gateway");
+    let client = client_params.signed_by(&client_key, &ca, &ca_key).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, pem: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let ca_path = write("ca.pem", ca.pem());
+    let client_cert = write("client.pem", client.pem());
+    let client_key_path = write("client-key.pem", client_key.serialize_pem());
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![server.der().clone()], key)
+        .unwrap();
+
+    let identity = reqwest::Identity::from_pem(
+        format!("{}{}", client.pem(), client_key.serialize_pem()).as_bytes(),
+    )
+    .unwrap();
+    let http = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+        .identity(identity)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    Pki {
+        dir,
+        ca: ca_path,
+        client_cert,
+        client_key: client_key_path,
+        server: Arc::new(server),
+        http,
+    }
 }
