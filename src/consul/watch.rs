@@ -10,6 +10,30 @@
 //!
 //! The last delivered value is never withdrawn: while Consul is unreachable the consumer
 //! keeps what it has, and [`WatchStatus`] says how old it is.
+//!
+//! Watching a KV prefix (e.g. JWT providers or API keys) from another module:
+//!
+//! ```no_run
+//! # async fn example(client: switchyard::consul::ConsulClient) {
+//! use std::time::Duration;
+//! use switchyard::consul::watch::{watch_kv_prefix, WatchOptions};
+//!
+//! let options = WatchOptions::for_client("jwt", &client, Duration::from_secs(60));
+//! // Keep `handle` alive as long as the watch should run; dropping it stops the watch.
+//! let (handle, mut listings) = watch_kv_prefix(&client, "switchyard/jwt/", options);
+//! while listings.changed().await.is_ok() {
+//!     // `None` until Consul first answered; then every key under the prefix, sorted.
+//!     let Some(pairs) = listings.borrow_and_update().clone() else { continue };
+//!     for pair in pairs.iter() {
+//!         let _value: Option<&[u8]> = pair.value.as_deref();
+//!     }
+//! }
+//! # drop(handle);
+//! # }
+//! ```
+//!
+//! Anything else with blocking queries implements [`Source`] and calls [`spawn`] (callback)
+//! or [`spawn_channel`] (`tokio::sync::watch` receiver).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
