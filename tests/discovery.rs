@@ -385,6 +385,12 @@ async fn without_consul_or_state_file_the_gateway_waits_unready_without_crashing
 #[tokio::test]
 async fn a_thousand_routed_services_are_all_watched() {
     let consul = Consul::start().await;
+    if consul.is_real() {
+        eprintln!(
+            "a_thousand_routed_services_are_all_watched: the agent must allow more than 1000 \
+             connections per client (limits.http_max_conns_per_client, default 200)"
+        );
+    }
     let base = unique("many");
     let prefix = format!("{}/", unique("sy"));
     let n = 1000;
