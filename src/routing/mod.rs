@@ -55,6 +55,8 @@ pub struct Route {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Replacement for `path_prefix` when forwarding (`""` for strip_prefix).
     pub rewrite: Option<String>,
+    /// Credentials the route demands, compiled from `auth`.
+    pub auth: crate::auth::Requirement,
 }
 
 impl Route {
@@ -103,8 +105,16 @@ impl Route {
             (None, true) => Some(String::new()),
             (None, false) => None,
         };
+        let auth = crate::auth::Requirement::new(
+            spec.auth.jwt.clone(),
+            spec.auth.api_key,
+            spec.auth.scopes.clone(),
+            spec.auth.on_unauthenticated_redirect.clone(),
+        )
+        .map_err(|e| field("auth", e.to_string()))?;
         Ok(Route {
             name: name.to_string(),
+            auth,
             spec: Arc::new(spec),
             host,
             path_prefix,
@@ -214,6 +224,33 @@ mod tests {
         assert_eq!(r.upstream_path("/old/x"), "/new/x");
         let r = Route::compile("r", spec(r#"{"service":"a","path_prefix":"/k"}"#)).unwrap();
         assert_eq!(r.upstream_path("/k/x"), "/k/x");
+    }
+
+    #[test]
+    fn the_auth_section_compiles_into_a_requirement() {
+        let r = Route::compile(
+            "r",
+            spec(r#"{"service":"a","path_prefix":"/","auth":{"jwt":["main"],"scopes":["b","a"]}}"#),
+        )
+        .unwrap();
+        assert_eq!(r.auth.providers, ["main"]);
+        assert_eq!(r.auth.scopes, ["a", "b"]);
+        assert!(Route::compile("r", spec(r#"{"service":"a","path_prefix":"/"}"#))
+            .unwrap()
+            .auth
+            .is_open());
+        let err = Route::compile(
+            "r",
+            spec(r#"{"service":"a","path_prefix":"/","auth":{"scopes":["x"]}}"#),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("auth"), "{err}");
+        let err = Route::compile(
+            "r",
+            spec(r#"{"service":"a","path_prefix":"/","auth":{"api_key":true,"on_unauthenticated":{"redirect":"javascript:x"}}}"#),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("redirect"), "{err}");
     }
 
     #[test]
