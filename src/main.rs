@@ -27,6 +27,8 @@ enum Command {
     Dev(DevArgs),
     /// A demo upstream: an HTTP echo service that can register itself in Consul.
     Echo(EchoArgs),
+    /// Mint an API key: prints the key (once) and the KV document that stores its hash.
+    MintKey(MintKeyArgs),
     /// Validate a configuration file and exit.
     CheckConfig {
         /// The TOML file to check.
@@ -49,6 +51,29 @@ struct GatewayArgs {
     /// Log format.
     #[arg(long, value_enum, env = "SWITCHYARD_LOG_FORMAT")]
     log_format: Option<LogFormat>,
+}
+
+#[derive(Args)]
+struct MintKeyArgs {
+    /// Consumer name, sent upstream in `X-Consumer`.
+    #[arg(long)]
+    consumer: String,
+    /// A scope the key carries (repeatable).
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// KV key name below `<kv-prefix>apikeys/` (default: consumer plus a random suffix).
+    #[arg(long)]
+    id: Option<String>,
+    /// KV prefix, for the printed command.
+    #[arg(long, default_value = "switchyard/")]
+    kv_prefix: String,
+    /// Consul address, for the printed command.
+    #[arg(
+        long,
+        env = "CONSUL_HTTP_ADDR",
+        default_value = "http://127.0.0.1:8500"
+    )]
+    consul: String,
 }
 
 #[derive(Args)]
@@ -182,6 +207,7 @@ fn main() -> anyhow::Result<()> {
             ))?;
             Ok(())
         }
+        Command::MintKey(args) => mint_key(args),
         Command::Echo(args) => {
             switchyard::telemetry::init("info", LogFormat::Text);
             runtime(1)?.block_on(echo(args))
@@ -245,6 +271,31 @@ async fn echo(args: EchoArgs) -> anyhow::Result<()> {
         demo::deregister(&reg).await?;
         tracing::info!(id = %reg.id, "deregistered");
     }
+    Ok(())
+}
+
+fn mint_key(args: MintKeyArgs) -> anyhow::Result<()> {
+    use switchyard::auth::api_key::{mint, ApiKeyRecord, APIKEYS_DIR};
+    let minted = mint(&args.consumer, args.scopes, args.id);
+    let doc = serde_json::to_string(&minted.doc)?;
+    // The same checks the gateway applies when it reads the document from KV.
+    ApiKeyRecord::compile(
+        &minted.id,
+        doc.as_bytes(),
+        &http::HeaderName::from_static("x-consumer"),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let consul = switchyard::config::normalize_consul_address(&args.consul)
+        .map_err(|e| anyhow::anyhow!("--consul: {e}"))?;
+    let key_path = format!("{}{APIKEYS_DIR}{}", args.kv_prefix, minted.id);
+    println!("API key (shown once; store it now): {}", minted.key);
+    println!();
+    println!("KV document for {key_path}:");
+    println!("{doc}");
+    println!();
+    println!("Store it:");
+    let quoted = doc.replace('\'', "'\\''");
+    println!("curl -sf -X PUT --data '{quoted}' {consul}/v1/kv/{key_path}");
     Ok(())
 }
 

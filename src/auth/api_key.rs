@@ -173,7 +173,13 @@ pub fn mint(consumer: &str, scopes: Vec<String>, id: Option<String>) -> MintedKe
         rand::rng().fill_bytes(&mut suffix);
         let base: String = consumer
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
             .collect();
         format!("{base}-{}", hex::encode(suffix))
     });
@@ -213,7 +219,10 @@ mod tests {
         assert_eq!(id.consumer.as_deref(), Some("billing svc"));
         assert_eq!(id.scopes, ["orders:read"]);
         assert_eq!(id.headers[0].1, "billing svc");
-        assert_eq!(store.check(b"sy_other").unwrap_err(), AuthError::UnknownApiKey);
+        assert_eq!(
+            store.check(b"sy_other").unwrap_err(),
+            AuthError::UnknownApiKey
+        );
         let other = mint("x", vec![], None);
         assert_ne!(other.key, m.key);
     }

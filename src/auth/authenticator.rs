@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use http::header::{ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
+use http::header::{
+    ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE,
+};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 
 use super::api_key::{ApiKeyRecord, ApiKeyStore, APIKEYS_DIR};
@@ -331,7 +333,12 @@ impl Authenticator {
 
     /// The response for a refused request: 401 with challenges, 403 for missing scopes,
     /// or a 302 to the route's login page for a browser.
-    pub fn reject(&self, error: AuthError, requirement: &Requirement, request: &HeaderMap) -> Rejection {
+    pub fn reject(
+        &self,
+        error: AuthError,
+        requirement: &Requirement,
+        request: &HeaderMap,
+    ) -> Rejection {
         let mut headers = HeaderMap::new();
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if error.status() == StatusCode::UNAUTHORIZED && accepts_html(request) {
@@ -350,7 +357,9 @@ impl Authenticator {
         if !requirement.providers.is_empty() {
             let mut c = format!("Bearer realm=\"{}\"", self.settings.realm);
             if let Some(code) = code {
-                c.push_str(&format!(", error=\"{code}\", error_description=\"{description}\""));
+                c.push_str(&format!(
+                    ", error=\"{code}\", error_description=\"{description}\""
+                ));
             }
             if matches!(error, AuthError::InsufficientScope { .. }) {
                 c.push_str(&format!(", scope=\"{}\"", requirement.scopes.join(" ")));
@@ -383,7 +392,11 @@ impl Authenticator {
     }
 
     /// Watches `<kv-prefix>jwt/` and `<kv-prefix>apikeys/`; dropping the handles stops them.
-    pub fn watch_kv(self: &Arc<Self>, client: &ConsulClient, options: &WatchOptions) -> Vec<WatchHandle> {
+    pub fn watch_kv(
+        self: &Arc<Self>,
+        client: &ConsulClient,
+        options: &WatchOptions,
+    ) -> Vec<WatchHandle> {
         let (jwt_folder, keys_folder) = {
             let control = self.lock();
             (

@@ -109,7 +109,10 @@ mod tests {
             claims: Arc::default(),
             source: "p".into(),
             expires_at: None,
-            headers: vec![(HeaderName::from_static("x-user-id"), "alice".parse().unwrap())],
+            headers: vec![(
+                HeaderName::from_static("x-user-id"),
+                "alice".parse().unwrap(),
+            )],
         };
         let mut h = HeaderMap::new();
         h.insert("authorization", "Bearer t".parse().unwrap());

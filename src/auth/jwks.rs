@@ -286,7 +286,12 @@ mod tests {
                     });
                 }
             });
-            FakeIdp { url, reply, hits, task }
+            FakeIdp {
+                url,
+                reply,
+                hits,
+                task,
+            }
         }
 
         fn set(&self, status: u16, body: String) {
@@ -319,7 +324,12 @@ mod tests {
         let mut h = Header::new(Algorithm::RS256);
         h.kid = Some(kid.into());
         let claims = serde_json::json!({"iss": "https://id", "sub": sub, "exp": unix_now() + 600});
-        encode(&h, &claims, &EncodingKey::from_rsa_pem(private.as_bytes()).unwrap()).unwrap()
+        encode(
+            &h,
+            &claims,
+            &EncodingKey::from_rsa_pem(private.as_bytes()).unwrap(),
+        )
+        .unwrap()
     }
 
     fn provider(url: &str, min_refetch_s: u64) -> Provider {
@@ -330,7 +340,9 @@ mod tests {
 
     #[test]
     fn unusable_keys_are_skipped_and_an_empty_result_is_an_error() {
-        let doc = format!(r#"{{"keys":[{EC_JWK},{{"kty":"oct","k":"c2VjcmV0"}},{{"kty":"RSA","use":"enc","n":"AQAB","e":"AQAB"}}]}}"#);
+        let doc = format!(
+            r#"{{"keys":[{EC_JWK},{{"kty":"oct","k":"c2VjcmV0"}},{{"kty":"RSA","use":"enc","n":"AQAB","e":"AQAB"}}]}}"#
+        );
         let set = parse(doc.as_bytes()).unwrap();
         assert_eq!(set.len(), 1);
         assert!(set.contains_kid("e1"));
@@ -343,19 +355,34 @@ mod tests {
     async fn a_rotated_kid_is_fetched_and_a_failed_fetch_keeps_the_old_keys() {
         let idp = FakeIdp::start(jwks_with(&[("rsa", "k1")])).await;
         let p = provider(&idp.url, 0);
-        assert!(p.verify(&token(RSA_PRIVATE, "k1")).await.is_ok(), "waits for the first fetch");
+        assert!(
+            p.verify(&token(RSA_PRIVATE, "k1")).await.is_ok(),
+            "waits for the first fetch"
+        );
         idp.set(200, jwks_with(&[("rsa", "k1"), ("rsa2", "k2")]));
         let id = p.verify(&token(RSA2_PRIVATE, "k2")).await.unwrap();
         assert_eq!(id.subject.as_deref(), Some("u"));
         idp.set(500, "down".into());
         let before = idp.hits();
-        assert_eq!(p.verify(&token(RSA_PRIVATE, "k3")).await.unwrap_err(), AuthError::UnknownKey);
-        assert!(idp.hits() > before, "the unknown kid caused a fetch, which failed");
+        assert_eq!(
+            p.verify(&token(RSA_PRIVATE, "k3")).await.unwrap_err(),
+            AuthError::UnknownKey
+        );
+        assert!(
+            idp.hits() > before,
+            "the unknown kid caused a fetch, which failed"
+        );
         let uncached = token_for(RSA_PRIVATE, "k1", "someone-else");
-        assert!(p.verify(&uncached).await.is_ok(), "old keys survive a failed fetch");
+        assert!(
+            p.verify(&uncached).await.is_ok(),
+            "old keys survive a failed fetch"
+        );
         idp.set(200, "{\"keys\": []}".into());
         let _ = p.verify(&token(RSA_PRIVATE, "k4")).await;
-        assert!(p.verify(&token(RSA2_PRIVATE, "k2")).await.is_ok(), "an empty set is not served");
+        assert!(
+            p.verify(&token(RSA2_PRIVATE, "k2")).await.is_ok(),
+            "an empty set is not served"
+        );
     }
 
     #[tokio::test]
@@ -364,7 +391,10 @@ mod tests {
         let p = provider(&idp.url, 3600);
         assert!(p.verify(&token(RSA_PRIVATE, "k1")).await.is_ok());
         for i in 0..50 {
-            let err = p.verify(&token(RSA_PRIVATE, &format!("random-{i}"))).await.unwrap_err();
+            let err = p
+                .verify(&token(RSA_PRIVATE, &format!("random-{i}")))
+                .await
+                .unwrap_err();
             assert_eq!(err, AuthError::UnknownKey);
         }
         assert!(idp.hits() <= 2, "{} fetches", idp.hits());

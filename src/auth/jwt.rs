@@ -165,7 +165,8 @@ impl Provider {
         if !super::valid_name(name) {
             return Err(err("name must use letters, digits, `-`, `_`, `.`".into()));
         }
-        let doc: ProviderDoc = serde_json::from_value(value.clone()).map_err(|e| err(e.to_string()))?;
+        let doc: ProviderDoc =
+            serde_json::from_value(value.clone()).map_err(|e| err(e.to_string()))?;
         if doc.issuer.trim().is_empty() {
             return Err(err("`issuer` must not be empty".into()));
         }
@@ -183,8 +184,13 @@ impl Provider {
                 "no token source: enable `from_bearer` or set `from_cookie`/`from_query`".into(),
             ));
         }
-        for (field, v) in [("from_cookie", &doc.from_cookie), ("from_query", &doc.from_query)] {
-            if v.as_deref().is_some_and(|n| n.is_empty() || n.contains([';', '=', '&', ' '])) {
+        for (field, v) in [
+            ("from_cookie", &doc.from_cookie),
+            ("from_query", &doc.from_query),
+        ] {
+            if v.as_deref()
+                .is_some_and(|n| n.is_empty() || n.contains([';', '=', '&', ' ']))
+            {
                 return Err(err(format!("`{field}` must be a plain name")));
             }
         }
@@ -223,10 +229,12 @@ impl Provider {
                     key.family()
                 )));
             }
-            static_keys.insert(key).map_err(|source| ProviderError::Key {
-                name: name.to_string(),
-                source,
-            })?;
+            static_keys
+                .insert(key)
+                .map_err(|source| ProviderError::Key {
+                    name: name.to_string(),
+                    source,
+                })?;
         }
         let jwks = match &doc.jwks_url {
             None => None,
@@ -236,7 +244,9 @@ impl Provider {
                     return Err(err("`jwks_url` must be an http(s) URL".into()));
                 }
                 if doc.jwks_refresh_s == 0 || doc.jwks_timeout_ms == 0 {
-                    return Err(err("`jwks_refresh_s` and `jwks_timeout_ms` must be positive".into()));
+                    return Err(err(
+                        "`jwks_refresh_s` and `jwks_timeout_ms` must be positive".into(),
+                    ));
                 }
                 let settings = JwksSettings {
                     url: url.clone(),
@@ -268,7 +278,11 @@ impl Provider {
                     .map_err(|_| err(format!("`{h}` is not a header name")))
             })
             .transpose()?;
-        for h in claims_to_headers.iter().map(|(_, h)| h).chain(payload_header.as_ref()) {
+        for h in claims_to_headers
+            .iter()
+            .map(|(_, h)| h)
+            .chain(payload_header.as_ref())
+        {
             if is_reserved(h) {
                 return Err(err(format!("`{h}` cannot carry identity")));
             }
@@ -324,7 +338,9 @@ impl Provider {
         }
         if let Some(name) = &self.doc.from_query {
             if let Some(q) = uri.query() {
-                if let Some((_, v)) = url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name) {
+                if let Some((_, v)) =
+                    url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == name)
+                {
                     return Ok(Some((v, TokenSource::Query)));
                 }
             }
@@ -376,7 +392,9 @@ impl Provider {
         let header: RawHeader = serde_json::from_slice(&header_bytes)
             .map_err(|_| AuthError::Malformed("header is not a JWS header"))?;
         if header.crit.is_some() {
-            return Err(AuthError::Malformed("critical header extensions are not supported"));
+            return Err(AuthError::Malformed(
+                "critical header extensions are not supported",
+            ));
         }
         let alg = parse_algorithm(&header.alg).map_err(|_| AuthError::Algorithm)?;
         let validation = self.validations.get(&alg).ok_or(AuthError::Algorithm)?;
@@ -395,7 +413,10 @@ impl Provider {
         let expires_at = claims
             .get("exp")
             .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f as u64)));
-        let subject = claims.get("sub").and_then(|v| v.as_str()).map(str::to_string);
+        let subject = claims
+            .get("sub")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
         let scopes = scopes_of(&claims);
         let headers = self.identity_header_values(&claims, payload);
         Ok(Identity {
@@ -454,7 +475,9 @@ impl Provider {
     ) -> Vec<(HeaderName, HeaderValue)> {
         let mut out = Vec::with_capacity(self.claims_to_headers.len() + 1);
         for (claim, header) in &self.claims_to_headers {
-            let Some(value) = claims.get(claim) else { continue };
+            let Some(value) = claims.get(claim) else {
+                continue;
+            };
             let text = match value {
                 serde_json::Value::String(s) => s.clone(),
                 serde_json::Value::Number(_) | serde_json::Value::Bool(_) => value.to_string(),
@@ -488,8 +511,16 @@ impl Provider {
 fn is_reserved(h: &HeaderName) -> bool {
     use http::header::*;
     [
-        HOST, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING, TE, UPGRADE, COOKIE,
-        PROXY_AUTHORIZATION, CONTENT_TYPE,
+        HOST,
+        AUTHORIZATION,
+        CONNECTION,
+        CONTENT_LENGTH,
+        TRANSFER_ENCODING,
+        TE,
+        UPGRADE,
+        COOKIE,
+        PROXY_AUTHORIZATION,
+        CONTENT_TYPE,
     ]
     .contains(h)
 }

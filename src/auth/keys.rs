@@ -412,11 +412,17 @@ mod tests {
 
     #[test]
     fn a_pem_key_is_typed_by_its_content() {
-        let k = Key::from_spec(&spec(serde_json::json!({"kid": "r", "pem": RSA_PUBLIC})), "r")
-            .unwrap();
+        let k = Key::from_spec(
+            &spec(serde_json::json!({"kid": "r", "pem": RSA_PUBLIC})),
+            "r",
+        )
+        .unwrap();
         assert_eq!(k.family(), Family::Rsa);
         assert!(k.allows(Algorithm::RS256) && k.allows(Algorithm::PS512));
-        assert!(!k.allows(Algorithm::HS256), "an RSA key never verifies HMAC");
+        assert!(
+            !k.allows(Algorithm::HS256),
+            "an RSA key never verifies HMAC"
+        );
         let k = Key::from_spec(&spec(serde_json::json!({"pem": EC_PUBLIC})), "e").unwrap();
         assert_eq!(k.family(), Family::Ec);
         assert!(!k.allows(Algorithm::HS256));
@@ -424,7 +430,8 @@ mod tests {
 
     #[test]
     fn private_keys_and_garbage_pems_are_refused() {
-        let private = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEI\n-----END PRIVATE KEY-----\n";
+        let private =
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEI\n-----END PRIVATE KEY-----\n";
         let err = Key::from_spec(&spec(serde_json::json!({"pem": private})), "p").unwrap_err();
         assert!(err.to_string().contains("private key"), "{err}");
         let err = Key::from_spec(&spec(serde_json::json!({"pem": "hello"})), "p").unwrap_err();
@@ -451,13 +458,19 @@ mod tests {
         let k = Key::from_spec(&spec(serde_json::json!({"secret_file": path})), "s").unwrap();
         assert_eq!(k.family(), Family::Hmac);
         assert!(k.allows(Algorithm::HS256));
-        assert!(!k.allows(Algorithm::HS512), "32 bytes is too short for HS512");
+        assert!(
+            !k.allows(Algorithm::HS512),
+            "32 bytes is too short for HS512"
+        );
         let debug = format!("{k:?}");
         assert!(!debug.contains("0123456789"), "{debug}");
         std::fs::write(&path, "short\n").unwrap();
         let err = Key::from_spec(&spec(serde_json::json!({"secret_file": path})), "s").unwrap_err();
         assert!(err.to_string().contains("at least 32"), "{err}");
-        assert!(!err.to_string().contains("short"), "the secret is never echoed");
+        assert!(
+            !err.to_string().contains("short"),
+            "the secret is never echoed"
+        );
     }
 
     #[test]
@@ -496,11 +509,19 @@ mod tests {
     #[test]
     fn candidates_follow_the_kid_exactly() {
         let rsa = |kid: &str| {
-            Key::from_spec(&spec(serde_json::json!({"kid": kid, "pem": RSA_PUBLIC})), kid).unwrap()
+            Key::from_spec(
+                &spec(serde_json::json!({"kid": kid, "pem": RSA_PUBLIC})),
+                kid,
+            )
+            .unwrap()
         };
         let set = KeySet::build(vec![rsa("a"), rsa("b")]).unwrap();
         assert_eq!(set.candidates(Some("a"), Algorithm::RS256).count(), 1);
-        assert_eq!(set.candidates(Some("../../etc/passwd"), Algorithm::RS256).count(), 0);
+        assert_eq!(
+            set.candidates(Some("../../etc/passwd"), Algorithm::RS256)
+                .count(),
+            0
+        );
         assert_eq!(set.candidates(None, Algorithm::RS256).count(), 2);
         assert_eq!(set.candidates(Some("a"), Algorithm::HS256).count(), 0);
         assert!(KeySet::build(vec![rsa("a"), rsa("a")]).is_err());

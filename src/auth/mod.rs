@@ -120,7 +120,9 @@ pub enum RequirementError {
     DuplicateProvider(String),
     #[error("scope `{0}` is not valid (non-empty, no spaces or quotes)")]
     Scope(String),
-    #[error("`{0}` needs `jwt` or `api_key` (a route open to everyone has no scopes or login page)")]
+    #[error(
+        "`{0}` needs `jwt` or `api_key` (a route open to everyone has no scopes or login page)"
+    )]
     NeedsCredential(&'static str),
     #[error("redirect `{0}` must be an http(s) URL or an absolute path")]
     Redirect(String),
@@ -148,7 +150,10 @@ impl Requirement {
             }
         }
         for s in &scopes {
-            if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c == '"' || c == '\\') {
+            if s.is_empty()
+                || s.chars()
+                    .any(|c| c.is_whitespace() || c == '"' || c == '\\')
+            {
                 return Err(RequirementError::Scope(s.clone()));
             }
         }
@@ -301,18 +306,20 @@ mod tests {
             "roles": ["admin", "orders:read"],
         });
         let scopes = scopes_of(claims.as_object().unwrap());
-        assert_eq!(
-            scopes,
-            ["admin", "orders:read", "orders:write", "profile"]
-        );
+        assert_eq!(scopes, ["admin", "orders:read", "orders:write", "profile"]);
         let claims = serde_json::json!({"scp": "a b"});
         assert_eq!(scopes_of(claims.as_object().unwrap()), ["a", "b"]);
     }
 
     #[test]
     fn requirements_are_checked_when_compiled() {
-        let r = Requirement::new(vec!["main".into()], true, vec!["b".into(), "a".into()], None)
-            .unwrap();
+        let r = Requirement::new(
+            vec!["main".into()],
+            true,
+            vec!["b".into(), "a".into()],
+            None,
+        )
+        .unwrap();
         assert_eq!(r.scopes, ["a", "b"]);
         assert!(!r.is_open());
         assert!(Requirement::open().is_open());
@@ -332,7 +339,12 @@ mod tests {
             Requirement::new(vec![], true, vec!["a b".into()], None),
             Err(RequirementError::Scope("a b".into()))
         );
-        for bad in ["//evil.example", "javascript:alert(1)", "ftp://x/y", "login"] {
+        for bad in [
+            "//evil.example",
+            "javascript:alert(1)",
+            "ftp://x/y",
+            "login",
+        ] {
             assert_eq!(
                 Requirement::new(vec![], true, vec![], Some(bad.into())),
                 Err(RequirementError::Redirect(bad.into())),

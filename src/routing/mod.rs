@@ -235,10 +235,12 @@ mod tests {
         .unwrap();
         assert_eq!(r.auth.providers, ["main"]);
         assert_eq!(r.auth.scopes, ["a", "b"]);
-        assert!(Route::compile("r", spec(r#"{"service":"a","path_prefix":"/"}"#))
-            .unwrap()
-            .auth
-            .is_open());
+        assert!(
+            Route::compile("r", spec(r#"{"service":"a","path_prefix":"/"}"#))
+                .unwrap()
+                .auth
+                .is_open()
+        );
         let err = Route::compile(
             "r",
             spec(r#"{"service":"a","path_prefix":"/","auth":{"scopes":["x"]}}"#),

@@ -54,7 +54,10 @@ fn req(providers: &[&str], api_key: bool, scopes: &[&str], redirect: Option<&str
 fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
     let mut h = HeaderMap::new();
     for (k, v) in pairs {
-        h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
     }
     h
 }
@@ -66,7 +69,11 @@ fn uri() -> Uri {
 #[tokio::test]
 async fn an_open_route_still_loses_forged_identity_headers() {
     let a = authenticator(BTreeMap::from([("main".into(), provider_doc(json!({})))]));
-    let mut h = headers(&[("x-user-id", "root"), ("x-consumer", "billing"), ("x-ok", "1")]);
+    let mut h = headers(&[
+        ("x-user-id", "root"),
+        ("x-consumer", "billing"),
+        ("x-ok", "1"),
+    ]);
     let out = a.admit(&Requirement::open(), &uri(), &mut h).await.unwrap();
     assert!(out.is_none());
     assert!(!h.contains_key("x-user-id") && !h.contains_key("x-consumer"));
@@ -83,14 +90,24 @@ async fn a_valid_token_replaces_forged_headers_with_verified_ones() {
         ("connection", "X-User-Id, keep-alive"),
     ]);
     let id = a
-        .admit(&req(&["main"], false, &["orders:read"], None), &uri(), &mut h)
+        .admit(
+            &req(&["main"], false, &["orders:read"], None),
+            &uri(),
+            &mut h,
+        )
         .await
         .unwrap()
         .unwrap();
     assert_eq!(id.subject.as_deref(), Some("alice"));
     assert_eq!(h.get_all("x-user-id").iter().collect::<Vec<_>>(), ["alice"]);
-    assert_eq!(h["connection"], "keep-alive", "Connection cannot name X-User-Id");
-    assert!(h.contains_key("authorization"), "kept unless remove_authorization");
+    assert_eq!(
+        h["connection"], "keep-alive",
+        "Connection cannot name X-User-Id"
+    );
+    assert!(
+        h.contains_key("authorization"),
+        "kept unless remove_authorization"
+    );
 }
 
 #[tokio::test]
@@ -99,12 +116,19 @@ async fn missing_scope_is_403_with_the_scope_in_the_challenge() {
     let t = format!("Bearer {}", token(json!({"scope": "orders:read"})));
     let mut h = headers(&[("authorization", &t)]);
     let r = a
-        .admit(&req(&["main"], false, &["orders:write"], None), &uri(), &mut h)
+        .admit(
+            &req(&["main"], false, &["orders:write"], None),
+            &uri(),
+            &mut h,
+        )
         .await
         .unwrap_err();
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     let challenge = r.headers[WWW_AUTHENTICATE].to_str().unwrap();
-    assert!(challenge.contains("error=\"insufficient_scope\""), "{challenge}");
+    assert!(
+        challenge.contains("error=\"insufficient_scope\""),
+        "{challenge}"
+    );
     assert!(challenge.contains("scope=\"orders:write\""), "{challenge}");
 }
 
@@ -112,7 +136,11 @@ async fn missing_scope_is_403_with_the_scope_in_the_challenge() {
 async fn failures_are_401_with_a_bearer_challenge() {
     let a = authenticator(BTreeMap::from([("main".into(), provider_doc(json!({})))]));
     let r = a
-        .admit(&req(&["main"], false, &[], None), &uri(), &mut HeaderMap::new())
+        .admit(
+            &req(&["main"], false, &[], None),
+            &uri(),
+            &mut HeaderMap::new(),
+        )
         .await
         .unwrap_err();
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
@@ -120,7 +148,11 @@ async fn failures_are_401_with_a_bearer_challenge() {
     assert_eq!(r.headers[WWW_AUTHENTICATE], "Bearer realm=\"switchyard\"");
     let t = format!("Bearer {}", token(json!({"aud": "web"})));
     let r = a
-        .admit(&req(&["main"], false, &[], None), &uri(), &mut headers(&[("authorization", &t)]))
+        .admit(
+            &req(&["main"], false, &[], None),
+            &uri(),
+            &mut headers(&[("authorization", &t)]),
+        )
         .await
         .unwrap_err();
     let challenge = r.headers[WWW_AUTHENTICATE].to_str().unwrap();
@@ -138,7 +170,11 @@ async fn browsers_are_sent_to_the_login_page() {
     assert_eq!(r.status, StatusCode::FOUND);
     assert_eq!(r.headers[LOCATION], "https://login.example.com/");
     let r = a
-        .admit(&route, &uri(), &mut headers(&[("accept", "application/json")]))
+        .admit(
+            &route,
+            &uri(),
+            &mut headers(&[("accept", "application/json")]),
+        )
         .await
         .unwrap_err();
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "APIs get a 401");
@@ -167,8 +203,14 @@ async fn api_keys_come_from_kv_and_never_travel_upstream() {
         .admit(&route, &uri(), &mut headers(&[("x-api-key", &off.key)]))
         .await
         .unwrap_err();
-    assert_eq!((r.status, r.error), (StatusCode::UNAUTHORIZED, AuthError::DisabledApiKey));
-    assert!(r.headers[WWW_AUTHENTICATE].to_str().unwrap().starts_with("ApiKey"));
+    assert_eq!(
+        (r.status, r.error),
+        (StatusCode::UNAUTHORIZED, AuthError::DisabledApiKey)
+    );
+    assert!(r.headers[WWW_AUTHENTICATE]
+        .to_str()
+        .unwrap()
+        .starts_with("ApiKey"));
     let r = a
         .admit(&route, &uri(), &mut headers(&[("x-api-key", "sy_guess")]))
         .await
@@ -210,10 +252,17 @@ async fn kv_providers_override_the_config_and_keep_their_last_good_version() {
     }
     let ok = |a| check(a, &route, &t);
     assert_eq!(ok(&a).await, Ok(()));
-    a.apply_provider_docs(&[kv("sy/jwt/main", &provider_doc(json!({"audiences": ["other"]})))]);
+    a.apply_provider_docs(&[kv(
+        "sy/jwt/main",
+        &provider_doc(json!({"audiences": ["other"]})),
+    )]);
     assert_eq!(ok(&a).await, Err(AuthError::Audience), "KV wins");
     a.apply_provider_docs(&[kv("sy/jwt/main", &json!({"issuer": ISS}))]);
-    assert_eq!(ok(&a).await, Err(AuthError::Audience), "bad doc: last good serves");
+    assert_eq!(
+        ok(&a).await,
+        Err(AuthError::Audience),
+        "bad doc: last good serves"
+    );
     let rejections = a.rejections();
     assert_eq!(rejections.len(), 1);
     assert!(rejections[0].serving_last_good && rejections[0].error.contains("algorithms"));
@@ -227,15 +276,19 @@ async fn provider_headers_are_stripped_on_every_route_and_authorization_can_be_r
     let a = authenticator(BTreeMap::new());
     a.apply_provider_docs(&[kv(
         "sy/jwt/p",
-        &provider_doc(json!({"claims_to_headers": {"sub": "X-Sub", "email": "X-Email"},
-            "remove_authorization": true})),
+        &provider_doc(
+            json!({"claims_to_headers": {"sub": "X-Sub", "email": "X-Email"},
+            "remove_authorization": true}),
+        ),
     )]);
     let mut h = headers(&[("x-email", "ceo@example.com"), ("x-user-id", "x")]);
     a.admit(&Requirement::open(), &uri(), &mut h).await.unwrap();
     assert!(h.is_empty(), "{h:?}");
     let t = format!("Bearer {}", token(json!({})));
     let mut h = headers(&[("authorization", &t)]);
-    a.admit(&req(&["p"], false, &[], None), &uri(), &mut h).await.unwrap();
+    a.admit(&req(&["p"], false, &[], None), &uri(), &mut h)
+        .await
+        .unwrap();
     assert_eq!(h["x-sub"], "alice");
     assert!(!h.contains_key("authorization"));
 }
@@ -245,7 +298,11 @@ async fn a_route_naming_only_unknown_providers_fails_closed() {
     let a = authenticator(BTreeMap::new());
     let t = format!("Bearer {}", token(json!({})));
     let r = a
-        .admit(&req(&["ghost"], false, &[], None), &uri(), &mut headers(&[("authorization", &t)]))
+        .admit(
+            &req(&["ghost"], false, &[], None),
+            &uri(),
+            &mut headers(&[("authorization", &t)]),
+        )
         .await
         .unwrap_err();
     assert_eq!(r.error, AuthError::UnknownProvider);

@@ -120,8 +120,10 @@ async fn the_attack_table_is_refused_with_the_right_reason() {
     };
     let embedded_jwk = {
         // Signed with an attacker's key that the header carries as `jwk` and `jku`.
-        let header = b64(&json!({"alg": "RS256", "jku": "http://127.0.0.1:1/jwks", "x5u": "http://127.0.0.1:1/x",
-            "jwk": {"kty": "RSA", "n": "AQAB", "e": "AQAB"}}));
+        let header = b64(
+            &json!({"alg": "RS256", "jku": "http://127.0.0.1:1/jwks", "x5u": "http://127.0.0.1:1/x",
+            "jwk": {"kty": "RSA", "n": "AQAB", "e": "AQAB"}}),
+        );
         let payload = b64(&good);
         let message = format!("{header}.{payload}");
         let sig = jsonwebtoken::crypto::sign(
@@ -144,26 +146,102 @@ async fn the_attack_table_is_refused_with_the_right_reason() {
         format!("{message}.{sig}")
     };
     let cases: Vec<(&str, String, AuthError)> = vec![
-        ("expired beyond the leeway", hs256(Some("h"), &claims(json!({"exp": now - 120}))), AuthError::Expired),
-        ("nbf in the future", hs256(Some("h"), &claims(json!({"nbf": now + 120}))), AuthError::NotYetValid),
-        ("wrong issuer", hs256(Some("h"), &claims(json!({"iss": "https://evil"}))), AuthError::Issuer),
-        ("no issuer", hs256(Some("h"), &claims(json!({"iss": null}))), AuthError::MissingClaim("iss".into())),
-        ("wrong audience", hs256(Some("h"), &claims(json!({"aud": "web"}))), AuthError::Audience),
-        ("no audience", hs256(Some("h"), &claims(json!({"aud": null}))), AuthError::MissingClaim("aud".into())),
-        ("no exp", hs256(Some("h"), &claims(json!({"exp": null}))), AuthError::MissingClaim("exp".into())),
-        ("alg none, empty signature", format!("{none_header}.{}.", b64(&good)), AuthError::Malformed("empty token part")),
-        ("alg none, any signature", format!("{none_header}.{}.x", b64(&good)), AuthError::Algorithm),
-        ("alg outside the allow-list", signed(Algorithm::RS384, "r", &good), AuthError::Algorithm),
-        ("HS256 with the RSA public key", key_confusion, AuthError::UnknownKey),
+        (
+            "expired beyond the leeway",
+            hs256(Some("h"), &claims(json!({"exp": now - 120}))),
+            AuthError::Expired,
+        ),
+        (
+            "nbf in the future",
+            hs256(Some("h"), &claims(json!({"nbf": now + 120}))),
+            AuthError::NotYetValid,
+        ),
+        (
+            "wrong issuer",
+            hs256(Some("h"), &claims(json!({"iss": "https://evil"}))),
+            AuthError::Issuer,
+        ),
+        (
+            "no issuer",
+            hs256(Some("h"), &claims(json!({"iss": null}))),
+            AuthError::MissingClaim("iss".into()),
+        ),
+        (
+            "wrong audience",
+            hs256(Some("h"), &claims(json!({"aud": "web"}))),
+            AuthError::Audience,
+        ),
+        (
+            "no audience",
+            hs256(Some("h"), &claims(json!({"aud": null}))),
+            AuthError::MissingClaim("aud".into()),
+        ),
+        (
+            "no exp",
+            hs256(Some("h"), &claims(json!({"exp": null}))),
+            AuthError::MissingClaim("exp".into()),
+        ),
+        (
+            "alg none, empty signature",
+            format!("{none_header}.{}.", b64(&good)),
+            AuthError::Malformed("empty token part"),
+        ),
+        (
+            "alg none, any signature",
+            format!("{none_header}.{}.x", b64(&good)),
+            AuthError::Algorithm,
+        ),
+        (
+            "alg outside the allow-list",
+            signed(Algorithm::RS384, "r", &good),
+            AuthError::Algorithm,
+        ),
+        (
+            "HS256 with the RSA public key",
+            key_confusion,
+            AuthError::UnknownKey,
+        ),
         ("tampered payload", tampered, AuthError::Signature),
-        ("unknown kid", hs256(Some("nope"), &good), AuthError::UnknownKey),
-        ("kid path trick", hs256(Some("../../etc/passwd"), &good), AuthError::UnknownKey),
-        ("kid pointing at /dev/null", hs256(Some("/dev/null"), &good), AuthError::UnknownKey),
-        ("key carried by the token", embedded_jwk, AuthError::Signature),
-        ("crit header", crit, AuthError::Malformed("critical header extensions are not supported")),
-        ("oversized", hs256(Some("h"), &claims(json!({"pad": "x".repeat(9000)}))), AuthError::TooLarge { max: 8192 }),
-        ("two parts", "a.b".into(), AuthError::Malformed("not a compact JWS")),
-        ("garbage header", "!!!.e30.c2ln".into(), AuthError::Malformed("header is not base64url")),
+        (
+            "unknown kid",
+            hs256(Some("nope"), &good),
+            AuthError::UnknownKey,
+        ),
+        (
+            "kid path trick",
+            hs256(Some("../../etc/passwd"), &good),
+            AuthError::UnknownKey,
+        ),
+        (
+            "kid pointing at /dev/null",
+            hs256(Some("/dev/null"), &good),
+            AuthError::UnknownKey,
+        ),
+        (
+            "key carried by the token",
+            embedded_jwk,
+            AuthError::Signature,
+        ),
+        (
+            "crit header",
+            crit,
+            AuthError::Malformed("critical header extensions are not supported"),
+        ),
+        (
+            "oversized",
+            hs256(Some("h"), &claims(json!({"pad": "x".repeat(9000)}))),
+            AuthError::TooLarge { max: 8192 },
+        ),
+        (
+            "two parts",
+            "a.b".into(),
+            AuthError::Malformed("not a compact JWS"),
+        ),
+        (
+            "garbage header",
+            "!!!.e30.c2ln".into(),
+            AuthError::Malformed("header is not base64url"),
+        ),
     ];
     for (name, token, want) in cases {
         let got = p.verify(&token).await.err();
@@ -175,7 +253,10 @@ async fn the_attack_table_is_refused_with_the_right_reason() {
 async fn leeway_tolerates_small_clock_skew() {
     let (_d, p) = all_families();
     let now = unix_now();
-    let t = hs256(Some("h"), &claims(json!({"exp": now - 20, "nbf": now + 20})));
+    let t = hs256(
+        Some("h"),
+        &claims(json!({"exp": now - 20, "nbf": now + 20})),
+    );
     assert!(p.verify(&t).await.is_ok());
 }
 
@@ -222,19 +303,27 @@ async fn claims_become_headers() {
     assert_eq!(get("x-user-id").as_deref(), Some("alice"));
     assert_eq!(get("x-groups").as_deref(), Some("a,b"));
     assert_eq!(get("x-level").as_deref(), Some("3"));
-    assert_eq!(get("x-jwt-payload").as_deref(), Some(t.split('.').nth(1).unwrap()));
+    assert_eq!(
+        get("x-jwt-payload").as_deref(),
+        Some(t.split('.').nth(1).unwrap())
+    );
     let names: Vec<&HeaderName> = p.identity_headers().collect();
     assert_eq!(names.len(), 4);
     let bad = hs256(Some("h"), &claims(json!({"sub": "a\r\nX-Admin: 1"})));
     let id = p.verify(&bad).await.unwrap();
-    assert!(id.headers.iter().all(|(h, _)| h != "x-user-id"), "an unsafe value is dropped");
+    assert!(
+        id.headers.iter().all(|(h, _)| h != "x-user-id"),
+        "an unsafe value is dropped"
+    );
 }
 
 #[test]
 fn tokens_are_found_where_the_provider_says() {
     let (_d, path) = secret_file();
-    let p = provider(json!({"issuer": ISS, "algorithms": ["HS256"], "keys": [{"secret_file": path}],
-        "from_cookie": "session"}));
+    let p = provider(
+        json!({"issuer": ISS, "algorithms": ["HS256"], "keys": [{"secret_file": path}],
+        "from_cookie": "session"}),
+    );
     let uri: Uri = "/x?access_token=q".parse().unwrap();
     let mut h = HeaderMap::new();
     assert_eq!(p.extract(&uri, &h).unwrap(), None, "query not enabled");
@@ -252,8 +341,10 @@ fn tokens_are_found_where_the_provider_says() {
         p.extract(&uri, &h).unwrap(),
         Some(("tok".into(), TokenSource::Cookie))
     );
-    let q = provider(json!({"issuer": ISS, "algorithms": ["HS256"], "keys": [{"secret_file": path}],
-        "from_bearer": false, "from_query": "access_token"}));
+    let q = provider(
+        json!({"issuer": ISS, "algorithms": ["HS256"], "keys": [{"secret_file": path}],
+        "from_bearer": false, "from_query": "access_token"}),
+    );
     assert_eq!(
         q.extract(&uri, &HeaderMap::new()).unwrap(),
         Some(("q".into(), TokenSource::Query))
@@ -269,18 +360,45 @@ fn bad_documents_say_what_is_wrong() {
             .to_string()
     };
     let cases = [
-        (json!({"issuer": ISS, "algorithms": ["HS256"], "keys": [{"secret_file": path}], "isuer": 1}), "isuer"),
-        (json!({"issuer": ISS, "algorithms": ["none"], "keys": [{"secret_file": path}]}), "never accepted"),
+        (
+            json!({"issuer": ISS, "algorithms": ["HS256"], "keys": [{"secret_file": path}], "isuer": 1}),
+            "isuer",
+        ),
+        (
+            json!({"issuer": ISS, "algorithms": ["none"], "keys": [{"secret_file": path}]}),
+            "never accepted",
+        ),
         (json!({"issuer": ISS, "algorithms": ["HS256"]}), "no keys"),
-        (json!({"issuer": "", "algorithms": ["HS256"], "keys": [{"secret_file": path}]}), "issuer"),
-        (json!({"issuer": ISS, "algorithms": [], "keys": [{"secret_file": path}]}), "algorithms"),
-        (json!({"issuer": ISS, "algorithms": ["RS256"], "keys": [{"secret_file": path}]}), "fits none"),
-        (json!({"issuer": ISS, "algorithms": ["HS256"], "keys": [{"secret_file": path}],
-            "claims_to_headers": {"sub": "Authorization"}}), "cannot carry identity"),
-        (json!({"issuer": ISS, "algorithms": ["HS256"], "keys": [{"secret_file": path}],
-            "claims_to_headers": {"sub": "bad header"}}), "not a header name"),
-        (json!({"issuer": ISS, "algorithms": ["RS256"], "jwks_url": "file:///etc/passwd"}), "http(s)"),
-        (json!({"issuer": ISS, "algorithms": ["HS256"], "keys": [{"secret_file": path}], "from_bearer": false}), "no token source"),
+        (
+            json!({"issuer": "", "algorithms": ["HS256"], "keys": [{"secret_file": path}]}),
+            "issuer",
+        ),
+        (
+            json!({"issuer": ISS, "algorithms": [], "keys": [{"secret_file": path}]}),
+            "algorithms",
+        ),
+        (
+            json!({"issuer": ISS, "algorithms": ["RS256"], "keys": [{"secret_file": path}]}),
+            "fits none",
+        ),
+        (
+            json!({"issuer": ISS, "algorithms": ["HS256"], "keys": [{"secret_file": path}],
+            "claims_to_headers": {"sub": "Authorization"}}),
+            "cannot carry identity",
+        ),
+        (
+            json!({"issuer": ISS, "algorithms": ["HS256"], "keys": [{"secret_file": path}],
+            "claims_to_headers": {"sub": "bad header"}}),
+            "not a header name",
+        ),
+        (
+            json!({"issuer": ISS, "algorithms": ["RS256"], "jwks_url": "file:///etc/passwd"}),
+            "http(s)",
+        ),
+        (
+            json!({"issuer": ISS, "algorithms": ["HS256"], "keys": [{"secret_file": path}], "from_bearer": false}),
+            "no token source",
+        ),
     ];
     for (doc, want) in cases {
         let err = build(doc.clone());
@@ -302,8 +420,10 @@ fn debug_output_never_shows_a_secret() {
 #[tokio::test]
 async fn exp_can_be_made_optional() {
     let (_d, path) = secret_file();
-    let p = provider(json!({"issuer": ISS, "algorithms": ["HS256"], "keys": [{"secret_file": path}],
-        "require_exp": false}));
+    let p = provider(
+        json!({"issuer": ISS, "algorithms": ["HS256"], "keys": [{"secret_file": path}],
+        "require_exp": false}),
+    );
     let t = hs256(None, &claims(json!({"exp": null, "aud": null})));
     assert!(p.verify(&t).await.is_ok());
 }
