@@ -52,6 +52,7 @@ pub struct FileConfig {
     pub jwt_providers: BTreeMap<String, serde_json::Value>,
     pub upstream_tls: Option<UpstreamTlsSection>,
     pub assertion: Option<AssertionSection>,
+    pub auth: AuthSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +167,32 @@ fn default_reload_s() -> u64 {
 pub struct CertificateSection {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// Gateway-wide edge-auth settings (providers are in `jwt_providers` and KV).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// `realm` of the `WWW-Authenticate` challenges.
+    pub realm: String,
+    /// Request header an API key is read from (removed before forwarding).
+    pub api_key_header: String,
+    /// Header that tells upstreams which API key consumer called.
+    pub consumer_header: String,
+    /// Client-sent headers always removed before auth, on every route. Headers written by
+    /// JWT providers (`claims_to_headers`, `payload_header`) are removed too, automatically.
+    pub strip_headers: Vec<String>,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            realm: "switchyard".into(),
+            api_key_header: "X-API-Key".into(),
+            consumer_header: "X-Consumer".into(),
+            strip_headers: vec!["X-User-Id".into()],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -375,6 +402,30 @@ impl FileConfig {
         if self.registration.enabled && self.registration.service_name.trim().is_empty() {
             return Err(invalid("registration.service_name", "must not be empty"));
         }
+        if self.auth.realm.is_empty()
+            || self.auth.realm.contains(['"', '\\'])
+            || self.auth.realm.chars().any(|c| c.is_control())
+        {
+            return Err(invalid(
+                "auth.realm",
+                "must be non-empty text without quotes",
+            ));
+        }
+        for (field, name) in [
+            ("auth.api_key_header", &self.auth.api_key_header),
+            ("auth.consumer_header", &self.auth.consumer_header),
+        ]
+        .into_iter()
+        .chain(
+            self.auth
+                .strip_headers
+                .iter()
+                .map(|h| ("auth.strip_headers", h)),
+        ) {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(invalid(field, format!("`{name}` is not a header name")));
+            }
+        }
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }
@@ -466,6 +517,22 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.to_string().contains("proxy.listen"));
+    }
+
+    #[test]
+    fn auth_settings_are_checked() {
+        let cfg = FileConfig::parse("").unwrap().validate().unwrap();
+        assert_eq!(cfg.file.auth.api_key_header, "X-API-Key");
+        let err = FileConfig::parse("[auth]\napi_key_header = \"bad header\"\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("auth.api_key_header"), "{err}");
+        let err = FileConfig::parse("[auth]\nrealm = 'a\"b'\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("auth.realm"), "{err}");
     }
 
     #[test]

@@ -163,6 +163,12 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig { file } => {
             let cfg = FileConfig::load(&file)?.validate()?;
+            for (name, doc) in &cfg.file.jwt_providers {
+                switchyard::auth::jwt::Provider::check(name, doc)?;
+            }
+            if let Some(tls) = &cfg.file.tls {
+                switchyard::tls::Tls::load(tls)?;
+            }
             println!(
                 "{}: ok (proxy {}, admin {}, consul {})",
                 file.display(),

@@ -47,6 +47,25 @@ impl Default for AuthSettings {
     }
 }
 
+impl AuthSettings {
+    /// From the `[auth]` section (already validated by `FileConfig::validate`).
+    pub fn from_config(section: &crate::config::AuthSection) -> Result<AuthSettings, String> {
+        let header = |h: &str| {
+            HeaderName::from_bytes(h.as_bytes()).map_err(|_| format!("`{h}` is not a header name"))
+        };
+        Ok(AuthSettings {
+            realm: section.realm.clone(),
+            api_key_header: header(&section.api_key_header)?,
+            consumer_header: header(&section.consumer_header)?,
+            strip_headers: section
+                .strip_headers
+                .iter()
+                .map(|h| header(h))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
 /// A caller let in, and what to do to the request before it goes upstream.
 #[derive(Debug, Clone)]
 pub struct Grant {

@@ -158,6 +158,20 @@ impl Provider {
         client: &reqwest::Client,
         previous: Option<&Provider>,
     ) -> Result<Provider, ProviderError> {
+        Self::compile(name, value, Some((client, previous)))
+    }
+
+    /// Validates a document without starting anything (for `check-config`). Secrets
+    /// referenced by file or environment must be readable here too.
+    pub fn check(name: &str, value: &serde_json::Value) -> Result<(), ProviderError> {
+        Self::compile(name, value, None).map(drop)
+    }
+
+    fn compile(
+        name: &str,
+        value: &serde_json::Value,
+        start: Option<(&reqwest::Client, Option<&Provider>)>,
+    ) -> Result<Provider, ProviderError> {
         let err = |message: String| ProviderError::Invalid {
             name: name.to_string(),
             message,
@@ -254,14 +268,16 @@ impl Provider {
                     min_refetch: Duration::from_secs(doc.jwks_min_refetch_s),
                     timeout: Duration::from_millis(doc.jwks_timeout_ms),
                 };
-                let seed = previous
-                    .and_then(|p| p.jwks.as_ref())
-                    .filter(|j| j.url() == url)
-                    .map(|j| j.key_set());
-                Some(Jwks::start(settings, client.clone(), seed))
+                start.map(|(client, previous)| {
+                    let seed = previous
+                        .and_then(|p| p.jwks.as_ref())
+                        .filter(|j| j.url() == url)
+                        .map(|j| j.key_set());
+                    Jwks::start(settings, client.clone(), seed)
+                })
             }
         };
-        if static_keys.is_empty() && jwks.is_none() {
+        if static_keys.is_empty() && doc.jwks_url.is_none() {
             return Err(err("no keys: give `keys` or `jwks_url`".into()));
         }
         let mut claims_to_headers = Vec::new();

@@ -427,3 +427,13 @@ async fn exp_can_be_made_optional() {
     let t = hs256(None, &claims(json!({"exp": null, "aud": null})));
     assert!(p.verify(&t).await.is_ok());
 }
+
+#[test]
+fn check_validates_without_starting_a_jwks_fetch() {
+    let doc =
+        json!({"issuer": ISS, "algorithms": ["RS256"], "jwks_url": "https://id.example.com/jwks"});
+    // No Tokio runtime here: starting a fetch would panic.
+    Provider::check("main", &doc).unwrap();
+    let bad = json!({"issuer": ISS, "algorithms": ["RS256"], "jwks_url": "ftp://x"});
+    assert!(Provider::check("main", &bad).is_err());
+}
