@@ -33,8 +33,12 @@ const DRAIN: Duration = Duration::from_secs(2);
 pub struct Admin {
     pub state: Arc<State>,
     pub control: Arc<Control>,
-    /// When set, every endpoint but `/healthz` and `/ready` needs `Authorization: Bearer <token>`.
+    /// When set, every endpoint but `/healthz`, `/ready` and `/jwks.json` needs
+    /// `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// The public keys of upstream assertions (`[assertion]`), served at `/jwks.json` to
+    /// backends without a token: they are public.
+    pub jwks: Option<Value>,
 }
 
 /// Serves the admin API on `listener` until `shutdown` trips.
@@ -78,7 +82,7 @@ pub fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "read-only: use GET\n");
     }
     let path = req.uri().path();
-    let open = matches!(path, "/healthz" | "/ready");
+    let open = matches!(path, "/healthz" | "/ready" | "/jwks.json");
     if !open && !authorized(admin, req) {
         return text(StatusCode::UNAUTHORIZED, "admin token required\n");
     }
@@ -87,6 +91,10 @@ pub fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
         "/ready" => ready(admin),
         "/routes" => json_response(StatusCode::OK, &routes(admin)),
         "/upstreams" => json_response(StatusCode::OK, &upstreams(admin)),
+        "/jwks.json" => match &admin.jwks {
+            Some(jwks) => json_response(StatusCode::OK, jwks),
+            None => text(StatusCode::NOT_FOUND, "no [assertion] key configured\n"),
+        },
         _ => text(StatusCode::NOT_FOUND, "no such admin endpoint\n"),
     }
 }
@@ -266,6 +274,7 @@ mod tests {
             state: Arc::new(State::new(snap)),
             control: Arc::new(control),
             token: token.map(str::to_string),
+            jwks: None,
         }
     }
 
@@ -294,6 +303,16 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(respond(&a, &req).status(), 200);
+    }
+
+    #[test]
+    fn jwks_is_public_when_configured() {
+        let mut a = admin(Some("s3cret"));
+        assert_eq!(respond(&a, &get("/jwks.json")).status(), 404);
+        a.jwks = Some(json!({"keys": [{"kty": "OKP", "kid": "gw"}]}));
+        let resp = respond(&a, &get("/jwks.json"));
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::consul::{ClientSettings, ConsulClient, ConsulError, KvPair, WatchHand
 use crate::control::{Control, ControlView, DataSource, WarmStart};
 use crate::discovery::watcher::{HealthWatcher, ServiceUpdate};
 use crate::discovery::Instance;
+use crate::policy::Edge;
 use crate::routing::kv::{self, RouteDocs};
 use crate::routing::Route;
 use crate::shutdown::Shutdown;
@@ -59,6 +60,8 @@ pub enum AppError {
     Listener(std::io::Error),
     #[error(transparent)]
     Consul(#[from] ConsulError),
+    #[error(transparent)]
+    Assertion(#[from] crate::assertion::AssertionError),
     #[error("{0} is not wired yet")]
     NotWired(&'static str),
 }
@@ -165,11 +168,14 @@ pub async fn start(
     let control = Arc::new(Control::new(client.address(), max_age));
     let (first_tx, first_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    let edge = Arc::new(Edge::from_config(&cfg.file)?);
+    tasks.push(edge.spawn_sweeper(shutdown.clone()));
 
     let admin = Arc::new(Admin {
         state: state.clone(),
         control: control.clone(),
         token: cfg.file.admin.token.clone(),
+        jwks: edge.jwks(),
     });
     tasks.push(tokio::spawn(admin::serve(
         listeners.admin,

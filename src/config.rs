@@ -281,8 +281,12 @@ pub struct UpstreamTlsSection {
     /// Client certificate presented to upstreams that require mTLS.
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
-    /// CA bundle that upstream certificates must chain to.
+    /// CA bundle that upstream certificates must chain to (public web roots when unset).
     pub ca: Option<PathBuf>,
+    /// Name upstream certificates must carry; `{service}` is replaced by the route's
+    /// service (e.g. `{service}.service.consul`). Unset: the address dialled.
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

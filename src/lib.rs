@@ -30,3 +30,4 @@ pub mod state;
 pub mod state_file;
 pub mod telemetry;
 pub mod tls;
+pub mod upstream_tls;

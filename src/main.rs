@@ -169,6 +169,12 @@ fn main() -> anyhow::Result<()> {
             if let Some(tls) = &cfg.file.tls {
                 switchyard::tls::Tls::load(tls)?;
             }
+            if let Some(a) = &cfg.file.assertion {
+                switchyard::assertion::Signer::load(a)?;
+            }
+            if let Some(u) = &cfg.file.upstream_tls {
+                switchyard::upstream_tls::UpstreamTls::load(u)?;
+            }
             println!(
                 "{}: ok (proxy {}, admin {}, consul {})",
                 file.display(),

@@ -21,6 +21,8 @@ pub const AUTH_FAILURES: &str = "switchyard_auth_failures_total";
 pub const RATE_LIMITED: &str = "switchyard_rate_limited_total";
 pub const IP_DENIED: &str = "switchyard_ip_denied_total";
 pub const CORS_PREFLIGHTS: &str = "switchyard_cors_preflights_total";
+pub const RATE_LIMIT_KEYS: &str = "switchyard_rate_limit_keys";
+pub const RATE_LIMIT_EVICTIONS: &str = "switchyard_rate_limit_evictions_total";
 pub const TLS_RELOADS: &str = "switchyard_tls_reloads_total";
 pub const JWKS_FETCHES: &str = "switchyard_jwks_fetches_total";
 pub const CONNECTIONS: &str = "switchyard_connections_open";
@@ -88,7 +90,18 @@ fn describe() {
     describe_counter!(AUTH_FAILURES, "Requests refused by edge auth, by reason.");
     describe_counter!(RATE_LIMITED, "Requests refused by a rate limit, by route.");
     describe_counter!(IP_DENIED, "Requests refused by IP rules, by route.");
-    describe_counter!(CORS_PREFLIGHTS, "CORS preflights answered at the gateway.");
+    describe_counter!(
+        CORS_PREFLIGHTS,
+        "CORS preflights answered at the gateway, by result."
+    );
+    describe_gauge!(
+        RATE_LIMIT_KEYS,
+        "Rate-limit keys held (buckets still refilling), all routes."
+    );
+    describe_counter!(
+        RATE_LIMIT_EVICTIONS,
+        "Rate-limit keys evicted before refilling because a route reached max_keys."
+    );
     describe_counter!(TLS_RELOADS, "Certificate reloads, by result.");
     describe_counter!(JWKS_FETCHES, "JWKS fetches, by result.");
     describe_gauge!(CONNECTIONS, "Client connections open.");

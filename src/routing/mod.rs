@@ -57,6 +57,8 @@ pub struct Route {
     pub rewrite: Option<String>,
     /// Credentials the route demands, compiled from `auth`.
     pub auth: crate::auth::Requirement,
+    /// Rate limit, IP rules, CORS, request limits and upstream assertion.
+    pub policy: crate::policy::RoutePolicy,
 }
 
 impl Route {
@@ -112,7 +114,13 @@ impl Route {
             spec.auth.on_unauthenticated_redirect.clone(),
         )
         .map_err(|e| field("auth", e.to_string()))?;
+        let policy = crate::policy::RoutePolicy::compile(&spec).map_err(|e| match e {
+            crate::policy::PolicyError::Field { field, message } => {
+                RouteError::Field { field, message }
+            }
+        })?;
         Ok(Route {
+            policy,
             name: name.to_string(),
             auth,
             spec: Arc::new(spec),

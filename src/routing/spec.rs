@@ -234,6 +234,9 @@ pub struct RateLimitSpec {
     /// `client_ip` (default), `consumer`, or `header:<name>`.
     #[serde(default = "default_rate_key")]
     pub key: String,
+    /// Distinct keys remembered at most (default 1,000,000, about 40 MB at worst).
+    #[serde(default)]
+    pub max_keys: Option<usize>,
 }
 
 fn default_rate_key() -> String {
