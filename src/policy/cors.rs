@@ -256,16 +256,15 @@ impl Cors {
             header::ACCESS_CONTROL_ALLOW_METHODS,
             self.methods_value.clone(),
         );
-        match &self.headers {
-            AllowHeaders::Any => {
-                for v in requested {
-                    out.append(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
-                }
-            }
-            AllowHeaders::Listed(_, Some(v)) => {
+        // Every requested name passed the check above: echo them (a browser wants each
+        // one listed, safelisted names with unsafe values such as a JSON Content-Type too).
+        if requested.is_empty() {
+            if let AllowHeaders::Listed(_, Some(v)) = &self.headers {
                 out.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
             }
-            AllowHeaders::Listed(_, None) => {}
+        }
+        for v in requested {
+            out.append(header::ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
         }
         if let Some(age) = &self.max_age {
             out.insert(header::ACCESS_CONTROL_MAX_AGE, age.clone());
@@ -538,7 +537,7 @@ mod tests {
         assert_eq!(out[header::ACCESS_CONTROL_ALLOW_METHODS], "GET, PUT");
         assert_eq!(
             out[header::ACCESS_CONTROL_ALLOW_HEADERS],
-            "Authorization, X-Trace"
+            "authorization, content-type"
         );
         assert_eq!(out[header::ACCESS_CONTROL_MAX_AGE], "600");
         assert!(out[header::VARY].to_str().unwrap().starts_with("Origin"));
@@ -568,6 +567,10 @@ mod tests {
         assert!(c
             .preflight(&preflight("https://app.example.com", "GET", Some("X-A")))
             .is_ok());
+        let out = c
+            .preflight(&preflight("https://app.example.com", "GET", None))
+            .unwrap();
+        assert_eq!(out[header::ACCESS_CONTROL_ALLOW_HEADERS], "X-A");
     }
 
     #[test]
