@@ -738,6 +738,53 @@ async fn agent_registration_starts_critical_and_ttl_updates_move_the_check() {
 }
 
 #[tokio::test]
+async fn agent_service_blocks_on_its_content_hash() {
+    within(async {
+        let reg = start();
+        reg.register_service("web", "web-1", "127.0.0.1", 80)
+            .unwrap();
+        let a = get(&reg, "/v1/agent/service/web-1").await;
+        let hash = a.headers["x-consul-contenthash"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(a.json()["ContentHash"], hash.as_str());
+        let t0 = Instant::now();
+        let same = get(
+            &reg,
+            &format!("/v1/agent/service/web-1?hash={hash}&wait=200ms"),
+        )
+        .await;
+        assert!(t0.elapsed() >= Duration::from_millis(200));
+        assert_eq!(same.headers["x-consul-contenthash"], hash.as_str());
+        let url = format!("{}/v1/agent/service/web-1?hash={hash}&wait=10s", reg.url());
+        let waiter = tokio::spawn(async move { send(client().get(url)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished());
+        reg.register_service("web", "web-1", "127.0.0.1", 81)
+            .unwrap();
+        let changed = waiter.await.unwrap();
+        assert_ne!(changed.headers["x-consul-contenthash"], hash.as_str());
+        assert_eq!(changed.json()["Port"], 81);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn writes_ignore_blocking_and_consistency_parameters() {
+    within(async {
+        let reg = start();
+        assert_eq!(
+            put(&reg, "/v1/kv/w?index=abc&stale&consistent", "v")
+                .await
+                .body,
+            "true"
+        );
+    })
+    .await
+}
+
+#[tokio::test]
 async fn several_checks_get_numbered_ids_and_an_unnamed_service_is_rejected() {
     within(async {
         let reg = start();
@@ -986,6 +1033,18 @@ async fn service_and_node_maintenance_add_critical_checks() {
         assert_eq!(
             passing(get(&reg, "/v1/health/service/web?passing").await.json()),
             0
+        );
+        // Enabling again keeps the first reason, as Consul does.
+        put(
+            &reg,
+            "/v1/agent/service/maintenance/web-1?enable=true&reason=other",
+            "",
+        )
+        .await;
+        let checks = get(&reg, "/v1/agent/checks").await.json();
+        assert_eq!(
+            checks["_service_maintenance:web-1"]["Notes"],
+            "deploying v2"
         );
         put(&reg, "/v1/agent/service/maintenance/web-1?enable=false", "").await;
         assert_eq!(

@@ -368,6 +368,10 @@ impl Agent {
             self.store.deregister_check(self.node(), &id);
             return Ok(());
         }
+        // Already in maintenance: Consul keeps the first reason.
+        if self.store.check(self.node(), &id).is_some() {
+            return Ok(());
+        }
         let notes = if reason.is_empty() {
             DEFAULT_SERVICE_MAINT_REASON
         } else {
@@ -395,6 +399,9 @@ impl Agent {
     pub fn node_maintenance(&self, enable: bool, reason: &str) -> Result<(), AgentError> {
         if !enable {
             self.store.deregister_check(self.node(), NODE_MAINT_ID);
+            return Ok(());
+        }
+        if self.store.check(self.node(), NODE_MAINT_ID).is_some() {
             return Ok(());
         }
         let notes = if reason.is_empty() {

@@ -324,7 +324,12 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Resp, ApiError> {
             "Failed to create boolean expression evaluator: ?filter is not supported by the dev registry",
         ));
     }
-    let r = Reader::new(ctx, &q)?;
+    // Writes ignore blocking and consistency parameters, as Consul's do.
+    let r = if method == Method::GET {
+        Reader::new(ctx, &q)?
+    } else {
+        Reader::for_write(ctx, &q)
+    };
     use Endpoint::*;
     match ep {
         Kv(key) => match method {
@@ -456,6 +461,18 @@ impl<'a> Reader<'a> {
             consistency: params::consistency(q)?,
             blocking: params::blocking(q, ctx.settings.jitter)?,
         })
+    }
+
+    fn for_write(ctx: &'a Ctx, q: &'a Query) -> Reader<'a> {
+        Reader {
+            ctx,
+            q,
+            consistency: Consistency::Leader,
+            blocking: Blocking {
+                min_index: 0,
+                timeout: params::DEFAULT_WAIT,
+            },
+        }
     }
 
     /// Reads served by the servers fail without a leader unless `?stale`.
@@ -852,8 +869,8 @@ async fn catalog_nodes(r: &Reader<'_>) -> Result<Resp, ApiError> {
                     .map(wire::node_json)
                     .collect(),
             ),
-            index: s.nodes_index.max(s.services_index),
-            watch: vec![WatchKey::Nodes, WatchKey::Services],
+            index: s.nodes_index,
+            watch: vec![WatchKey::Nodes],
         })
         .await?;
     Ok(r.indexed_json(v, index))
