@@ -1170,14 +1170,14 @@ async fn with_a_token_requests_without_it_are_denied() {
 async fn added_latency_delays_answers() {
     within(async {
         let reg = start();
-        reg.faults().set_latency(Duration::from_millis(300));
+        reg.faults().set_latency(Duration::from_millis(1500));
         let t0 = Instant::now();
         get(&reg, "/v1/catalog/services").await;
-        assert!(t0.elapsed() >= Duration::from_millis(300));
+        assert!(t0.elapsed() >= Duration::from_millis(1500));
         reg.faults().set_latency(Duration::ZERO);
         let t0 = Instant::now();
         get(&reg, "/v1/catalog/services").await;
-        assert!(t0.elapsed() < Duration::from_millis(300));
+        assert!(t0.elapsed() < Duration::from_millis(1500));
     })
     .await
 }
@@ -1389,6 +1389,47 @@ async fn rs_consul_reads_and_writes_what_the_registry_serves() {
         assert_eq!(addrs, vec![("10.1.1.1".to_string(), 7070)]);
         let names = consul.get_all_registered_service_names(None).await.unwrap();
         assert!(names.response.contains(&"rs-api".to_string()));
+    })
+    .await
+}
+
+// === demo services ===
+
+#[tokio::test]
+async fn demo_services_register_healthy_and_echo_requests() {
+    within(async {
+        let reg = start();
+        let demo = switchyard::devregistry::demo::start_demo_services(&reg)
+            .await
+            .unwrap();
+        assert_eq!(demo.len(), 4);
+        let healthy = eventually(Duration::from_secs(10), || async {
+            get(&reg, "/v1/health/service/web?passing")
+                .await
+                .json()
+                .as_array()
+                .unwrap()
+                .len()
+                == 2
+        })
+        .await;
+        assert!(healthy);
+        let entry = &get(&reg, "/v1/health/service/web").await.json()[0];
+        let url = format!(
+            "http://{}:{}/hello",
+            entry["Service"]["Address"].as_str().unwrap(),
+            entry["Service"]["Port"]
+        );
+        let echo: Value = client()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(echo["service"], "web");
+        assert_eq!(echo["uri"], "/hello");
     })
     .await
 }

@@ -6,7 +6,8 @@
 //!
 //! Parts: `store` (state, indices, blocking reads), `watch` (per-key wake-ups), `agent`
 //! (local services/checks, maintenance, reaper), `checks` (TTL/HTTP/TCP runners), `api`
-//! (routes and handlers), `params` (query parsing), `wire` (JSON shapes), `faults`, `server`.
+//! (routes and handlers), `params` (query parsing), `wire` (JSON shapes), `faults`, `server`,
+//! and `demo` (echo upstreams for `switchyard dev`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,6 +29,7 @@
 mod agent;
 mod api;
 mod checks;
+pub mod demo;
 mod faults;
 mod params;
 mod server;
