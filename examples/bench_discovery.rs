@@ -125,10 +125,10 @@ async fn propagation(consul: &Consul, changes: usize) -> Result<(), Error> {
     file.consul.wait_s = 300;
     file.registration.enabled = false;
     let cfg = file.validate()?;
-    let listeners = Listeners {
-        proxy: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-        admin: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-    };
+    let listeners = Listeners::new(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+    );
     let gw = app::start(cfg, listeners, Shutdown::new()).await?;
     if !gw.first_snapshot(Duration::from_secs(30)).await {
         return Err("the gateway did not become ready".into());

@@ -70,6 +70,22 @@ pub enum AppError {
 pub struct Listeners {
     pub proxy: TcpListener,
     pub admin: TcpListener,
+    /// HTTPS listener, served when the configuration has a `[tls]` section.
+    pub tls: Option<TcpListener>,
+    /// Plain listener that redirects everything to HTTPS (`tls.redirect_http_listen`).
+    pub redirect: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Plain proxy and admin listeners, no TLS.
+    pub fn new(proxy: TcpListener, admin: TcpListener) -> Listeners {
+        Listeners {
+            proxy,
+            admin,
+            tls: None,
+            redirect: None,
+        }
+    }
 }
 
 /// A started gateway.
@@ -244,7 +260,7 @@ pub async fn run_until_signal(cfg: Config) -> Result<(), AppError> {
     let admin = bind(cfg.admin_listen).await?;
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
-    let handle = start(cfg, Listeners { proxy, admin }, shutdown).await?;
+    let handle = start(cfg, Listeners::new(proxy, admin), shutdown).await?;
     handle.wait().await;
     tracing::info!("switchyard stopped");
     Ok(())

@@ -281,10 +281,10 @@ impl Gateway {
     pub async fn start_with(file: FileConfig) -> Gateway {
         let kv_prefix = file.consul.kv_prefix.clone();
         let cfg = file.validate().expect("test config is valid");
-        let listeners = Listeners {
-            proxy: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        };
+        let listeners = Listeners::new(
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        );
         let app = app::start(cfg, listeners, Shutdown::new())
             .await
             .expect("gateway starts");
