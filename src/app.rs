@@ -20,17 +20,21 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::admin::{self, Admin};
+use crate::auth::{AuthSettings, Authenticator};
 use crate::config::{Config, FileConfig};
 use crate::consul::{ClientSettings, ConsulClient, ConsulError, KvPair, WatchHandle, WatchOptions};
 use crate::control::{Control, ControlView, DataSource, WarmStart};
 use crate::discovery::watcher::{HealthWatcher, ServiceUpdate};
 use crate::discovery::Instance;
 use crate::policy::Edge;
+use crate::proxy::{self, Gateway};
 use crate::routing::kv::{self, RouteDocs};
 use crate::routing::Route;
 use crate::shutdown::Shutdown;
 use crate::state::{Snapshot, State};
 use crate::state_file::{self, PersistedState};
+use crate::tls::Tls;
+use crate::upstream_tls::UpstreamTls;
 
 /// How long a newly routed service may take to answer its first health query before its
 /// routes go live without instances (and, at boot, before the first snapshot goes out anyway).
@@ -64,6 +68,14 @@ pub enum AppError {
     Assertion(#[from] crate::assertion::AssertionError),
     #[error("{0} is not wired yet")]
     NotWired(&'static str),
+    #[error("auth: {0}")]
+    Auth(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    UpstreamTls(#[from] crate::upstream_tls::UpstreamTlsError),
+    #[error("the configuration has a [tls] section but no TLS listener was given")]
+    MissingTlsListener,
 }
 
 /// The listeners the gateway serves on, bound by the caller (tests bind `127.0.0.1:0`).
@@ -198,17 +210,49 @@ pub async fn start(
         admin,
         shutdown.clone(),
     )));
-    tasks.push(tokio::spawn(hold_proxy_listener(
-        listeners.proxy,
-        first_rx.clone(),
-        shutdown.clone(),
-    )));
 
     let options = WatchOptions::for_client(
         "routes",
         &client,
         Duration::from_secs(cfg.file.consul.max_backoff_s),
     );
+    let gateway = data_plane(
+        &cfg,
+        &client,
+        &options,
+        state.clone(),
+        edge,
+        &shutdown,
+        &mut tasks,
+    )?;
+    tasks.push(tokio::spawn(proxy::serve(
+        listeners.proxy,
+        gateway.clone(),
+        shutdown.clone(),
+    )));
+    match (&cfg.file.tls, listeners.tls) {
+        (Some(section), Some(listener)) => {
+            let tls = Arc::new(Tls::load(section)?);
+            tasks.push(tls.spawn_reloader(shutdown.clone()));
+            let https_port = listener.local_addr().map_err(AppError::Listener)?.port();
+            tasks.push(tokio::spawn(proxy::serve_tls(
+                listener,
+                gateway.clone(),
+                tls,
+                shutdown.clone(),
+            )));
+            if let Some(redirect) = listeners.redirect {
+                tasks.push(tokio::spawn(crate::tls::serve_redirect(
+                    redirect,
+                    https_port,
+                    shutdown.clone(),
+                )));
+            }
+        }
+        (Some(_), None) => return Err(AppError::MissingTlsListener),
+        (None, _) => {}
+    }
+
     let (kv_tx, kv_rx) = mpsc::unbounded_channel();
     let (svc_tx, svc_rx) = mpsc::unbounded_channel();
     let routes_watch = kv::watch(&client, &cfg.file.consul.kv_prefix, options.clone(), kv_tx);
@@ -256,11 +300,16 @@ pub async fn start(
 
 /// `switchyard run`: binds the configured listeners, runs until SIGTERM/SIGINT.
 pub async fn run_until_signal(cfg: Config) -> Result<(), AppError> {
-    let proxy = bind(cfg.listen).await?;
-    let admin = bind(cfg.admin_listen).await?;
+    let mut listeners = Listeners::new(bind(cfg.listen).await?, bind(cfg.admin_listen).await?);
+    if let Some(addr) = cfg.tls_listen {
+        listeners.tls = Some(bind(addr).await?);
+    }
+    if let Some(addr) = cfg.redirect_listen {
+        listeners.redirect = Some(bind(addr).await?);
+    }
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
-    let handle = start(cfg, Listeners::new(proxy, admin), shutdown).await?;
+    let handle = start(cfg, listeners, shutdown).await?;
     handle.wait().await;
     tracing::info!("switchyard stopped");
     Ok(())
@@ -276,19 +325,44 @@ pub async fn dev(_file: FileConfig, _registry: SocketAddr) -> Result<(), AppErro
     Err(AppError::NotWired("dev"))
 }
 
-/// Keeps the proxy port bound until the data plane is wired in.
-async fn hold_proxy_listener(
-    listener: TcpListener,
-    mut first_snapshot: watch::Receiver<bool>,
-    shutdown: Shutdown,
-) {
-    tokio::select! {
-        _ = shutdown.wait() => return,
-        _ = first_snapshot.wait_for(|v| *v) => {}
-    }
-    tracing::warn!("the proxy is not wired in this build; the proxy port accepts nothing");
-    shutdown.wait().await;
-    drop(listener);
+/// Builds the request path: auth (with its KV watches), upstream clients, the gateway.
+fn data_plane(
+    cfg: &Config,
+    client: &ConsulClient,
+    options: &WatchOptions,
+    state: Arc<State>,
+    edge: Arc<Edge>,
+    shutdown: &Shutdown,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> Result<Arc<Gateway>, AppError> {
+    let settings = AuthSettings::from_config(&cfg.file.auth).map_err(AppError::Auth)?;
+    let auth = Authenticator::new(
+        settings,
+        &cfg.file.consul.kv_prefix,
+        &cfg.file.jwt_providers,
+    )
+    .map_err(|e| AppError::Auth(e.to_string()))?;
+    let auth = Arc::new(auth);
+    let watches = auth.watch_kv(client, options);
+    let until = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        until.wait().await;
+        drop(watches);
+    }));
+    let upstream_tls = cfg
+        .file
+        .upstream_tls
+        .as_ref()
+        .map(UpstreamTls::load)
+        .transpose()?;
+    Ok(Arc::new(Gateway::new(
+        state,
+        auth,
+        edge,
+        upstream_tls,
+        &cfg.file.proxy,
+        cfg.file.log.access_log,
+    )))
 }
 
 /// Writes the latest state to `path`, at most once per [`PERSIST_EVERY`].

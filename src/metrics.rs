@@ -26,6 +26,7 @@ pub const RATE_LIMIT_EVICTIONS: &str = "switchyard_rate_limit_evictions_total";
 pub const TLS_RELOADS: &str = "switchyard_tls_reloads_total";
 pub const JWKS_FETCHES: &str = "switchyard_jwks_fetches_total";
 pub const CONNECTIONS: &str = "switchyard_connections_open";
+pub const RETRY_BUDGET_EXHAUSTED: &str = "switchyard_retry_budget_exhausted_total";
 
 /// Latency buckets in seconds: sub-millisecond loopback up to slow upstreams.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -69,13 +70,16 @@ pub fn render() -> String {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(REQUESTS, "Requests answered, by route and status class.");
+    describe_counter!(REQUESTS, "Requests answered, by route, status and service.");
     describe_histogram!(
         REQUEST_DURATION,
         Unit::Seconds,
-        "Time from request head to response head, by route."
+        "Time from request head to the end of the response body, by route."
     );
-    describe_counter!(UPSTREAM_ERRORS, "Failed upstream tries, by route and kind.");
+    describe_counter!(
+        UPSTREAM_ERRORS,
+        "Failed upstream tries, by service and kind (connect, reset, timeout)."
+    );
     describe_counter!(RETRIES, "Retries sent to another instance, by route.");
     describe_counter!(EJECTIONS, "Instances ejected by passive health checking.");
     describe_counter!(WATCH_ERRORS, "Failed Consul blocking queries, by watch.");
@@ -105,6 +109,10 @@ fn describe() {
     describe_counter!(TLS_RELOADS, "Certificate reloads, by result.");
     describe_counter!(JWKS_FETCHES, "JWKS fetches, by result.");
     describe_gauge!(CONNECTIONS, "Client connections open.");
+    describe_counter!(
+        RETRY_BUDGET_EXHAUSTED,
+        "Retries not sent because the retry budget was spent."
+    );
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ pub mod passing;
 pub mod watcher;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -97,6 +97,11 @@ pub struct UpstreamSet {
     pub total_weight: u64,
     /// True when every weight is equal (the balancer can skip weighting).
     pub uniform_weight: bool,
+    /// Running sums of weights (`cumulative[i]` = weights of endpoints `0..=i`), for
+    /// weighted picks by binary search.
+    pub cumulative: Vec<u64>,
+    /// Round-robin position; starts again at 0 when the set is rebuilt.
+    pub cursor: AtomicUsize,
 }
 
 impl UpstreamSet {
@@ -121,7 +126,14 @@ impl UpstreamSet {
                 })
             })
             .collect();
-        let total_weight = endpoints.iter().map(|e| e.instance.weight as u64).sum();
+        let cumulative: Vec<u64> = endpoints
+            .iter()
+            .scan(0u64, |sum, e| {
+                *sum += e.instance.weight as u64;
+                Some(*sum)
+            })
+            .collect();
+        let total_weight = cumulative.last().copied().unwrap_or(0);
         let uniform_weight = endpoints
             .windows(2)
             .all(|w| w[0].instance.weight == w[1].instance.weight);
@@ -130,6 +142,8 @@ impl UpstreamSet {
             endpoints,
             total_weight,
             uniform_weight,
+            cumulative,
+            cursor: AtomicUsize::new(0),
         }
     }
 

@@ -1,1 +1,174 @@
-//! The data plane: listeners, the per-request handler, forwarding, retries and errors.
+//! The data plane: accepts client connections ([`server`]), runs each request through its
+//! phases ([`handler`]) and forwards it over pooled upstream connections ([`upstream`]).
+//!
+//! It reads the world only through [`State::load`] (one `Arc` per request) and never
+//! talks to Consul; passive health goes into the instances' atomic counters.
+
+pub mod body;
+pub mod error;
+pub mod handler;
+pub mod headers;
+pub mod path;
+pub mod server;
+pub mod upstream;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::auth::Authenticator;
+use crate::config::ProxySection;
+use crate::policy::Edge;
+use crate::state::State;
+use crate::upstream_tls::UpstreamTls;
+
+pub use error::ProxyError;
+pub use handler::Conn;
+pub use server::{serve, serve_tls};
+
+/// How long idle upstream connections stay pooled.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(90);
+
+/// Data-plane settings from `[proxy]` and `[log]`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub access_log: bool,
+}
+
+impl Settings {
+    pub fn from_config(proxy: &ProxySection, access_log: bool) -> Settings {
+        Settings {
+            max_body_bytes: proxy.max_body_bytes,
+            max_header_bytes: proxy.max_header_bytes,
+            header_read_timeout: Duration::from_millis(proxy.header_read_timeout_ms),
+            idle_timeout: Duration::from_secs(proxy.idle_timeout_s),
+            drain_timeout: Duration::from_secs(proxy.drain_timeout_s),
+            access_log,
+        }
+    }
+}
+
+/// Everything the request path shares: the snapshot holder, auth, edge policy, upstream
+/// clients, and the gateway-wide connection and retry limits.
+pub struct Gateway {
+    state: Arc<State>,
+    auth: Arc<Authenticator>,
+    edge: Arc<Edge>,
+    clients: upstream::Clients,
+    settings: Settings,
+    budget: RetryBudget,
+    connections: Arc<Semaphore>,
+}
+
+impl Gateway {
+    pub fn new(
+        state: Arc<State>,
+        auth: Arc<Authenticator>,
+        edge: Arc<Edge>,
+        upstream_tls: Option<UpstreamTls>,
+        proxy: &ProxySection,
+        access_log: bool,
+    ) -> Gateway {
+        Gateway {
+            state,
+            auth,
+            edge,
+            clients: upstream::Clients::new(
+                upstream_tls,
+                proxy.pool_max_idle_per_host,
+                UPSTREAM_IDLE,
+            ),
+            settings: Settings::from_config(proxy, access_log),
+            budget: RetryBudget::new(proxy.retry_budget_percent),
+            connections: Arc::new(Semaphore::new(proxy.max_connections.max(1))),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+}
+
+/// Retries may be at most `percent` of the requests in flight (but always at least
+/// [`RetryBudget::MIN_RETRIES`] concurrent ones), so a failing service sees at most that
+/// much extra load from retries instead of a multiple of it.
+#[derive(Debug)]
+pub struct RetryBudget {
+    percent: u64,
+    active: AtomicU64,
+    retries: Arc<AtomicU64>,
+}
+
+/// Counts one request as active while held.
+pub struct Active<'a>(&'a RetryBudget, u64);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        if self.1 > 0 {
+            self.0.retries.fetch_sub(self.1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl RetryBudget {
+    pub const MIN_RETRIES: u64 = 10;
+
+    pub fn new(percent: u32) -> RetryBudget {
+        RetryBudget {
+            percent: percent as u64,
+            active: AtomicU64::new(0),
+            retries: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn enter(&self) -> Active<'_> {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        Active(self, 0)
+    }
+
+    /// Takes a retry from the budget; false when the budget is spent.
+    pub fn try_retry(&self, active: &mut Active<'_>) -> bool {
+        let allowed =
+            (self.active.load(Ordering::Relaxed) * self.percent / 100).max(Self::MIN_RETRIES);
+        let now = self.retries.fetch_add(1, Ordering::Relaxed);
+        if now >= allowed {
+            self.retries.fetch_sub(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::RETRY_BUDGET_EXHAUSTED).increment(1);
+            return false;
+        }
+        active.1 += 1;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_retry_budget_caps_concurrent_retries() {
+        let budget = RetryBudget::new(20);
+        let mut guards: Vec<Active<'_>> = (0..10).map(|_| budget.enter()).collect();
+        let granted = guards.iter_mut().filter(|g| budget.try_retry(g)).count();
+        assert_eq!(granted, 10, "the minimum of 10 with 10 active at 20%");
+        drop(guards);
+        let mut guards: Vec<Active<'_>> = (0..100).map(|_| budget.enter()).collect();
+        // 20% of 100 active.
+        let granted = guards.iter_mut().filter(|g| budget.try_retry(g)).count();
+        assert_eq!(granted, 20);
+        drop(guards);
+        assert_eq!(
+            budget.retries.load(Ordering::Relaxed),
+            0,
+            "released with requests"
+        );
+    }
+}

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Method};
 
+use spec::LbPolicy;
 pub use spec::RouteSpec;
 pub use table::RouteTable;
 
@@ -59,6 +60,8 @@ pub struct Route {
     pub auth: crate::auth::Requirement,
     /// Rate limit, IP rules, CORS, request limits and upstream assertion.
     pub policy: crate::policy::RoutePolicy,
+    /// The `consistent_hash` key (`client_ip` when `hash_on` is unset).
+    pub hash_on: Option<crate::balance::HashOn>,
 }
 
 impl Route {
@@ -107,6 +110,14 @@ impl Route {
             (None, true) => Some(String::new()),
             (None, false) => None,
         };
+        let hash_on = match (spec.lb, spec.hash_on.as_deref()) {
+            (_, Some(h)) => {
+                Some(crate::balance::HashOn::parse(h).map_err(|m| field("hash_on", m))?)
+            }
+            (LbPolicy::ConsistentHash, None) => Some(crate::balance::HashOn::ClientIp),
+            _ => None,
+        };
+        check_failover(&spec)?;
         let auth = crate::auth::Requirement::new(
             spec.auth.jwt.clone(),
             spec.auth.api_key,
@@ -121,6 +132,7 @@ impl Route {
         })?;
         Ok(Route {
             policy,
+            hash_on,
             name: name.to_string(),
             auth,
             spec: Arc::new(spec),
@@ -160,6 +172,39 @@ impl Route {
             std::borrow::Cow::Owned(joined)
         }
     }
+}
+
+/// Timeouts, retries and outlier detection must make sense together.
+fn check_failover(spec: &RouteSpec) -> Result<(), RouteError> {
+    let t = &spec.timeouts;
+    if t.connect_ms == 0 || t.per_try_ms == 0 || t.total_ms == 0 {
+        return Err(field("timeouts", "every timeout must be above 0 ms"));
+    }
+    if t.per_try_ms > t.total_ms {
+        return Err(field("timeouts", "per_try_ms must not exceed total_ms"));
+    }
+    if spec.retry.attempts > 10 {
+        return Err(field("retry", "attempts must be at most 10"));
+    }
+    if let Some(s) = spec
+        .retry
+        .on_status
+        .iter()
+        .find(|s| !(500..=599).contains(*s))
+    {
+        return Err(field(
+            "retry",
+            format!("on_status {s}: only 5xx statuses can be retried"),
+        ));
+    }
+    let o = &spec.outlier;
+    if o.max_ejected_percent > 100 || o.panic_threshold_percent > 100 {
+        return Err(field("outlier", "percentages must be between 0 and 100"));
+    }
+    if o.consecutive_failures > 0 && o.base_ejection_ms == 0 {
+        return Err(field("outlier", "base_ejection_ms must be above 0"));
+    }
+    Ok(())
 }
 
 fn normalize_prefix(p: &str) -> Result<String, String> {
@@ -261,6 +306,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("redirect"), "{err}");
+    }
+
+    #[test]
+    fn balancing_and_failover_fields_are_checked() {
+        let r = Route::compile(
+            "r",
+            spec(r#"{"service":"a","path_prefix":"/","lb":"consistent_hash"}"#),
+        )
+        .unwrap();
+        assert_eq!(r.hash_on, Some(crate::balance::HashOn::ClientIp));
+        for (bad, what) in [
+            (r#""hash_on":"path""#, "hash_on"),
+            (r#""timeouts":{"per_try_ms":0}"#, "timeouts"),
+            (
+                r#""timeouts":{"per_try_ms":5000,"total_ms":1000}"#,
+                "timeouts",
+            ),
+            (r#""retry":{"on_status":[404]}"#, "retry"),
+            (r#""outlier":{"max_ejected_percent":150}"#, "outlier"),
+        ] {
+            let s = spec(&format!(r#"{{"service":"a","path_prefix":"/",{bad}}}"#));
+            let err = Route::compile("r", s).unwrap_err().to_string();
+            assert!(err.contains(what), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fake_consul;
+pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,0 +1,212 @@
+//! Bodies in both directions, streamed, never buffered whole.
+//!
+//! [`UpstreamBody`] carries the client's body to the upstream: empty, a small buffered body
+//! that can be replayed on a retry, or the live stream with the route's size limit enforced
+//! as bytes flow (a lying or absent `Content-Length` cannot get more through).
+//! [`ClientBody`] carries the answer back and, when it ends or is dropped, finishes the
+//! request's bookkeeping: access log, metrics, in-flight counter.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body exceeds {0} bytes")]
+    TooLarge(u64),
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+}
+
+/// Set when a streamed request body went over its limit, so the handler answers 413
+/// instead of reporting an upstream failure.
+#[derive(Debug, Clone, Default)]
+pub struct Overflow(Arc<AtomicBool>);
+
+impl Overflow {
+    pub fn happened(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A request body on its way upstream.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    Empty,
+    Full(Option<Bytes>),
+    Stream {
+        inner: Incoming,
+        seen: u64,
+        limit: u64,
+        overflow: Overflow,
+    },
+}
+
+impl UpstreamBody {
+    pub fn limited(inner: Incoming, limit: u64) -> (UpstreamBody, Overflow) {
+        let overflow = Overflow::default();
+        let body = UpstreamBody::Stream {
+            inner,
+            seen: 0,
+            limit,
+            overflow: overflow.clone(),
+        };
+        (body, overflow)
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            UpstreamBody::Empty => Poll::Ready(None),
+            UpstreamBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            UpstreamBody::Stream {
+                inner,
+                seen,
+                limit,
+                overflow,
+            } => {
+                let frame = ready!(Pin::new(inner).poll_frame(cx));
+                if let Some(Ok(f)) = &frame {
+                    if let Some(d) = f.data_ref() {
+                        *seen += d.len() as u64;
+                        if *seen > *limit {
+                            overflow.0.store(true, Ordering::Relaxed);
+                            return Poll::Ready(Some(Err(BodyError::TooLarge(*limit))));
+                        }
+                    }
+                }
+                Poll::Ready(frame.map(|r| r.map_err(BodyError::from)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Empty => true,
+            UpstreamBody::Full(d) => d.is_none(),
+            UpstreamBody::Stream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+            UpstreamBody::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            UpstreamBody::Stream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// Runs once when a response is finished (fully sent, failed or abandoned by the client),
+/// with the number of body bytes that went out.
+pub trait Finish: Send + Sync + 'static {
+    fn finish(&mut self, bytes: u64, complete: bool);
+}
+
+/// A response body on its way to the client.
+pub struct ClientBody {
+    inner: Inner,
+    bytes: u64,
+    finish: Option<Box<dyn Finish>>,
+}
+
+enum Inner {
+    Full(Option<Bytes>),
+    Upstream(Incoming),
+}
+
+impl ClientBody {
+    pub fn full(data: impl Into<Bytes>) -> ClientBody {
+        let data: Bytes = data.into();
+        ClientBody {
+            inner: Inner::Full((!data.is_empty()).then_some(data)),
+            bytes: 0,
+            finish: None,
+        }
+    }
+
+    pub fn empty() -> ClientBody {
+        ClientBody::full(Bytes::new())
+    }
+
+    pub fn upstream(body: Incoming) -> ClientBody {
+        ClientBody {
+            inner: Inner::Upstream(body),
+            bytes: 0,
+            finish: None,
+        }
+    }
+
+    /// Calls `finish` when the body ends or is dropped.
+    pub fn on_finish(&mut self, finish: Box<dyn Finish>) {
+        self.finish = Some(finish);
+    }
+
+    fn done(&mut self, complete: bool) {
+        if let Some(mut f) = self.finish.take() {
+            f.finish(self.bytes, complete);
+        }
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        let complete = self.is_end_stream();
+        self.done(complete);
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = match &mut this.inner {
+            Inner::Full(data) => data.take().map(|d| Ok(Frame::data(d))),
+            Inner::Upstream(body) => ready!(Pin::new(body).poll_frame(cx)),
+        };
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if this.is_end_stream() {
+                    this.done(true);
+                }
+            }
+            Some(Err(_)) => this.done(false),
+            None => this.done(true),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(d) => d.is_none(),
+            Inner::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            Inner::Upstream(b) => b.size_hint(),
+        }
+    }
+}

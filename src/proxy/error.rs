@@ -1,0 +1,100 @@
+//! The one place a proxy failure becomes a response: status, a short machine-readable
+//! `error`, a human `message` and the request id, as JSON.
+
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderValue, Response, StatusCode};
+
+use super::body::ClientBody;
+use super::path::PathError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request path: {0}")]
+    BadPath(#[from] PathError),
+    #[error("the request has no usable host")]
+    BadHost,
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("request body exceeds {0} bytes")]
+    BodyTooLarge(u64),
+    #[error("reading the request body: {0}")]
+    ClientBody(String),
+    #[error("service `{0}` has no healthy instance")]
+    NoInstance(String),
+    #[error("upstream failed: {0}")]
+    Upstream(String),
+    #[error("upstream did not answer in time")]
+    Timeout,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadPath(_) | ProxyError::BadHost | ProxyError::ClientBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::NoInstance(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadPath(_) => "bad_path",
+            ProxyError::BadHost => "bad_host",
+            ProxyError::ClientBody(_) => "bad_body",
+            ProxyError::NoRoute => "no_route",
+            ProxyError::BodyTooLarge(_) => "body_too_large",
+            ProxyError::NoInstance(_) => "no_instance",
+            ProxyError::Upstream(_) => "upstream_error",
+            ProxyError::Timeout => "upstream_timeout",
+        }
+    }
+
+    /// The response; upstream details stay in the log, the client gets the category.
+    pub fn to_response(&self, request_id: &HeaderValue) -> Response<ClientBody> {
+        let message = match self {
+            ProxyError::Upstream(_) => "the upstream failed to answer".to_string(),
+            other => other.to_string(),
+        };
+        let body = serde_json::json!({
+            "error": self.code(),
+            "message": message,
+            "request_id": request_id.to_str().unwrap_or(""),
+        });
+        let mut resp = Response::new(ClientBody::full(body.to_string()));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn errors_are_small_json_with_the_request_id() {
+        let resp =
+            ProxyError::NoInstance("users".into()).to_response(&HeaderValue::from_static("rid-1"));
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "no_instance");
+        assert_eq!(v["request_id"], "rid-1");
+        assert!(v["message"].as_str().unwrap().contains("users"));
+        let resp = ProxyError::Upstream("connection reset by 10.0.0.1".into())
+            .to_response(&HeaderValue::from_static("r"));
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            !String::from_utf8_lossy(&body).contains("10.0.0.1"),
+            "no internals leak"
+        );
+    }
+}

@@ -1,0 +1,568 @@
+//! One request, phase by phase: normalise → route → edge admission (IP rules, CORS
+//! preflight, limits) → auth → rate limit → upstream assertion → forward with retries →
+//! response. Each phase either hands the request on or ends it with a response; every
+//! response, the gateway's own included, gets `X-Request-Id`, `Via` and the route's CORS
+//! and rate-limit headers, and is logged once when its body is done.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::body::{ClientBody, Finish, Overflow, UpstreamBody};
+use super::error::ProxyError;
+use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
+use super::path;
+use super::upstream::ClientKey;
+use super::Gateway;
+use crate::assertion::Caller;
+use crate::balance::{self, outlier, Tried};
+use crate::discovery::{now_ms, EndpointStats, UpstreamSet};
+use crate::policy::{cors, Admission};
+use crate::routing::spec::UpstreamProtocol;
+use crate::routing::Route;
+
+/// Bodies up to this size are buffered when the request may be retried, so a retry can
+/// replay them; larger ones stream and get a single try.
+const REPLAYABLE_BODY: u64 = 64 * 1024;
+
+/// Where a request came in.
+#[derive(Debug, Clone, Copy)]
+pub struct Conn {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// What the request phases learned, for the response phase and the access log.
+struct Exchange {
+    start: Instant,
+    method: Method,
+    path: String,
+    request_id: HeaderValue,
+    client_ip: IpAddr,
+    route: Option<Arc<Route>>,
+    admission: Option<Admission>,
+    consumer: Option<String>,
+    instance: Option<String>,
+    tries: u32,
+    in_flight: Option<Arc<EndpointStats>>,
+}
+
+/// A request stopped before or at the upstream: a ready response or an error to render.
+enum Stop {
+    Reply(Response<ClientBody>),
+    Error(ProxyError),
+}
+
+impl From<ProxyError> for Stop {
+    fn from(e: ProxyError) -> Stop {
+        Stop::Error(e)
+    }
+}
+
+impl Gateway {
+    /// Serves one request; never fails (errors become responses).
+    pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<ClientBody> {
+        let (mut parts, body) = req.into_parts();
+        let mut ex = Exchange {
+            start: Instant::now(),
+            method: parts.method.clone(),
+            path: String::new(),
+            request_id: headers::request_id(&parts.headers),
+            client_ip: self.edge.client_ip(conn.peer.ip(), &parts.headers),
+            route: None,
+            admission: None,
+            consumer: None,
+            instance: None,
+            tries: 0,
+            in_flight: None,
+        };
+        let response = match self.process(&mut ex, &mut parts, body, conn).await {
+            Ok(r) => r,
+            Err(Stop::Reply(r)) => r,
+            Err(Stop::Error(e)) => {
+                if e.status().is_server_error() {
+                    tracing::debug!(request_id = ?ex.request_id, error = %e, "request failed");
+                }
+                e.to_response(&ex.request_id)
+            }
+        };
+        self.respond(ex, response)
+    }
+
+    async fn process(
+        &self,
+        ex: &mut Exchange,
+        parts: &mut Parts,
+        body: Incoming,
+        conn: Conn,
+    ) -> Result<Response<ClientBody>, Stop> {
+        let normal = path::normalize(parts.uri.path())
+            .map_err(ProxyError::from)?
+            .into_owned();
+        ex.path.clone_from(&normal);
+        let host = request_host(parts).ok_or(ProxyError::BadHost)?;
+        let snapshot = self.state.load();
+        let routing_method = cors::routing_method(&parts.method, &parts.headers);
+        let found = snapshot
+            .lookup(&host, &normal, &routing_method, &parts.headers)
+            .ok_or(ProxyError::NoRoute)?;
+        let route = found.route.clone();
+        let set = found.upstreams.clone();
+        drop(snapshot);
+        ex.route = Some(route.clone());
+
+        let admission = self
+            .edge
+            .admit(
+                &route,
+                ex.client_ip,
+                &parts.method,
+                &parts.uri,
+                &parts.headers,
+            )
+            .map_err(|reply| Stop::Reply(bytes_response(reply.to_response())))?;
+        ex.admission = Some(admission);
+
+        let limit = route.policy.limits.body_limit(self.settings.max_body_bytes);
+        if content_length(&parts.headers).is_some_and(|n| n > limit) {
+            return Err(ProxyError::BodyTooLarge(limit).into());
+        }
+
+        let upgrade = parts.version == Version::HTTP_11 && headers::wants_upgrade(&parts.headers);
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+
+        let identity = self
+            .auth
+            .admit(&route.auth, &parts.uri, &mut parts.headers)
+            .await
+            .map_err(|rejection| {
+                let r = rejection.into_response();
+                let (p, b) = r.into_parts();
+                Stop::Reply(Response::from_parts(p, ClientBody::full(b)))
+            })?;
+        ex.consumer = identity
+            .as_ref()
+            .and_then(|i| i.subject.clone().or_else(|| i.consumer.clone()));
+
+        if let Some(admission) = ex.admission.as_mut() {
+            self.edge
+                .limit_rate(&route, admission, ex.consumer.as_deref(), &parts.headers)
+                .map_err(|reply| Stop::Reply(bytes_response(reply.to_response())))?;
+        }
+        let caller = identity.as_deref().map(Caller::from).unwrap_or_default();
+        let request_id = ex.request_id.to_str().unwrap_or_default().to_string();
+        self.edge
+            .assert_upstream(&route, caller, &request_id, &mut parts.headers)
+            .map_err(|reply| Stop::Reply(bytes_response(reply.to_response())))?;
+
+        self.add_forwarding_headers(ex, parts, conn, &host);
+        let upstream_path = route.upstream_path(&normal);
+        let path_and_query = match parts.uri.query() {
+            Some(q) => format!("{upstream_path}?{q}"),
+            None => upstream_path.into_owned(),
+        };
+        self.forward(
+            ex,
+            parts,
+            body,
+            &route,
+            &set,
+            &path_and_query,
+            limit,
+            upgrade,
+        )
+        .await
+    }
+
+    fn add_forwarding_headers(&self, ex: &Exchange, parts: &mut Parts, conn: Conn, host: &str) {
+        let h = &mut parts.headers;
+        let xff = self.edge.trusted_proxies().forwarded_for(conn.peer.ip(), h);
+        h.insert(&X_FORWARDED_FOR, xff);
+        let proto = if conn.tls { "https" } else { "http" };
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        if let Ok(v) = HeaderValue::from_str(host) {
+            h.insert(&X_FORWARDED_HOST, v);
+        }
+        if !h.contains_key(header::HOST) {
+            if let Some(a) = parts.uri.authority() {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    h.insert(header::HOST, v);
+                }
+            }
+        }
+        h.insert(&X_REQUEST_ID, ex.request_id.clone());
+        headers::add_via(h);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        ex: &mut Exchange,
+        parts: &mut Parts,
+        body: Incoming,
+        route: &Arc<Route>,
+        set: &Arc<UpstreamSet>,
+        path_and_query: &str,
+        limit: u64,
+        upgrade: bool,
+    ) -> Result<Response<ClientBody>, Stop> {
+        let spec = &route.spec;
+        let idempotent = is_idempotent(&parts.method);
+        let may_retry = spec.retry.attempts > 0 && (idempotent || spec.retry.non_idempotent);
+        let (mut source, overflow) =
+            BodySource::new(body, &parts.headers, limit, may_retry && !upgrade).await?;
+        let client_upgrade = upgrade
+            .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
+            .flatten();
+        let http2 = spec.upstream_protocol == UpstreamProtocol::Http2;
+        let client = self.clients.get(&ClientKey {
+            http2,
+            connect_ms: spec.timeouts.connect_ms,
+            tls_service: route.policy.upstream_tls.then(|| spec.service.clone()),
+        });
+        let hash = route
+            .hash_on
+            .as_ref()
+            .and_then(|h| h.key(&parts.headers, ex.client_ip));
+        let per_try = Duration::from_millis(spec.timeouts.per_try_ms);
+        let deadline = ex.start + Duration::from_millis(spec.timeouts.total_ms);
+        let mut active = self.budget.enter();
+        let mut tried = Tried::default();
+        let mut last = ProxyError::NoInstance(set.service.clone());
+
+        for attempt in 0..=spec.retry.attempts {
+            if attempt > 0 {
+                if !source.replayable() || !self.budget.try_retry(&mut active) {
+                    break;
+                }
+                metrics::counter!(crate::metrics::RETRIES, "route" => route.name.clone())
+                    .increment(1);
+            }
+            let now = now_ms();
+            let Some(index) = balance::pick(set, spec.lb, hash, tried, &spec.outlier, now) else {
+                return Err(ProxyError::NoInstance(set.service.clone()).into());
+            };
+            tried.insert(index);
+            let endpoint = &set.endpoints[index];
+            ex.tries += 1;
+            ex.instance = Some(endpoint.instance.id.clone());
+            let uri = Uri::builder()
+                .scheme("http")
+                .authority(endpoint.authority.clone())
+                .path_and_query(path_and_query)
+                .build()
+                .map_err(|e| ProxyError::Upstream(e.to_string()))?;
+            let last_chance = attempt == spec.retry.attempts;
+            let headers = if last_chance || !source.replayable() {
+                std::mem::take(&mut parts.headers)
+            } else {
+                parts.headers.clone()
+            };
+            let mut request = Request::new(source.take());
+            *request.method_mut() = parts.method.clone();
+            *request.uri_mut() = uri;
+            *request.version_mut() = if http2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
+            *request.headers_mut() = headers;
+
+            let stats = endpoint.stats.clone();
+            stats.in_flight.fetch_add(1, Ordering::Relaxed);
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let outcome =
+                tokio::time::timeout(per_try.min(remaining), client.request(request)).await;
+            let failure = match outcome {
+                Ok(Ok(mut response)) => {
+                    let status = response.status();
+                    let retry_status = spec.retry.on_status.contains(&status.as_u16());
+                    let bad = matches!(status.as_u16(), 502..=504);
+                    if bad || retry_status {
+                        outlier::record_failure(set, index, &spec.outlier, now_ms());
+                    } else {
+                        outlier::record_success(&stats, &spec.outlier, now_ms());
+                    }
+                    if retry_status && attempt < spec.retry.attempts && source.replayable() {
+                        stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        last = ProxyError::Upstream(format!("upstream answered {status}"));
+                        continue;
+                    }
+                    ex.in_flight = Some(stats);
+                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                        return Ok(splice_upgrade(client_upgrade, &mut response, ex));
+                    }
+                    return Ok(response.map(ClientBody::upstream));
+                }
+                Ok(Err(e)) => {
+                    if overflow.happened() {
+                        stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        return Err(ProxyError::BodyTooLarge(limit).into());
+                    }
+                    let connect = e.is_connect();
+                    let detail = error_chain(&e);
+                    tracing::debug!(instance = %endpoint.instance.id, error = %detail, connect, "upstream try failed");
+                    metrics::counter!(crate::metrics::UPSTREAM_ERRORS,
+                        "service" => set.service.clone(), "kind" => if connect { "connect" } else { "reset" })
+                    .increment(1);
+                    // Nothing reached the upstream on a connect error: safe for any method.
+                    (
+                        ProxyError::Upstream(detail),
+                        connect || idempotent || spec.retry.non_idempotent,
+                    )
+                }
+                Err(_) => {
+                    metrics::counter!(crate::metrics::UPSTREAM_ERRORS,
+                        "service" => set.service.clone(), "kind" => "timeout")
+                    .increment(1);
+                    (ProxyError::Timeout, idempotent || spec.retry.non_idempotent)
+                }
+            };
+            stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            outlier::record_failure(set, index, &spec.outlier, now_ms());
+            let (error, retryable) = failure;
+            last = error;
+            if !retryable || Instant::now() >= deadline {
+                break;
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(ProxyError::Timeout.into());
+        }
+        Err(last.into())
+    }
+
+    /// Final touches on every response, and the bookkeeping when its body is done.
+    fn respond(&self, ex: Exchange, mut response: Response<ClientBody>) -> Response<ClientBody> {
+        let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let h = response.headers_mut();
+        headers::strip_hop_by_hop(h, upgraded);
+        h.insert(&X_REQUEST_ID, ex.request_id.clone());
+        headers::add_via(h);
+        if let (Some(route), Some(admission)) = (&ex.route, &ex.admission) {
+            self.edge.decorate(route, admission, h);
+        }
+        let done = Done {
+            status: response.status().as_u16(),
+            access_log: self.settings.access_log,
+            ex,
+        };
+        response.body_mut().on_finish(Box::new(done));
+        response
+    }
+}
+
+/// The request's bookkeeping, run when its response body is done.
+struct Done {
+    ex: Exchange,
+    status: u16,
+    access_log: bool,
+}
+
+impl Finish for Done {
+    fn finish(&mut self, bytes: u64, complete: bool) {
+        let ex = &self.ex;
+        if let Some(stats) = &ex.in_flight {
+            stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        let elapsed = ex.start.elapsed();
+        let route = ex.route.as_ref().map_or("", |r| r.name.as_str());
+        let service = ex.route.as_ref().map_or("", |r| r.spec.service.as_str());
+        metrics::counter!(crate::metrics::REQUESTS,
+            "route" => route.to_string(), "status" => status_label(self.status), "service" => service.to_string())
+        .increment(1);
+        metrics::histogram!(crate::metrics::REQUEST_DURATION, "route" => route.to_string())
+            .record(elapsed.as_secs_f64());
+        if self.access_log {
+            tracing::info!(target: crate::telemetry::ACCESS_TARGET,
+                request_id = ex.request_id.to_str().unwrap_or(""),
+                method = %ex.method,
+                path = %ex.path,
+                status = self.status,
+                route,
+                service,
+                upstream = ex.instance.as_deref().unwrap_or(""),
+                tries = ex.tries,
+                bytes,
+                complete,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                client_ip = %ex.client_ip,
+                consumer = ex.consumer.as_deref().unwrap_or(""),
+            );
+        }
+    }
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        101 => "101",
+        301 => "301",
+        302 => "302",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        413 => "413",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The request body as the tries need it: replayable when small and retries are possible.
+enum BodySource {
+    Empty,
+    Buffered(Bytes),
+    Stream(Option<UpstreamBody>),
+}
+
+impl BodySource {
+    async fn new(
+        body: Incoming,
+        headers: &HeaderMap,
+        limit: u64,
+        may_retry: bool,
+    ) -> Result<(BodySource, Overflow), ProxyError> {
+        if body.is_end_stream() {
+            return Ok((BodySource::Empty, Overflow::default()));
+        }
+        let small = content_length(headers).is_some_and(|n| n <= REPLAYABLE_BODY.min(limit));
+        if may_retry && small {
+            let collected = http_body_util::Limited::new(body, limit as usize)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        ProxyError::BodyTooLarge(limit)
+                    } else {
+                        ProxyError::ClientBody(e.to_string())
+                    }
+                })?;
+            return Ok((
+                BodySource::Buffered(collected.to_bytes()),
+                Overflow::default(),
+            ));
+        }
+        let (body, overflow) = UpstreamBody::limited(body, limit);
+        Ok((BodySource::Stream(Some(body)), overflow))
+    }
+
+    fn replayable(&self) -> bool {
+        !matches!(self, BodySource::Stream(_))
+    }
+
+    fn take(&mut self) -> UpstreamBody {
+        match self {
+            BodySource::Empty => UpstreamBody::Empty,
+            BodySource::Buffered(b) => UpstreamBody::Full(Some(b.clone())),
+            BodySource::Stream(s) => s.take().unwrap_or(UpstreamBody::Empty),
+        }
+    }
+}
+
+/// Joins the client's and the upstream's upgraded connections and copies both ways until
+/// either side closes; the client gets the upstream's `101`.
+fn splice_upgrade(
+    client: Option<hyper::upgrade::OnUpgrade>,
+    response: &mut Response<Incoming>,
+    ex: &Exchange,
+) -> Response<ClientBody> {
+    let upstream = hyper::upgrade::on(&mut *response);
+    let request_id = ex.request_id.clone();
+    if let Some(client) = client {
+        tokio::spawn(async move {
+            match tokio::try_join!(client, upstream) {
+                Ok((c, u)) => {
+                    let mut c = TokioIo::new(c);
+                    let mut u = TokioIo::new(u);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                        tracing::debug!(?request_id, error = %e, "upgraded connection ended");
+                    }
+                }
+                Err(e) => tracing::debug!(?request_id, error = %e, "upgrade failed"),
+            }
+        });
+    }
+    let mut out = Response::new(ClientBody::empty());
+    *out.status_mut() = response.status();
+    *out.headers_mut() = std::mem::take(response.headers_mut());
+    out
+}
+
+fn bytes_response(r: Response<Bytes>) -> Response<ClientBody> {
+    let (p, b) = r.into_parts();
+    Response::from_parts(p, ClientBody::full(b))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// The host the client asked for: `:authority` (HTTP/2) or `Host`, lower-case, no port.
+fn request_host(parts: &Parts) -> Option<String> {
+    let raw = match parts.uri.host() {
+        Some(h) => h,
+        None => match parts.headers.get(header::HOST) {
+            Some(v) => v.to_str().ok()?,
+            None => return Some(String::new()),
+        },
+    };
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+    };
+    if host
+        .bytes()
+        .any(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':')))
+    {
+        return None;
+    }
+    Some(host.to_ascii_lowercase())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

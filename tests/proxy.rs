@@ -1,0 +1,683 @@
+//! The data plane end to end: a Consul (dev registry, or a real agent with
+//! `CONSUL_HTTP_ADDR`), real upstream servers and the gateway on loopback ports, driven
+//! over real sockets.
+
+mod support;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use support::upstream::Upstream;
+use support::{eventually, route, unique, Consul, Gateway, Svc, DEADLINE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// A Consul, a gateway on its own KV prefix, and `n` upstreams registered as `service`.
+struct Env {
+    consul: Consul,
+    gw: Gateway,
+    service: String,
+    upstreams: Vec<Upstream>,
+    http: reqwest::Client,
+}
+
+impl Env {
+    async fn start(n: usize) -> Env {
+        Env::start_with(n, |_| {}).await
+    }
+
+    async fn start_with(n: usize, tweak: impl FnOnce(&mut switchyard::config::FileConfig)) -> Env {
+        let consul = Consul::start().await;
+        let prefix = format!("{}/", unique("proxy"));
+        let gw = Gateway::start(&consul, &prefix, tweak).await;
+        let service = unique("svc");
+        let mut upstreams = Vec::new();
+        for i in 0..n {
+            let u = Upstream::start(&format!("u{i}")).await;
+            consul
+                .register(&Svc::new(&service, &format!("{service}-{i}"), u.port()))
+                .await;
+            upstreams.push(u);
+        }
+        Env {
+            consul,
+            gw,
+            service,
+            upstreams,
+            http: client(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gw.app.proxy_addr())
+    }
+
+    fn ids(&self) -> Vec<String> {
+        (0..self.upstreams.len())
+            .map(|i| format!("{}-{i}", self.service))
+            .collect()
+    }
+
+    /// Puts a route for the env's service and waits until it serves every upstream.
+    async fn route(&self, name: &str, prefix: &str, extra: Value) {
+        self.consul
+            .put_kv(
+                &self.gw.route_key(name),
+                &route(&self.service, prefix, extra),
+            )
+            .await;
+        let ids = self.ids();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        self.gw.wait_upstreams(prefix, &ids).await;
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    async fn stop(self) {
+        self.gw.stop().await;
+        self.consul.cleanup().await;
+    }
+}
+
+async fn json_of(resp: reqwest::Response) -> Value {
+    let text = resp.text().await.unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+}
+
+#[tokio::test]
+async fn a_request_is_forwarded_with_proxy_headers_and_without_hop_by_hop_ones() {
+    let env = Env::start(1).await;
+    env.route("api", "/api", json!({"strip_prefix": true}))
+        .await;
+    let resp = env
+        .http
+        .get(env.url("/api/users/7?q=1&b=%20x"))
+        .header("connection", "x-drop-me")
+        .header("x-drop-me", "secret")
+        .header("x-request-id", "client-id-1")
+        .header("x-forwarded-for", "6.6.6.6")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "client-id-1");
+    assert!(resp.headers()["via"]
+        .to_str()
+        .unwrap()
+        .contains("switchyard"));
+    let seen = json_of(resp).await;
+    assert_eq!(
+        seen["path"], "/users/7?q=1&b=%20x",
+        "prefix stripped, query kept"
+    );
+    let h = &seen["headers"];
+    assert_eq!(
+        h["x-forwarded-for"], "127.0.0.1",
+        "untrusted client XFF replaced"
+    );
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-request-id"], "client-id-1");
+    assert!(h["via"].as_str().unwrap().contains("switchyard"));
+    assert!(
+        h.get("x-drop-me").is_none(),
+        "Connection-listed header removed"
+    );
+
+    let resp = env.get("/api/x").await;
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 32, "generated request id");
+    let seen = json_of(resp).await;
+    assert_eq!(seen["headers"]["x-request-id"], id.as_str());
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn prefixes_match_on_segment_boundaries_and_paths_are_normalised() {
+    let env = Env::start(1).await;
+    env.route("public", "/public", json!({})).await;
+    // The admin route demands an API key: reaching it through /public/.. must still ask.
+    env.route("admin", "/admin", json!({"auth": {"api_key": true}}))
+        .await;
+    assert_eq!(env.get("/public").await.status(), 200);
+    assert_eq!(env.get("/public/x").await.status(), 200);
+    let resp = env.get("/publicx").await;
+    assert_eq!(resp.status(), 404);
+    let body = json_of(resp).await;
+    assert_eq!(body["error"], "no_route");
+    assert!(body["request_id"].as_str().is_some_and(|s| !s.is_empty()));
+    let before = env.upstreams[0].hits();
+    for sneaky in [
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/public/.%2E/admin/",
+        "//admin",
+        "/public/./../admin",
+    ] {
+        // Raw request: HTTP clients would normalise these themselves.
+        let (status, _) = raw_get(&env, sneaky).await;
+        assert_eq!(status, 401, "{sneaky} must land on the admin route");
+    }
+    assert_eq!(
+        env.upstreams[0].hits(),
+        before,
+        "nothing reached the upstream"
+    );
+    let (status, body) = raw_get(&env, "/public/%zz").await;
+    assert_eq!(status, 400, "{body}");
+    env.stop().await;
+}
+
+/// Sends `GET <path>` exactly as written and returns the status and body.
+async fn raw_get(env: &Env, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(env.gw.app.proxy_addr())
+        .await
+        .unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+#[tokio::test]
+async fn hosts_methods_and_rewrites_pick_the_route() {
+    let env = Env::start(1).await;
+    env.consul
+        .put_kv(
+            &env.gw.route_key("exact"),
+            &route(
+                &env.service,
+                "/",
+                json!({"host": "api.example.com", "rewrite_prefix": "/exact"}),
+            ),
+        )
+        .await;
+    env.consul
+        .put_kv(
+            &env.gw.route_key("wild"),
+            &route(
+                &env.service,
+                "/",
+                json!({"host": "*.example.com", "rewrite_prefix": "/wild", "methods": ["GET"]}),
+            ),
+        )
+        .await;
+    let path_for = |host: &'static str, method: reqwest::Method| {
+        let env = &env;
+        async move {
+            let resp = env
+                .http
+                .request(method, env.url("/p"))
+                .header("host", host)
+                .send()
+                .await
+                .unwrap();
+            if resp.status() != 200 {
+                return resp.status().to_string();
+            }
+            json_of(resp).await["path"].as_str().unwrap().to_string()
+        }
+    };
+    eventually(DEADLINE, "both routes live", || async {
+        (path_for("x.example.com", reqwest::Method::GET).await == "/wild/p"
+            && path_for("api.example.com", reqwest::Method::GET).await == "/exact/p")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        path_for("API.example.com:8080", reqwest::Method::GET).await,
+        "/exact/p"
+    );
+    assert_eq!(
+        path_for("a.b.example.com", reqwest::Method::GET).await,
+        "404 Not Found"
+    );
+    assert_eq!(
+        path_for("x.example.com", reqwest::Method::DELETE).await,
+        "404 Not Found"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn killing_an_instance_during_two_thousand_gets_fails_none() {
+    let env = Env::start(3).await;
+    env.route(
+        "api",
+        "/api",
+        json!({"retry": {"attempts": 2}, "outlier": {"consecutive_failures": 2, "base_ejection_ms": 5000},
+               "timeouts": {"connect_ms": 500, "per_try_ms": 2000, "total_ms": 5000}}),
+    )
+    .await;
+    let failed = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for w in 0..20 {
+        let (http, url, failed, done) = (
+            env.http.clone(),
+            env.url("/api/slow?ms=2"),
+            failed.clone(),
+            done.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            for _ in 0..100 {
+                match http.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => {}
+                    Ok(r) => {
+                        eprintln!("worker {w}: status {}", r.status());
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(e) => {
+                        eprintln!("worker {w}: {e}");
+                        failed.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    eventually(DEADLINE, "a quarter of the requests done", || {
+        let n = done.load(Ordering::SeqCst);
+        async move { (n >= 500).then_some(()) }
+    })
+    .await;
+    env.upstreams[1].kill();
+    for w in workers {
+        tokio::time::timeout(Duration::from_secs(60), w)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(done.load(Ordering::SeqCst), 2000);
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "no request may fail");
+    assert!(env.upstreams[0].hits() > 500 && env.upstreams[2].hits() > 500);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_post_is_not_retried_but_a_get_is() {
+    let env = Env::start(3).await;
+    env.route(
+        "api",
+        "/api",
+        json!({"retry": {"attempts": 2}, "outlier": {"consecutive_failures": 0}}),
+    )
+    .await;
+    let total = |env: &Env| env.upstreams.iter().map(|u| u.hits()).sum::<u64>();
+    let resp = env
+        .http
+        .post(env.url("/api/die"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(json_of(resp).await["error"], "upstream_error");
+    assert_eq!(total(&env), 1, "the POST reached one instance once");
+    let resp = env.get("/api/die").await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(total(&env), 4, "the GET was tried on all three instances");
+    assert!(
+        env.upstreams.iter().all(|u| u.hits() >= 1),
+        "each instance tried once"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_upstream_gets_a_504_and_a_failing_one_is_retried_on_configured_statuses() {
+    let env = Env::start(2).await;
+    env.route(
+        "api",
+        "/api",
+        json!({"timeouts": {"per_try_ms": 200, "total_ms": 500}, "retry": {"attempts": 1, "on_status": [503]},
+               "outlier": {"consecutive_failures": 0}}),
+    )
+    .await;
+    let start = Instant::now();
+    let resp = env.get("/api/slow?ms=3000").await;
+    assert_eq!(resp.status(), 504);
+    assert_eq!(json_of(resp).await["error"], "upstream_timeout");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "gave up before the upstream answered"
+    );
+    env.upstreams[0].set_failing(true);
+    for _ in 0..20 {
+        let resp = env.get("/api/ok").await;
+        assert_eq!(resp.status(), 200, "503 retried on the healthy instance");
+    }
+    env.upstreams[1].set_failing(true);
+    assert_eq!(
+        env.get("/api/ok").await.status(),
+        503,
+        "the last answer is passed on"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_instance_is_ejected_and_comes_back() {
+    let env = Env::start(2).await;
+    env.route(
+        "api",
+        "/api",
+        json!({"retry": {"attempts": 1, "on_status": [503]},
+               "outlier": {"consecutive_failures": 3, "base_ejection_ms": 700, "max_ejected_percent": 50}}),
+    )
+    .await;
+    env.upstreams[0].set_failing(true);
+    for _ in 0..10 {
+        assert_eq!(env.get("/api/x").await.status(), 200);
+    }
+    let bad_before = env.upstreams[0].hits();
+    for _ in 0..20 {
+        assert_eq!(env.get("/api/x").await.status(), 200);
+    }
+    assert_eq!(env.upstreams[0].hits(), bad_before, "ejected: no traffic");
+    let (_, upstreams) = env.gw.admin("/upstreams").await;
+    assert!(upstreams.to_string().contains("ejected"), "{upstreams}");
+    env.upstreams[0].set_failing(false);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for _ in 0..10 {
+        assert_eq!(env.get("/api/x").await.status(), 200);
+    }
+    assert!(
+        env.upstreams[0].hits() > bad_before,
+        "back in rotation after the ejection time"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn consistent_hashing_keeps_keys_on_their_instance_under_churn() {
+    let env = Env::start(4).await;
+    env.route(
+        "api",
+        "/api",
+        json!({"lb": "consistent_hash", "hash_on": "header:x-user"}),
+    )
+    .await;
+    let owner = |user: String| {
+        let env = &env;
+        async move {
+            let resp = env
+                .http
+                .get(env.url("/api/x"))
+                .header("x-user", user)
+                .send()
+                .await
+                .unwrap();
+            resp.headers()["x-upstream"].to_str().unwrap().to_string()
+        }
+    };
+    let mut before = Vec::new();
+    for u in 0..60 {
+        before.push(owner(format!("user-{u}")).await);
+    }
+    for u in 0..60 {
+        assert_eq!(owner(format!("user-{u}")).await, before[u], "stable");
+    }
+    let distinct: std::collections::HashSet<_> = before.iter().collect();
+    assert!(distinct.len() >= 3, "keys spread: {distinct:?}");
+    env.consul.deregister(&format!("{}-2", env.service)).await;
+    let ids = env.ids();
+    env.gw
+        .wait_upstreams("/api", &[&ids[0], &ids[1], &ids[3]])
+        .await;
+    for u in 0..60 {
+        let now = owner(format!("user-{u}")).await;
+        if before[u] != "u2" {
+            assert_eq!(
+                now, before[u],
+                "user-{u} moved although its instance stayed"
+            );
+        } else {
+            assert_ne!(now, "u2");
+        }
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_empty_pool_fails_fast_with_503() {
+    let env = Env::start(0).await;
+    env.consul
+        .put_kv(
+            &env.gw.route_key("api"),
+            &route(&env.service, "/api", json!({})),
+        )
+        .await;
+    env.gw.wait_upstreams("/api", &[]).await;
+    let start = Instant::now();
+    let resp = env.get("/api").await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(json_of(resp).await["error"], "no_instance");
+    assert!(start.elapsed() < Duration::from_secs(1));
+    env.stop().await;
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_200_mb_body_streams_both_ways_in_bounded_memory() {
+    const MB: u64 = 1024 * 1024;
+    let env = Env::start(1).await;
+    env.route(
+        "big",
+        "/big",
+        json!({"strip_prefix": true, "max_body_bytes": 300 * MB}),
+    )
+    .await;
+    let rss_before = rss_kib();
+    let chunk = bytes::Bytes::from(vec![b'y'; 256 * 1024]);
+    let chunks = (200 * MB / chunk.len() as u64) as usize;
+    let stream = futures_util::stream::iter(
+        (0..chunks).map(move |_| Ok::<_, std::io::Error>(hyper::body::Frame::data(chunk.clone()))),
+    );
+    let resp = env
+        .http
+        .post(env.url("/big/count"))
+        .body(reqwest::Body::wrap(http_body_util::StreamBody::new(stream)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), (200 * MB).to_string());
+    let mut resp = env.get(&format!("/big/bytes?n={}", 200 * MB)).await;
+    assert_eq!(resp.status(), 200);
+    let mut received = 0u64;
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        received += chunk.len() as u64;
+    }
+    assert_eq!(received, 200 * MB);
+    let grown = rss_kib().saturating_sub(rss_before);
+    assert!(grown < 100 * 1024, "RSS grew by {grown} KiB moving 400 MB");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413_even_without_a_content_length() {
+    let env = Env::start(1).await;
+    env.route(
+        "small",
+        "/small",
+        json!({"strip_prefix": true, "max_body_bytes": 1000}),
+    )
+    .await;
+    let resp = env
+        .http
+        .post(env.url("/small/count"))
+        .body(vec![0u8; 2000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let hits = env.upstreams[0].hits();
+    assert_eq!(hits, 0, "refused on Content-Length before the upstream");
+    let stream = futures_util::stream::iter((0..10).map(|_| {
+        Ok::<_, std::io::Error>(hyper::body::Frame::data(bytes::Bytes::from(vec![0u8; 500])))
+    }));
+    let resp = env
+        .http
+        .post(env.url("/small/count"))
+        .body(reqwest::Body::wrap(http_body_util::StreamBody::new(stream)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413, "chunked body cut at the limit");
+    let resp = env
+        .http
+        .post(env.url("/small/count"))
+        .body(vec![0u8; 900])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap(), "900");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn websockets_are_proxied() {
+    let env = Env::start(1).await;
+    env.route("ws", "/ws", json!({})).await;
+    let url = format!("ws://{}/ws", env.gw.app.proxy_addr());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    for i in 0..5 {
+        ws.send(tokio_tungstenite::tungstenite::Message::text(format!(
+            "hello {i}"
+        )))
+        .await
+        .unwrap();
+        let echo = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo.into_text().unwrap().as_str(), format!("hello {i}"));
+    }
+    ws.close(None).await.unwrap();
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn h2c_clients_and_http2_upstreams_work() {
+    let env = Env::start(1).await;
+    env.route("h2", "/h2", json!({"upstream_protocol": "http2"}))
+        .await;
+    env.consul
+        .put_kv(
+            &env.gw.route_key("h1"),
+            &route(&env.service, "/h1", json!({})),
+        )
+        .await;
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let resp = h2.get(env.url("/h2/x")).send().await.unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        json_of(resp).await["version"],
+        "HTTP/2.0",
+        "h2c to the upstream"
+    );
+    let body = eventually(DEADLINE, "h1 route", || {
+        let h2 = h2.clone();
+        let url = env.url("/h1/x");
+        async move {
+            let r = h2.get(url).send().await.ok()?;
+            (r.status() == 200).then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(
+        json_of(body).await["version"],
+        "HTTP/1.1",
+        "HTTP/1.1 to the upstream"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_heads_get_431_and_slow_heads_are_cut_off() {
+    let env = Env::start_with(1, |f| {
+        f.proxy.max_header_bytes = 8192;
+        f.proxy.header_read_timeout_ms = 300;
+    })
+    .await;
+    env.route("api", "/api", json!({})).await;
+    let resp = env
+        .http
+        .get(env.url("/api"))
+        .header("x-big", "a".repeat(20_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 431);
+    let mut s = tokio::net::TcpStream::connect(env.gw.app.proxy_addr())
+        .await
+        .unwrap();
+    s.write_all(b"GET /api HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "a head that never ends is cut off");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests() {
+    let env = Env::start(1).await;
+    env.route("api", "/api", json!({})).await;
+    let url = env.url("/api/slow?ms=600");
+    let http = env.http.clone();
+    let slow = tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let addr = env.gw.app.proxy_addr();
+    let Env { gw, consul, .. } = env;
+    let stop = tokio::spawn(gw.stop());
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        200,
+        "in-flight request finished"
+    );
+    tokio::time::timeout(DEADLINE, stop).await.unwrap().unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+    consul.cleanup().await;
+}
