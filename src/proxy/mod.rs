@@ -157,12 +157,20 @@ mod tests {
     fn the_retry_budget_caps_concurrent_retries() {
         let budget = RetryBudget::new(20);
         let mut guards: Vec<Active<'_>> = (0..10).map(|_| budget.enter()).collect();
-        let granted = guards.iter_mut().filter(|g| budget.try_retry(g)).count();
+        let granted = guards
+            .iter_mut()
+            .map(|g| budget.try_retry(g))
+            .filter(|ok| *ok)
+            .count();
         assert_eq!(granted, 10, "the minimum of 10 with 10 active at 20%");
         drop(guards);
         let mut guards: Vec<Active<'_>> = (0..100).map(|_| budget.enter()).collect();
         // 20% of 100 active.
-        let granted = guards.iter_mut().filter(|g| budget.try_retry(g)).count();
+        let granted = guards
+            .iter_mut()
+            .map(|g| budget.try_retry(g))
+            .filter(|ok| *ok)
+            .count();
         assert_eq!(granted, 20);
         drop(guards);
         assert_eq!(
