@@ -1,5 +1,5 @@
 //! The admin listener: read-only JSON views of what the gateway believes (`/ready`,
-//! `/routes`, `/upstreams`). Every endpoint is one arm of the match in [`respond`]; each
+//! `/routes`, `/upstreams`) and its Prometheus metrics (`/metrics`). Every endpoint is one arm of the match in [`respond`]; each
 //! view reads the current snapshot and the control-plane view once, never waits on Consul.
 
 use std::collections::BTreeSet;
@@ -91,6 +91,7 @@ pub fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
         "/ready" => ready(admin),
         "/routes" => json_response(StatusCode::OK, &routes(admin)),
         "/upstreams" => json_response(StatusCode::OK, &upstreams(admin)),
+        "/metrics" => metrics_response(),
         "/jwks.json" => match &admin.jwks {
             Some(jwks) => json_response(StatusCode::OK, jwks),
             None => text(StatusCode::NOT_FOUND, "no [assertion] key configured\n"),
@@ -243,6 +244,18 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
         .unwrap_or_default()
 }
 
+/// The Prometheus text exposition format, version 0.0.4.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn metrics_response() -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, PROMETHEUS_TEXT)
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Full::new(Bytes::from(crate::metrics::render())))
+        .unwrap_or_default()
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
@@ -303,6 +316,19 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(respond(&a, &req).status(), 200);
+        assert_eq!(respond(&a, &get("/metrics")).status(), 401);
+    }
+
+    #[test]
+    fn metrics_are_prometheus_text() {
+        crate::metrics::handle();
+        metrics::counter!(crate::metrics::SNAPSHOTS).increment(1);
+        let resp = respond(&admin(None), &get("/metrics"));
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"));
     }
 
     #[test]

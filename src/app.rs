@@ -185,6 +185,8 @@ pub async fn start(
     listeners: Listeners,
     shutdown: Shutdown,
 ) -> Result<AppHandle, AppError> {
+    // Installed before anything records, so every counter lands in `/metrics`.
+    crate::metrics::handle();
     let client = ConsulClient::new(&client_settings(&cfg))?;
     let proxy_addr = listeners.proxy.local_addr().map_err(AppError::Listener)?;
     let admin_addr = listeners.admin.local_addr().map_err(AppError::Listener)?;

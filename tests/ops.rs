@@ -1,0 +1,357 @@
+//! Operability end to end on the embedded dev registry: `/metrics` parses as Prometheus
+//! text and its counters move, the gateway registers itself in Consul and leaves on
+//! shutdown (also the real binary on SIGTERM), and `switchyard dev` serves its demo.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use switchyard::app::{self, AppHandle, Listeners};
+use switchyard::config::FileConfig;
+use switchyard::devregistry::{Registry, RegistryOptions};
+use switchyard::shutdown::Shutdown;
+use tokio::net::TcpListener;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `deadline`.
+async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= end {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn registry() -> Registry {
+    Registry::start("127.0.0.1:0".parse().unwrap(), RegistryOptions::for_tests()).unwrap()
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+fn config(consul: &str) -> FileConfig {
+    let mut file = FileConfig::default();
+    file.consul.address = consul.to_string();
+    file.consul.wait_s = 1;
+    file.consul.max_backoff_s = 1;
+    file.proxy.listen = "127.0.0.1:0".into();
+    file.admin.listen = "127.0.0.1:0".into();
+    file.registration.enabled = false;
+    file
+}
+
+async fn gateway(file: FileConfig) -> AppHandle {
+    let listeners = Listeners::new(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    );
+    app::start(file.validate().unwrap(), listeners, Shutdown::new())
+        .await
+        .unwrap()
+}
+
+// === /metrics ===
+
+/// One sample line of the Prometheus text format.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// A strict reader of the Prometheus text exposition format (0.0.4): `# HELP`, `# TYPE`,
+/// samples `name{label="value",...} value [timestamp]`; every sample's family must have
+/// been typed before it. Panics naming the first bad line.
+fn parse_prometheus(text: &str) -> Vec<Sample> {
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut samples = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let bad = |why: &str| -> ! { panic!("line {}: {why}: {line:?}", n + 1) };
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let keyword = parts.next().unwrap_or("");
+            let name = parts
+                .next()
+                .unwrap_or_else(|| bad("comment without a name"));
+            if !valid_name(name) {
+                bad("bad metric name");
+            }
+            let arg = parts.next().unwrap_or("");
+            match keyword {
+                "HELP" => {}
+                "TYPE" => {
+                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&arg) {
+                        bad("unknown type");
+                    }
+                    if types.insert(name.to_string(), arg.to_string()).is_some() {
+                        bad("family typed twice");
+                    }
+                }
+                _ => bad("comment is neither HELP nor TYPE"),
+            }
+            continue;
+        }
+        if line.starts_with('#') {
+            bad("comment without a space");
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or_else(|| bad("no value"));
+        let name = &line[..name_end];
+        if !valid_name(name) {
+            bad("bad metric name");
+        }
+        let mut rest = &line[name_end..];
+        let mut labels = BTreeMap::new();
+        if let Some(body) = rest.strip_prefix('{') {
+            let mut chars = body.char_indices().peekable();
+            loop {
+                match chars.peek() {
+                    Some((_, '}')) => {
+                        chars.next();
+                        break;
+                    }
+                    None => bad("unterminated labels"),
+                    _ => {}
+                }
+                let start = chars.peek().map(|(i, _)| *i).unwrap_or(0);
+                let mut eq = None;
+                for (i, c) in chars.by_ref() {
+                    if c == '=' {
+                        eq = Some(i);
+                        break;
+                    }
+                }
+                let eq = eq.unwrap_or_else(|| bad("label without '='"));
+                let key = &body[start..eq];
+                if !valid_label(key) {
+                    bad("bad label name");
+                }
+                if chars.next().map(|(_, c)| c) != Some('"') {
+                    bad("label value not quoted");
+                }
+                let mut value = String::new();
+                loop {
+                    match chars.next() {
+                        Some((_, '"')) => break,
+                        Some((_, '\\')) => match chars.next() {
+                            Some((_, '\\')) => value.push('\\'),
+                            Some((_, '"')) => value.push('"'),
+                            Some((_, 'n')) => value.push('\n'),
+                            _ => bad("bad escape in a label value"),
+                        },
+                        Some((_, c)) => value.push(c),
+                        None => bad("unterminated label value"),
+                    }
+                }
+                if labels.insert(key.to_string(), value).is_some() {
+                    bad("label repeated");
+                }
+                match chars.next() {
+                    Some((_, ',')) => {}
+                    Some((_, '}')) => break,
+                    _ => bad("expected ',' or '}' after a label"),
+                }
+            }
+            let consumed = chars.peek().map(|(i, _)| *i).unwrap_or(body.len());
+            rest = &body[consumed..];
+        }
+        let rest = rest
+            .strip_prefix(' ')
+            .unwrap_or_else(|| bad("no space before the value"));
+        let mut fields = rest.split(' ');
+        let value = match fields.next().unwrap_or("") {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            "NaN" => f64::NAN,
+            v => v.parse().unwrap_or_else(|_| bad("value is not a number")),
+        };
+        if let Some(ts) = fields.next() {
+            ts.parse::<i64>()
+                .unwrap_or_else(|_| bad("timestamp is not an integer"));
+        }
+        if fields.next().is_some() {
+            bad("trailing fields");
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s).filter(|base| {
+                    types
+                        .get(*base)
+                        .is_some_and(|t| t == "histogram" || t == "summary")
+                })
+            })
+            .unwrap_or(name);
+        match types.get(family).map(String::as_str) {
+            None => bad("sample before its # TYPE"),
+            Some("counter") if value < 0.0 => bad("negative counter"),
+            Some("histogram") if name.ends_with("_bucket") && !labels.contains_key("le") => {
+                bad("bucket without le")
+            }
+            _ => {}
+        }
+        samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    samples
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn valid_label(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+async fn scrape(admin: std::net::SocketAddr, token: Option<&str>) -> (u16, String, String) {
+    let mut req = http().get(format!("http://{admin}/metrics"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, ctype, resp.text().await.unwrap())
+}
+
+/// The sum of every sample of `name` whose labels include `with`.
+fn total(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            with.iter()
+                .all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+#[test]
+fn the_prometheus_reader_refuses_malformed_lines() {
+    let good = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"q\\\"\",y=\"2\"} 3\n\n\
+                # TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum 0.5\nh_count 1\n";
+    let s = parse_prometheus(good);
+    assert_eq!(s.len(), 4);
+    assert_eq!(s[0].labels["x"], "q\"");
+    for bad in [
+        "a_total 1\n",
+        "# TYPE a counter\na{x=1} 1\n",
+        "# TYPE a counter\na{x=\"1\"\n",
+        "# TYPE a counter\na one\n",
+        "# TYPE a counter\na -1\n",
+        "# TYPE a gauge\n# TYPE a gauge\n",
+        "# TYPE h histogram\nh_bucket 1\n",
+        "#TYPE a gauge\n",
+    ] {
+        let r = std::panic::catch_unwind(|| parse_prometheus(bad));
+        assert!(r.is_err(), "accepted {bad:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_prometheus_text_and_counters_move() {
+    let reg = registry();
+    let echo = switchyard::devregistry::demo::serve_echo("metrics-svc", "metrics-svc-1")
+        .await
+        .unwrap();
+    reg.register_service(
+        "metrics-svc",
+        "metrics-svc-1",
+        "127.0.0.1",
+        echo.addr.port(),
+    )
+    .unwrap();
+    let mut file = config(&reg.url());
+    file.admin.token = Some("scrape-token".into());
+    let gw = gateway(file).await;
+    let admin = gw.admin_addr();
+
+    let (status, _, _) = scrape(admin, None).await;
+    assert_eq!(status, 401, "/metrics needs the admin token");
+    let (status, ctype, before) = scrape(admin, Some("scrape-token")).await;
+    assert_eq!(status, 200);
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    let before = total(
+        &parse_prometheus(&before),
+        "switchyard_snapshots_published_total",
+        &[],
+    );
+
+    reg.kv_put(
+        "switchyard/routes/metrics-demo",
+        r#"{"service":"metrics-svc","path_prefix":"/metrics-demo"}"#,
+    )
+    .unwrap();
+    let proxy = gw.proxy_addr();
+    eventually(DEADLINE, "the route serves", || async {
+        let r = http()
+            .get(format!("http://{proxy}/metrics-demo/x"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+
+    let (_, _, after) = scrape(admin, Some("scrape-token")).await;
+    let samples = parse_prometheus(&after);
+    let published = total(&samples, "switchyard_snapshots_published_total", &[]);
+    assert!(
+        published > before,
+        "snapshots published did not move: {before} -> {published}"
+    );
+    let requests = total(
+        &samples,
+        "switchyard_requests_total",
+        &[("route", "metrics-demo")],
+    );
+    assert!(
+        requests >= 1.0,
+        "no request counted for the route:\n{after}"
+    );
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.name == "switchyard_request_duration_seconds_bucket"),
+        "no latency histogram:\n{after}"
+    );
+    assert!(samples
+        .iter()
+        .any(|s| s.name == "switchyard_consul_data_age_seconds"
+            && s.labels.get("watch").is_some_and(|w| w == "routes")));
+    gw.stop().await;
+}
