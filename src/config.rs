@@ -135,7 +135,7 @@ impl Default for ProxySection {
             drain_timeout_s: 30,
             worker_threads: 0,
             trusted_proxies: Vec::new(),
-            pool_max_idle_per_host: 64,
+            pool_max_idle_per_host: 256,
             retry_budget_percent: 20,
         }
     }

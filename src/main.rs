@@ -1,5 +1,8 @@
 //! The `switchyard` binary: command line, logging, and a call into the library.
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -311,10 +314,17 @@ fn mint_key(args: MintKeyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The runtime: one event loop on this thread for `workers = 1` (no work-stealing cost,
+/// like one nginx worker), else a work-stealing pool (`0` = one worker per core).
 fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if workers > 0 {
-        b.worker_threads(workers);
-    }
+    let mut b = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 0 {
+            b.worker_threads(workers);
+        }
+        b
+    };
     b.enable_all().build().context("starting the tokio runtime")
 }

@@ -5,6 +5,7 @@
 
 use std::sync::OnceLock;
 
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS: &str = "switchyard_requests_total";
@@ -27,6 +28,77 @@ pub const TLS_RELOADS: &str = "switchyard_tls_reloads_total";
 pub const JWKS_FETCHES: &str = "switchyard_jwks_fetches_total";
 pub const CONNECTIONS: &str = "switchyard_connections_open";
 pub const RETRY_BUDGET_EXHAUSTED: &str = "switchyard_retry_budget_exhausted_total";
+
+/// Statuses with their own label value; others are counted by class (`2xx`, ...).
+const STATUS_LABELS: [(u16, &str); 17] = [
+    (101, "101"),
+    (200, "200"),
+    (201, "201"),
+    (204, "204"),
+    (301, "301"),
+    (302, "302"),
+    (304, "304"),
+    (400, "400"),
+    (401, "401"),
+    (403, "403"),
+    (404, "404"),
+    (413, "413"),
+    (429, "429"),
+    (500, "500"),
+    (502, "502"),
+    (503, "503"),
+    (504, "504"),
+];
+const CLASS_LABELS: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// The request counters and latency histogram of one route, registered on first use
+/// and then reached without a registry lookup: the request path only indexes an array.
+pub struct RouteMetrics {
+    route: String,
+    service: String,
+    requests: [OnceLock<Counter>; STATUS_LABELS.len() + CLASS_LABELS.len()],
+    duration: OnceLock<Histogram>,
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics")
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RouteMetrics {
+    pub fn new(route: &str, service: &str) -> RouteMetrics {
+        RouteMetrics {
+            route: route.to_string(),
+            service: service.to_string(),
+            requests: Default::default(),
+            duration: OnceLock::new(),
+        }
+    }
+
+    /// Counts one answered request and its duration in seconds.
+    pub fn record(&self, status: u16, seconds: f64) {
+        let slot = STATUS_LABELS
+            .iter()
+            .position(|(s, _)| *s == status)
+            .unwrap_or_else(|| STATUS_LABELS.len() + (status / 100).clamp(1, 5) as usize - 1);
+        let label = STATUS_LABELS
+            .get(slot)
+            .map(|(_, l)| *l)
+            .unwrap_or_else(|| CLASS_LABELS[slot - STATUS_LABELS.len()]);
+        self.requests[slot]
+            .get_or_init(|| {
+                metrics::counter!(REQUESTS, "route" => self.route.clone(),
+                    "status" => label, "service" => self.service.clone())
+            })
+            .increment(1);
+        self.duration
+            .get_or_init(|| metrics::histogram!(REQUEST_DURATION, "route" => self.route.clone()))
+            .record(seconds);
+    }
+}
 
 /// Latency buckets in seconds: sub-millisecond loopback up to slow upstreams.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -118,6 +190,29 @@ fn describe() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_metrics_label_exact_statuses_and_classes() {
+        assert!(handle().is_some());
+        let m = RouteMetrics::new("rm-test", "svc");
+        m.record(200, 0.001);
+        m.record(200, 0.002);
+        m.record(418, 0.001);
+        m.record(599, 0.001);
+        let text = render();
+        let line = |status: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("switchyard_requests_total")
+                        && l.contains("route=\"rm-test\"")
+                        && l.contains(&format!("status=\"{status}\""))
+                })
+                .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
+        };
+        assert_eq!(line("200").as_deref(), Some("2"), "{text}");
+        assert_eq!(line("4xx").as_deref(), Some("1"));
+        assert_eq!(line("5xx").as_deref(), Some("1"));
+    }
 
     #[test]
     fn recorded_counters_render_as_prometheus_text() {

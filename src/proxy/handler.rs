@@ -379,11 +379,12 @@ impl Finish for Done {
         let elapsed = ex.start.elapsed();
         let route = ex.route.as_ref().map_or("", |r| r.name.as_str());
         let service = ex.route.as_ref().map_or("", |r| r.spec.service.as_str());
-        metrics::counter!(crate::metrics::REQUESTS,
-            "route" => route.to_string(), "status" => status_label(self.status), "service" => service.to_string())
-        .increment(1);
-        metrics::histogram!(crate::metrics::REQUEST_DURATION, "route" => route.to_string())
-            .record(elapsed.as_secs_f64());
+        match &ex.route {
+            Some(r) => r.metrics.record(self.status, elapsed.as_secs_f64()),
+            None => metrics::counter!(crate::metrics::REQUESTS,
+                "route" => "", "status" => status_class(self.status), "service" => "")
+            .increment(1),
+        }
         if self.access_log {
             tracing::info!(target: crate::telemetry::ACCESS_TARGET,
                 request_id = ex.request_id.to_str().unwrap_or(""),
@@ -404,32 +405,12 @@ impl Finish for Done {
     }
 }
 
-fn status_label(status: u16) -> &'static str {
+fn status_class(status: u16) -> &'static str {
     match status {
-        200 => "200",
-        201 => "201",
-        204 => "204",
-        101 => "101",
-        301 => "301",
-        302 => "302",
-        304 => "304",
         400 => "400",
-        401 => "401",
-        403 => "403",
         404 => "404",
-        413 => "413",
-        429 => "429",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        _ => match status / 100 {
-            1 => "1xx",
-            2 => "2xx",
-            3 => "3xx",
-            4 => "4xx",
-            _ => "5xx",
-        },
+        _ if status < 500 => "4xx",
+        _ => "5xx",
     }
 }
 

@@ -62,6 +62,8 @@ pub struct Route {
     pub policy: crate::policy::RoutePolicy,
     /// The `consistent_hash` key (`client_ip` when `hash_on` is unset).
     pub hash_on: Option<crate::balance::HashOn>,
+    /// Request counters and latency of this route.
+    pub metrics: crate::metrics::RouteMetrics,
 }
 
 impl Route {
@@ -131,6 +133,7 @@ impl Route {
             }
         })?;
         Ok(Route {
+            metrics: crate::metrics::RouteMetrics::new(name, &spec.service),
             policy,
             hash_on,
             name: name.to_string(),

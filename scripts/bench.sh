@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Switchyard vs nginx vs HAProxy, side by side in one run, on the same two loopback
+# upstreams, with the shared harness (../shared/bench: wrk, 1 proxy worker pinned to CPU 1).
+#
+# Switchyard runs as in production: it learns the two upstreams from a Consul-compatible
+# registry (the embedded dev registry, started here) and its route from KV.
+#
+# Usage: scripts/bench.sh [--quick]       (--quick: 3 s runs, 1 rep; default ~5 min)
+# Env:   BENCH_DIR (default ../shared/bench next to the repo), LAYOUTS (default pinned),
+#        DURATION, REPS, CONNS (passed to the harness), OUT (result file).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BENCH_DIR="${BENCH_DIR:-$ROOT/../shared/bench}"
+OUT="${OUT:-$ROOT/target/bench-result.txt}"
+REGISTRY_PORT="${REGISTRY_PORT:-18500}"
+PROXY_PORT="${PROXY_PORT:-18080}"
+ADMIN_PORT="${ADMIN_PORT:-18901}"
+UPSTREAM1_PORT="${UPSTREAM1_PORT:-18081}"
+UPSTREAM2_PORT="${UPSTREAM2_PORT:-18082}"
+export LAYOUTS="${LAYOUTS:-pinned}"
+if [[ "${1:-}" == "--quick" ]]; then
+    export DURATION="${DURATION:-3}" REPS="${REPS:-1}"
+fi
+
+say() { printf '[bench] %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+[[ -x "$BENCH_DIR/anchors.sh" ]] || die "no harness at $BENCH_DIR (set BENCH_DIR)"
+if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null || ! command -v haproxy >/dev/null; then
+    say "installing wrk, nginx, haproxy ($BENCH_DIR/setup.sh)"
+    "$BENCH_DIR/setup.sh" >/dev/null
+fi
+
+say "building switchyard (release)"
+(cd "$ROOT" && cargo build --release --locked --bin switchyard >&2)
+BIN="$ROOT/target/release/switchyard"
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/switchyard-bench.XXXXXX")"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+CONSUL="http://127.0.0.1:$REGISTRY_PORT"
+say "starting the dev registry on $CONSUL (CPU 0)"
+taskset -c 0 "$BIN" registry --listen "127.0.0.1:$REGISTRY_PORT" >"$WORK/registry.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do
+    curl -sf "$CONSUL/v1/status/leader" >/dev/null && break
+    sleep 0.1
+done
+curl -sf "$CONSUL/v1/status/leader" >/dev/null || die "registry did not start (see $WORK/registry.log)"
+
+for i in 1 2; do
+    port_var="UPSTREAM${i}_PORT"
+    curl -sf -X PUT "$CONSUL/v1/agent/service/register" \
+        --data "{\"Name\":\"bench\",\"ID\":\"bench-$i\",\"Address\":\"127.0.0.1\",\"Port\":${!port_var}}" >/dev/null
+done
+curl -sf -X PUT "$CONSUL/v1/kv/switchyard-bench/routes/root" \
+    --data '{"service":"bench","path_prefix":"/"}' >/dev/null
+
+cat >"$WORK/switchyard.toml" <<EOF
+[proxy]
+worker_threads = 1
+pool_max_idle_per_host = 512
+max_connections = 100000
+
+[log]
+level = "warn"
+access_log = false
+
+[registration]
+enabled = false
+EOF
+
+say "starting switchyard on 127.0.0.1:$PROXY_PORT (1 worker, CPU 1)"
+taskset -c 1 "$BIN" run --config "$WORK/switchyard.toml" --consul "$CONSUL" \
+    --kv-prefix switchyard-bench/ --listen "127.0.0.1:$PROXY_PORT" \
+    --admin "127.0.0.1:$ADMIN_PORT" >"$WORK/switchyard.log" 2>&1 &
+GW_PID=$!
+PIDS+=("$GW_PID")
+for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$ADMIN_PORT/ready" >/dev/null && break
+    sleep 0.1
+done
+curl -sf "http://127.0.0.1:$ADMIN_PORT/ready" >/dev/null || die "gateway not ready (see $WORK/switchyard.log)"
+routes=$( (curl -sf "http://127.0.0.1:$ADMIN_PORT/upstreams" || true) | grep -o "bench-[12]" | sort -u | wc -l)
+[[ "$routes" -ge 2 ]] || say "warning: the gateway does not list both upstreams yet"
+
+say "running the harness (LAYOUTS=$LAYOUTS DURATION=${DURATION:-10} REPS=${REPS:-3}); results in $OUT"
+mkdir -p "$(dirname "$OUT")"
+"$BENCH_DIR/anchors.sh" "switchyard=127.0.0.1:$PROXY_PORT@$GW_PID" | tee "$OUT"
+if grep -q . "$WORK/switchyard.log"; then
+    say "gateway log (warnings and errors):"
+    tail -n 20 "$WORK/switchyard.log" >&2
+fi
