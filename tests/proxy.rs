@@ -628,6 +628,34 @@ async fn h2c_clients_and_http2_upstreams_work() {
 }
 
 #[tokio::test]
+async fn grpc_trailers_pass_through_over_http2() {
+    use http_body_util::BodyExt;
+    let env = Env::start(1).await;
+    env.route("grpc", "/pkg.Svc", json!({"upstream_protocol": "http2"}))
+        .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::post(env.url("/pkg.Svc/grpc"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"\0\0\0\0\0",
+        )))
+        .unwrap();
+    let resp = tokio::time::timeout(DEADLINE, client.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(&collected.to_bytes()[..], b"\0\0\0\0\x02hi");
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn oversized_heads_get_431_and_slow_heads_are_cut_off() {
     let env = Env::start_with(1, |f| {
         f.proxy.max_header_bytes = 8192;

@@ -6,6 +6,7 @@
 //! - `/status/N`: answers status N.
 //! - `/count`: reads the whole body and answers its length (nothing is kept).
 //! - `/bytes?n=N`: streams N bytes back in 64 KiB chunks.
+//! - `/grpc`: a gRPC-shaped answer with `grpc-status` in trailers.
 //! - `/die`: drops the connection without answering.
 //! - `/ws`: WebSocket echo.
 //! - anything else: JSON with the server name, method, path+query, version and headers.
@@ -166,6 +167,18 @@ async fn handle(
             }
         });
         Response::new(BodyExt::boxed(StreamBody::new(stream)))
+    } else if path == "/grpc" {
+        // A gRPC-shaped answer: one data frame, then `grpc-status` in trailers.
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let frames = futures_util::stream::iter([
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi"))),
+            Ok(Frame::trailers(trailers)),
+        ]);
+        let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+        r.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        r
     } else if path == "/die" {
         return Err(std::io::Error::other("dying on purpose"));
     } else if path == "/ws" {
