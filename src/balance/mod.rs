@@ -214,30 +214,34 @@ fn rendezvous(set: &UpstreamSet, key: u64, usable: impl Fn(usize) -> bool) -> Op
     best.map(|(_, i)| i)
 }
 
+/// A set of instances `n/i0`, `n/i1`, ... with these weights, for tests.
+#[cfg(test)]
+pub(crate) fn test_set(weights: &[u32]) -> UpstreamSet {
+    use crate::discovery::{Instance, InstanceHealth};
+    let instances = weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| Instance {
+            id: format!("n/i{i}"),
+            node: "n".into(),
+            service_id: format!("i{i}"),
+            address: "127.0.0.1".into(),
+            port: 1000 + i as u16,
+            tags: vec![],
+            meta: Default::default(),
+            health: InstanceHealth::Passing,
+            weight: *w,
+        })
+        .collect();
+    UpstreamSet::build("s", instances, &std::collections::HashMap::new())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::{Instance, InstanceHealth};
     use std::collections::HashMap;
 
-    fn set(weights: &[u32]) -> UpstreamSet {
-        let instances = weights
-            .iter()
-            .enumerate()
-            .map(|(i, w)| Instance {
-                id: format!("n/i{i}"),
-                node: "n".into(),
-                service_id: format!("i{i}"),
-                address: "127.0.0.1".into(),
-                port: 1000 + i as u16,
-                tags: vec![],
-                meta: Default::default(),
-                health: InstanceHealth::Passing,
-                weight: *w,
-            })
-            .collect();
-        UpstreamSet::build("s", instances, &HashMap::new())
-    }
+    use super::test_set as set;
 
     fn counts(set: &UpstreamSet, lb: LbPolicy, rounds: usize) -> Vec<usize> {
         let mut c = vec![0; set.len()];

@@ -62,24 +62,9 @@ pub fn record_failure(set: &UpstreamSet, index: usize, spec: &OutlierSpec, now_m
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::{Instance, InstanceHealth};
-    use std::collections::HashMap;
 
     fn set(n: usize) -> UpstreamSet {
-        let instances = (0..n)
-            .map(|i| Instance {
-                id: format!("n/i{i}"),
-                node: "n".into(),
-                service_id: format!("i{i}"),
-                address: "127.0.0.1".into(),
-                port: 1000 + i as u16,
-                tags: vec![],
-                meta: Default::default(),
-                health: InstanceHealth::Passing,
-                weight: 1,
-            })
-            .collect();
-        UpstreamSet::build("s", instances, &HashMap::new())
+        crate::balance::test_set(&vec![1; n])
     }
 
     fn spec() -> OutlierSpec {
