@@ -458,6 +458,45 @@ async fn consistent_hashing_keeps_keys_on_their_instance_under_churn() {
 }
 
 #[tokio::test]
+async fn a_client_that_goes_away_mid_request_is_not_counted_in_flight() {
+    let env = Env::start(1).await;
+    env.route("api", "/api", json!({"lb": "least_request"}))
+        .await;
+    let in_flight = || {
+        let snap = env.gw.snapshot();
+        let m = snap
+            .lookup("", "/api", &http::Method::GET, &http::HeaderMap::new())
+            .unwrap();
+        m.upstreams.endpoints[0]
+            .stats
+            .in_flight
+            .load(Ordering::SeqCst)
+    };
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    assert!(impatient
+        .get(env.url("/api/slow?ms=3000"))
+        .send()
+        .await
+        .is_err());
+    eventually(DEADLINE, "in-flight count back to 0", || {
+        let n = in_flight();
+        async move { (n == 0).then_some(()) }
+    })
+    .await;
+    assert_eq!(env.get("/api/x").await.status(), 200);
+    assert_eq!(
+        in_flight(),
+        0,
+        "a finished response leaves nothing in flight"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn an_empty_pool_fails_fast_with_503() {
     let env = Env::start(0).await;
     env.consul

@@ -54,7 +54,8 @@ struct Exchange {
     consumer: Option<String>,
     instance: Option<String>,
     tries: u32,
-    in_flight: Option<Arc<EndpointStats>>,
+    /// The instance that answered, counted in flight until the response is done.
+    in_flight: Option<InFlight>,
 }
 
 /// A request stopped before or at the upstream: a ready response or an error to render.
@@ -278,9 +279,8 @@ impl Gateway {
             };
             *request.headers_mut() = headers;
 
-            let stats = endpoint.stats.clone();
-            stats.in_flight.fetch_add(1, Ordering::Relaxed);
-            stats.requests.fetch_add(1, Ordering::Relaxed);
+            let guard = InFlight::enter(&endpoint.stats);
+            let stats = &endpoint.stats;
             let remaining = deadline.saturating_duration_since(Instant::now());
             let outcome =
                 tokio::time::timeout(per_try.min(remaining), client.request(request)).await;
@@ -295,11 +295,10 @@ impl Gateway {
                         outlier::record_success(&stats, &spec.outlier, now_ms());
                     }
                     if retry_status && attempt < spec.retry.attempts && source.replayable() {
-                        stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                         last = ProxyError::Upstream(format!("upstream answered {status}"));
                         continue;
                     }
-                    ex.in_flight = Some(stats);
+                    ex.in_flight = Some(guard);
                     if status == StatusCode::SWITCHING_PROTOCOLS {
                         return Ok(splice_upgrade(client_upgrade, &mut response, ex));
                     }
@@ -307,7 +306,6 @@ impl Gateway {
                 }
                 Ok(Err(e)) => {
                     if overflow.happened() {
-                        stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                         return Err(ProxyError::BodyTooLarge(limit).into());
                     }
                     let connect = e.is_connect();
@@ -329,7 +327,7 @@ impl Gateway {
                     (ProxyError::Timeout, idempotent || spec.retry.non_idempotent)
                 }
             };
-            stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop(guard);
             outlier::record_failure(set, index, &spec.outlier, now_ms());
             let (error, retryable) = failure;
             last = error;
@@ -363,6 +361,24 @@ impl Gateway {
     }
 }
 
+/// One request in flight on an instance (for `least_request`), however the request ends:
+/// answered, failed, or abandoned by a client that went away mid-try.
+struct InFlight(Arc<EndpointStats>);
+
+impl InFlight {
+    fn enter(stats: &Arc<EndpointStats>) -> InFlight {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight(stats.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The request's bookkeeping, run when its response body is done.
 struct Done {
     ex: Exchange,
@@ -372,10 +388,8 @@ struct Done {
 
 impl Finish for Done {
     fn finish(&mut self, bytes: u64, complete: bool) {
+        self.ex.in_flight = None;
         let ex = &self.ex;
-        if let Some(stats) = &ex.in_flight {
-            stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        }
         let elapsed = ex.start.elapsed();
         let route = ex.route.as_ref().map_or("", |r| r.name.as_str());
         let service = ex.route.as_ref().map_or("", |r| r.spec.service.as_str());
