@@ -292,7 +292,7 @@ impl Gateway {
                     if bad || retry_status {
                         outlier::record_failure(set, index, &spec.outlier, now_ms());
                     } else {
-                        outlier::record_success(&stats, &spec.outlier, now_ms());
+                        outlier::record_success(stats, &spec.outlier, now_ms());
                     }
                     if retry_status && attempt < spec.retry.attempts && source.replayable() {
                         last = ProxyError::Upstream(format!("upstream answered {status}"));
