@@ -28,6 +28,7 @@ use crate::discovery::watcher::{HealthWatcher, ServiceUpdate};
 use crate::discovery::Instance;
 use crate::policy::Edge;
 use crate::proxy::{self, Gateway};
+use crate::registration::{self, Registered};
 use crate::routing::kv::{self, RouteDocs};
 use crate::routing::Route;
 use crate::shutdown::Shutdown;
@@ -109,6 +110,8 @@ pub struct AppHandle {
     shutdown: Shutdown,
     first_snapshot: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The gateway's own Consul registration (`[registration]`), undone first on shutdown.
+    registration: Option<Registered>,
 }
 
 impl AppHandle {
@@ -135,6 +138,11 @@ impl AppHandle {
         self.admin_addr
     }
 
+    /// The self-registration, when enabled.
+    pub fn registration(&self) -> Option<&Registered> {
+        self.registration.as_ref()
+    }
+
     /// Waits up to `timeout` for the first snapshot; true when it is published.
     pub async fn first_snapshot(&self, timeout: Duration) -> bool {
         let mut rx = self.first_snapshot.clone();
@@ -151,6 +159,10 @@ impl AppHandle {
     /// Waits until shutdown has been triggered (by anyone) and every task has finished.
     pub async fn wait(self) {
         self.shutdown.wait().await;
+        // Leave Consul before waiting for the watches and the drain.
+        if let Some(registration) = self.registration {
+            registration.deregister().await;
+        }
         for task in self.tasks {
             match tokio::time::timeout(STOP_TIMEOUT, task).await {
                 Ok(Ok(())) => {}
@@ -188,6 +200,7 @@ pub async fn start(
     // Installed before anything records, so every counter lands in `/metrics`.
     crate::metrics::handle();
     let client = ConsulClient::new(&client_settings(&cfg))?;
+    let self_client = client.clone();
     let proxy_addr = listeners.proxy.local_addr().map_err(AppError::Listener)?;
     let admin_addr = listeners.admin.local_addr().map_err(AppError::Listener)?;
     let max_age = match cfg.file.readiness.max_data_age_s {
@@ -287,6 +300,10 @@ pub async fn start(
     };
     tracing::info!(routes = %writer.docs.prefix(), consul = %writer.consul_address,
         %proxy_addr, %admin_addr, "switchyard starting");
+    let registration = cfg.file.registration.enabled.then(|| {
+        let me = registration::registration(&cfg.file.registration, proxy_addr, admin_addr);
+        registration::spawn(self_client, me, shutdown.clone())
+    });
     tasks.push(tokio::spawn(writer.run(kv_rx, svc_rx, shutdown.clone())));
 
     Ok(AppHandle {
@@ -297,6 +314,7 @@ pub async fn start(
         shutdown,
         first_snapshot: first_rx,
         tasks,
+        registration,
     })
 }
 

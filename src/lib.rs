@@ -24,6 +24,7 @@ pub mod discovery;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod registration;
 pub mod routing;
 pub mod shutdown;
 pub mod state;

@@ -98,6 +98,9 @@ struct RunArgs {
     /// Do not register the gateway itself in Consul.
     #[arg(long)]
     no_register: bool,
+    /// Address (IP or host name) the gateway advertises in its own Consul registration.
+    #[arg(long)]
+    advertise: Option<String>,
 }
 
 #[derive(Args)]
@@ -204,6 +207,9 @@ fn main() -> anyhow::Result<()> {
             }
             if args.no_register {
                 file.registration.enabled = false;
+            }
+            if let Some(a) = args.advertise {
+                file.registration.address = a;
             }
             let cfg = file.validate()?;
             switchyard::telemetry::init(&cfg.file.log.level, cfg.file.log.format);

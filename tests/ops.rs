@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
+use serde_json::Value;
 use switchyard::app::{self, AppHandle, Listeners};
 use switchyard::config::FileConfig;
 use switchyard::devregistry::{Registry, RegistryOptions};
@@ -62,6 +63,14 @@ async fn gateway(file: FileConfig) -> AppHandle {
     app::start(file.validate().unwrap(), listeners, Shutdown::new())
         .await
         .unwrap()
+}
+
+async fn get_json(url: &str) -> Option<Value> {
+    let resp = http().get(url).send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json().await.ok()
 }
 
 // === /metrics ===
@@ -354,4 +363,215 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
         .any(|s| s.name == "switchyard_consul_data_age_seconds"
             && s.labels.get("watch").is_some_and(|w| w == "routes")));
     gw.stop().await;
+}
+
+// === self-registration ===
+
+fn registering(consul: &str) -> FileConfig {
+    let mut file = config(consul);
+    file.registration.enabled = true;
+    file.registration.check_interval_s = 1;
+    file.registration.tags = vec!["edge".into()];
+    file
+}
+
+/// The agent's services, by ID.
+async fn agent_services(consul: &str) -> Option<serde_json::Map<String, Value>> {
+    get_json(&format!("{consul}/v1/agent/services"))
+        .await?
+        .as_object()
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_registers_itself_with_a_ready_check_and_leaves_on_stop() {
+    let reg = registry();
+    let consul = reg.url();
+    let gw = gateway(registering(&consul)).await;
+    let id = gw
+        .registration()
+        .expect("registration is on")
+        .id()
+        .to_string();
+    let proxy_port = gw.proxy_addr().port();
+
+    let svc = eventually(DEADLINE, "the agent lists the gateway", || async {
+        agent_services(&consul).await?.get(&id).cloned()
+    })
+    .await;
+    assert_eq!(svc["Service"], "switchyard");
+    assert_eq!(svc["Port"], proxy_port);
+    assert_eq!(svc["Tags"][0], "edge");
+    assert!(gw.registration().unwrap().is_registered());
+
+    let entry = eventually(DEADLINE, "its /ready check passes", || async {
+        let list = get_json(&format!("{consul}/v1/health/service/switchyard?passing")).await?;
+        list.as_array()?
+            .iter()
+            .find(|e| e["Service"]["ID"] == id.as_str())
+            .cloned()
+    })
+    .await;
+    let check = entry["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["ServiceID"] == id.as_str())
+        .expect("the service check")
+        .clone();
+    assert_eq!(check["Status"], "passing");
+    assert_eq!(check["Type"], "http", "{check}");
+
+    gw.stop().await;
+    let services = agent_services(&consul).await.unwrap();
+    assert!(
+        !services.contains_key(&id),
+        "still registered: {services:?}"
+    );
+    let list = get_json(&format!("{consul}/v1/health/service/switchyard"))
+        .await
+        .unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 0, "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_turned_off_registers_nothing() {
+    let reg = registry();
+    let gw = gateway(config(&reg.url())).await;
+    assert!(gw.registration().is_none());
+    assert!(gw.first_snapshot(DEADLINE).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let services = agent_services(&reg.url()).await.unwrap();
+    assert!(services.is_empty(), "{services:?}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_retries_until_consul_comes_up_and_never_blocks_start() {
+    let reg = registry();
+    let consul = reg.url();
+    reg.stop().await;
+    let started = tokio::time::Instant::now();
+    let gw = gateway(registering(&consul)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "start waited on consul"
+    );
+    let id = gw.registration().unwrap().id().to_string();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!gw.registration().unwrap().is_registered());
+    reg.restart().await.unwrap();
+    eventually(DEADLINE, "registered once consul is back", || async {
+        agent_services(&consul).await?.get(&id).map(|_| ())
+    })
+    .await;
+    gw.stop().await;
+    assert!(!agent_services(&consul).await.unwrap().contains_key(&id));
+}
+
+/// A loopback port free right now (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for `child` up to `deadline`; kills it and panics (with its log) on timeout.
+async fn wait_exit(
+    child: &mut std::process::Child,
+    deadline: Duration,
+    log: &std::path::Path,
+) -> std::process::ExitStatus {
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if tokio::time::Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "did not exit within {deadline:?}; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn sigterm(child: &std::process::Child) {
+    let ok = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_deregisters_and_exits_zero_on_sigterm() {
+    let reg = registry();
+    let consul = reg.url();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &cfg,
+        "[consul]\nwait_s = 2\nmax_backoff_s = 1\n[registration]\ncheck_interval_s = 1\n",
+    )
+    .unwrap();
+    let log = dir.path().join("log.txt");
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .args(["--consul", &consul])
+        .args(["--listen", &format!("127.0.0.1:{proxy_port}")])
+        .args(["--admin", &format!("127.0.0.1:{admin_port}")])
+        .env_remove("CONSUL_HTTP_ADDR")
+        .env_remove("CONSUL_HTTP_TOKEN")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+
+    let found = tokio::time::timeout(
+        DEADLINE,
+        eventually(DEADLINE, "the binary registers itself", || async {
+            agent_services(&consul)
+                .await?
+                .into_iter()
+                .find_map(|(id, s)| {
+                    (s["Service"] == "switchyard" && s["Port"] == proxy_port).then_some(id)
+                })
+        }),
+    )
+    .await;
+    let Ok(id) = found else {
+        let _ = child.kill();
+        panic!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    };
+    eventually(DEADLINE, "its check passes", || async {
+        let list = get_json(&format!("{consul}/v1/health/service/switchyard?passing")).await?;
+        (list.as_array()?.len() == 1).then_some(())
+    })
+    .await;
+
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(15), &log).await;
+    assert!(
+        status.success(),
+        "exit {status:?}; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let services = agent_services(&consul).await.unwrap();
+    assert!(
+        !services.contains_key(&id),
+        "still registered: {services:?}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("deregistered from consul"), "{text}");
 }

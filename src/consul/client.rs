@@ -8,11 +8,13 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
-use super::{ConsulError, Index};
+use super::{ConsulError, Index, ServiceRegistration};
 
 /// Slack on top of `wait + wait/16` (the server's jitter) before a read counts as stalled.
 const READ_SLACK: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Timeout of a write (agent registration): unlike reads, writes never block server-side.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest error body kept in an error message.
 const MAX_ERROR_BODY: usize = 512;
 
@@ -238,6 +240,55 @@ impl ConsulClient {
                 .get("x-consul-knownleader")
                 .is_some_and(|v| v.as_bytes() == b"true"),
             last_contact_ms: header_u64(&headers, "x-consul-lastcontact").unwrap_or(0),
+        })
+    }
+}
+
+impl ConsulClient {
+    /// `PUT /v1/agent/service/register`: registers (or replaces) a service on the agent.
+    pub async fn agent_service_register(
+        &self,
+        registration: &ServiceRegistration,
+    ) -> Result<(), ConsulError> {
+        let body =
+            serde_json::to_vec(registration).map_err(|e| ConsulError::Decode(e.to_string()))?;
+        self.put("/v1/agent/service/register", Some(body)).await
+    }
+
+    /// `PUT /v1/agent/service/deregister/<id>`: removes a service and its checks.
+    pub async fn agent_service_deregister(&self, id: &str) -> Result<(), ConsulError> {
+        let path = format!(
+            "/v1/agent/service/deregister/{}",
+            utf8_percent_encode(id, SEGMENT)
+        );
+        self.put(&path, None).await
+    }
+
+    /// A write to the local agent (agent endpoints take no `dc`).
+    async fn put(&self, path: &str, body: Option<Vec<u8>>) -> Result<(), ConsulError> {
+        let mut req = self
+            .http
+            .put(format!("{}{}", self.base, path))
+            .timeout(WRITE_TIMEOUT);
+        if let Some(t) = &self.token {
+            req = req.header("X-Consul-Token", t.clone());
+        }
+        if let Some(b) = body {
+            req = req
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(b);
+        }
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        Err(ConsulError::Status {
+            status: status.as_u16(),
+            body: String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_BODY)])
+                .trim()
+                .to_string(),
         })
     }
 }

@@ -13,7 +13,7 @@ pub mod watch;
 
 pub use client::{Answer, ClientSettings, ConsulClient};
 pub use index::Index;
-pub use types::{KvPair, ServiceEntry};
+pub use types::{KvPair, ServiceCheck, ServiceEntry, ServiceRegistration};
 pub use watch::{KvPrefix, WatchHandle, WatchOptions, WatchStatus};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,10 +1,11 @@
-//! The serde shapes of the Consul answers we read: health entries and KV pairs.
+//! The serde shapes of the Consul answers we read (health entries, KV pairs) and of the
+//! one document we write (an agent service registration).
 //! Lenient where Consul is loose (`null` lists, tagged-address casing), strict on what we use.
 
 use std::collections::BTreeMap;
 
 use base64::Engine;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// One element of `GET /v1/health/service/<name>`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -147,6 +148,34 @@ fn base64_value<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::E
             .map(Some)
             .map_err(|e| serde::de::Error::custom(format!("KV value is not base64: {e}"))),
     }
+}
+
+/// The body of `PUT /v1/agent/service/register`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceRegistration {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub name: String,
+    /// Empty: Consul uses the agent node's address.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub address: String,
+    pub port: u16,
+    pub tags: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+    pub check: Option<ServiceCheck>,
+}
+
+/// An HTTP check of a registration (`Check` in the register body).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServiceCheck {
+    #[serde(rename = "HTTP")]
+    pub http: String,
+    /// Go duration strings, e.g. `10s`.
+    pub interval: String,
+    pub timeout: String,
+    pub deregister_critical_service_after: String,
 }
 
 #[cfg(test)]
