@@ -123,7 +123,8 @@ fn builder(gateway: &Gateway) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(s.max_header_bytes.min(u32::MAX as usize) as u32)
         .max_concurrent_streams(MAX_STREAMS)
-        .keep_alive_interval(Some(s.idle_timeout.max(Duration::from_secs(1))));
+        .keep_alive_interval(Some(s.idle_timeout.max(Duration::from_secs(1))))
+        .keep_alive_timeout(s.idle_timeout.max(Duration::from_secs(1)));
     b
 }
 
