@@ -33,6 +33,10 @@ fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
 /// `Connection: upgrade` and `Upgrade` are kept so the switch can be forwarded. `TE:
 /// trailers` is kept (gRPC needs it); any other `TE` is dropped.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none: one pass over the names instead of a lookup per name.
+    if !upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -77,6 +81,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
+        || *name == header::PROXY_AUTHENTICATE
+        || *name == header::PROXY_AUTHORIZATION
+        || *name == header::TRAILER
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::TE
+        || *name == header::UPGRADE
 }
 
 /// The client's `X-Request-Id` when it is sane (1–128 visible characters from a safe
