@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::admin::{self, Admin};
 use crate::auth::{AuthSettings, Authenticator};
-use crate::config::{Config, FileConfig};
+use crate::config::Config;
 use crate::consul::{ClientSettings, ConsulClient, ConsulError, KvPair, WatchHandle, WatchOptions};
 use crate::control::{Control, ControlView, DataSource, WarmStart};
 use crate::discovery::watcher::{HealthWatcher, ServiceUpdate};
@@ -67,8 +67,6 @@ pub enum AppError {
     Consul(#[from] ConsulError),
     #[error(transparent)]
     Assertion(#[from] crate::assertion::AssertionError),
-    #[error("{0} is not wired yet")]
-    NotWired(&'static str),
     #[error("auth: {0}")]
     Auth(String),
     #[error(transparent)]
@@ -320,13 +318,7 @@ pub async fn start(
 
 /// `switchyard run`: binds the configured listeners, runs until SIGTERM/SIGINT.
 pub async fn run_until_signal(cfg: Config) -> Result<(), AppError> {
-    let mut listeners = Listeners::new(bind(cfg.listen).await?, bind(cfg.admin_listen).await?);
-    if let Some(addr) = cfg.tls_listen {
-        listeners.tls = Some(bind(addr).await?);
-    }
-    if let Some(addr) = cfg.redirect_listen {
-        listeners.redirect = Some(bind(addr).await?);
-    }
+    let listeners = bind_listeners(&cfg).await?;
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
     let handle = start(cfg, listeners, shutdown).await?;
@@ -335,14 +327,22 @@ pub async fn run_until_signal(cfg: Config) -> Result<(), AppError> {
     Ok(())
 }
 
+/// Binds every listener the configuration names (proxy, admin, and TLS when configured).
+pub async fn bind_listeners(cfg: &Config) -> Result<Listeners, AppError> {
+    let mut listeners = Listeners::new(bind(cfg.listen).await?, bind(cfg.admin_listen).await?);
+    if let Some(addr) = cfg.tls_listen {
+        listeners.tls = Some(bind(addr).await?);
+    }
+    if let Some(addr) = cfg.redirect_listen {
+        listeners.redirect = Some(bind(addr).await?);
+    }
+    Ok(listeners)
+}
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| AppError::Bind { addr, source })
-}
-
-pub async fn dev(_file: FileConfig, _registry: SocketAddr) -> Result<(), AppError> {
-    Err(AppError::NotWired("dev"))
 }
 
 /// Builds the request path: auth (with its KV watches), upstream clients, the gateway.

@@ -18,7 +18,7 @@ pub mod balance;
 pub mod config;
 pub mod consul;
 pub mod control;
-pub mod demo;
+pub mod dev;
 pub mod devregistry;
 pub mod discovery;
 pub mod metrics;

@@ -234,20 +234,24 @@ fn main() -> anyhow::Result<()> {
             runtime(1)?.block_on(echo(args))
         }
         Command::Dev(args) => {
-            let file = load_file(&args.gateway)?;
+            let mut file = load_file(&args.gateway)?;
+            if args.gateway.config.is_none() && args.gateway.listen.is_none() {
+                // A laptop quick start: not reachable from the network unless asked.
+                file.proxy.listen = "127.0.0.1:8080".into();
+            }
             let registry = args
                 .registry_listen
                 .parse()
                 .with_context(|| format!("--registry-listen {}", args.registry_listen))?;
             switchyard::telemetry::init(&file.log.level, file.log.format);
-            runtime(0)?.block_on(switchyard::app::dev(file, registry))?;
+            runtime(0)?.block_on(switchyard::dev::run(file, registry))?;
             Ok(())
         }
     }
 }
 
 async fn echo(args: EchoArgs) -> anyhow::Result<()> {
-    use switchyard::demo;
+    use switchyard::consul::{ClientSettings, ConsulClient, ServiceCheck, ServiceRegistration};
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
@@ -257,41 +261,56 @@ async fn echo(args: EchoArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("{}-{}", args.name, addr.port()));
     let shutdown = switchyard::shutdown::Shutdown::new();
     shutdown.trigger_on_signals();
-    demo::start_echo(listener, &id, shutdown.clone())?;
+    let _echo = switchyard::devregistry::demo::serve_echo_on(listener, &args.name, &id)?;
     tracing::info!(%addr, %id, "echo service listening");
-    let registration = match args.register {
-        None => None,
-        Some(consul) => {
-            let reg = demo::Registration {
-                consul: switchyard::config::normalize_consul_address(&consul)
-                    .map_err(|e| anyhow::anyhow!("--register: {e}"))?,
-                token: args.token,
-                name: args.name,
-                id,
-                address: args.advertise.unwrap_or_else(|| addr.ip().to_string()),
-                port: addr.port(),
-                tags: args.tags,
-                check_interval: std::time::Duration::from_secs(2),
-            };
-            // The agent may still be starting (docker-compose): retry for a while.
-            let mut tries = 0;
-            while let Err(e) = demo::register(&reg).await {
-                tries += 1;
-                if tries >= 30 {
-                    return Err(e.into());
-                }
-                tracing::warn!(error = %e, "registration failed, retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            }
-            tracing::info!(service = %reg.name, id = %reg.id, "registered in consul");
-            Some(reg)
-        }
+    let Some(consul) = args.register else {
+        shutdown.wait().await;
+        return Ok(());
     };
-    shutdown.wait().await;
-    if let Some(reg) = registration {
-        demo::deregister(&reg).await?;
-        tracing::info!(id = %reg.id, "deregistered");
+    let mut settings = ClientSettings::new(
+        switchyard::config::normalize_consul_address(&consul)
+            .map_err(|e| anyhow::anyhow!("--register: {e}"))?,
+        std::time::Duration::from_secs(1),
+    );
+    settings.token = args.token;
+    let client = ConsulClient::new(&settings.with_tls_env())?;
+    let address = args.advertise.unwrap_or_else(|| addr.ip().to_string());
+    let host = if address.contains(':') && !address.starts_with('[') {
+        format!("[{address}]")
+    } else {
+        address.clone()
+    };
+    let reg = ServiceRegistration {
+        id: id.clone(),
+        name: args.name,
+        port: addr.port(),
+        check: Some(ServiceCheck {
+            http: format!("http://{host}:{}/health", addr.port()),
+            interval: "2s".into(),
+            timeout: "2s".into(),
+            deregister_critical_service_after: "10m".into(),
+        }),
+        address,
+        tags: args.tags,
+        meta: [("demo".to_string(), "true".to_string())].into(),
+    };
+    // The agent may still be starting (docker-compose): retry for a while.
+    let mut tries = 0;
+    while let Err(e) = client.agent_service_register(&reg).await {
+        tries += 1;
+        if tries >= 30 {
+            return Err(e.into());
+        }
+        tracing::warn!(error = %e, "registration failed, retrying");
+        tokio::select! {
+            _ = shutdown.wait() => return Ok(()),
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
     }
+    tracing::info!(service = %reg.name, %id, "registered in consul");
+    shutdown.wait().await;
+    client.agent_service_deregister(&id).await?;
+    tracing::info!(%id, "deregistered");
     Ok(())
 }
 

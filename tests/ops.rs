@@ -575,3 +575,96 @@ async fn the_binary_deregisters_and_exits_zero_on_sigterm() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("deregistered from consul"), "{text}");
 }
+
+// === switchyard dev ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchyard_dev_serves_the_public_and_the_jwt_protected_demo_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, log) = (dir.path().join("stdout.txt"), dir.path().join("log.txt"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--registry-listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let guide = tokio::time::timeout(
+        Duration::from_secs(30),
+        eventually(Duration::from_secs(30), "the printed guide", || async {
+            let text = std::fs::read_to_string(&out).ok()?;
+            text.contains("/v1/health/service/demo").then_some(text)
+        }),
+    )
+    .await;
+    let Ok(guide) = guide else {
+        let _ = child.kill();
+        panic!("{}", std::fs::read_to_string(&log).unwrap_or_default());
+    };
+    let field = |prefix: &str| {
+        guide
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` in:\n{guide}"))
+            .trim()
+            .to_string()
+    };
+    let proxy = field("gateway");
+    let token = field("export TOKEN=");
+    let admin = field("admin");
+
+    let echo = eventually(
+        Duration::from_secs(30),
+        "GET /demo through the gateway",
+        || async { get_json(&format!("{proxy}/demo/hello")).await },
+    )
+    .await;
+    assert_eq!(echo["service"], "demo");
+    assert!(
+        ["demo-1", "demo-2"].contains(&echo["instance"].as_str().unwrap()),
+        "{echo}"
+    );
+    assert_eq!(echo["path"], "/demo/hello");
+
+    let secure = format!("{proxy}/secure/hi");
+    let status = http().get(&secure).send().await.unwrap().status();
+    assert_eq!(status, 401, "without a token");
+    let with_token = eventually(DEADLINE, "the secure route with the token", || async {
+        let r = http().get(&secure).bearer_auth(&token).send().await.ok()?;
+        if r.status() != 200 {
+            return None;
+        }
+        r.json::<Value>().await.ok()
+    })
+    .await;
+    assert_eq!(
+        with_token["headers"]["x-user-id"], "demo-user",
+        "{with_token}"
+    );
+    let wrong = http()
+        .get(&secure)
+        .bearer_auth(format!("{token}x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401, "a tampered token");
+    let (status, _, metrics) =
+        scrape(admin.trim_start_matches("http://").parse().unwrap(), None).await;
+    assert_eq!(status, 200);
+    assert!(
+        total(
+            &parse_prometheus(&metrics),
+            "switchyard_requests_total",
+            &[("route", "demo")]
+        ) >= 1.0
+    );
+
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(15), &log).await;
+    assert!(
+        status.success(),
+        "exit {status:?}; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}

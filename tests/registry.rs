@@ -1402,9 +1402,9 @@ async fn demo_services_register_healthy_and_echo_requests() {
         let demo = switchyard::devregistry::demo::start_demo_services(&reg)
             .await
             .unwrap();
-        assert_eq!(demo.len(), 4);
+        assert_eq!(demo.len(), 2);
         let healthy = eventually(Duration::from_secs(10), || async {
-            get(&reg, "/v1/health/service/web?passing")
+            get(&reg, "/v1/health/service/demo?passing")
                 .await
                 .json()
                 .as_array()
@@ -1414,7 +1414,7 @@ async fn demo_services_register_healthy_and_echo_requests() {
         })
         .await;
         assert!(healthy);
-        let entry = &get(&reg, "/v1/health/service/web").await.json()[0];
+        let entry = &get(&reg, "/v1/health/service/demo").await.json()[0];
         let url = format!(
             "http://{}:{}/hello",
             entry["Service"]["Address"].as_str().unwrap(),
@@ -1428,7 +1428,7 @@ async fn demo_services_register_healthy_and_echo_requests() {
             .json()
             .await
             .unwrap();
-        assert_eq!(echo["service"], "web");
+        assert_eq!(echo["service"], "demo");
         assert_eq!(echo["uri"], "/hello");
     })
     .await
