@@ -304,4 +304,19 @@ mod tests {
         assert_eq!(data.claims["sub"], SUBJECT);
         std::fs::remove_dir_all(dir).unwrap();
     }
+
+    #[test]
+    fn the_docker_compose_provider_accepts_the_same_tokens_as_the_dev_one() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/jwt/demo.json");
+        let mut doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        assert_eq!(doc["issuer"], ISSUER);
+        assert_eq!(doc["audiences"], json!([AUDIENCE]));
+        assert_eq!(doc["keys"][0]["kid"], PROVIDER);
+        // The file names its secret by env; check the rest with a secret file instead.
+        let (dir, file, _) = write_secret().unwrap();
+        doc["keys"][0] = json!({"kid": PROVIDER, "secret_file": file});
+        crate::auth::jwt::Provider::check(PROVIDER, &doc).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
