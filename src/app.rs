@@ -300,7 +300,8 @@ pub async fn start(
         %proxy_addr, %admin_addr, "switchyard starting");
     let registration = cfg.file.registration.enabled.then(|| {
         let me = registration::registration(&cfg.file.registration, proxy_addr, admin_addr);
-        registration::spawn(self_client, me, shutdown.clone())
+        let recheck = Duration::from_secs(cfg.file.registration.check_interval_s.max(1));
+        registration::spawn(self_client, me, recheck, shutdown.clone())
     });
     tasks.push(tokio::spawn(writer.run(kv_rx, svc_rx, shutdown.clone())));
 

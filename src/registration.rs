@@ -3,7 +3,9 @@
 //! gateways behind a load balancer is discoverable, and deregisters on shutdown.
 //!
 //! Registration runs in the background and retries with backoff while the agent is down:
-//! it never delays start and never stops the gateway.
+//! it never delays start and never stops the gateway. Once registered, it checks every
+//! check interval that the agent still knows the service (a restarted dev-mode agent forgets
+//! it) and registers again when it does not.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -99,11 +101,23 @@ pub struct Registered {
     task: JoinHandle<()>,
 }
 
-/// Starts registering in the background until it succeeds or `shutdown` trips.
-pub fn spawn(client: ConsulClient, reg: ServiceRegistration, shutdown: Shutdown) -> Registered {
+/// Starts registering in the background (and keeping the registration) until `shutdown`
+/// trips; `recheck` is how often the agent is asked whether it still has it.
+pub fn spawn(
+    client: ConsulClient,
+    reg: ServiceRegistration,
+    recheck: Duration,
+    shutdown: Shutdown,
+) -> Registered {
     let done = Arc::new(AtomicBool::new(false));
     let id = reg.id.clone();
-    let task = tokio::spawn(register_loop(client.clone(), reg, done.clone(), shutdown));
+    let task = tokio::spawn(keep_registered(
+        client.clone(),
+        reg,
+        recheck,
+        done.clone(),
+        shutdown,
+    ));
     Registered {
         client,
         id,
@@ -112,17 +126,50 @@ pub fn spawn(client: ConsulClient, reg: ServiceRegistration, shutdown: Shutdown)
     }
 }
 
-async fn register_loop(
+async fn keep_registered(
     client: ConsulClient,
     reg: ServiceRegistration,
+    recheck: Duration,
     done: Arc<AtomicBool>,
     shutdown: Shutdown,
 ) {
+    loop {
+        if !register(&client, &reg, &done, &shutdown).await {
+            return;
+        }
+        // Registered: watch for the agent forgetting it.
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tokio::time::sleep(recheck) => {}
+            }
+            match client.agent_service_exists(&reg.id).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(id = %reg.id, "the agent no longer has this gateway; registering again");
+                    break;
+                }
+                // The agent is unreachable: it may come back with or without us; ask again.
+                Err(e) => {
+                    tracing::debug!(id = %reg.id, error = %e, "cannot check the registration")
+                }
+            }
+        }
+    }
+}
+
+/// Registers, retrying with backoff; false when shutdown came first.
+async fn register(
+    client: &ConsulClient,
+    reg: &ServiceRegistration,
+    done: &AtomicBool,
+    shutdown: &Shutdown,
+) -> bool {
     let mut failures = 0u32;
     loop {
         let attempt = tokio::select! {
-            _ = shutdown.wait() => return,
-            r = client.agent_service_register(&reg) => r,
+            _ = shutdown.wait() => return false,
+            r = client.agent_service_register(reg) => r,
         };
         match attempt {
             Ok(()) => {
@@ -130,7 +177,7 @@ async fn register_loop(
                 tracing::info!(id = %reg.id, service = %reg.name, port = reg.port,
                     check = reg.check.as_ref().map(|c| c.http.as_str()).unwrap_or(""),
                     "registered in consul");
-                return;
+                return true;
             }
             Err(e) => {
                 failures += 1;
@@ -138,7 +185,7 @@ async fn register_loop(
                 tracing::warn!(id = %reg.id, error = %e, retry_in_ms = delay.as_millis() as u64,
                     "cannot register in consul; retrying");
                 tokio::select! {
-                    _ = shutdown.wait() => return,
+                    _ = shutdown.wait() => return false,
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
@@ -157,7 +204,7 @@ impl Registered {
         self.done.load(Ordering::Acquire)
     }
 
-    /// Stops retrying and removes the registration (bounded by [`DEREGISTER_TIMEOUT`]).
+    /// Stops the background work and removes the registration (bounded by [`DEREGISTER_TIMEOUT`]).
     pub async fn deregister(self) {
         self.task.abort();
         let _ = self.task.await;

@@ -469,6 +469,27 @@ async fn registration_retries_until_consul_comes_up_and_never_blocks_start() {
     assert!(!agent_services(&consul).await.unwrap().contains_key(&id));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_the_agent_forgot_is_made_again() {
+    let reg = registry();
+    let consul = reg.url();
+    let gw = gateway(registering(&consul)).await;
+    let id = gw.registration().unwrap().id().to_string();
+    eventually(DEADLINE, "registered", || async {
+        agent_services(&consul).await?.get(&id).map(|_| ())
+    })
+    .await;
+    // What an agent restarted without its data directory looks like.
+    reg.deregister_service(&id);
+    assert!(!agent_services(&consul).await.unwrap().contains_key(&id));
+    eventually(DEADLINE, "registered again", || async {
+        agent_services(&consul).await?.get(&id).map(|_| ())
+    })
+    .await;
+    gw.stop().await;
+    assert!(!agent_services(&consul).await.unwrap().contains_key(&id));
+}
+
 /// A loopback port free right now (bound, then released).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -13,7 +13,7 @@ use super::{ConsulError, Index, ServiceRegistration};
 /// Slack on top of `wait + wait/16` (the server's jitter) before a read counts as stalled.
 const READ_SLACK: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Timeout of a write (agent registration): unlike reads, writes never block server-side.
+/// Timeout of agent calls (registration): unlike watch reads, they never block server-side.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest error body kept in an error message.
 const MAX_ERROR_BODY: usize = 512;
@@ -262,6 +262,33 @@ impl ConsulClient {
             utf8_percent_encode(id, SEGMENT)
         );
         self.put(&path, None).await
+    }
+
+    /// `GET /v1/agent/service/<id>`: is the service registered on the agent?
+    pub async fn agent_service_exists(&self, id: &str) -> Result<bool, ConsulError> {
+        let url = format!(
+            "{}/v1/agent/service/{}",
+            self.base,
+            utf8_percent_encode(id, SEGMENT)
+        );
+        let mut req = self.http.get(url).timeout(WRITE_TIMEOUT);
+        if let Some(t) = &self.token {
+            req = req.header("X-Consul-Token", t.clone());
+        }
+        let resp = req.send().await.map_err(transport)?;
+        match resp.status() {
+            s if s.is_success() => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            s => {
+                let body = resp.bytes().await.unwrap_or_default();
+                Err(ConsulError::Status {
+                    status: s.as_u16(),
+                    body: String::from_utf8_lossy(&body[..body.len().min(MAX_ERROR_BODY)])
+                        .trim()
+                        .to_string(),
+                })
+            }
+        }
     }
 
     /// A write to the local agent (agent endpoints take no `dc`).
