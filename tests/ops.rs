@@ -362,6 +362,30 @@ async fn metrics_parse_as_prometheus_text_and_counters_move() {
         .iter()
         .any(|s| s.name == "switchyard_consul_data_age_seconds"
             && s.labels.get("watch").is_some_and(|w| w == "routes")));
+
+    // Consul goes away: watch errors count up and the data ages.
+    let errors_before = total(
+        &samples,
+        "switchyard_consul_watch_errors_total",
+        &[("watch", "routes")],
+    );
+    reg.stop().await;
+    eventually(DEADLINE, "watch errors and data age move", || async {
+        let (_, _, text) = scrape(admin, Some("scrape-token")).await;
+        let s = parse_prometheus(&text);
+        let errors = total(
+            &s,
+            "switchyard_consul_watch_errors_total",
+            &[("watch", "routes")],
+        );
+        let age = total(
+            &s,
+            "switchyard_consul_data_age_seconds",
+            &[("watch", "routes")],
+        );
+        (errors > errors_before && age > 0.0).then_some(())
+    })
+    .await;
     gw.stop().await;
 }
 
