@@ -188,6 +188,12 @@ impl Dev {
         line(format!(
             "  curl '{registry}/v1/health/service/{DEMO_SERVICE}?pretty'"
         ));
+        if let Some(r) = self.gateway.registration() {
+            line(format!(
+                "  curl '{registry}/v1/agent/service/{}?pretty'   # the gateway registers itself",
+                r.id()
+            ));
+        }
         g
     }
 
