@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fake_consul;
+pub mod tokens;
 pub mod upstream;
 
 use std::future::Future;

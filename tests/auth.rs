@@ -1,0 +1,668 @@
+//! Edge auth end to end through the proxy port: every attack of issue 5 is refused with
+//! the right status and nothing reaches the upstream (its hit counter does not move);
+//! identity headers cannot be forged; API keys and JWT providers come from KV; JWKS keys
+//! rotate, survive a broken endpoint, and random kids cannot cause a fetch storm.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::tokens::{self, claims, JwksServer, AUDIENCE, ISSUER, RSA_PUBLIC, SECRET};
+use support::upstream::Upstream;
+use support::{eventually, route, unique, Consul, Gateway, Svc, DEADLINE};
+use switchyard::config::FileConfig;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// A Consul, one upstream registered as a fresh service, and a gateway on its own prefix.
+struct Env {
+    consul: Consul,
+    gw: Gateway,
+    service: String,
+    upstream: Upstream,
+    http: reqwest::Client,
+    /// Holds the HMAC secret file of the config-file provider.
+    _dir: tempfile::TempDir,
+}
+
+/// The config-file provider `cfg`: HS256 (kid `h`, secret from a file) and RS256 (kid `r`),
+/// both algorithms allowed, so that key confusion is really attempted.
+fn config_provider(secret_file: &std::path::Path) -> Value {
+    json!({
+        "issuer": ISSUER,
+        "audiences": [AUDIENCE],
+        "algorithms": ["HS256", "RS256"],
+        "keys": [
+            {"kid": "h", "secret_file": secret_file},
+            {"kid": "r", "pem": RSA_PUBLIC},
+        ],
+        "max_token_bytes": 2048,
+    })
+}
+
+impl Env {
+    async fn start() -> Env {
+        Env::start_with(|_| {}).await
+    }
+
+    async fn start_with(tweak: impl FnOnce(&mut FileConfig)) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("hs256.secret");
+        std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+        let consul = Consul::start().await;
+        let prefix = format!("{}/", unique("auth"));
+        let provider = config_provider(&secret);
+        let gw = Gateway::start(&consul, &prefix, |f| {
+            f.jwt_providers.insert("cfg".into(), provider);
+            tweak(f);
+        })
+        .await;
+        let service = unique("svc");
+        let upstream = Upstream::start("u0").await;
+        consul
+            .register(&Svc::new(
+                &service,
+                &format!("{service}-0"),
+                upstream.port(),
+            ))
+            .await;
+        Env {
+            consul,
+            gw,
+            service,
+            upstream,
+            http: client(),
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gw.app.proxy_addr())
+    }
+
+    /// Puts a route for the env's service and waits until it serves.
+    async fn route(&self, name: &str, prefix: &str, extra: Value) {
+        self.consul
+            .put_kv(
+                &self.gw.route_key(name),
+                &route(&self.service, prefix, extra),
+            )
+            .await;
+        let id = format!("{}-0", self.service);
+        self.gw.wait_upstreams(prefix, &[id.as_str()]).await;
+    }
+
+    async fn put(&self, folder: &str, name: &str, doc: &Value) {
+        self.consul
+            .put_kv(
+                &format!("{}{folder}/{name}", self.gw.kv_prefix),
+                &doc.to_string(),
+            )
+            .await;
+    }
+
+    fn bearer(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(self.url(path))
+            .header("authorization", format!("Bearer {token}"))
+    }
+
+    /// Sends `req`, asserts `status` and that the upstream saw nothing; returns the response.
+    async fn refused(
+        &self,
+        what: &str,
+        req: reqwest::RequestBuilder,
+        status: u16,
+    ) -> reqwest::Response {
+        let before = self.upstream.hits();
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{what}");
+        assert_eq!(self.upstream.hits(), before, "{what}: reached the upstream");
+        resp
+    }
+
+    /// Polls until `token` gets through on `path` (providers and keys load from KV).
+    async fn wait_accepted(&self, path: &str, header: (&str, &str)) {
+        eventually(DEADLINE, &format!("{path} accepts the credential"), || {
+            let req = self.http.get(self.url(path)).header(header.0, header.1);
+            async move {
+                let resp = req.send().await.ok()?;
+                (resp.status() == 200).then_some(())
+            }
+        })
+        .await;
+    }
+
+    async fn stop(self) {
+        self.gw.stop().await;
+        self.consul.cleanup().await;
+    }
+}
+
+async fn seen_headers(resp: reqwest::Response) -> serde_json::Map<String, Value> {
+    let text = resp.text().await.unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    v["headers"].as_object().cloned().unwrap_or_default()
+}
+
+fn challenge(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+#[tokio::test]
+async fn every_attack_in_the_table_is_refused_before_the_upstream() {
+    let env = Env::start().await;
+    env.route("api", "/api", json!({"auth": {"jwt": ["cfg"]}}))
+        .await;
+    env.route(
+        "orders",
+        "/orders",
+        json!({"auth": {"jwt": ["cfg"], "scopes": ["orders:write"]}}),
+    )
+    .await;
+
+    let now = tokens::now();
+    let good = claims("alice", json!({}));
+    let valid_rs = tokens::rs256("r", &good);
+    let valid_hs = tokens::hs256("h", &good);
+    // The test can fail: good tokens do get through, and reach the upstream.
+    for token in [&valid_rs, &valid_hs] {
+        let before = env.upstream.hits();
+        let resp = env.bearer("/api/x", token).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(env.upstream.hits(), before + 1);
+    }
+
+    let big = claims("alice", json!({"pad": "x".repeat(4096)}));
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "expired (beyond the 60 s leeway)",
+            tokens::rs256("r", &claims("alice", json!({"exp": now - 3600}))),
+            "/api/x",
+        ),
+        (
+            "nbf in the future",
+            tokens::rs256("r", &claims("alice", json!({"nbf": now + 3600}))),
+            "/api/x",
+        ),
+        (
+            "wrong iss",
+            tokens::rs256(
+                "r",
+                &claims("alice", json!({"iss": "https://evil.example"})),
+            ),
+            "/api/x",
+        ),
+        (
+            "wrong aud",
+            tokens::rs256("r", &claims("alice", json!({"aud": "someone-else"}))),
+            "/api/x",
+        ),
+        (
+            "exp missing",
+            tokens::rs256("r", &claims("alice", json!({"exp": null}))),
+            "/api/x",
+        ),
+        ("alg none", tokens::unsigned(&good), "/api/x"),
+        (
+            "HS256 signed with the RSA public key (key confusion), kid of the RSA key",
+            tokens::sign_hmac("r", &good, RSA_PUBLIC.as_bytes()),
+            "/api/x",
+        ),
+        (
+            "HS256 signed with the RSA public key, kid of the HMAC key",
+            tokens::sign_hmac("h", &good, RSA_PUBLIC.as_bytes()),
+            "/api/x",
+        ),
+        (
+            "tampered payload (sub changed, signature kept)",
+            tokens::tampered(&valid_rs, &claims("admin", json!({}))),
+            "/api/x",
+        ),
+        (
+            "tampered payload of an HMAC token",
+            tokens::tampered(
+                &valid_hs,
+                &claims("alice", json!({"scope": "orders:write"})),
+            ),
+            "/orders/x",
+        ),
+        ("unknown kid", tokens::rs256("nope", &good), "/api/x"),
+        (
+            "kid path trick ../../etc/passwd",
+            tokens::sign_hmac("../../etc/passwd", &good, b""),
+            "/api/x",
+        ),
+        (
+            "kid path trick /dev/null",
+            tokens::sign_hmac("/dev/null", &good, b""),
+            "/api/x",
+        ),
+        (
+            "RS256 by another key, right kid",
+            tokens::rs256_with(tokens::RSA2_PRIVATE, "r", &good),
+            "/api/x",
+        ),
+        ("oversized token", tokens::rs256("r", &big), "/api/x"),
+        ("garbage", "not.a.jwt".into(), "/api/x"),
+    ];
+    for (what, token, path) in &cases {
+        let resp = env.refused(what, env.bearer(path, token), 401).await;
+        let c = challenge(&resp);
+        assert!(c.starts_with("Bearer realm="), "{what}: challenge {c}");
+    }
+
+    let resp = env
+        .refused("missing token", env.http.get(env.url("/api/x")), 401)
+        .await;
+    let c = challenge(&resp);
+    assert!(
+        c.starts_with("Bearer realm=") && !c.contains("error="),
+        "{c}"
+    );
+    env.refused(
+        "token in the query when the provider reads only the header",
+        env.http
+            .get(env.url(&format!("/api/x?access_token={valid_rs}"))),
+        401,
+    )
+    .await;
+    env.refused(
+        "token in a cookie when the provider reads only the header",
+        env.http
+            .get(env.url("/api/x"))
+            .header("cookie", format!("access_token={valid_rs}")),
+        401,
+    )
+    .await;
+    env.refused(
+        "two Authorization headers",
+        env.bearer("/api/x", &valid_rs)
+            .header("authorization", format!("Bearer {valid_hs}")),
+        401,
+    )
+    .await;
+
+    let resp = env
+        .refused(
+            "insufficient scope",
+            env.bearer(
+                "/orders/x",
+                &tokens::rs256("r", &claims("alice", json!({"scope": "orders:read"}))),
+            ),
+            403,
+        )
+        .await;
+    let c = challenge(&resp);
+    assert!(
+        c.contains("error=\"insufficient_scope\"") && c.contains("scope=\"orders:write\""),
+        "{c}"
+    );
+    let scoped = tokens::rs256(
+        "r",
+        &claims("alice", json!({"scp": ["orders:read", "orders:write"]})),
+    );
+    let resp = env.bearer("/orders/x", &scoped).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "scp array carries the scope");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn client_sent_identity_headers_are_replaced_never_passed() {
+    let env = Env::start().await;
+    env.route("api", "/api", json!({"auth": {"jwt": ["cfg"]}}))
+        .await;
+    env.route("open", "/open", json!({})).await;
+    let token = tokens::rs256("r", &claims("alice", json!({})));
+
+    let resp = env
+        .bearer("/api/x", &token)
+        .header("X-User-Id", "root")
+        .header("x-user-id", "admin")
+        .header("X-Consumer", "billing")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = seen_headers(resp).await;
+    assert_eq!(seen["x-user-id"], "alice");
+    assert!(!seen.contains_key("x-consumer"), "{seen:?}");
+
+    // An open route forwards no identity at all, forged or not.
+    let resp = env
+        .http
+        .get(env.url("/open/x"))
+        .header("X-User-Id", "root")
+        .header("X-Consumer", "billing")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = seen_headers(resp).await;
+    assert!(
+        !seen.contains_key("x-user-id") && !seen.contains_key("x-consumer"),
+        "{seen:?}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_header_cannot_strip_the_identity_the_gateway_sets() {
+    let env = Env::start().await;
+    env.route("api", "/api", json!({"auth": {"jwt": ["cfg"]}}))
+        .await;
+    let token = tokens::rs256("r", &claims("alice", json!({})));
+    for connection in ["X-User-Id", "keep-alive, x-user-id", "X-USER-ID, X-Other"] {
+        let resp = env
+            .bearer("/api/x", &token)
+            .header("connection", connection)
+            .header("x-user-id", "root")
+            .header("x-other", "dropped")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let seen = seen_headers(resp).await;
+        assert_eq!(seen["x-user-id"], "alice", "Connection: {connection}");
+        let named = connection.to_ascii_lowercase().contains("x-other");
+        assert_eq!(
+            seen.contains_key("x-other"),
+            !named,
+            "other hop-by-hop names still honoured"
+        );
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn api_keys_from_kv_admit_their_consumer_and_disabled_keys_are_refused() {
+    let env = Env::start().await;
+    env.route("keys", "/keys", json!({"auth": {"api_key": true}}))
+        .await;
+    env.route(
+        "either",
+        "/either",
+        json!({"auth": {"jwt": ["cfg"], "api_key": true, "scopes": ["reports"]}}),
+    )
+    .await;
+    let good = switchyard::auth::api_key::mint("billing", vec!["reports".into()], None);
+    let mut off = switchyard::auth::api_key::mint("mallory", vec!["reports".into()], None);
+    off.doc.disabled = true;
+    let plain = switchyard::auth::api_key::mint("intern", vec![], None);
+    for k in [&good, &off, &plain] {
+        env.put("apikeys", &k.id, &serde_json::to_value(&k.doc).unwrap())
+            .await;
+    }
+    env.wait_accepted("/keys/x", ("x-api-key", &good.key)).await;
+    env.wait_accepted("/keys/x", ("x-api-key", &plain.key))
+        .await;
+
+    let resp = env
+        .http
+        .get(env.url("/keys/x"))
+        .header("x-api-key", &good.key)
+        .header("x-consumer", "forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = seen_headers(resp).await;
+    assert_eq!(seen["x-consumer"], "billing");
+    assert!(
+        !seen.contains_key("x-api-key"),
+        "the key never travels upstream"
+    );
+
+    let resp = env
+        .refused(
+            "disabled key",
+            env.http
+                .get(env.url("/keys/x"))
+                .header("x-api-key", &off.key),
+            401,
+        )
+        .await;
+    assert!(challenge(&resp).starts_with("ApiKey realm="));
+    env.refused(
+        "unknown key",
+        env.http
+            .get(env.url("/keys/x"))
+            .header("x-api-key", "sy_not-a-key-anyone-has"),
+        401,
+    )
+    .await;
+    env.refused("no key", env.http.get(env.url("/keys/x")), 401)
+        .await;
+    env.refused(
+        "key without the route's scope",
+        env.http
+            .get(env.url("/either/x"))
+            .header("x-api-key", &plain.key),
+        403,
+    )
+    .await;
+    let resp = env
+        .http
+        .get(env.url("/either/x"))
+        .header("x-api-key", &good.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "either credential will do");
+
+    // Disabling a key in KV takes effect live.
+    let mut disabled = good.doc.clone();
+    disabled.disabled = true;
+    env.put(
+        "apikeys",
+        &good.id,
+        &serde_json::to_value(&disabled).unwrap(),
+    )
+    .await;
+    eventually(DEADLINE, "the key is disabled", || {
+        let req = env
+            .http
+            .get(env.url("/keys/x"))
+            .header("x-api-key", &good.key);
+        async move { (req.send().await.ok()?.status() == 401).then_some(()) }
+    })
+    .await;
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn browsers_without_credentials_are_sent_to_the_login_page() {
+    let env = Env::start().await;
+    env.route(
+        "app",
+        "/app",
+        json!({"auth": {"jwt": ["cfg"], "on_unauthenticated": {"redirect": "https://login.example.com/?from=gw"}}}),
+    )
+    .await;
+    let resp = env
+        .refused(
+            "browser",
+            env.http
+                .get(env.url("/app/page"))
+                .header("accept", "text/html,application/xhtml+xml;q=0.9"),
+            302,
+        )
+        .await;
+    assert_eq!(
+        resp.headers()["location"],
+        "https://login.example.com/?from=gw"
+    );
+    let resp = env
+        .refused(
+            "API client",
+            env.http
+                .get(env.url("/app/page"))
+                .header("accept", "application/json"),
+            401,
+        )
+        .await;
+    assert!(challenge(&resp).starts_with("Bearer"));
+    let token = tokens::rs256("r", &claims("alice", json!({})));
+    let resp = env
+        .bearer("/app/page", &token)
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn providers_in_kv_serve_and_can_read_tokens_from_the_query() {
+    let env = Env::start().await;
+    env.put(
+        "jwt",
+        "kvmain",
+        &json!({
+            "issuer": ISSUER,
+            "audiences": [AUDIENCE],
+            "algorithms": ["RS256"],
+            "keys": [{"kid": "k1", "jwk": tokens::rsa_jwk(true, "k1")}],
+            "from_query": "access_token",
+            "claims_to_headers": {"sub": "X-Subject", "tenant": "X-Tenant"},
+            "remove_authorization": true,
+        }),
+    )
+    .await;
+    env.route("kv", "/kv", json!({"auth": {"jwt": ["kvmain"]}}))
+        .await;
+    let token = tokens::rs256("k1", &claims("bob", json!({"tenant": "acme"})));
+    env.wait_accepted("/kv/x", ("authorization", &format!("Bearer {token}")))
+        .await;
+
+    let resp = env
+        .bearer("/kv/x", &token)
+        .header("x-tenant", "forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = seen_headers(resp).await;
+    assert_eq!(seen["x-subject"], "bob");
+    assert_eq!(seen["x-tenant"], "acme");
+    assert!(!seen.contains_key("authorization"), "remove_authorization");
+
+    let resp = env
+        .http
+        .get(env.url(&format!("/kv/x?access_token={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "query token allowed by this provider");
+    // Headers of KV providers are stripped on every route, even ones using another provider.
+    env.route("api", "/api", json!({"auth": {"jwt": ["cfg"]}}))
+        .await;
+    let resp = env
+        .bearer("/api/x", &tokens::hs256("h", &claims("carol", json!({}))))
+        .header("x-tenant", "forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(!seen_headers(resp).await.contains_key("x-tenant"));
+    env.stop().await;
+}
+
+/// A KV provider reading keys from `jwks`.
+fn jwks_provider(jwks: &JwksServer, refresh_s: u64, min_refetch_s: u64) -> Value {
+    json!({
+        "issuer": ISSUER,
+        "audiences": [AUDIENCE],
+        "algorithms": ["RS256"],
+        "jwks_url": jwks.url(),
+        "jwks_refresh_s": refresh_s,
+        "jwks_min_refetch_s": min_refetch_s,
+        "jwks_timeout_ms": 1000,
+    })
+}
+
+#[tokio::test]
+async fn a_rotated_jwks_key_is_picked_up_and_a_broken_endpoint_keeps_the_last_keys() {
+    let env = Env::start().await;
+    let jwks = JwksServer::start(vec![tokens::rsa_jwk(true, "k1")]).await;
+    env.put("jwt", "idp", &jwks_provider(&jwks, 1, 1)).await;
+    env.route("idp", "/idp", json!({"auth": {"jwt": ["idp"]}}))
+        .await;
+    let old = tokens::rs256("k1", &claims("alice", json!({})));
+    env.wait_accepted("/idp/x", ("authorization", &format!("Bearer {old}")))
+        .await;
+
+    // The issuer rotates to key 2: a token with the new kid makes the gateway refetch.
+    jwks.set_keys(vec![tokens::rsa_jwk(false, "k2")]);
+    let new = tokens::rs256_with(tokens::RSA2_PRIVATE, "k2", &claims("alice", json!({})));
+    env.wait_accepted("/idp/x", ("authorization", &format!("Bearer {new}")))
+        .await;
+    // The old key is gone from the set: its fresh tokens are refused, nothing upstream.
+    let old_fresh = tokens::rs256("k1", &claims("dave", json!({})));
+    env.refused("retired kid", env.bearer("/idp/x", &old_fresh), 401)
+        .await;
+
+    // The endpoint breaks: routine refreshes fail, the last good keys keep serving.
+    jwks.break_down();
+    let failed_from = jwks.fetches();
+    eventually(DEADLINE, "two failed JWKS fetches", || {
+        let n = jwks.fetches();
+        async move { (n >= failed_from + 2).then_some(()) }
+    })
+    .await;
+    let uncached = tokens::rs256_with(tokens::RSA2_PRIVATE, "k2", &claims("erin", json!({})));
+    let resp = env.bearer("/idp/x", &uncached).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "last good keys kept through failed fetches"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn random_kids_do_not_cause_a_jwks_fetch_storm() {
+    let env = Env::start().await;
+    let jwks = JwksServer::start(vec![tokens::rsa_jwk(true, "k1")]).await;
+    env.put("jwt", "idp", &jwks_provider(&jwks, 300, 30)).await;
+    env.route("idp", "/idp", json!({"auth": {"jwt": ["idp"]}}))
+        .await;
+    let good = tokens::rs256("k1", &claims("alice", json!({})));
+    env.wait_accepted("/idp/x", ("authorization", &format!("Bearer {good}")))
+        .await;
+    let before = jwks.fetches();
+
+    let mut storm = Vec::new();
+    for i in 0..60 {
+        let token = tokens::rs256(
+            &format!("random-{i}-{}", unique("kid")),
+            &claims("x", json!({})),
+        );
+        storm.push(env.bearer("/idp/x", &token).send());
+    }
+    let hits = env.upstream.hits();
+    for resp in futures_util::future::join_all(storm).await {
+        assert_eq!(resp.unwrap().status(), 401);
+    }
+    assert_eq!(env.upstream.hits(), hits, "nothing reached the upstream");
+    let extra = jwks.fetches() - before;
+    assert!(extra <= 1, "{extra} JWKS fetches for 60 random kids");
+    // The known kid still works throughout.
+    let resp = env.bearer("/idp/x", &good).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    env.stop().await;
+}
