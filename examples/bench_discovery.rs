@@ -7,8 +7,8 @@
 //!    `switchyard run` child process is measured from `/proc`: time to ready, resident
 //!    memory, CPU while syncing, idle, and under churn.
 //!
-//! Talks to the agent at `CONSUL_HTTP_ADDR` when set, else to the in-process stand-in
-//! registry of the test suite (`tests/support/fake_consul.rs`). Part 2 needs
+//! Talks to the agent at `CONSUL_HTTP_ADDR` when set, else to the embedded dev registry
+//! (`switchyard::devregistry`), over HTTP either way. Part 2 needs
 //! `--gateway <path to the switchyard binary>`.
 
 use std::sync::Arc;
@@ -20,9 +20,6 @@ use switchyard::app::{self, Listeners};
 use switchyard::config::FileConfig;
 use switchyard::shutdown::Shutdown;
 use switchyard::state::{Snapshot, State};
-
-#[path = "../tests/support/fake_consul.rs"]
-mod fake_consul;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -415,14 +412,17 @@ async fn scale(
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    let (url, _fake) = match std::env::var("CONSUL_HTTP_ADDR") {
+    let (url, _registry) = match std::env::var("CONSUL_HTTP_ADDR") {
         Ok(addr) if !addr.is_empty() => {
             (switchyard::config::normalize_consul_address(&addr)?, None)
         }
         _ => {
-            let fake = fake_consul::FakeConsul::start().await;
-            println!("consul: in-process stand-in registry at {}", fake.url());
-            (fake.url(), Some(fake))
+            let registry = switchyard::devregistry::Registry::start(
+                "127.0.0.1:0".parse()?,
+                switchyard::devregistry::RegistryOptions::default(),
+            )?;
+            println!("consul: embedded dev registry at {}", registry.url());
+            (registry.url(), Some(registry))
         }
     };
     let consul = Consul {

@@ -8,8 +8,8 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::fake_consul::FakeOptions;
 use support::{eventually, route, unique, Consul, Gateway, Svc, DEADLINE};
+use switchyard::devregistry::RegistryOptions;
 
 fn skip_without_faults(consul: &Consul, test: &str) -> bool {
     if consul.faults().is_none() {
@@ -507,7 +507,11 @@ async fn slow_answers_and_dropped_connections_are_survived() {
     gw.wait_upstreams("/f", &[&b]).await;
     faults.set_latency(Duration::ZERO);
 
+    // Open blocking queries keep their connections: close them, then refuse new ones.
+    let registry = consul.registry().unwrap();
+    registry.stop().await;
     faults.set_drop_connections(true);
+    registry.restart().await.unwrap();
     eventually(DEADLINE, "dropped connections are counted", || async {
         (watch_errors(&gw).await >= 1).then_some(())
     })
@@ -525,7 +529,7 @@ async fn an_index_reset_is_followed_by_a_fresh_read() {
         return;
     };
     let faults = consul.faults().unwrap();
-    faults.reset_index();
+    faults.restore_snapshot(2);
     consul.deregister(&a).await;
     gw.wait_upstreams("/f", &[&b]).await;
     consul
@@ -653,9 +657,9 @@ async fn the_acl_token_goes_with_every_request() {
     if real_agent_configured("the_acl_token_goes_with_every_request") {
         return;
     }
-    let options = FakeOptions {
+    let options = RegistryOptions {
         token: Some("s3cret".into()),
-        ..FakeOptions::default()
+        ..RegistryOptions::for_tests()
     };
     let consul = Consul::custom(options, reqwest::Client::new()).await;
     let name = unique("acl");
@@ -672,7 +676,9 @@ async fn the_acl_token_goes_with_every_request() {
     let body: Value = eventually(DEADLINE, "the refusal is visible in /ready", || async {
         let (status, body) = denied.admin("/ready").await;
         let reason = body["reason"].as_str().unwrap_or_default().to_string();
-        (status == 503 && reason.contains("Permission denied")).then_some(body)
+        // An unknown token is `403 ACL not found`; a token without rights `Permission denied`.
+        let refused = reason.contains("ACL not found") || reason.contains("Permission denied");
+        (status == 503 && refused).then_some(body)
     })
     .await;
     assert!(body["reason"].as_str().unwrap().contains("403"), "{body}");
@@ -685,9 +691,9 @@ async fn consul_over_https_with_a_client_certificate() {
         return;
     }
     let pki = support::pki();
-    let options = FakeOptions {
+    let options = RegistryOptions {
         tls: Some(pki.server.clone()),
-        ..FakeOptions::default()
+        ..RegistryOptions::for_tests()
     };
     let consul = Consul::custom(options, pki.http.clone()).await;
     assert!(consul.url.starts_with("https://"));

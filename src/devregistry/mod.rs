@@ -75,6 +75,9 @@ pub struct RegistryOptions {
     pub reap_interval: Duration,
     /// The smallest effective `DeregisterCriticalServiceAfter` (Consul: 1 min).
     pub deregister_critical_min: Duration,
+    /// Serve HTTPS with this configuration (e.g. one requiring client certificates, like
+    /// an agent with `verify_incoming`); plain HTTP when unset.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for RegistryOptions {
@@ -87,6 +90,7 @@ impl Default for RegistryOptions {
             jitter: true,
             reap_interval: Duration::from_secs(30),
             deregister_critical_min: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -108,6 +112,7 @@ pub struct Registry {
     addr: SocketAddr,
     ctx: Arc<api::Ctx>,
     server: tokio::sync::Mutex<Option<server::Server>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     reaper: AbortHandle,
 }
 
@@ -143,11 +148,13 @@ impl Registry {
                 jitter: opts.jitter,
             },
         });
-        let server = server::Server::spawn(listener, ctx.clone());
+        let tls = opts.tls.map(tokio_rustls::TlsAcceptor::from);
+        let server = server::Server::spawn(listener, ctx.clone(), tls.clone());
         Ok(Registry {
             addr,
             ctx,
             server: tokio::sync::Mutex::new(Some(server)),
+            tls,
             reaper,
         })
     }
@@ -156,9 +163,10 @@ impl Registry {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`, ready to hand to a Consul client.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), ready to hand to a Consul client.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Fault switches (cloneable; all off at start).
@@ -179,7 +187,11 @@ impl Registry {
         let mut guard = self.server.lock().await;
         if guard.is_none() {
             let listener = server::bind(self.addr)?;
-            *guard = Some(server::Server::spawn(listener, self.ctx.clone()));
+            *guard = Some(server::Server::spawn(
+                listener,
+                self.ctx.clone(),
+                self.tls.clone(),
+            ));
         }
         Ok(())
     }

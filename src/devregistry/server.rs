@@ -1,5 +1,5 @@
 //! The listener: accepts connections, applies connection-level faults, serves HTTP/1.1 and
-//! h2c with hyper-util, and on stop closes the listener and every open connection at once.
+//! h2c (or HTTPS, when configured) with hyper-util, and on stop closes the listener and every open connection at once.
 
 use std::convert::Infallible;
 use std::io;
@@ -13,6 +13,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
 
 use super::api::{self, Ctx};
 
@@ -36,9 +37,9 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn spawn(listener: TcpListener, ctx: Arc<Ctx>) -> Server {
+    pub fn spawn(listener: TcpListener, ctx: Arc<Ctx>, tls: Option<TlsAcceptor>) -> Server {
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(accept_loop(listener, ctx, stopped));
+        let task = tokio::spawn(accept_loop(listener, ctx, tls, stopped));
         Server { stop, task }
     }
 
@@ -54,7 +55,26 @@ impl Server {
     }
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, mut stopped: oneshot::Receiver<()>) {
+async fn serve<I>(io: I, ctx: Arc<Ctx>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(api::handle(ctx, req).await) }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection(TokioIo::new(io), svc).await {
+        tracing::debug!(error = %e, "registry connection ended with an error");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    tls: Option<TlsAcceptor>,
+    mut stopped: oneshot::Receiver<()>,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -67,14 +87,14 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, mut stopped: oneshot:
                     }
                     let _ = stream.set_nodelay(true);
                     let ctx = ctx.clone();
+                    let tls = tls.clone();
                     conns.spawn(async move {
-                        let svc = service_fn(move |req| {
-                            let ctx = ctx.clone();
-                            async move { Ok::<_, Infallible>(api::handle(ctx, req).await) }
-                        });
-                        let builder = auto::Builder::new(TokioExecutor::new());
-                        if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-                            tracing::debug!(error = %e, "registry connection ended with an error");
+                        match tls {
+                            None => serve(stream, ctx).await,
+                            Some(tls) => match tls.accept(stream).await {
+                                Ok(stream) => serve(stream, ctx).await,
+                                Err(e) => tracing::debug!(error = %e, "registry TLS handshake failed"),
+                            },
                         }
                     });
                 }

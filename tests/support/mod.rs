@@ -3,7 +3,6 @@
 //! listeners, and [`eventually`] for every wait.
 #![allow(dead_code)]
 
-pub mod fake_consul;
 pub mod tokens;
 pub mod upstream;
 
@@ -20,7 +19,7 @@ use switchyard::shutdown::Shutdown;
 use switchyard::state::Snapshot;
 use tokio::net::TcpListener;
 
-use fake_consul::{FakeConsul as Registry, FakeOptions, Faults};
+use switchyard::devregistry::{Faults, Registry, RegistryOptions};
 
 /// Default deadline of [`eventually`] in these tests.
 pub const DEADLINE: Duration = Duration::from_secs(15);
@@ -107,15 +106,15 @@ impl Consul {
 
     /// Always the in-process registry (for fault injection).
     pub async fn dev() -> Consul {
-        let registry = Registry::start().await;
-        Consul::with(registry.url(), None, Some(registry))
+        Consul::custom(RegistryOptions::for_tests(), reqwest::Client::new()).await
     }
 
     /// The in-process registry set up with `options` (an ACL token, HTTPS); `http` is the
     /// client the test itself writes with.
-    pub async fn custom(options: FakeOptions, http: reqwest::Client) -> Consul {
+    pub async fn custom(options: RegistryOptions, http: reqwest::Client) -> Consul {
         let token = options.token.clone();
-        let registry = Registry::start_with(options).await;
+        let registry = Registry::start("127.0.0.1:0".parse().unwrap(), options)
+            .expect("the dev registry starts");
         let mut consul = Consul::with(registry.url(), token, Some(registry));
         consul.http = http;
         consul
