@@ -138,6 +138,7 @@ pub fn routes(admin: &Admin) -> Value {
             };
             json!({
                 "name": r.name,
+                "source": crate::routing::fabio::source_of(r),
                 "service": r.spec.service,
                 "host": host,
                 "path_prefix": r.path_prefix,

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use crate::admin::{self, Admin};
 use crate::auth::{AuthSettings, Authenticator};
 use crate::config::Config;
+use crate::consul::watch::{self as consul_watch, CatalogServices};
 use crate::consul::{ClientSettings, ConsulClient, ConsulError, KvPair, WatchHandle, WatchOptions};
 use crate::control::{Control, ControlView, DataSource, WarmStart};
 use crate::discovery::watcher::{HealthWatcher, ServiceUpdate};
@@ -29,7 +30,8 @@ use crate::discovery::Instance;
 use crate::policy::Edge;
 use crate::proxy::{self, Gateway};
 use crate::registration::{self, Registered};
-use crate::routing::kv::{self, RouteDocs};
+use crate::routing::fabio;
+use crate::routing::kv::{self, Rejection, RouteDocs};
 use crate::routing::Route;
 use crate::shutdown::Shutdown;
 use crate::state::{Snapshot, State};
@@ -269,6 +271,18 @@ pub async fn start(
     let (kv_tx, kv_rx) = mpsc::unbounded_channel();
     let (svc_tx, svc_rx) = mpsc::unbounded_channel();
     let routes_watch = kv::watch(&client, &cfg.file.consul.kv_prefix, options.clone(), kv_tx);
+    let (tags_tx, tags_rx) = mpsc::unbounded_channel();
+    let fabio = cfg.file.fabio.enabled.then(|| FabioRoutes {
+        watch: consul_watch::spawn(
+            CatalogServices::new(&client),
+            options.named("catalog:services"),
+            move |services| {
+                let _ = tags_tx.send(services);
+            },
+        ),
+        routes: Vec::new(),
+        errors: Vec::new(),
+    });
     let persist = cfg.file.consul.state_file.clone().map(|path| {
         let (tx, rx) = watch::channel(None);
         tasks.push(tokio::spawn(persist_loop(path, rx)));
@@ -281,6 +295,7 @@ pub async fn start(
         control: control.clone(),
         docs: RouteDocs::new(&cfg.file.consul.kv_prefix),
         routes_watch,
+        fabio,
         health: HealthWatcher::new(client, options, svc_tx),
         services: BTreeMap::new(),
         build_input: HashMap::new(),
@@ -303,7 +318,12 @@ pub async fn start(
         let recheck = Duration::from_secs(cfg.file.registration.check_interval_s.max(1));
         registration::spawn(self_client, me, recheck, shutdown.clone())
     });
-    tasks.push(tokio::spawn(writer.run(kv_rx, svc_rx, shutdown.clone())));
+    tasks.push(tokio::spawn(writer.run(
+        kv_rx,
+        svc_rx,
+        tags_rx,
+        shutdown.clone(),
+    )));
 
     Ok(AppHandle {
         state,
@@ -402,6 +422,13 @@ async fn persist_loop(path: PathBuf, mut rx: watch::Receiver<Option<Arc<Persiste
     }
 }
 
+/// Routes made from fabio's `urlprefix-` tags, from a `catalog/services` watch.
+struct FabioRoutes {
+    watch: WatchHandle,
+    routes: Vec<Arc<Route>>,
+    errors: Vec<fabio::TagError>,
+}
+
 /// The single writer: owns route documents, instances and watches; publishes snapshots.
 struct Writer {
     consul_address: String,
@@ -410,6 +437,8 @@ struct Writer {
     control: Arc<Control>,
     docs: RouteDocs,
     routes_watch: WatchHandle,
+    /// Routes from `urlprefix-` tags (`[fabio] enabled`).
+    fabio: Option<FabioRoutes>,
     health: HealthWatcher,
     /// Serving-capable instances of each routed service that has answered (or was loaded
     /// from the state file).
@@ -440,6 +469,7 @@ impl Writer {
         mut self,
         mut kv_rx: mpsc::UnboundedReceiver<Arc<Vec<KvPair>>>,
         mut svc_rx: mpsc::UnboundedReceiver<ServiceUpdate>,
+        mut tags_rx: mpsc::UnboundedReceiver<Arc<BTreeMap<String, Vec<String>>>>,
         shutdown: Shutdown,
     ) {
         let mut tick = tokio::time::interval(TICK);
@@ -451,6 +481,7 @@ impl Writer {
                 _ = shutdown.wait() => break,
                 Some(pairs) = kv_rx.recv() => self.on_routes(&pairs),
                 Some(update) = svc_rx.recv() => self.on_service(update),
+                Some(services) = tags_rx.recv() => self.on_tags(&services),
                 _ = tick.tick() => self.on_tick(),
                 _ = gauges.tick() => self.export_gauges(),
             }
@@ -483,6 +514,58 @@ impl Writer {
         self.sync_watches();
     }
 
+    fn on_tags(&mut self, services: &BTreeMap<String, Vec<String>>) {
+        let Some(fabio) = self.fabio.as_mut() else {
+            return;
+        };
+        let (routes, errors) = fabio::compile(services);
+        let same = routes.len() == fabio.routes.len()
+            && routes
+                .iter()
+                .zip(&fabio.routes)
+                .all(|(a, b)| a.name == b.name && a.spec == b.spec);
+        if errors != fabio.errors {
+            for e in &errors {
+                tracing::warn!(service = %e.service, tag = %e.tag, error = %e.message,
+                    "fabio tag ignored");
+            }
+            fabio.errors = errors;
+            self.view_dirty = true;
+        }
+        if !same {
+            tracing::info!(routes = routes.len(), "fabio tag routes changed");
+            fabio.routes = routes;
+            self.dirty = true;
+            self.view_dirty = true;
+            self.sync_watches();
+        }
+    }
+
+    /// KV routes, plus tag routes that no KV route shadows (same host and prefix).
+    fn all_routes(&self) -> Vec<Arc<Route>> {
+        let mut routes = self.docs.routes();
+        if let Some(fabio) = &self.fabio {
+            let tagged = fabio::without_kv_conflicts(routes.iter().map(|r| &**r), &fabio.routes);
+            routes.extend(tagged);
+        }
+        routes
+    }
+
+    /// Rejected KV documents and, with fabio routing, tags that make no valid route.
+    fn rejections(&self) -> Vec<Rejection> {
+        let mut rejected = self.docs.rejections();
+        if let Some(fabio) = &self.fabio {
+            rejected.extend(fabio.errors.iter().map(|e| Rejection {
+                name: format!("{}{}", fabio::NAME_PREFIX, e.service),
+                key: format!("tag `{}` on service {}", e.tag, e.service),
+                error: e.message.clone(),
+                modify_index: 0,
+                serving_last_good: false,
+            }));
+        }
+        rejected
+    }
+
     fn on_service(&mut self, update: ServiceUpdate) {
         // A late answer from a watch stopped meanwhile.
         if !self.wanted_since.contains_key(&update.service) {
@@ -506,8 +589,7 @@ impl Writer {
     /// One health watch per service some route names.
     fn sync_watches(&mut self) {
         let wanted: BTreeSet<String> = self
-            .docs
-            .routes()
+            .all_routes()
             .iter()
             .map(|r| r.spec.service.clone())
             .collect();
@@ -627,8 +709,7 @@ impl Writer {
         let now = Instant::now();
         let mut held = BTreeSet::new();
         let routes = self
-            .docs
-            .routes()
+            .all_routes()
             .into_iter()
             .filter(|r| {
                 let s = &r.spec.service;
@@ -661,7 +742,7 @@ impl Writer {
                 } else {
                     DataSource::StateFile
                 },
-                rejected: self.docs.rejections(),
+                rejected: self.rejections(),
                 routes_watch: Some(self.routes_watch.status().clone()),
                 health_watches: self
                     .health
@@ -736,6 +817,10 @@ impl Writer {
         metrics::gauge!(crate::metrics::DATA_AGE, "watch" => routes.name().to_string())
             .set(age(routes));
         for (_, s) in self.health.statuses() {
+            metrics::gauge!(crate::metrics::DATA_AGE, "watch" => s.name().to_string()).set(age(s));
+        }
+        if let Some(fabio) = &self.fabio {
+            let s = fabio.watch.status();
             metrics::gauge!(crate::metrics::DATA_AGE, "watch" => s.name().to_string()).set(age(s));
         }
     }

@@ -728,3 +728,102 @@ async fn consul_over_https_with_a_client_certificate() {
     assert_eq!(status, 503, "{body}");
     refused.stop().await;
 }
+
+// ---- fabio migration: routes from `urlprefix-` tags ----
+
+#[tokio::test]
+async fn fabio_tags_route_until_a_kv_document_takes_the_prefix_or_the_tag_goes() {
+    let consul = Consul::start().await;
+    let upstream = support::upstream::Upstream::start("tagged").await;
+    let name = unique("fab");
+    let id = format!("{name}-1");
+    let mut svc = Svc::new(&name, &id, upstream.port());
+    let prefix = format!("/{name}");
+    svc.tags = vec![format!("urlprefix-{prefix} strip={prefix}"), "other".into()];
+    consul.register(&svc).await;
+    let kv_prefix = format!("{}/", unique("sy"));
+    let gw = Gateway::start(&consul, &kv_prefix, |f| f.fabio.enabled = true).await;
+    gw.wait_ready().await;
+    gw.wait_upstreams(&prefix, &[&id]).await;
+
+    let (_, routes) = gw.admin("/routes").await;
+    let tag_route = routes["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["path_prefix"] == prefix.as_str())
+        .cloned()
+        .unwrap_or_else(|| panic!("{routes}"));
+    assert!(
+        tag_route["source"].as_str().unwrap().contains("fabio tag"),
+        "{tag_route}"
+    );
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{}{prefix}/hello?x=1", gw.app.proxy_addr());
+    let seen: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(seen["path"], "/hello?x=1", "strip= removed the prefix");
+
+    // A KV document on the same prefix wins over the tag.
+    let other = unique("kvsvc");
+    consul
+        .register(&Svc::new(&other, &format!("{other}-1"), 9))
+        .await;
+    consul
+        .put_kv(&gw.route_key("kv"), &route(&other, &prefix, json!({})))
+        .await;
+    gw.wait_upstreams(&prefix, &[&format!("{other}-1")]).await;
+    consul.delete_kv(&gw.route_key("kv")).await;
+    gw.wait_upstreams(&prefix, &[&id]).await;
+
+    // Without the tag, the route goes.
+    svc.tags = vec!["other".into()];
+    consul.register(&svc).await;
+    eventually(DEADLINE, "the tag route is gone", || {
+        let gone = gw.upstreams_for(&prefix).is_none();
+        async move { gone.then_some(()) }
+    })
+    .await;
+    gw.stop().await;
+    consul.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_tag_that_makes_no_route_is_reported_and_tags_are_ignored_when_fabio_is_off() {
+    let consul = Consul::start().await;
+    let name = unique("badtag");
+    let mut svc = Svc::new(&name, &format!("{name}-1"), 9);
+    svc.tags = vec!["urlprefix-/x strip=/y".into(), format!("urlprefix-/{name}")];
+    consul.register(&svc).await;
+    let gw = Gateway::start(&consul, &format!("{}/", unique("sy")), |f| {
+        f.fabio.enabled = true
+    })
+    .await;
+    gw.wait_ready().await;
+    gw.wait_upstreams(&format!("/{name}"), &[&format!("{name}-1")])
+        .await;
+    let rejected = eventually(DEADLINE, "the bad tag is listed", || async {
+        let (_, v) = gw.admin("/routes").await;
+        let found = v["rejected"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["key"].as_str().unwrap_or("").contains("urlprefix-/x"))
+            .cloned();
+        found
+    })
+    .await;
+    assert!(
+        rejected["error"].as_str().unwrap().contains("strip"),
+        "{rejected}"
+    );
+    gw.stop().await;
+
+    let off = gateway_with_routes(&consul, &[("kv", route(&name, "/kv", json!({})))]).await;
+    off.wait_upstreams("/kv", &[&format!("{name}-1")]).await;
+    assert!(
+        off.upstreams_for(&format!("/{name}")).is_none(),
+        "tags mean nothing with fabio off"
+    );
+    off.stop().await;
+    consul.cleanup().await;
+}

@@ -299,6 +299,47 @@ impl Source for KvPrefix {
     }
 }
 
+/// `/v1/catalog/services`: every service in the datacenter with the union of its
+/// instances' tags (what fabio-style tag routes are made from).
+#[derive(Debug, Clone)]
+pub struct CatalogServices {
+    client: ConsulClient,
+}
+
+impl CatalogServices {
+    pub fn new(client: &ConsulClient) -> CatalogServices {
+        CatalogServices {
+            client: client.clone(),
+        }
+    }
+}
+
+impl Source for CatalogServices {
+    type Output = std::collections::BTreeMap<String, Vec<String>>;
+
+    fn fetch(&mut self, index: Index) -> impl Future<Output = Result<Answer, ConsulError>> + Send {
+        let client = self.client.clone();
+        async move {
+            client
+                .blocking_get("/v1/catalog/services", &[], index)
+                .await
+        }
+    }
+
+    fn decode(&mut self, body: Option<Bytes>) -> Result<Self::Output, ConsulError> {
+        let Some(b) = body else {
+            return Ok(Default::default());
+        };
+        let mut services: Self::Output =
+            serde_json::from_slice(&b).map_err(|e| ConsulError::Decode(e.to_string()))?;
+        for tags in services.values_mut() {
+            tags.sort();
+            tags.dedup();
+        }
+        Ok(services)
+    }
+}
+
 /// Watches every key under `prefix`: the receiver holds the latest listing (sorted by key),
 /// `None` until Consul first answered. For the auth key sources (`jwt/`, `apikeys/`) and
 /// anything else kept in KV.

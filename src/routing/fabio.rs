@@ -3,6 +3,7 @@
 //! tag routes on the same host and prefix.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use super::spec::RouteSpec;
 use super::{HostMatch, Route};
@@ -96,18 +97,51 @@ fn parse(service: &str, tag: &str, rest: &str) -> Result<Option<RouteSpec>, Stri
     }))
 }
 
+/// Compiles the tag routes of a `catalog/services` answer; a tag that does not make a
+/// valid route is reported with its service and reason.
+pub fn compile(services: &BTreeMap<String, Vec<String>>) -> (Vec<Arc<Route>>, Vec<TagError>) {
+    let (specs, mut errors) = routes_from_tags(services);
+    let mut routes = Vec::with_capacity(specs.len());
+    for (name, spec) in specs {
+        let service = spec.service.clone();
+        let tag = spec.tags.first().cloned().unwrap_or_default();
+        match Route::compile(&name, spec) {
+            Ok(r) => routes.push(Arc::new(r)),
+            Err(e) => errors.push(TagError {
+                service,
+                tag,
+                message: e.to_string(),
+            }),
+        }
+    }
+    (routes, errors)
+}
+
+/// Where a route came from, for `/routes`: `kv`, or the fabio tag that made it.
+pub fn source_of(route: &Route) -> String {
+    match route.name.strip_prefix(NAME_PREFIX) {
+        Some(_) => format!(
+            "fabio tag `{}` on service {}",
+            route.spec.tags.first().map(String::as_str).unwrap_or(""),
+            route.spec.service
+        ),
+        None => "kv".into(),
+    }
+}
+
 /// Drops tag routes that collide with a KV route on host and prefix: KV wins.
 pub fn without_kv_conflicts<'a>(
     kv: impl IntoIterator<Item = &'a Route>,
-    tag_routes: Vec<Route>,
-) -> Vec<Route> {
+    tag_routes: &[Arc<Route>],
+) -> Vec<Arc<Route>> {
     let taken: HashSet<(HostMatch, String)> = kv
         .into_iter()
         .map(|r| (r.host.clone(), r.path_prefix.clone()))
         .collect();
     tag_routes
-        .into_iter()
+        .iter()
         .filter(|r| !taken.contains(&(r.host.clone(), r.path_prefix.clone())))
+        .cloned()
         .collect()
 }
 
@@ -169,11 +203,11 @@ mod tests {
     fn kv_routes_win_on_the_same_host_and_prefix() {
         let kv = Route::compile("users", RouteSpec::minimal("users-v2", "/users")).unwrap();
         let (specs, _) = routes_from_tags(&tags("users", &["urlprefix-/users", "urlprefix-/u"]));
-        let tag_routes = specs
+        let tag_routes: Vec<Arc<Route>> = specs
             .into_iter()
-            .map(|(n, s)| Route::compile(&n, s).unwrap())
+            .map(|(n, s)| Arc::new(Route::compile(&n, s).unwrap()))
             .collect();
-        let kept = without_kv_conflicts([&kv], tag_routes);
+        let kept = without_kv_conflicts([&kv], &tag_routes);
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].path_prefix, "/u");
     }
