@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# The cost of edge auth: req/s through the gateway (release build, 1 worker pinned to CPU 1)
+# to one loopback upstream, with auth off, an API key, HS256 and RS256 tokens (the same
+# token repeated, so the verified-token cache answers), and RS256 with the cache turned off
+# (every request verifies the signature). All cases run interleaved in one run; the table
+# gives medians and each case's req/s over the auth-off case.
+#
+# Keys and tokens are made here with openssl (never the test fixtures). wrk and the
+# upstream (a one-worker nginx from the shared harness) run on CPU 0.
+#
+# Usage: scripts/bench-auth.sh [--quick]     (--quick: 3 s runs, 1 rep; default ~3 min)
+# Env:   BENCH_DIR (default ../shared/bench next to the repo), DURATION (10), REPS (3),
+#        CONNS (50), OUT (result file), and the ports below.
+# Not run in CI: timed targets live in scripts, never in tests.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+if [[ -z "${BENCH_DIR:-}" ]]; then # ../shared/bench next to the repo (or next to a worktree's parent)
+    for d in "$ROOT/../shared/bench" "$ROOT/../../shared/bench"; do
+        [[ -f "$d/lib.sh" ]] && { BENCH_DIR="$(cd "$d" && pwd)"; break; }
+    done
+fi
+BENCH_DIR="${BENCH_DIR:-$ROOT/../shared/bench}"
+OUT="${OUT:-$ROOT/target/bench-auth-result.txt}"
+REGISTRY_PORT="${REGISTRY_PORT:-18580}"
+PROXY_PORT="${PROXY_PORT:-18180}"
+ADMIN_PORT="${ADMIN_PORT:-18981}"
+UPSTREAM_PORT="${UPSTREAM_PORT:-18181}"
+DURATION="${DURATION:-10}"
+REPS="${REPS:-3}"
+CONNS="${CONNS:-50}"
+if [[ "${1:-}" == "--quick" ]]; then
+    DURATION=3 REPS=1
+fi
+
+[[ -f "$BENCH_DIR/lib.sh" ]] || { echo "no harness at $BENCH_DIR (set BENCH_DIR)" >&2; exit 1; }
+# shellcheck source=/dev/null
+source "$BENCH_DIR/lib.sh"
+for tool in wrk nginx openssl curl taskset; do
+    command -v "$tool" >/dev/null || die "$tool is missing (see $BENCH_DIR/setup.sh)"
+done
+
+log "building switchyard (release)"
+(cd "$ROOT" && cargo build --release --locked --bin switchyard >&2)
+BIN="$ROOT/target/release/switchyard"
+
+trap bench_cleanup EXIT
+trap 'exit 130' INT TERM
+bench_rundir
+WORK="$BENCH_RUNDIR"
+
+# --- the upstream and the registry -------------------------------------------------------
+start_upstream upstream "$UPSTREAM_PORT" 0
+wait_ready "127.0.0.1:$UPSTREAM_PORT" 10 || die "upstream did not start"
+CONSUL="http://127.0.0.1:$REGISTRY_PORT"
+port_free "$REGISTRY_PORT" || die "port $REGISTRY_PORT already in use"
+start_bg registry 0 "$BIN" registry --listen "127.0.0.1:$REGISTRY_PORT"
+for _ in $(seq 100); do
+    curl -sf "$CONSUL/v1/status/leader" >/dev/null && break
+    sleep 0.1
+done
+curl -sf "$CONSUL/v1/status/leader" >/dev/null || die "registry did not start"
+put() { curl -sf -X PUT "$CONSUL$1" --data "$2" >/dev/null || die "PUT $1"; }
+put /v1/agent/service/register \
+    "{\"Name\":\"bench\",\"ID\":\"bench-1\",\"Address\":\"127.0.0.1\",\"Port\":$UPSTREAM_PORT}"
+
+# --- keys, tokens, API key ----------------------------------------------------------------
+b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$WORK/rsa.pem" 2>/dev/null
+openssl pkey -in "$WORK/rsa.pem" -pubout -out "$WORK/rsa.pub.pem"
+openssl rand -hex 32 | tr -d '\n' >"$WORK/hs.secret"
+now=$(date +%s)
+payload=$(printf '{"iss":"https://bench.invalid","aud":"bench","sub":"bench-user","scope":"bench","iat":%d,"exp":%d}' \
+    "$now" $((now + 86400)) | b64url)
+jwt() { # jwt ALG KID: a signed token over $payload
+    local input
+    input="$(printf '{"alg":"%s","typ":"JWT","kid":"%s"}' "$1" "$2" | b64url).$payload"
+    case $1 in
+        HS256) printf '%s.%s' "$input" "$(printf '%s' "$input" |
+            openssl dgst -sha256 -mac HMAC -macopt "key:$(cat "$WORK/hs.secret")" -binary | b64url)" ;;
+        RS256) printf '%s.%s' "$input" "$(printf '%s' "$input" |
+            openssl dgst -sha256 -sign "$WORK/rsa.pem" -binary | b64url)" ;;
+    esac
+}
+HS_TOKEN=$(jwt HS256 hs)
+RS_TOKEN=$(jwt RS256 rs)
+API_KEY="sy_bench_$(openssl rand -hex 24)"
+put /v1/kv/bench-auth/apikeys/bench \
+    "{\"sha256\":\"$(printf '%s' "$API_KEY" | sha256sum | cut -d' ' -f1)\",\"consumer\":\"bench\"}"
+
+route() { put "/v1/kv/bench-auth/routes/$1" "{\"service\":\"bench\",\"path_prefix\":\"/$1\"$2}"; }
+route off ''
+route apikey ',"auth":{"api_key":true}'
+route hs256 ',"auth":{"jwt":["hs"]}'
+route rs256 ',"auth":{"jwt":["rs"]}'
+route rs256-nocache ',"auth":{"jwt":["rs_nocache"]}'
+
+provider() { # provider NAME ALG KEY-LINE [EXTRA-LINE]
+    printf '[jwt_providers.%s]\nissuer = "https://bench.invalid"\naudiences = ["bench"]\nalgorithms = ["%s"]\n%s\n' "$1" "$2" "${4:-}"
+    printf '[[jwt_providers.%s.keys]]\n%s\n\n' "$1" "$3"
+}
+{
+    cat <<EOF
+[proxy]
+worker_threads = 1
+pool_max_idle_per_host = 512
+max_connections = 100000
+
+[log]
+level = "warn"
+access_log = false
+
+[registration]
+enabled = false
+
+EOF
+    provider hs HS256 "kid = \"hs\"
+secret_file = \"$WORK/hs.secret\""
+    provider rs RS256 "kid = \"rs\"
+pem = '''
+$(cat "$WORK/rsa.pub.pem")
+'''"
+    provider rs_nocache RS256 "kid = \"rs\"
+pem = '''
+$(cat "$WORK/rsa.pub.pem")
+'''" "cache_entries = 0"
+} >"$WORK/switchyard.toml"
+"$BIN" check-config "$WORK/switchyard.toml" >/dev/null || die "bad generated config $WORK/switchyard.toml"
+
+# --- the gateway ----------------------------------------------------------------------------
+for p in "$PROXY_PORT" "$ADMIN_PORT"; do port_free "$p" || die "port $p already in use"; done
+start_bg switchyard 1 "$BIN" run --config "$WORK/switchyard.toml" --consul "$CONSUL" \
+    --kv-prefix bench-auth/ --listen "127.0.0.1:$PROXY_PORT" --admin "127.0.0.1:$ADMIN_PORT"
+GW_PID=$LAST_PID
+
+# case|path|header: every case must answer 200 before the measurement starts.
+CASES=(
+    "off|/off/|"
+    "api_key|/apikey/|X-API-Key: $API_KEY"
+    "hs256|/hs256/|Authorization: Bearer $HS_TOKEN"
+    "rs256|/rs256/|Authorization: Bearer $RS_TOKEN"
+    "rs256_nocache|/rs256-nocache/|Authorization: Bearer $RS_TOKEN"
+)
+for c in "${CASES[@]}"; do
+    IFS='|' read -r name path hdr <<<"$c"
+    ok=""
+    for _ in $(seq 100); do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 ${hdr:+-H "$hdr"} \
+            "http://127.0.0.1:$PROXY_PORT$path")
+        [[ $code == 200 ]] && { ok=1; break; }
+        sleep 0.1
+    done
+    [[ -n $ok ]] || die "case $name: $path answers $code, not 200 (see $WORK/switchyard.out; KEEP_RUNDIR=1)"
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PROXY_PORT$path")
+    [[ $name == off || $code == 401 ]] || die "case $name: no credential answers $code, not 401"
+done
+
+# wrk_once PATH HEADER: "rps p50_ms p99_ms errors" of one run.
+wrk_once() {
+    timeout $((DURATION + 30)) taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency \
+        ${2:+-H "$2"} "http://127.0.0.1:$PROXY_PORT$1" 2>&1 | awk '
+        function ms(v) {
+            if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0
+            if (v ~ /m$/) return v * 60000; if (v ~ /s$/) return v * 1000; return v
+        }
+        /^ +50%/ { p50 = ms($2) }
+        /^ +99%/ { p99 = ms($2) }
+        /Requests\/sec:/ { rps = $2 }
+        /Socket errors:/ { gsub(",", ""); err += $4 + $6 + $8 + $10 }
+        /Non-2xx or 3xx responses:/ { err += $5 }
+        END { printf "%.0f %.3f %.3f %d\n", rps, p50, p99, err }'
+}
+
+log "${#CASES[@]} cases x $REPS reps x ${DURATION}s at -c$CONNS, interleaved"
+rows="$WORK/rows"
+: >"$rows"
+for c in "${CASES[@]}"; do # warm-up (connections, pools, caches)
+    IFS='|' read -r name path hdr <<<"$c"
+    DURATION=2 wrk_once "$path" "$hdr" >/dev/null
+done
+for rep in $(seq "$REPS"); do
+    for c in "${CASES[@]}"; do
+        IFS='|' read -r name path hdr <<<"$c"
+        read -r rps p50 p99 err < <(wrk_once "$path" "$hdr")
+        echo "$name $rep $rps $p50 $p99 $err" >>"$rows"
+        log "run $rep/$REPS $name: $rps req/s p50 ${p50}ms p99 ${p99}ms errors $err"
+    done
+done
+alive "$GW_PID" || die "the gateway died during the run (see $WORK/switchyard.out)"
+
+col() { awk -v n="$1" -v f="$2" '$1 == n { print $f }' "$rows" | median; }
+base=$(col off 3)
+mkdir -p "$(dirname "$OUT")"
+{
+    echo "# switchyard edge auth, $(date -u +%F), 1 worker on CPU 1, wrk -c$CONNS on CPU 0, ${DURATION}s x $REPS"
+    printf '%-15s %10s %8s %8s %8s %7s\n' case req/s vs_off p50_ms p99_ms errors
+    for c in "${CASES[@]}"; do
+        IFS='|' read -r name _ _ <<<"$c"
+        rps=$(col "$name" 3)
+        printf '%-15s %10.0f %8.3f %8.3f %8.3f %7d\n' "$name" "$rps" \
+            "$(awk -v a="$rps" -v b="$base" 'BEGIN { print (b > 0 ? a / b : 0) }')" \
+            "$(col "$name" 4)" "$(col "$name" 5)" \
+            "$(awk -v n="$name" '$1 == n { s += $6 } END { print s + 0 }' "$rows")"
+    done
+} | tee "$OUT"
