@@ -1,5 +1,5 @@
 //! The admin listener: read-only JSON views of what the gateway believes (`/ready`,
-//! `/routes`, `/upstreams`) and its Prometheus metrics (`/metrics`). Every endpoint is one arm of the match in [`respond`]; each
+//! `/routes`, `/upstreams`, `/auth`) and its Prometheus metrics (`/metrics`). Every endpoint is one arm of the match in [`respond`]; each
 //! view reads the current snapshot and the control-plane view once, never waits on Consul.
 
 use std::collections::BTreeSet;
@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
+use crate::auth::Authenticator;
 use crate::control::Control;
 use crate::discovery;
 use crate::routing::HostMatch;
@@ -39,6 +40,8 @@ pub struct Admin {
     /// The public keys of upstream assertions (`[assertion]`), served at `/jwks.json` to
     /// backends without a token: they are public.
     pub jwks: Option<Value>,
+    /// Serving JWT providers, API keys and rejected auth documents, for `/auth`.
+    pub auth: Option<Arc<Authenticator>>,
 }
 
 /// Serves the admin API on `listener` until `shutdown` trips.
@@ -92,6 +95,7 @@ pub fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
         "/routes" => json_response(StatusCode::OK, &routes(admin)),
         "/upstreams" => json_response(StatusCode::OK, &upstreams(admin)),
         "/metrics" => metrics_response(),
+        "/auth" => json_response(StatusCode::OK, &auth(admin)),
         "/jwks.json" => match &admin.jwks {
             Some(jwks) => json_response(StatusCode::OK, jwks),
             None => text(StatusCode::NOT_FOUND, "no [assertion] key configured\n"),
@@ -109,6 +113,19 @@ fn authorized<B>(admin: &Admin, req: &Request<B>) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|given| bool::from(given.trim().as_bytes().ct_eq(token.as_bytes())))
+}
+
+/// Serving JWT providers (names only), the API-key count, and every rejected `jwt/` or
+/// `apikeys/` document with its error. Never a key, secret or hash.
+pub fn auth(admin: &Admin) -> Value {
+    match &admin.auth {
+        Some(a) => json!({
+            "providers": a.provider_names(),
+            "api_keys": a.api_key_count(),
+            "rejected": a.rejections(),
+        }),
+        None => json!({"providers": [], "api_keys": 0, "rejected": []}),
+    }
 }
 
 fn ready(admin: &Admin) -> Response<Full<Bytes>> {
@@ -289,7 +306,60 @@ mod tests {
             control: Arc::new(control),
             token: token.map(str::to_string),
             jwks: None,
+            auth: None,
         }
+    }
+
+    #[test]
+    fn auth_lists_rejected_documents_without_their_secrets() {
+        let auth = Authenticator::new(
+            crate::auth::AuthSettings::default(),
+            "sy/",
+            &std::collections::BTreeMap::new(),
+        )
+        .unwrap();
+        let kv = |key: &str, value: &str| -> crate::consul::KvPair {
+            serde_json::from_value(json!({
+                "Key": key,
+                "Value": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, value),
+            }))
+            .unwrap()
+        };
+        let good = crate::auth::api_key::mint("billing", vec![], Some("billing-1".into()));
+        auth.apply_api_key_docs(&[
+            kv(
+                "sy/apikeys/billing-1",
+                &serde_json::to_string(&good.doc).unwrap(),
+            ),
+            kv(
+                "sy/apikeys/broken",
+                r#"{"sha256": "zz-secret-zz", "consumer": "x"}"#,
+            ),
+        ]);
+        let mut a = admin(Some("t"));
+        a.auth = Some(Arc::new(auth));
+        let req = Request::get("/auth")
+            .header("authorization", "Bearer t")
+            .body(())
+            .unwrap();
+        assert_eq!(respond(&a, &req).status(), 200);
+        assert_eq!(
+            respond(&a, &get("/auth")).status(),
+            401,
+            "behind the admin token"
+        );
+        let v = super::auth(&a);
+        assert_eq!(v["api_keys"], 1);
+        assert_eq!(v["rejected"][0]["key"], "sy/apikeys/broken");
+        assert!(v["rejected"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("sha256"));
+        let text = v.to_string();
+        assert!(
+            !text.contains("zz-secret-zz") && !text.contains(&good.doc.sha256),
+            "{text}"
+        );
     }
 
     fn get(path: &str) -> Request<()> {

@@ -214,11 +214,19 @@ pub async fn start(
     let edge = Arc::new(Edge::from_config(&cfg.file)?);
     tasks.push(edge.spawn_sweeper(shutdown.clone()));
 
+    let options = WatchOptions::for_client(
+        "routes",
+        &client,
+        Duration::from_secs(cfg.file.consul.max_backoff_s),
+    );
+    let auth = authenticator(&cfg, &client, &options, &shutdown, &mut tasks)?;
+
     let admin = Arc::new(Admin {
         state: state.clone(),
         control: control.clone(),
         token: cfg.file.admin.token.clone(),
         jwks: edge.jwks(),
+        auth: Some(auth.clone()),
     });
     tasks.push(tokio::spawn(admin::serve(
         listeners.admin,
@@ -226,20 +234,7 @@ pub async fn start(
         shutdown.clone(),
     )));
 
-    let options = WatchOptions::for_client(
-        "routes",
-        &client,
-        Duration::from_secs(cfg.file.consul.max_backoff_s),
-    );
-    let gateway = data_plane(
-        &cfg,
-        &client,
-        &options,
-        state.clone(),
-        edge,
-        &shutdown,
-        &mut tasks,
-    )?;
+    let gateway = data_plane(&cfg, state.clone(), auth, edge)?;
     tasks.push(tokio::spawn(proxy::serve(
         listeners.proxy,
         gateway.clone(),
@@ -366,16 +361,15 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
         .map_err(|source| AppError::Bind { addr, source })
 }
 
-/// Builds the request path: auth (with its KV watches), upstream clients, the gateway.
-fn data_plane(
+/// The authenticator: config-file providers, and KV watches on `jwt/` and `apikeys/` that
+/// stop at shutdown.
+fn authenticator(
     cfg: &Config,
     client: &ConsulClient,
     options: &WatchOptions,
-    state: Arc<State>,
-    edge: Arc<Edge>,
     shutdown: &Shutdown,
     tasks: &mut Vec<JoinHandle<()>>,
-) -> Result<Arc<Gateway>, AppError> {
+) -> Result<Arc<Authenticator>, AppError> {
     let settings = AuthSettings::from_config(&cfg.file.auth).map_err(AppError::Auth)?;
     let auth = Authenticator::new(
         settings,
@@ -390,6 +384,16 @@ fn data_plane(
         until.wait().await;
         drop(watches);
     }));
+    Ok(auth)
+}
+
+/// Builds the request path: upstream clients and the gateway.
+fn data_plane(
+    cfg: &Config,
+    state: Arc<State>,
+    auth: Arc<Authenticator>,
+    edge: Arc<Edge>,
+) -> Result<Arc<Gateway>, AppError> {
     let upstream_tls = cfg
         .file
         .upstream_tls

@@ -666,3 +666,59 @@ async fn random_kids_do_not_cause_a_jwks_fetch_storm() {
     assert_eq!(resp.status(), 200);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_bad_provider_document_is_listed_and_its_last_good_version_keeps_serving() {
+    let env = Env::start().await;
+    let good = json!({
+        "issuer": ISSUER,
+        "algorithms": ["RS256"],
+        "keys": [{"kid": "k1", "pem": RSA_PUBLIC}],
+    });
+    env.put("jwt", "kvmain", &good).await;
+    env.route("kv", "/kv", json!({"auth": {"jwt": ["kvmain"]}}))
+        .await;
+    let token = tokens::rs256("k1", &claims("bob", json!({})));
+    env.wait_accepted("/kv/x", ("authorization", &format!("Bearer {token}")))
+        .await;
+
+    env.put(
+        "jwt",
+        "kvmain",
+        &json!({"issuer": ISSUER, "algorithms": ["none"], "keys": [{"kid": "k1", "pem": RSA_PUBLIC}]}),
+    )
+    .await;
+    env.consul
+        .put_kv(&format!("{}apikeys/broken", env.gw.kv_prefix), "{not json")
+        .await;
+    let listed = eventually(DEADLINE, "both rejections listed at /auth", || async {
+        let (status, v) = env.gw.admin("/auth").await;
+        let rejected = v["rejected"].as_array().cloned().unwrap_or_default();
+        (status == 200 && rejected.len() == 2).then_some(v)
+    })
+    .await;
+    let provider = listed["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "kvmain")
+        .expect("the provider is listed")
+        .clone();
+    assert_eq!(provider["serving_last_good"], true);
+    assert!(
+        provider["error"].as_str().unwrap().contains("none"),
+        "{provider}"
+    );
+    assert!(listed["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p == "kvmain"));
+    let resp = env
+        .bearer("/kv/x", &tokens::rs256("k1", &claims("carol", json!({}))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the last good provider serves");
+    env.stop().await;
+}
