@@ -722,3 +722,79 @@ async fn a_bad_provider_document_is_listed_and_its_last_good_version_keeps_servi
     assert_eq!(resp.status(), 200, "the last good provider serves");
     env.stop().await;
 }
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive_and_cookies_work_where_enabled() {
+    let env = Env::start_with(|f| {
+        f.jwt_providers.insert(
+            "web".into(),
+            json!({
+                "issuer": ISSUER,
+                "algorithms": ["RS256"],
+                "keys": [{"kid": "r", "pem": RSA_PUBLIC}],
+                "from_bearer": false,
+                "from_cookie": "session",
+            }),
+        );
+    })
+    .await;
+    env.route("api", "/api", json!({"auth": {"jwt": ["cfg"]}}))
+        .await;
+    env.route("web", "/web", json!({"auth": {"jwt": ["web"]}}))
+        .await;
+    let token = tokens::rs256("r", &claims("alice", json!({})));
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let resp = env
+            .http
+            .get(env.url("/api/x"))
+            .header("authorization", format!("{scheme} {token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "scheme {scheme}");
+    }
+    env.refused(
+        "Basic is not Bearer",
+        env.http
+            .get(env.url("/api/x"))
+            .header("authorization", format!("Basic {token}")),
+        401,
+    )
+    .await;
+    let resp = env
+        .http
+        .get(env.url("/web/x"))
+        .header("cookie", format!("theme=dark; session={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "token from the cookie");
+    env.refused(
+        "a bearer token where only the cookie is read",
+        env.bearer("/web/x", &token),
+        401,
+    )
+    .await;
+
+    // HTTP/2 (h2c) requests are held to the same rules.
+    let h2 = reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let resp = h2
+        .get(env.url("/api/x"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-user-id", "root")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert_eq!(seen_headers(resp).await["x-user-id"], "alice");
+    let before = env.upstream.hits();
+    let resp = h2.get(env.url("/api/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(env.upstream.hits(), before);
+    env.stop().await;
+}

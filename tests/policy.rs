@@ -696,3 +696,64 @@ async fn upstreams_that_require_a_client_certificate_get_the_gateways() {
     assert_eq!(upstream.hits.load(Ordering::SeqCst), 1);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn preflights_find_method_specific_routes_and_refusals_stay_readable_by_the_page() {
+    let env = Env::start(|_| {}).await;
+    env.route("no-cors", "/plain", json!({})).await;
+    // A PUT-only route (the helper's wait looks up GET, so wait on the preflight instead).
+    env.consul
+        .put_kv(
+            &env.gw.route_key("put-only"),
+            &route(
+                &env.service,
+                "/items",
+                json!({
+                    "methods": ["PUT"],
+                    "rate_limit": {"per_second": 0.01, "burst": 1},
+                    "cors": {"origins": ["https://app.example.com"]}
+                }),
+            ),
+        )
+        .await;
+    let origin = "https://app.example.com";
+    let preflight = || {
+        env.http
+            .request(reqwest::Method::OPTIONS, env.url("/items/1"))
+            .header("origin", origin)
+            .header("access-control-request-method", "PUT")
+    };
+    eventually(DEADLINE, "the PUT-only route serves", || {
+        let req = preflight();
+        async move { (req.send().await.ok()?.status() != 404).then_some(()) }
+    })
+    .await;
+    let resp = env
+        .refused("preflight of a PUT-only route", preflight(), 204)
+        .await;
+    assert_eq!(header(&resp, "access-control-allow-origin"), origin);
+    let put = || {
+        env.http
+            .put(env.url("/items/1"))
+            .header("origin", origin)
+            .body("x")
+    };
+    assert_eq!(put().send().await.unwrap().status(), 200);
+    let resp = env.refused("over the limit", put(), 429).await;
+    assert_eq!(header(&resp, "access-control-allow-origin"), origin);
+    assert!(resp.headers().contains_key("retry-after"));
+
+    // Without a CORS policy, OPTIONS is an ordinary request for the upstream.
+    let before = env.upstream.hits();
+    let resp = env
+        .http
+        .request(reqwest::Method::OPTIONS, env.url("/plain/x"))
+        .header("origin", origin)
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(env.upstream.hits(), before + 1);
+    env.stop().await;
+}
