@@ -577,7 +577,9 @@ fn bearer_token(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
         return Ok(None);
     }
     let token = rest.trim();
-    if token.is_empty() || token.contains(char::is_whitespace) {
+    // `to_str` admitted visible ASCII, space and tab only: a byte scan finds any whitespace
+    // (a `char` walk over a 1 KB token showed up in profiles).
+    if token.is_empty() || token.bytes().any(|b| b == b' ' || b == b'\t') {
         return Err(AuthError::Malformed("Bearer needs exactly one token"));
     }
     Ok(Some(token))

@@ -437,3 +437,25 @@ fn check_validates_without_starting_a_jwks_fetch() {
     let bad = json!({"issuer": ISS, "algorithms": ["RS256"], "jwks_url": "ftp://x"});
     assert!(Provider::check("main", &bad).is_err());
 }
+
+#[test]
+fn a_bearer_credential_is_exactly_one_token() {
+    let with = |v: &str| {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(v).unwrap(),
+        );
+        bearer_token(&h).map(|t| t.map(str::to_string))
+    };
+    assert_eq!(with("bearer  abc.def.ghi "), Ok(Some("abc.def.ghi".into())));
+    assert_eq!(with("BEARER abc"), Ok(Some("abc".into())));
+    assert_eq!(with("Basic abc"), Ok(None));
+    for bad in ["Bearer a b", "Bearer a\tb", "Bearer ", "Bearer"] {
+        assert!(
+            matches!(with(bad), Err(AuthError::Malformed(_))),
+            "{bad:?}: {:?}",
+            with(bad)
+        );
+    }
+}
