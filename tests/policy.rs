@@ -168,7 +168,7 @@ async fn a_burst_over_the_rate_limit_gets_429_and_recovers() {
     env.route(
         "limited",
         "/limited",
-        json!({"rate_limit": {"per_second": 4, "burst": 3}}),
+        json!({"rate_limit": {"per_second": 0.5, "burst": 3}}),
     )
     .await;
     let before = env.upstream.hits();
@@ -186,7 +186,8 @@ async fn a_burst_over_the_rate_limit_gets_429_and_recovers() {
     assert!((1..=2).contains(&retry), "Retry-After {retry}");
     assert!(header(&resp, "ratelimit-policy").starts_with("3;w="));
     assert_eq!(env.upstream.hits(), before + 3);
-    // 4 tokens a second: the bucket refills and requests get through again.
+    // One token every 2 s (slow enough that a loaded machine cannot refill the bucket
+    // during the burst): it refills and requests get through again.
     eventually(DEADLINE, "the limit recovers", || {
         let req = env.http.get(env.url("/limited/x"));
         async move { (req.send().await.ok()?.status() == 200).then_some(()) }
