@@ -232,7 +232,7 @@ pub fn upstreams(admin: &Admin) -> Value {
             })
         })
         .collect();
-    let routes_watch = view.routes_watch.as_ref().map(|w| {
+    let watch_json = |w: &Arc<crate::consul::WatchStatus>| {
         json!({
             "data_age_s": w.data_age().map(|a| a.as_secs_f64()),
             "last_contact_s": w.last_contact().map(|a| a.as_secs_f64()),
@@ -241,12 +241,13 @@ pub fn upstreams(admin: &Admin) -> Value {
             "consecutive_errors": w.consecutive_errors(),
             "last_error": w.last_error(),
         })
-    });
+    };
     json!({
         "version": snap.version,
         "source": view.source,
         "data_age_s": admin.control.data_age().map(|a| a.as_secs_f64()),
-        "routes_watch": routes_watch,
+        "routes_watch": view.routes_watch.as_ref().map(watch_json),
+        "tags_watch": view.tags_watch.as_ref().map(watch_json),
         "services": services,
     })
 }

@@ -277,6 +277,7 @@ pub async fn start(
         ),
         routes: Vec::new(),
         errors: Vec::new(),
+        seen: false,
     });
     let persist = cfg.file.consul.state_file.clone().map(|path| {
         let (tx, rx) = watch::channel(None);
@@ -431,6 +432,9 @@ struct FabioRoutes {
     watch: WatchHandle,
     routes: Vec<Arc<Route>>,
     errors: Vec<fabio::TagError>,
+    /// Consul has answered the watch at least once (the first snapshot waits for it, so
+    /// a gateway never goes ready without its tag routes).
+    seen: bool,
 }
 
 /// The single writer: owns route documents, instances and watches; publishes snapshots.
@@ -522,6 +526,11 @@ impl Writer {
         let Some(fabio) = self.fabio.as_mut() else {
             return;
         };
+        if !fabio.seen {
+            fabio.seen = true;
+            self.dirty = true;
+            tracing::info!(services = services.len(), "service tags read from consul");
+        }
         let (routes, errors) = fabio::compile(services);
         let same = routes.len() == fabio.routes.len()
             && routes
@@ -633,6 +642,10 @@ impl Writer {
                 tracing::warn!(consul = %self.consul_address,
                     error = status.last_error().as_deref().unwrap_or("no answer yet"),
                     "waiting for consul; not ready");
+            } else if let Some(f) = self.fabio.as_ref().filter(|f| !f.seen) {
+                tracing::warn!(consul = %self.consul_address,
+                    error = f.watch.status().last_error().as_deref().unwrap_or("no answer yet"),
+                    "waiting for consul's service tags (fabio); not ready");
             } else {
                 let waiting: Vec<&String> = self
                     .wanted_since
@@ -698,7 +711,7 @@ impl Writer {
         if self.warm.is_some() {
             return true;
         }
-        if !self.routes_seen {
+        if !self.routes_seen || self.fabio.as_ref().is_some_and(|f| !f.seen) {
             return false;
         }
         let now = Instant::now();
@@ -748,6 +761,7 @@ impl Writer {
                 },
                 rejected: self.rejections(),
                 routes_watch: Some(self.routes_watch.status().clone()),
+                tags_watch: self.fabio.as_ref().map(|f| f.watch.status().clone()),
                 health_watches: self
                     .health
                     .statuses()

@@ -47,6 +47,8 @@ pub struct ControlView {
     pub source: DataSource,
     pub rejected: Vec<Rejection>,
     pub routes_watch: Option<Arc<WatchStatus>>,
+    /// The `catalog/services` watch behind fabio tag routes (`[fabio] enabled`).
+    pub tags_watch: Option<Arc<WatchStatus>>,
     /// One health watch per routed service.
     pub health_watches: BTreeMap<String, Arc<WatchStatus>>,
     /// Serving-capable (passing or warning) instances of each routed service, as Consul
@@ -62,6 +64,7 @@ impl ControlView {
             source: DataSource::None,
             rejected: Vec::new(),
             routes_watch: None,
+            tags_watch: None,
             health_watches: BTreeMap::new(),
             services: BTreeMap::new(),
             warm_start: None,
@@ -134,6 +137,7 @@ impl Control {
         };
         view.routes_watch
             .iter()
+            .chain(view.tags_watch.iter())
             .chain(view.health_watches.values())
             .map(|s| age(s))
             .max()
@@ -215,5 +219,25 @@ mod tests {
         assert!(!r.ready, "{r:?}");
         assert!(r.reason.contains("max_data_age_s"), "{}", r.reason);
         assert!(r.data_age_s.unwrap() >= 60.0);
+    }
+
+    #[test]
+    fn the_tag_watch_counts_toward_the_data_age() {
+        let c = Control::new("http://c", None);
+        let tags = Arc::new(WatchStatus::new("catalog:services"));
+        std::thread::sleep(Duration::from_millis(100));
+        let routes = Arc::new(WatchStatus::new("routes"));
+        let mut view = ControlView::empty("http://c");
+        view.routes_watch = Some(routes.clone());
+        c.set_view(view);
+        let without = c.data_age().unwrap();
+
+        let mut view = ControlView::empty("http://c");
+        view.routes_watch = Some(routes);
+        view.tags_watch = Some(tags);
+        c.set_view(view);
+        let with = c.data_age().unwrap();
+        assert!(with >= Duration::from_millis(100), "{with:?}");
+        assert!(with > without, "the older tag watch is the stalest");
     }
 }

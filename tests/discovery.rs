@@ -13,11 +13,11 @@ use switchyard::devregistry::RegistryOptions;
 
 fn skip_without_faults(consul: &Consul, test: &str) -> bool {
     if consul.faults().is_none() {
-        eprintln!(
+        support::note(&format!(
             "{test}: skipped: needs fault injection, which only the dev registry offers \
              (running against the real agent at {})",
             consul.url
-        );
+        ));
         return true;
     }
     false
@@ -386,9 +386,9 @@ async fn without_consul_or_state_file_the_gateway_waits_unready_without_crashing
 async fn a_thousand_routed_services_are_all_watched() {
     let consul = Consul::start().await;
     if consul.is_real() {
-        eprintln!(
+        support::note(
             "a_thousand_routed_services_are_all_watched: the agent must allow more than 1000 \
-             connections per client (limits.http_max_conns_per_client, default 200)"
+             connections per client (limits.http_max_conns_per_client, default 200)",
         );
     }
     let base = unique("many");
@@ -440,12 +440,12 @@ async fn a_thousand_routed_services_are_all_watched() {
 
 /// A gateway on the dev registry with one service `name` (instances a, b) routed at `/f`;
 /// `None` (after saying why) against a real agent.
-async fn faulty_setup(test: &str) -> Option<(Consul, Gateway, String, String)> {
+async fn faulty_setup(test: &str, service: &str) -> Option<(Consul, Gateway, String, String)> {
     let consul = Consul::start().await;
     if skip_without_faults(&consul, test) {
         return None;
     }
-    let name = &unique(test);
+    let name = &unique(service);
     let (a, b) = (format!("{name}-a"), format!("{name}-b"));
     consul.register(&Svc::new(name, &a, 9801)).await;
     consul.register(&Svc::new(name, &b, 9802)).await;
@@ -465,7 +465,12 @@ async fn watch_errors(gw: &Gateway) -> u64 {
 
 #[tokio::test]
 async fn consul_errors_keep_the_last_state_serving_until_consul_recovers() {
-    let Some((consul, gw, a, b)) = faulty_setup("leaderless").await else {
+    let Some((consul, gw, a, b)) = faulty_setup(
+        "consul_errors_keep_the_last_state_serving_until_consul_recovers",
+        "leaderless",
+    )
+    .await
+    else {
         return;
     };
     let faults = consul.faults().unwrap();
@@ -498,7 +503,9 @@ async fn consul_errors_keep_the_last_state_serving_until_consul_recovers() {
 
 #[tokio::test]
 async fn slow_answers_and_dropped_connections_are_survived() {
-    let Some((consul, gw, a, b)) = faulty_setup("flaky").await else {
+    let Some((consul, gw, a, b)) =
+        faulty_setup("slow_answers_and_dropped_connections_are_survived", "flaky").await
+    else {
         return;
     };
     let faults = consul.faults().unwrap();
@@ -525,7 +532,9 @@ async fn slow_answers_and_dropped_connections_are_survived() {
 
 #[tokio::test]
 async fn an_index_reset_is_followed_by_a_fresh_read() {
-    let Some((consul, gw, a, b)) = faulty_setup("reset").await else {
+    let Some((consul, gw, a, b)) =
+        faulty_setup("an_index_reset_is_followed_by_a_fresh_read", "reset").await
+    else {
         return;
     };
     let faults = consul.faults().unwrap();
@@ -549,7 +558,12 @@ fn gw_service(gw: &Gateway) -> String {
 
 #[tokio::test]
 async fn bad_json_from_consul_is_an_error_not_an_empty_pool() {
-    let Some((consul, gw, a, b)) = faulty_setup("garbled").await else {
+    let Some((consul, gw, a, b)) = faulty_setup(
+        "bad_json_from_consul_is_an_error_not_an_empty_pool",
+        "garbled",
+    )
+    .await
+    else {
         return;
     };
     let faults = consul.faults().unwrap();
@@ -567,7 +581,9 @@ async fn bad_json_from_consul_is_an_error_not_an_empty_pool() {
 
 #[tokio::test]
 async fn consul_down_for_a_while_then_back() {
-    let Some((consul, gw, a, b)) = faulty_setup("outage").await else {
+    let Some((consul, gw, a, b)) =
+        faulty_setup("consul_down_for_a_while_then_back", "outage").await
+    else {
         return;
     };
     let registry = consul.registry().unwrap();
@@ -601,7 +617,10 @@ async fn consul_down_for_a_while_then_back() {
 #[tokio::test]
 async fn stale_data_makes_the_gateway_unready_when_a_limit_is_set() {
     let consul = Consul::start().await;
-    if skip_without_faults(&consul, "stale_data") {
+    if skip_without_faults(
+        &consul,
+        "stale_data_makes_the_gateway_unready_when_a_limit_is_set",
+    ) {
         return;
     }
     let name = unique("stale");
@@ -638,14 +657,14 @@ async fn stale_data_makes_the_gateway_unready_when_a_limit_is_set() {
     gw.stop().await;
 }
 
-// ---- Access to Consul: ACL token and TLS (in-process registry only) ----
+// ---- Access to Consul: ACL token and TLS (dev registry only) ----
 
 fn real_agent_configured(test: &str) -> bool {
     match std::env::var("CONSUL_HTTP_ADDR") {
         Ok(addr) if !addr.is_empty() => {
-            eprintln!(
+            support::note(&format!(
                 "{test}: skipped: needs a specially set up registry, not the real agent at {addr}"
-            );
+            ));
             true
         }
         _ => false,
@@ -670,19 +689,32 @@ async fn the_acl_token_goes_with_every_request() {
     gw.wait_upstreams("/a", &[&format!("{name}-1")]).await;
     gw.stop().await;
 
+    // A secret the agent does not know: `403 ACL not found`.
     let mut file = support::test_config(&consul.url, "sy/");
     file.consul.token = Some("wrong".into());
     let denied = Gateway::start_with(file).await;
     let body: Value = eventually(DEADLINE, "the refusal is visible in /ready", || async {
         let (status, body) = denied.admin("/ready").await;
         let reason = body["reason"].as_str().unwrap_or_default().to_string();
-        // An unknown token is `403 ACL not found`; a token without rights `Permission denied`.
-        let refused = reason.contains("ACL not found") || reason.contains("Permission denied");
-        (status == 503 && refused).then_some(body)
+        (status == 503 && reason.contains("ACL not found")).then_some(body)
     })
     .await;
     assert!(body["reason"].as_str().unwrap().contains("403"), "{body}");
     denied.stop().await;
+
+    // No token at all: the anonymous token lacks the right, `403 Permission denied`.
+    let anonymous = Gateway::start_with(support::test_config(&consul.url, "sy/")).await;
+    eventually(
+        DEADLINE,
+        "the anonymous refusal is visible in /ready",
+        || async {
+            let (status, body) = anonymous.admin("/ready").await;
+            let reason = body["reason"].as_str().unwrap_or_default().to_string();
+            (status == 503 && reason.contains("Permission denied")).then_some(())
+        },
+    )
+    .await;
+    anonymous.stop().await;
 }
 
 #[tokio::test]
@@ -825,5 +857,38 @@ async fn a_tag_that_makes_no_route_is_reported_and_tags_are_ignored_when_fabio_i
         "tags mean nothing with fabio off"
     );
     off.stop().await;
+    consul.cleanup().await;
+}
+
+#[tokio::test]
+async fn with_fabio_on_the_first_snapshot_already_holds_the_tag_routes() {
+    let consul = Consul::start().await;
+    let name = unique("fabboot");
+    let id = format!("{name}-1");
+    let mut svc = Svc::new(&name, &id, 9);
+    svc.tags = vec![format!("urlprefix-/{name}")];
+    consul.register(&svc).await;
+    // The catalog answers after the KV prefix: KV alone must not make the gateway ready.
+    if let Some(faults) = consul.faults() {
+        faults.set_path_latency("/v1/catalog/", Duration::from_millis(400));
+    }
+    let gw = Gateway::start(&consul, &format!("{}/", unique("sy")), |f| {
+        f.fabio.enabled = true
+    })
+    .await;
+    gw.wait_ready().await;
+    assert_eq!(
+        gw.upstreams_for(&format!("/{name}")),
+        Some(vec![id.clone()]),
+        "ready means the tag route is in"
+    );
+    if let Some(faults) = consul.faults() {
+        faults.clear();
+    }
+    let (_, ups) = gw.admin("/upstreams").await;
+    let tags_watch = &ups["tags_watch"];
+    assert!(tags_watch["index"].as_u64().unwrap() > 0, "{ups}");
+    assert_eq!(tags_watch["errors_total"], 0, "{ups}");
+    gw.stop().await;
     consul.cleanup().await;
 }

@@ -1183,6 +1183,28 @@ async fn added_latency_delays_answers() {
 }
 
 #[tokio::test]
+async fn path_latency_delays_only_the_matching_endpoints() {
+    within(async {
+        let reg = start();
+        reg.faults()
+            .set_path_latency("/v1/catalog/", Duration::from_millis(1500));
+        let t0 = Instant::now();
+        get(&reg, "/v1/kv/?keys").await;
+        let kv = t0.elapsed();
+        let t0 = Instant::now();
+        get(&reg, "/v1/catalog/services").await;
+        let catalog = t0.elapsed();
+        assert!(catalog >= Duration::from_millis(1500), "{catalog:?}");
+        assert!(kv < Duration::from_millis(1500), "{kv:?}");
+        reg.faults().clear();
+        let t0 = Instant::now();
+        get(&reg, "/v1/catalog/services").await;
+        assert!(t0.elapsed() < Duration::from_millis(1500));
+    })
+    .await
+}
+
+#[tokio::test]
 async fn without_a_leader_reads_and_writes_fail_but_stale_reads_work() {
     within(async {
         let reg = start();

@@ -247,7 +247,7 @@ fn request_token<'a>(q: &'a Query, req: &'a Request<Incoming>) -> Option<&'a str
 
 /// Serves one request (after connection-level faults were applied).
 pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Resp {
-    let latency = ctx.faults.latency();
+    let latency = ctx.faults.latency_for(req.uri().path());
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }

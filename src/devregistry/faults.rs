@@ -2,7 +2,7 @@
 //! on every connection and request. Stop/restart live on [`super::Registry`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::store::Store;
@@ -16,6 +16,8 @@ struct Switches {
     bad_json: AtomicBool,
     zero_index: AtomicBool,
     rate_limited: AtomicBool,
+    /// Extra delay for requests whose path starts with the prefix.
+    path_latency: Mutex<Option<(String, Duration)>>,
 }
 
 /// Switches for misbehaviour; every switch starts off. Clone freely: clones share state.
@@ -38,6 +40,17 @@ impl Faults {
         self.switches
             .latency_ms
             .store(latency.as_millis().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    /// Delays answers to requests whose path starts with `prefix` (e.g. `/v1/catalog/`) by
+    /// `latency`, on top of [`Faults::set_latency`]; a zero latency turns it off.
+    pub fn set_path_latency(&self, prefix: &str, latency: Duration) {
+        let value = (!latency.is_zero()).then(|| (prefix.to_string(), latency));
+        *self
+            .switches
+            .path_latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = value;
     }
 
     /// Without a leader, writes and default/consistent reads answer
@@ -82,6 +95,7 @@ impl Faults {
     /// Turns every switch off (does not undo a restore).
     pub fn clear(&self) {
         self.set_latency(Duration::ZERO);
+        self.set_path_latency("", Duration::ZERO);
         for s in [
             &self.switches.no_leader,
             &self.switches.drop_connections,
@@ -96,6 +110,19 @@ impl Faults {
 
     pub(crate) fn latency(&self) -> Duration {
         Duration::from_millis(self.switches.latency_ms.load(Relaxed))
+    }
+    /// The delay of a request to `path` (global latency plus a matching path latency).
+    pub(crate) fn latency_for(&self, path: &str) -> Duration {
+        let extra = match &*self
+            .switches
+            .path_latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            Some((prefix, d)) if path.starts_with(prefix.as_str()) => *d,
+            _ => Duration::ZERO,
+        };
+        self.latency() + extra
     }
     pub(crate) fn no_leader(&self) -> bool {
         self.switches.no_leader.load(Relaxed)

@@ -42,6 +42,13 @@ where
     }
 }
 
+/// Prints a note that the test harness does not capture (skips must be seen, also when
+/// the test passes).
+pub fn note(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
 /// A name no other test (or earlier run against a shared agent) uses.
 pub fn unique(prefix: &str) -> String {
     format!(
@@ -58,6 +65,9 @@ pub struct Consul {
     registry: Option<Registry>,
     /// Service ids registered through [`Consul::register`], deregistered on drop (real agent).
     registered: std::sync::Mutex<Vec<String>>,
+    /// Top-level KV folders written through [`Consul::put_kv`], removed by
+    /// [`Consul::cleanup`] (a shared real agent keeps no leftovers).
+    kv_roots: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// One service instance to register, with a TTL check the test drives.
@@ -130,6 +140,7 @@ impl Consul {
             token,
             registry,
             registered: Default::default(),
+            kv_roots: Default::default(),
         }
     }
 
@@ -208,6 +219,9 @@ impl Consul {
     }
 
     pub async fn put_kv(&self, key: &str, value: &str) {
+        if let Some((root, _)) = key.split_once('/') {
+            self.kv_roots.lock().unwrap().insert(format!("{root}/"));
+        }
         self.put_ok(&format!("/v1/kv/{key}"), Some(value.as_bytes().to_vec()))
             .await;
     }
@@ -232,13 +246,18 @@ impl Consul {
         let _ = req.send().await;
     }
 
-    /// Deregisters what this test registered (matters only on a shared real agent).
+    /// Deregisters what this test registered and deletes the KV folders it wrote to
+    /// (matters only on a shared real agent).
     pub async fn cleanup(&self) {
         let ids = std::mem::take(&mut *self.registered.lock().unwrap());
         for id in ids {
             let _ = self
                 .put(&format!("/v1/agent/service/deregister/{id}"), None)
                 .await;
+        }
+        let roots = std::mem::take(&mut *self.kv_roots.lock().unwrap());
+        for root in roots {
+            self.delete_prefix(&root).await;
         }
     }
 }
