@@ -277,6 +277,7 @@ pub async fn start(
         ),
         routes: Vec::new(),
         errors: Vec::new(),
+        tags: BTreeMap::new(),
         seen: false,
     });
     let persist = cfg.file.consul.state_file.clone().map(|path| {
@@ -432,6 +433,8 @@ struct FabioRoutes {
     watch: WatchHandle,
     routes: Vec<Arc<Route>>,
     errors: Vec<fabio::TagError>,
+    /// The tags of the services that carry `urlprefix-` tags (kept in the state file).
+    tags: BTreeMap<String, Vec<String>>,
     /// Consul has answered the watch at least once (the first snapshot waits for it, so
     /// a gateway never goes ready without its tag routes).
     seen: bool,
@@ -531,7 +534,16 @@ impl Writer {
             self.dirty = true;
             tracing::info!(services = services.len(), "service tags read from consul");
         }
-        let (routes, errors) = fabio::compile(services);
+        fabio.tags = fabio::tagged_services(services);
+        self.apply_tags();
+    }
+
+    /// Rebuilds the tag routes from the current tags; publishes when they changed.
+    fn apply_tags(&mut self) {
+        let Some(fabio) = self.fabio.as_mut() else {
+            return;
+        };
+        let (routes, errors) = fabio::compile(&fabio.tags);
         let same = routes.len() == fabio.routes.len()
             && routes
                 .iter()
@@ -685,6 +697,10 @@ impl Writer {
         for (name, e) in self.docs.seed(&loaded.routes) {
             tracing::warn!(route = %name, error = %e, "state file route no longer valid; skipped");
         }
+        if let Some(fabio) = self.fabio.as_mut() {
+            fabio.tags = loaded.fabio_tags.clone();
+            self.apply_tags();
+        }
         let age_ms = state_file::unix_ms().saturating_sub(loaded.written_at_unix_ms);
         self.sync_watches();
         for (service, instances) in loaded.services {
@@ -820,7 +836,11 @@ impl Writer {
         }
         // Only data Consul confirmed goes to the state file.
         if let (Some(tx), true) = (&self.persist, self.routes_seen) {
-            let persisted = PersistedState::new(self.docs.good_documents(), self.services.clone());
+            let mut persisted =
+                PersistedState::new(self.docs.good_documents(), self.services.clone());
+            if let Some(fabio) = self.fabio.as_ref().filter(|f| f.seen) {
+                persisted = persisted.with_fabio_tags(fabio.tags.clone());
+            }
             let _ = tx.send(Some(Arc::new(persisted)));
         }
     }

@@ -38,6 +38,10 @@ pub struct PersistedState {
     /// Instances of each routed service (shared with the writer: no copy per change).
     #[serde(serialize_with = "ser_services", deserialize_with = "de_services")]
     pub services: BTreeMap<String, Arc<Vec<Instance>>>,
+    /// Tags of the services that carry fabio `urlprefix-` tags (`[fabio] enabled`), so tag
+    /// routes warm-start too. Absent in files written without fabio routing.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fabio_tags: BTreeMap<String, Vec<String>>,
 }
 
 type Services = BTreeMap<String, Arc<Vec<Instance>>>;
@@ -58,7 +62,14 @@ impl PersistedState {
             written_at_unix_ms: unix_ms(),
             routes,
             services,
+            fabio_tags: BTreeMap::new(),
         }
+    }
+
+    /// The same state with the tags fabio routes are made from.
+    pub fn with_fabio_tags(mut self, tags: BTreeMap<String, Vec<String>>) -> PersistedState {
+        self.fabio_tags = tags;
+        self
     }
 }
 
@@ -172,6 +183,26 @@ mod tests {
         // Overwriting leaves no temporary file behind.
         write_atomic(&path, &s).unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn fabio_tags_round_trip_and_files_without_them_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let plain = sample();
+        write_atomic(&path, &plain).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("fabio_tags"), "{text}");
+        assert_eq!(load(&path).unwrap().unwrap().fabio_tags, BTreeMap::new());
+
+        let mut tags = BTreeMap::new();
+        tags.insert(
+            "users".to_string(),
+            vec!["urlprefix-/u strip=/u".to_string()],
+        );
+        let tagged = sample().with_fabio_tags(tags.clone());
+        write_atomic(&path, &tagged).unwrap();
+        assert_eq!(load(&path).unwrap().unwrap().fabio_tags, tags);
     }
 
     #[test]

@@ -892,3 +892,48 @@ async fn with_fabio_on_the_first_snapshot_already_holds_the_tag_routes() {
     gw.stop().await;
     consul.cleanup().await;
 }
+
+#[tokio::test]
+async fn fabio_tag_routes_warm_start_from_the_state_file() {
+    let consul = Consul::start().await;
+    let name = unique("fabwarm");
+    let id = format!("{name}-1");
+    let mut svc = Svc::new(&name, &id, 9702);
+    svc.tags = vec![format!("urlprefix-/{name} strip=/{name}")];
+    consul.register(&svc).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state_file = dir.path().join("state.json");
+    let prefix = format!("{}/", unique("sy"));
+    let sf = state_file.clone();
+    let gw = Gateway::start(&consul, &prefix, |f| {
+        f.fabio.enabled = true;
+        f.consul.state_file = Some(sf);
+    })
+    .await;
+    gw.wait_upstreams(&format!("/{name}"), &[&id]).await;
+    eventually(DEADLINE, "the state file holds the tags", || {
+        let text = std::fs::read_to_string(&state_file).unwrap_or_default();
+        let ok = text.contains("fabio_tags") && text.contains("9702");
+        async move { ok.then_some(()) }
+    })
+    .await;
+    gw.stop().await;
+
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let mut file = support::test_config(&dead_url, &prefix);
+    file.consul.state_file = Some(state_file.clone());
+    file.fabio.enabled = true;
+    let warm = Gateway::start_with(file).await;
+    warm.wait_ready().await;
+    assert_eq!(
+        warm.upstreams_for(&format!("/{name}/x")),
+        Some(vec![id.clone()]),
+        "the tag route and its instance come from the file"
+    );
+    let (_, routes) = warm.admin("/routes").await;
+    assert_eq!(routes["source"], "state_file");
+    warm.stop().await;
+    consul.cleanup().await;
+}

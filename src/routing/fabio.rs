@@ -97,6 +97,16 @@ fn parse(service: &str, tag: &str, rest: &str) -> Result<Option<RouteSpec>, Stri
     }))
 }
 
+/// The services of a `catalog/services` answer that carry at least one `urlprefix-` tag
+/// (all that tag routes need; what the state file keeps).
+pub fn tagged_services(services: &BTreeMap<String, Vec<String>>) -> BTreeMap<String, Vec<String>> {
+    services
+        .iter()
+        .filter(|(_, tags)| tags.iter().any(|t| t.starts_with("urlprefix-")))
+        .map(|(s, tags)| (s.clone(), tags.clone()))
+        .collect()
+}
+
 /// Compiles the tag routes of a `catalog/services` answer; a tag that does not make a
 /// valid route is reported with its service and reason.
 pub fn compile(services: &BTreeMap<String, Vec<String>>) -> (Vec<Arc<Route>>, Vec<TagError>) {
@@ -197,6 +207,16 @@ mod tests {
         ));
         assert!(routes.is_empty());
         assert_eq!(errors.len(), 2);
+    }
+
+    #[test]
+    fn only_services_with_urlprefix_tags_are_kept() {
+        let mut services = tags("web", &["urlprefix-/web", "v1"]);
+        services.insert("db".into(), vec!["primary".into()]);
+        services.insert("bare".into(), vec![]);
+        let kept = tagged_services(&services);
+        assert_eq!(kept.keys().collect::<Vec<_>>(), ["web"]);
+        assert_eq!(kept["web"], ["urlprefix-/web", "v1"]);
     }
 
     #[test]
