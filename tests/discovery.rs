@@ -937,3 +937,31 @@ async fn fabio_tag_routes_warm_start_from_the_state_file() {
     warm.stop().await;
     consul.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_tag_route_uses_only_the_instances_that_carry_the_tag() {
+    let consul = Consul::start().await;
+    let name = unique("fabmix");
+    let (tagged, plain) = (format!("{name}-tagged"), format!("{name}-plain"));
+    let mut a = Svc::new(&name, &tagged, 9801);
+    a.tags = vec![format!("urlprefix-/{name}")];
+    consul.register(&a).await;
+    consul.register(&Svc::new(&name, &plain, 9802)).await;
+    let gw = Gateway::start(&consul, &format!("{}/", unique("sy")), |f| {
+        f.fabio.enabled = true
+    })
+    .await;
+    gw.wait_ready().await;
+    gw.wait_upstreams(&format!("/{name}"), &[&tagged]).await;
+
+    // Tagging the second instance adds it; failing the first takes it out.
+    let mut b = Svc::new(&name, &plain, 9802);
+    b.tags = a.tags.clone();
+    consul.register(&b).await;
+    gw.wait_upstreams(&format!("/{name}"), &[&plain, &tagged])
+        .await;
+    consul.check(&a.check_id(), "fail", "down").await;
+    gw.wait_upstreams(&format!("/{name}"), &[&plain]).await;
+    gw.stop().await;
+    consul.cleanup().await;
+}
