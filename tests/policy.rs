@@ -570,6 +570,23 @@ async fn a_backend_verifies_the_upstream_assertion_with_the_published_jwks() {
     let ttl = claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap();
     assert_eq!(ttl, 30);
 
+    // Without a client request id, `rid` is the one the gateway made and forwarded.
+    let resp = env
+        .http
+        .get(env.url("/asserted/y"))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    let returned = header(&resp, "x-request-id").to_string();
+    let seen = seen_headers(resp).await;
+    let rid = seen["x-request-id"].as_str().unwrap();
+    assert!(!rid.is_empty());
+    assert_eq!(rid, returned, "the client sees the id the upstream saw");
+    let assertion = seen["x-gateway-assertion"].as_str().unwrap();
+    let claims = verify_with_jwks(env.gw.admin_addr(), assertion, &env.service).await;
+    assert_eq!(claims["rid"], rid);
+
     // A route without an assertion never forwards a client's copy of the header.
     let resp = env
         .http
