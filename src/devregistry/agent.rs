@@ -261,10 +261,8 @@ impl Agent {
     /// `PUT /v1/agent/service/deregister/:id`: unknown IDs are a no-op, as documented.
     pub fn deregister_service(&self, id: &str) {
         let checks: Vec<String> = self.store.read(|s| {
-            s.checks
-                .values()
-                .filter(|c| c.check.node == self.identity.node_name && c.check.service_id == id)
-                .map(|c| c.check.id.clone())
+            s.check_ids_of(&self.identity.node_name, id)
+                .cloned()
                 .collect()
         });
         for c in checks {
@@ -490,9 +488,7 @@ impl Agent {
         let doomed: Vec<String> = {
             let since = lock(&self.critical_since);
             self.store.read(|s| {
-                s.checks
-                    .values()
-                    .filter(|c| c.check.node == self.identity.node_name)
+                s.checks_on(&self.identity.node_name)
                     .filter(|c| c.check.agent_local && c.check.status == Status::Critical)
                     .filter_map(|c| {
                         let after = c.check.definition.deregister_critical_after?;

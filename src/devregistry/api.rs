@@ -1008,9 +1008,8 @@ fn agent_services(ctx: &Ctx) -> Value {
 fn agent_checks(ctx: &Ctx) -> Value {
     let node = &ctx.agent.identity.node_name;
     ctx.store.read(|s| {
-        s.checks
-            .values()
-            .filter(|c| &c.check.node == node && c.check.agent_local)
+        s.checks_on(node)
+            .filter(|c| c.check.agent_local)
             .map(|c| (c.check.id.clone(), wire::check_json(s, c)))
             .collect::<Map<_, _>>()
             .into()

@@ -181,6 +181,11 @@ pub struct State {
     pub nodes: BTreeMap<String, Node>,
     /// Keyed by (node, service ID).
     pub services: BTreeMap<(String, String), ServiceEntry>,
+    /// Service name → keys of `services`, so a health query does not scan the catalog.
+    by_name: HashMap<String, BTreeSet<(String, String)>>,
+    /// (node, service ID, "" for node-level checks) → check IDs, so one instance's checks
+    /// are found without walking every check of its node (an agent node holds thousands).
+    checks_by_owner: HashMap<(String, String), BTreeSet<String>>,
     /// Keyed by (node, check ID).
     pub checks: BTreeMap<(String, String), CheckEntry>,
     pub kv: BTreeMap<String, KvEntry>,
@@ -205,6 +210,15 @@ fn clamp(x: &mut u64, to: u64) {
 }
 
 impl State {
+    fn unindex(&mut self, name: &str, key: &(String, String)) {
+        if let Some(keys) = self.by_name.get_mut(name) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_name.remove(name);
+            }
+        }
+    }
+
     /// Index of everything about one service name (instances, checks, nodes); for an
     /// absent name, the last extinction index, so watching a not-yet-existing service works.
     pub fn service_index_of(&self, name: &str) -> u64 {
@@ -218,28 +232,82 @@ impl State {
         }
     }
 
+    /// Instances of one service name, in (node, service ID) order.
     pub fn instances_of<'a>(
         &'a self,
         name: &'a str,
     ) -> impl Iterator<Item = &'a ServiceEntry> + 'a {
-        self.services
-            .values()
-            .filter(move |s| s.service.name == name)
+        self.by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.services.get(key))
     }
 
-    /// Checks of one node: node-level ones (no service) and, with `Some(id)`, those of that service.
+    /// Instances on one node, in service ID order.
+    pub fn services_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a ServiceEntry> + 'a {
+        self.services
+            .range((node.to_string(), String::new())..)
+            .take_while(move |((n, _), _)| n == node)
+            .map(|(_, s)| s)
+    }
+
+    /// Checks on one node (node-level and service ones), in check ID order.
+    pub fn checks_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a CheckEntry> + 'a {
+        self.checks
+            .range((node.to_string(), String::new())..)
+            .take_while(move |((n, _), _)| n == node)
+            .map(|(_, c)| c)
+    }
+
+    /// Checks of one node: node-level ones (no service) and, with `Some(id)`, those of that
+    /// service, in check ID order.
     pub fn checks_for<'a>(
         &'a self,
         node: &'a str,
         service_id: Option<&'a str>,
     ) -> impl Iterator<Item = &'a CheckEntry> + 'a {
-        self.checks
-            .range((node.to_string(), String::new())..)
-            .take_while(move |((n, _), _)| n == node)
-            .map(|(_, c)| c)
-            .filter(move |c| {
-                c.check.service_id.is_empty() || Some(c.check.service_id.as_str()) == service_id
-            })
+        let mut ids: Vec<&String> = self.check_ids_of(node, "").collect();
+        if let Some(id) = service_id.filter(|id| !id.is_empty()) {
+            ids.extend(self.check_ids_of(node, id));
+            ids.sort();
+        }
+        ids.into_iter()
+            .filter_map(move |id| self.checks.get(&(node.to_string(), id.clone())))
+    }
+
+    /// IDs of the checks of one service instance (`""`: the node's own checks).
+    pub fn check_ids_of<'a>(
+        &'a self,
+        node: &str,
+        service_id: &str,
+    ) -> impl Iterator<Item = &'a String> + 'a {
+        self.checks_by_owner
+            .get(&(node.to_string(), service_id.to_string()))
+            .into_iter()
+            .flatten()
+    }
+
+    fn put_check(&mut self, entry: CheckEntry) {
+        let key = (entry.check.node.clone(), entry.check.id.clone());
+        self.take_check(&key);
+        self.checks_by_owner
+            .entry((entry.check.node.clone(), entry.check.service_id.clone()))
+            .or_default()
+            .insert(entry.check.id.clone());
+        self.checks.insert(key, entry);
+    }
+
+    fn take_check(&mut self, key: &(String, String)) -> Option<CheckEntry> {
+        let old = self.checks.remove(key)?;
+        let owner = (old.check.node.clone(), old.check.service_id.clone());
+        if let Some(ids) = self.checks_by_owner.get_mut(&owner) {
+            ids.remove(&old.check.id);
+            if ids.is_empty() {
+                self.checks_by_owner.remove(&owner);
+            }
+        }
+        Some(old)
     }
 
     pub fn service_tags(&self, node: &str, service_id: &str) -> Vec<String> {
@@ -323,9 +391,7 @@ impl Tx<'_> {
     fn touch_services_on_node(&mut self, node: &str) {
         let names: BTreeSet<String> = self
             .state
-            .services
-            .values()
-            .filter(|s| s.node == node)
+            .services_on(node)
             .map(|s| s.service.name.clone())
             .collect();
         for n in names {
@@ -372,6 +438,14 @@ impl Tx<'_> {
             }
         }
         let create_index = old.as_ref().map_or(self.idx, |o| o.create_index);
+        if let Some(old) = &old {
+            self.state.unindex(&old.service.name, &key);
+        }
+        self.state
+            .by_name
+            .entry(svc.name.clone())
+            .or_default()
+            .insert(key.clone());
         self.state.services.insert(
             key,
             ServiceEntry {
@@ -413,14 +487,11 @@ impl Tx<'_> {
         }
         let create_index = old.map_or(self.idx, |o| o.create_index);
         let old_service = old.map(|o| o.check.service_name.clone());
-        self.state.checks.insert(
-            key,
-            CheckEntry {
-                check: check.clone(),
-                create_index,
-                modify_index: self.idx,
-            },
-        );
+        self.state.put_check(CheckEntry {
+            check: check.clone(),
+            create_index,
+            modify_index: self.idx,
+        });
         self.state.checks_index = self.idx;
         self.touched.insert(TouchKey::Checks);
         self.touch_check_owner(&check.node, &check.service_name);
@@ -440,11 +511,7 @@ impl Tx<'_> {
     }
 
     fn remove_check(&mut self, node: &str, id: &str) -> bool {
-        match self
-            .state
-            .checks
-            .remove(&(node.to_string(), id.to_string()))
-        {
+        match self.state.take_check(&(node.to_string(), id.to_string())) {
             Some(old) => {
                 self.state.checks_index = self.idx;
                 self.touched.insert(TouchKey::Checks);
@@ -463,15 +530,11 @@ impl Tx<'_> {
         else {
             return false;
         };
-        let check_ids: Vec<String> = self
-            .state
-            .checks
-            .values()
-            .filter(|c| c.check.node == node && c.check.service_id == id)
-            .map(|c| c.check.id.clone())
-            .collect();
+        self.state
+            .unindex(&old.service.name, &(node.to_string(), id.to_string()));
+        let check_ids: Vec<String> = self.state.check_ids_of(node, id).cloned().collect();
         for c in check_ids {
-            self.state.checks.remove(&(node.to_string(), c));
+            self.state.take_check(&(node.to_string(), c));
             self.state.checks_index = self.idx;
             self.touched.insert(TouchKey::Checks);
         }
@@ -689,9 +752,7 @@ impl Store {
         self.write(|tx| {
             let ids: Vec<String> = tx
                 .state
-                .services
-                .values()
-                .filter(|s| s.node == node)
+                .services_on(node)
                 .map(|s| s.service.id.clone())
                 .collect();
             for id in ids {
@@ -699,9 +760,7 @@ impl Store {
             }
             let checks: Vec<String> = tx
                 .state
-                .checks
-                .values()
-                .filter(|c| c.check.node == node)
+                .checks_on(node)
                 .map(|c| c.check.id.clone())
                 .collect();
             for c in checks {
@@ -867,6 +926,73 @@ mod tests {
             }),
             ..Registration::default()
         }
+    }
+
+    fn check(id: &str, service_id: &str) -> Check {
+        Check {
+            node: String::new(),
+            id: id.into(),
+            name: id.into(),
+            status: Status::Passing,
+            notes: String::new(),
+            output: String::new(),
+            service_id: service_id.into(),
+            service_name: String::new(),
+            kind: String::new(),
+            definition: CheckDefinition::default(),
+            agent_local: false,
+        }
+    }
+
+    fn ids(s: &Store, f: impl FnOnce(&State) -> Vec<String>) -> Vec<String> {
+        s.read(f)
+    }
+
+    #[test]
+    fn lookups_by_name_and_owner_follow_renames_and_removals() {
+        let s = Store::new();
+        let mut r = reg("n1", Some(("web-1", "web")));
+        r.checks = vec![check("node-ok", ""), check("web-1-ok", "web-1")];
+        s.register(&r).unwrap();
+        s.register(&reg("n1", Some(("web-2", "web")))).unwrap();
+        s.register(&reg("n2", Some(("web-3", "web")))).unwrap();
+        let names = |s: &Store, name: &'static str| {
+            ids(s, |st| {
+                st.instances_of(name)
+                    .map(|e| format!("{}/{}", e.node, e.service.id))
+                    .collect()
+            })
+        };
+        assert_eq!(names(&s, "web"), ["n1/web-1", "n1/web-2", "n2/web-3"]);
+        let checks = |s: &Store, id: &'static str| {
+            ids(s, |st| {
+                st.checks_for("n1", Some(id))
+                    .map(|c| c.check.id.clone())
+                    .collect()
+            })
+        };
+        assert_eq!(checks(&s, "web-1"), ["node-ok", "web-1-ok"]);
+        assert_eq!(checks(&s, "web-2"), ["node-ok"]);
+
+        // The same ID re-registered under another name moves to that name.
+        s.register(&reg("n1", Some(("web-2", "api")))).unwrap();
+        assert_eq!(names(&s, "web"), ["n1/web-1", "n2/web-3"]);
+        assert_eq!(names(&s, "api"), ["n1/web-2"]);
+
+        // A check re-registered for another instance leaves the first one's list.
+        let mut moved = reg("n1", None);
+        moved.checks = vec![check("web-1-ok", "web-2")];
+        s.register(&moved).unwrap();
+        assert_eq!(checks(&s, "web-1"), ["node-ok"]);
+        assert_eq!(checks(&s, "web-2"), ["node-ok", "web-1-ok"]);
+
+        assert!(s.deregister_service("n1", "web-2"));
+        assert!(names(&s, "api").is_empty());
+        assert_eq!(checks(&s, "web-2"), ["node-ok"]);
+        s.deregister_node("n1");
+        assert_eq!(names(&s, "web"), ["n2/web-3"]);
+        assert!(checks(&s, "web-1").is_empty());
+        assert!(s.read(|st| st.checks.is_empty()));
     }
 
     #[test]
