@@ -5,32 +5,23 @@
 
 mod support;
 
-use std::time::Duration;
-
 use serde_json::{json, Value};
 use support::tokens::{self, claims, JwksServer, AUDIENCE, ISSUER, RSA_PUBLIC, SECRET};
-use support::upstream::Upstream;
-use support::{eventually, route, unique, Consul, Gateway, Svc, DEADLINE};
+use support::{eventually, unique, DEADLINE};
 use switchyard::config::FileConfig;
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
-
-/// A Consul, one upstream registered as a fresh service, and a gateway on its own prefix.
+/// The shared test env (one upstream) with the config-file JWT provider `cfg`.
 struct Env {
-    consul: Consul,
-    gw: Gateway,
-    service: String,
-    upstream: Upstream,
-    http: reqwest::Client,
+    base: support::Env,
     /// Holds the HMAC secret file of the config-file provider.
     _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Env {
+    type Target = support::Env;
+    fn deref(&self) -> &support::Env {
+        &self.base
+    }
 }
 
 /// The config-file provider `cfg`: HS256 (kid `h`, secret from a file) and RS256 (kid `r`),
@@ -57,47 +48,13 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("hs256.secret");
         std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
-        let consul = Consul::start().await;
-        let prefix = format!("{}/", unique("auth"));
         let provider = config_provider(&secret);
-        let gw = Gateway::start(&consul, &prefix, |f| {
+        let base = support::Env::start_with(1, |f| {
             f.jwt_providers.insert("cfg".into(), provider);
             tweak(f);
         })
         .await;
-        let service = unique("svc");
-        let upstream = Upstream::start("u0").await;
-        consul
-            .register(&Svc::new(
-                &service,
-                &format!("{service}-0"),
-                upstream.port(),
-            ))
-            .await;
-        Env {
-            consul,
-            gw,
-            service,
-            upstream,
-            http: client(),
-            _dir: dir,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.gw.app.proxy_addr())
-    }
-
-    /// Puts a route for the env's service and waits until it serves.
-    async fn route(&self, name: &str, prefix: &str, extra: Value) {
-        self.consul
-            .put_kv(
-                &self.gw.route_key(name),
-                &route(&self.service, prefix, extra),
-            )
-            .await;
-        let id = format!("{}-0", self.service);
-        self.gw.wait_upstreams(prefix, &[id.as_str()]).await;
+        Env { base, _dir: dir }
     }
 
     async fn put(&self, folder: &str, name: &str, doc: &Value) {
@@ -115,20 +72,6 @@ impl Env {
             .header("authorization", format!("Bearer {token}"))
     }
 
-    /// Sends `req`, asserts `status` and that the upstream saw nothing; returns the response.
-    async fn refused(
-        &self,
-        what: &str,
-        req: reqwest::RequestBuilder,
-        status: u16,
-    ) -> reqwest::Response {
-        let before = self.upstream.hits();
-        let resp = req.send().await.unwrap();
-        assert_eq!(resp.status().as_u16(), status, "{what}");
-        assert_eq!(self.upstream.hits(), before, "{what}: reached the upstream");
-        resp
-    }
-
     /// Polls until `token` gets through on `path` (providers and keys load from KV).
     async fn wait_accepted(&self, path: &str, header: (&str, &str)) {
         eventually(DEADLINE, &format!("{path} accepts the credential"), || {
@@ -142,8 +85,7 @@ impl Env {
     }
 
     async fn stop(self) {
-        self.gw.stop().await;
-        self.consul.cleanup().await;
+        self.base.stop().await;
     }
 }
 
@@ -180,10 +122,10 @@ async fn every_attack_in_the_table_is_refused_before_the_upstream() {
     let valid_hs = tokens::hs256("h", &good);
     // The test can fail: good tokens do get through, and reach the upstream.
     for token in [&valid_rs, &valid_hs] {
-        let before = env.upstream.hits();
+        let before = env.upstream().hits();
         let resp = env.bearer("/api/x", token).send().await.unwrap();
         assert_eq!(resp.status(), 200);
-        assert_eq!(env.upstream.hits(), before + 1);
+        assert_eq!(env.upstream().hits(), before + 1);
     }
 
     let big = claims("alice", json!({"pad": "x".repeat(4096)}));
@@ -654,11 +596,11 @@ async fn random_kids_do_not_cause_a_jwks_fetch_storm() {
         );
         storm.push(env.bearer("/idp/x", &token).send());
     }
-    let hits = env.upstream.hits();
+    let hits = env.upstream().hits();
     for resp in futures_util::future::join_all(storm).await {
         assert_eq!(resp.unwrap().status(), 401);
     }
-    assert_eq!(env.upstream.hits(), hits, "nothing reached the upstream");
+    assert_eq!(env.upstream().hits(), hits, "nothing reached the upstream");
     let extra = jwks.fetches() - before;
     assert!(extra <= 1, "{extra} JWKS fetches for 60 random kids");
     // The known kid still works throughout.
@@ -792,9 +734,9 @@ async fn the_bearer_scheme_is_case_insensitive_and_cookies_work_where_enabled() 
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
     assert_eq!(seen_headers(resp).await["x-user-id"], "alice");
-    let before = env.upstream.hits();
+    let before = env.upstream().hits();
     let resp = h2.get(env.url("/api/x")).send().await.unwrap();
     assert_eq!(resp.status(), 401);
-    assert_eq!(env.upstream.hits(), before);
+    assert_eq!(env.upstream().hits(), before);
     env.stop().await;
 }

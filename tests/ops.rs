@@ -2,11 +2,13 @@
 //! text and its counters move, the gateway registers itself in Consul and leaves on
 //! shutdown (also the real binary on SIGTERM), and `switchyard dev` serves its demo.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::Duration;
 
 use serde_json::Value;
+use support::{client as http, eventually};
 use switchyard::app::{self, AppHandle, Listeners};
 use switchyard::config::FileConfig;
 use switchyard::devregistry::{Registry, RegistryOptions};
@@ -15,33 +17,8 @@ use tokio::net::TcpListener;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
-/// Polls `check` every 50 ms until it returns `Some`, or panics after `deadline`.
-async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let end = tokio::time::Instant::now() + deadline;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        if tokio::time::Instant::now() >= end {
-            panic!("timed out after {deadline:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn registry() -> Registry {
     Registry::start("127.0.0.1:0".parse().unwrap(), RegistryOptions::for_tests()).unwrap()
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap()
 }
 
 fn config(consul: &str) -> FileConfig {

@@ -10,86 +10,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use support::upstream::Upstream;
-use support::{eventually, route, unique, Consul, Gateway, Svc, DEADLINE};
+use support::{eventually, route, Env, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
-
-/// A Consul, a gateway on its own KV prefix, and `n` upstreams registered as `service`.
-struct Env {
-    consul: Consul,
-    gw: Gateway,
-    service: String,
-    upstreams: Vec<Upstream>,
-    http: reqwest::Client,
-}
-
-impl Env {
-    async fn start(n: usize) -> Env {
-        Env::start_with(n, |_| {}).await
-    }
-
-    async fn start_with(n: usize, tweak: impl FnOnce(&mut switchyard::config::FileConfig)) -> Env {
-        let consul = Consul::start().await;
-        let prefix = format!("{}/", unique("proxy"));
-        let gw = Gateway::start(&consul, &prefix, tweak).await;
-        let service = unique("svc");
-        let mut upstreams = Vec::new();
-        for i in 0..n {
-            let u = Upstream::start(&format!("u{i}")).await;
-            consul
-                .register(&Svc::new(&service, &format!("{service}-{i}"), u.port()))
-                .await;
-            upstreams.push(u);
-        }
-        Env {
-            consul,
-            gw,
-            service,
-            upstreams,
-            http: client(),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.gw.app.proxy_addr())
-    }
-
-    fn ids(&self) -> Vec<String> {
-        (0..self.upstreams.len())
-            .map(|i| format!("{}-{i}", self.service))
-            .collect()
-    }
-
-    /// Puts a route for the env's service and waits until it serves every upstream.
-    async fn route(&self, name: &str, prefix: &str, extra: Value) {
-        self.consul
-            .put_kv(
-                &self.gw.route_key(name),
-                &route(&self.service, prefix, extra),
-            )
-            .await;
-        let ids = self.ids();
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        self.gw.wait_upstreams(prefix, &ids).await;
-    }
-
-    async fn get(&self, path: &str) -> reqwest::Response {
-        self.http.get(self.url(path)).send().await.unwrap()
-    }
-
-    async fn stop(self) {
-        self.gw.stop().await;
-        self.consul.cleanup().await;
-    }
-}
 
 async fn json_of(resp: reqwest::Response) -> Value {
     let text = resp.text().await.unwrap();

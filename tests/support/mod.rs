@@ -477,3 +477,104 @@ pub fn pki() -> Pki {
         http,
     }
 }
+
+/// The HTTP client of the tests: no proxy from the environment, redirects not followed (a
+/// test sees the gateway's own answer), and a timeout so a hang fails instead of blocking.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// A Consul, a gateway on its own KV prefix, and `n` upstreams registered as instances
+/// `<service>-0`, `<service>-1`, … of a fresh service.
+pub struct Env {
+    pub consul: Consul,
+    pub gw: Gateway,
+    pub service: String,
+    pub upstreams: Vec<upstream::Upstream>,
+    pub http: reqwest::Client,
+}
+
+impl Env {
+    pub async fn start(n: usize) -> Env {
+        Env::start_with(n, |_| {}).await
+    }
+
+    pub async fn start_with(n: usize, tweak: impl FnOnce(&mut FileConfig)) -> Env {
+        let consul = Consul::start().await;
+        let prefix = format!("{}/", unique("gw"));
+        let gw = Gateway::start(&consul, &prefix, tweak).await;
+        let service = unique("svc");
+        let mut upstreams = Vec::new();
+        for i in 0..n {
+            let u = upstream::Upstream::start(&format!("u{i}")).await;
+            consul
+                .register(&Svc::new(&service, &format!("{service}-{i}"), u.port()))
+                .await;
+            upstreams.push(u);
+        }
+        Env {
+            consul,
+            gw,
+            service,
+            upstreams,
+            http: client(),
+        }
+    }
+
+    /// The first upstream (most tests have one).
+    pub fn upstream(&self) -> &upstream::Upstream {
+        &self.upstreams[0]
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gw.app.proxy_addr())
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        (0..self.upstreams.len())
+            .map(|i| format!("{}-{i}", self.service))
+            .collect()
+    }
+
+    /// Puts a route for the env's service and waits until it serves every upstream.
+    pub async fn route(&self, name: &str, prefix: &str, extra: Value) {
+        self.consul
+            .put_kv(
+                &self.gw.route_key(name),
+                &route(&self.service, prefix, extra),
+            )
+            .await;
+        let ids = self.ids();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        self.gw.wait_upstreams(prefix, &ids).await;
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// Sends `req`, asserts `status` and that no upstream saw it.
+    pub async fn refused(
+        &self,
+        what: &str,
+        req: reqwest::RequestBuilder,
+        status: u16,
+    ) -> reqwest::Response {
+        let hits = || self.upstreams.iter().map(|u| u.hits()).sum::<u64>();
+        let before = hits();
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{what}");
+        assert_eq!(hits(), before, "{what}: reached the upstream");
+        resp
+    }
+
+    pub async fn stop(self) {
+        self.gw.stop().await;
+        self.consul.cleanup().await;
+    }
+}
