@@ -118,6 +118,9 @@ fn builder(gateway: &Gateway) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(s.header_read_timeout)
         .max_buf_size(s.max_header_bytes.max(8192))
+        // Copy small bodies behind the head and send one buffer: a few % less CPU per
+        // request than a two-part writev for typical API responses (scripts/bench.sh).
+        .writev(false)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
