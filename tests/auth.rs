@@ -7,20 +7,19 @@ mod support;
 
 use serde_json::{json, Value};
 use support::tokens::{self, claims, JwksServer, AUDIENCE, ISSUER, RSA_PUBLIC, SECRET};
-use support::{eventually, unique, DEADLINE};
+use support::{eventually, seen_headers, unique, DEADLINE};
 use switchyard::config::FileConfig;
 
-/// The shared test env (one upstream) with the config-file JWT provider `cfg`.
+/// The shared env plus the temp dir holding the HMAC secret of the config-file provider.
 struct Env {
-    base: support::Env,
-    /// Holds the HMAC secret file of the config-file provider.
+    env: support::Env,
     _dir: tempfile::TempDir,
 }
 
 impl std::ops::Deref for Env {
     type Target = support::Env;
     fn deref(&self) -> &support::Env {
-        &self.base
+        &self.env
     }
 }
 
@@ -49,12 +48,12 @@ impl Env {
         let secret = dir.path().join("hs256.secret");
         std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
         let provider = config_provider(&secret);
-        let base = support::Env::start_with(1, |f| {
+        let env = support::Env::start("auth", 1, |f| {
             f.jwt_providers.insert("cfg".into(), provider);
             tweak(f);
         })
         .await;
-        Env { base, _dir: dir }
+        Env { env, _dir: dir }
     }
 
     async fn put(&self, folder: &str, name: &str, doc: &Value) {
@@ -67,15 +66,13 @@ impl Env {
     }
 
     fn bearer(&self, path: &str, token: &str) -> reqwest::RequestBuilder {
-        self.http
-            .get(self.url(path))
-            .header("authorization", format!("Bearer {token}"))
+        self.get_with(path, "authorization", &format!("Bearer {token}"))
     }
 
     /// Polls until `token` gets through on `path` (providers and keys load from KV).
     async fn wait_accepted(&self, path: &str, header: (&str, &str)) {
         eventually(DEADLINE, &format!("{path} accepts the credential"), || {
-            let req = self.http.get(self.url(path)).header(header.0, header.1);
+            let req = self.get_with(path, header.0, header.1);
             async move {
                 let resp = req.send().await.ok()?;
                 (resp.status() == 200).then_some(())
@@ -85,14 +82,8 @@ impl Env {
     }
 
     async fn stop(self) {
-        self.base.stop().await;
+        self.env.stop().await;
     }
-}
-
-async fn seen_headers(resp: reqwest::Response) -> serde_json::Map<String, Value> {
-    let text = resp.text().await.unwrap();
-    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
-    v["headers"].as_object().cloned().unwrap_or_default()
 }
 
 fn challenge(resp: &reqwest::Response) -> String {
@@ -122,10 +113,10 @@ async fn every_attack_in_the_table_is_refused_before_the_upstream() {
     let valid_hs = tokens::hs256("h", &good);
     // The test can fail: good tokens do get through, and reach the upstream.
     for token in [&valid_rs, &valid_hs] {
-        let before = env.upstream().hits();
+        let before = env.hits();
         let resp = env.bearer("/api/x", token).send().await.unwrap();
         assert_eq!(resp.status(), 200);
-        assert_eq!(env.upstream().hits(), before + 1);
+        assert_eq!(env.hits(), before + 1);
     }
 
     let big = claims("alice", json!({"pad": "x".repeat(4096)}));
@@ -224,9 +215,7 @@ async fn every_attack_in_the_table_is_refused_before_the_upstream() {
     .await;
     env.refused(
         "token in a cookie when the provider reads only the header",
-        env.http
-            .get(env.url("/api/x"))
-            .header("cookie", format!("access_token={valid_rs}")),
+        env.get_with("/api/x", "cookie", &format!("access_token={valid_rs}")),
         401,
     )
     .await;
@@ -371,18 +360,14 @@ async fn api_keys_from_kv_admit_their_consumer_and_disabled_keys_are_refused() {
     let resp = env
         .refused(
             "disabled key",
-            env.http
-                .get(env.url("/keys/x"))
-                .header("x-api-key", &off.key),
+            env.get_with("/keys/x", "x-api-key", &off.key),
             401,
         )
         .await;
     assert!(challenge(&resp).starts_with("ApiKey realm="));
     env.refused(
         "unknown key",
-        env.http
-            .get(env.url("/keys/x"))
-            .header("x-api-key", "sy_not-a-key-anyone-has"),
+        env.get_with("/keys/x", "x-api-key", "sy_not-a-key-anyone-has"),
         401,
     )
     .await;
@@ -390,16 +375,12 @@ async fn api_keys_from_kv_admit_their_consumer_and_disabled_keys_are_refused() {
         .await;
     env.refused(
         "key without the route's scope",
-        env.http
-            .get(env.url("/either/x"))
-            .header("x-api-key", &plain.key),
+        env.get_with("/either/x", "x-api-key", &plain.key),
         403,
     )
     .await;
     let resp = env
-        .http
-        .get(env.url("/either/x"))
-        .header("x-api-key", &good.key)
+        .get_with("/either/x", "x-api-key", &good.key)
         .send()
         .await
         .unwrap();
@@ -415,10 +396,7 @@ async fn api_keys_from_kv_admit_their_consumer_and_disabled_keys_are_refused() {
     )
     .await;
     eventually(DEADLINE, "the key is disabled", || {
-        let req = env
-            .http
-            .get(env.url("/keys/x"))
-            .header("x-api-key", &good.key);
+        let req = env.get_with("/keys/x", "x-api-key", &good.key);
         async move { (req.send().await.ok()?.status() == 401).then_some(()) }
     })
     .await;
@@ -437,9 +415,11 @@ async fn browsers_without_credentials_are_sent_to_the_login_page() {
     let resp = env
         .refused(
             "browser",
-            env.http
-                .get(env.url("/app/page"))
-                .header("accept", "text/html,application/xhtml+xml;q=0.9"),
+            env.get_with(
+                "/app/page",
+                "accept",
+                "text/html,application/xhtml+xml;q=0.9",
+            ),
             302,
         )
         .await;
@@ -450,9 +430,7 @@ async fn browsers_without_credentials_are_sent_to_the_login_page() {
     let resp = env
         .refused(
             "API client",
-            env.http
-                .get(env.url("/app/page"))
-                .header("accept", "application/json"),
+            env.get_with("/app/page", "accept", "application/json"),
             401,
         )
         .await;
@@ -537,16 +515,28 @@ fn jwks_provider(jwks: &JwksServer, refresh_s: u64, min_refetch_s: u64) -> Value
     })
 }
 
-#[tokio::test]
-async fn a_rotated_jwks_key_is_picked_up_and_a_broken_endpoint_keeps_the_last_keys() {
+/// An env with a route `/idp` for the KV provider `idp` on a JWKS server holding `k1`;
+/// returns once a `k1` token (returned too) is accepted.
+async fn jwks_env(refresh_s: u64, min_refetch_s: u64) -> (Env, JwksServer, String) {
     let env = Env::start().await;
     let jwks = JwksServer::start(vec![tokens::rsa_jwk(true, "k1")]).await;
-    env.put("jwt", "idp", &jwks_provider(&jwks, 1, 1)).await;
+    env.put(
+        "jwt",
+        "idp",
+        &jwks_provider(&jwks, refresh_s, min_refetch_s),
+    )
+    .await;
     env.route("idp", "/idp", json!({"auth": {"jwt": ["idp"]}}))
         .await;
-    let old = tokens::rs256("k1", &claims("alice", json!({})));
-    env.wait_accepted("/idp/x", ("authorization", &format!("Bearer {old}")))
+    let token = tokens::rs256("k1", &claims("alice", json!({})));
+    env.wait_accepted("/idp/x", ("authorization", &format!("Bearer {token}")))
         .await;
+    (env, jwks, token)
+}
+
+#[tokio::test]
+async fn a_rotated_jwks_key_is_picked_up_and_a_broken_endpoint_keeps_the_last_keys() {
+    let (env, jwks, _) = jwks_env(1, 1).await;
 
     // The issuer rotates to key 2: a token with the new kid makes the gateway refetch.
     jwks.set_keys(vec![tokens::rsa_jwk(false, "k2")]);
@@ -578,14 +568,7 @@ async fn a_rotated_jwks_key_is_picked_up_and_a_broken_endpoint_keeps_the_last_ke
 
 #[tokio::test]
 async fn random_kids_do_not_cause_a_jwks_fetch_storm() {
-    let env = Env::start().await;
-    let jwks = JwksServer::start(vec![tokens::rsa_jwk(true, "k1")]).await;
-    env.put("jwt", "idp", &jwks_provider(&jwks, 300, 30)).await;
-    env.route("idp", "/idp", json!({"auth": {"jwt": ["idp"]}}))
-        .await;
-    let good = tokens::rs256("k1", &claims("alice", json!({})));
-    env.wait_accepted("/idp/x", ("authorization", &format!("Bearer {good}")))
-        .await;
+    let (env, jwks, good) = jwks_env(300, 30).await;
     let before = jwks.fetches();
 
     let mut storm = Vec::new();
@@ -596,11 +579,11 @@ async fn random_kids_do_not_cause_a_jwks_fetch_storm() {
         );
         storm.push(env.bearer("/idp/x", &token).send());
     }
-    let hits = env.upstream().hits();
+    let hits = env.hits();
     for resp in futures_util::future::join_all(storm).await {
         assert_eq!(resp.unwrap().status(), 401);
     }
-    assert_eq!(env.upstream().hits(), hits, "nothing reached the upstream");
+    assert_eq!(env.hits(), hits, "nothing reached the upstream");
     let extra = jwks.fetches() - before;
     assert!(extra <= 1, "{extra} JWKS fetches for 60 random kids");
     // The known kid still works throughout.
@@ -687,9 +670,7 @@ async fn the_bearer_scheme_is_case_insensitive_and_cookies_work_where_enabled() 
     let token = tokens::rs256("r", &claims("alice", json!({})));
     for scheme in ["bearer", "BEARER", "Bearer"] {
         let resp = env
-            .http
-            .get(env.url("/api/x"))
-            .header("authorization", format!("{scheme} {token}"))
+            .get_with("/api/x", "authorization", &format!("{scheme} {token}"))
             .send()
             .await
             .unwrap();
@@ -697,16 +678,12 @@ async fn the_bearer_scheme_is_case_insensitive_and_cookies_work_where_enabled() 
     }
     env.refused(
         "Basic is not Bearer",
-        env.http
-            .get(env.url("/api/x"))
-            .header("authorization", format!("Basic {token}")),
+        env.get_with("/api/x", "authorization", &format!("Basic {token}")),
         401,
     )
     .await;
     let resp = env
-        .http
-        .get(env.url("/web/x"))
-        .header("cookie", format!("theme=dark; session={token}"))
+        .get_with("/web/x", "cookie", &format!("theme=dark; session={token}"))
         .send()
         .await
         .unwrap();
@@ -719,11 +696,7 @@ async fn the_bearer_scheme_is_case_insensitive_and_cookies_work_where_enabled() 
     .await;
 
     // HTTP/2 (h2c) requests are held to the same rules.
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = support::h2c_client();
     let resp = h2
         .get(env.url("/api/x"))
         .header("authorization", format!("Bearer {token}"))
@@ -734,9 +707,9 @@ async fn the_bearer_scheme_is_case_insensitive_and_cookies_work_where_enabled() 
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
     assert_eq!(seen_headers(resp).await["x-user-id"], "alice");
-    let before = env.upstream().hits();
+    let before = env.hits();
     let resp = h2.get(env.url("/api/x")).send().await.unwrap();
     assert_eq!(resp.status(), 401);
-    assert_eq!(env.upstream().hits(), before);
+    assert_eq!(env.hits(), before);
     env.stop().await;
 }

@@ -34,6 +34,46 @@ async fn gateway_with_routes(consul: &Consul, routes: &[(&str, String)]) -> Gate
     gw
 }
 
+/// A Consul address on a loopback port nothing listens on.
+fn dead_url() -> String {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", dead.local_addr().unwrap())
+}
+
+/// Waits until the file at `path` contains each of `needles`.
+async fn wait_file_holds(path: &std::path::Path, needles: &[&str]) {
+    eventually(DEADLINE, &format!("{path:?} holds {needles:?}"), || {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let ok = needles.iter().all(|n| text.contains(n));
+        async move { ok.then_some(()) }
+    })
+    .await;
+}
+
+/// Registers instance `id` of `name` on `port` with `tags`, and returns it.
+async fn register_tagged(
+    consul: &Consul,
+    name: &str,
+    id: &str,
+    port: u16,
+    tags: Vec<String>,
+) -> Svc {
+    let mut svc = Svc::new(name, id, port);
+    svc.tags = tags;
+    consul.register(&svc).await;
+    svc
+}
+
+/// A ready gateway with fabio tags on, on its own KV prefix.
+async fn fabio_gateway(consul: &Consul) -> Gateway {
+    let gw = Gateway::start(consul, &format!("{}/", unique("sy")), |f| {
+        f.fabio.enabled = true
+    })
+    .await;
+    gw.wait_ready().await;
+    gw
+}
+
 #[tokio::test]
 async fn a_registered_service_with_a_route_becomes_routable() {
     let consul = Consul::start().await;
@@ -93,11 +133,7 @@ async fn a_route_put_in_kv_goes_live_and_a_deleted_one_disappears() {
     assert!(gw.snapshot().version > v0);
 
     consul.delete_kv(&gw.route_key("orders")).await;
-    eventually(DEADLINE, "the route is removed", || {
-        let gone = gw.upstreams_for("/orders").is_none();
-        async move { gone.then_some(()) }
-    })
-    .await;
+    gw.wait_no_route("/orders").await;
     gw.stop().await;
     consul.cleanup().await;
 }
@@ -335,18 +371,11 @@ async fn a_gateway_warm_starts_from_its_state_file_when_consul_is_down() {
     let sf = state_file.clone();
     let gw = Gateway::start(&consul, &prefix, |f| f.consul.state_file = Some(sf)).await;
     gw.wait_upstreams("/w", &[&format!("{name}-1")]).await;
-    eventually(DEADLINE, "the state file holds the route", || {
-        let text = std::fs::read_to_string(&state_file).unwrap_or_default();
-        let ok = text.contains(&name) && text.contains("9701");
-        async move { ok.then_some(()) }
-    })
-    .await;
+    wait_file_holds(&state_file, &[&name, "9701"]).await;
     gw.stop().await;
 
     // Consul unreachable (nothing listens there): the file is served.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_url = format!("http://{}", dead.local_addr().unwrap());
-    drop(dead);
+    let dead_url = dead_url();
     let mut file = support::test_config(&dead_url, &prefix);
     file.consul.state_file = Some(state_file.clone());
     let warm = Gateway::start_with(file).await;
@@ -366,9 +395,7 @@ async fn a_gateway_warm_starts_from_its_state_file_when_consul_is_down() {
 
 #[tokio::test]
 async fn without_consul_or_state_file_the_gateway_waits_unready_without_crashing() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_url = format!("http://{}", dead.local_addr().unwrap());
-    drop(dead);
+    let dead_url = dead_url();
     let gw = Gateway::start_with(support::test_config(&dead_url, "sy/")).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!gw.app.ready());
@@ -769,13 +796,10 @@ async fn fabio_tags_route_until_a_kv_document_takes_the_prefix_or_the_tag_goes()
     let upstream = support::upstream::Upstream::start("tagged").await;
     let name = unique("fab");
     let id = format!("{name}-1");
-    let mut svc = Svc::new(&name, &id, upstream.port());
     let prefix = format!("/{name}");
-    svc.tags = vec![format!("urlprefix-{prefix} strip={prefix}"), "other".into()];
-    consul.register(&svc).await;
-    let kv_prefix = format!("{}/", unique("sy"));
-    let gw = Gateway::start(&consul, &kv_prefix, |f| f.fabio.enabled = true).await;
-    gw.wait_ready().await;
+    let tags = vec![format!("urlprefix-{prefix} strip={prefix}"), "other".into()];
+    let mut svc = register_tagged(&consul, &name, &id, upstream.port(), tags).await;
+    let gw = fabio_gateway(&consul).await;
     gw.wait_upstreams(&prefix, &[&id]).await;
 
     let (_, routes) = gw.admin("/routes").await;
@@ -810,11 +834,7 @@ async fn fabio_tags_route_until_a_kv_document_takes_the_prefix_or_the_tag_goes()
     // Without the tag, the route goes.
     svc.tags = vec!["other".into()];
     consul.register(&svc).await;
-    eventually(DEADLINE, "the tag route is gone", || {
-        let gone = gw.upstreams_for(&prefix).is_none();
-        async move { gone.then_some(()) }
-    })
-    .await;
+    gw.wait_no_route(&prefix).await;
     gw.stop().await;
     consul.cleanup().await;
 }
@@ -823,14 +843,9 @@ async fn fabio_tags_route_until_a_kv_document_takes_the_prefix_or_the_tag_goes()
 async fn a_tag_that_makes_no_route_is_reported_and_tags_are_ignored_when_fabio_is_off() {
     let consul = Consul::start().await;
     let name = unique("badtag");
-    let mut svc = Svc::new(&name, &format!("{name}-1"), 9);
-    svc.tags = vec!["urlprefix-/x strip=/y".into(), format!("urlprefix-/{name}")];
-    consul.register(&svc).await;
-    let gw = Gateway::start(&consul, &format!("{}/", unique("sy")), |f| {
-        f.fabio.enabled = true
-    })
-    .await;
-    gw.wait_ready().await;
+    let tags = vec!["urlprefix-/x strip=/y".into(), format!("urlprefix-/{name}")];
+    register_tagged(&consul, &name, &format!("{name}-1"), 9, tags).await;
+    let gw = fabio_gateway(&consul).await;
     gw.wait_upstreams(&format!("/{name}"), &[&format!("{name}-1")])
         .await;
     let rejected = eventually(DEADLINE, "the bad tag is listed", || async {
@@ -865,18 +880,12 @@ async fn with_fabio_on_the_first_snapshot_already_holds_the_tag_routes() {
     let consul = Consul::start().await;
     let name = unique("fabboot");
     let id = format!("{name}-1");
-    let mut svc = Svc::new(&name, &id, 9);
-    svc.tags = vec![format!("urlprefix-/{name}")];
-    consul.register(&svc).await;
+    register_tagged(&consul, &name, &id, 9, vec![format!("urlprefix-/{name}")]).await;
     // The catalog answers after the KV prefix: KV alone must not make the gateway ready.
     if let Some(faults) = consul.faults() {
         faults.set_path_latency("/v1/catalog/", Duration::from_millis(400));
     }
-    let gw = Gateway::start(&consul, &format!("{}/", unique("sy")), |f| {
-        f.fabio.enabled = true
-    })
-    .await;
-    gw.wait_ready().await;
+    let gw = fabio_gateway(&consul).await;
     assert_eq!(
         gw.upstreams_for(&format!("/{name}")),
         Some(vec![id.clone()]),
@@ -898,9 +907,8 @@ async fn fabio_tag_routes_warm_start_from_the_state_file() {
     let consul = Consul::start().await;
     let name = unique("fabwarm");
     let id = format!("{name}-1");
-    let mut svc = Svc::new(&name, &id, 9702);
-    svc.tags = vec![format!("urlprefix-/{name} strip=/{name}")];
-    consul.register(&svc).await;
+    let tags = vec![format!("urlprefix-/{name} strip=/{name}")];
+    register_tagged(&consul, &name, &id, 9702, tags).await;
     let dir = tempfile::tempdir().unwrap();
     let state_file = dir.path().join("state.json");
     let prefix = format!("{}/", unique("sy"));
@@ -911,17 +919,10 @@ async fn fabio_tag_routes_warm_start_from_the_state_file() {
     })
     .await;
     gw.wait_upstreams(&format!("/{name}"), &[&id]).await;
-    eventually(DEADLINE, "the state file holds the tags", || {
-        let text = std::fs::read_to_string(&state_file).unwrap_or_default();
-        let ok = text.contains("fabio_tags") && text.contains("9702");
-        async move { ok.then_some(()) }
-    })
-    .await;
+    wait_file_holds(&state_file, &["fabio_tags", "9702"]).await;
     gw.stop().await;
 
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_url = format!("http://{}", dead.local_addr().unwrap());
-    drop(dead);
+    let dead_url = dead_url();
     let mut file = support::test_config(&dead_url, &prefix);
     file.consul.state_file = Some(state_file.clone());
     file.fabio.enabled = true;
@@ -943,21 +944,20 @@ async fn a_tag_route_uses_only_the_instances_that_carry_the_tag() {
     let consul = Consul::start().await;
     let name = unique("fabmix");
     let (tagged, plain) = (format!("{name}-tagged"), format!("{name}-plain"));
-    let mut a = Svc::new(&name, &tagged, 9801);
-    a.tags = vec![format!("urlprefix-/{name}")];
-    consul.register(&a).await;
-    consul.register(&Svc::new(&name, &plain, 9802)).await;
-    let gw = Gateway::start(&consul, &format!("{}/", unique("sy")), |f| {
-        f.fabio.enabled = true
-    })
+    let a = register_tagged(
+        &consul,
+        &name,
+        &tagged,
+        9801,
+        vec![format!("urlprefix-/{name}")],
+    )
     .await;
-    gw.wait_ready().await;
+    consul.register(&Svc::new(&name, &plain, 9802)).await;
+    let gw = fabio_gateway(&consul).await;
     gw.wait_upstreams(&format!("/{name}"), &[&tagged]).await;
 
     // Tagging the second instance adds it; failing the first takes it out.
-    let mut b = Svc::new(&name, &plain, 9802);
-    b.tags = a.tags.clone();
-    consul.register(&b).await;
+    register_tagged(&consul, &name, &plain, 9802, a.tags.clone()).await;
     gw.wait_upstreams(&format!("/{name}"), &[&plain, &tagged])
         .await;
     consul.check(&a.check_id(), "fail", "down").await;

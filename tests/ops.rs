@@ -8,38 +8,32 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{client as http, eventually};
-use switchyard::app::{self, AppHandle, Listeners};
+use support::eventually;
+use switchyard::app::AppHandle;
 use switchyard::config::FileConfig;
 use switchyard::devregistry::{Registry, RegistryOptions};
-use switchyard::shutdown::Shutdown;
-use tokio::net::TcpListener;
 
+/// This file's waits allow 20 s (support's `DEADLINE` is 15 s).
 const DEADLINE: Duration = Duration::from_secs(20);
 
 fn registry() -> Registry {
     Registry::start("127.0.0.1:0".parse().unwrap(), RegistryOptions::for_tests()).unwrap()
 }
 
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+/// The shared test config on the default KV prefix.
 fn config(consul: &str) -> FileConfig {
-    let mut file = FileConfig::default();
-    file.consul.address = consul.to_string();
-    file.consul.wait_s = 1;
-    file.consul.max_backoff_s = 1;
-    file.proxy.listen = "127.0.0.1:0".into();
-    file.admin.listen = "127.0.0.1:0".into();
-    file.registration.enabled = false;
-    file
+    support::test_config(consul, &FileConfig::default().consul.kv_prefix)
 }
 
 async fn gateway(file: FileConfig) -> AppHandle {
-    let listeners = Listeners::new(
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    );
-    app::start(file.validate().unwrap(), listeners, Shutdown::new())
-        .await
-        .unwrap()
+    support::Gateway::start_with(file).await.app
 }
 
 async fn get_json(url: &str) -> Option<Value> {
@@ -533,6 +527,17 @@ fn sigterm(child: &std::process::Child) {
     assert!(ok, "kill -TERM failed");
 }
 
+/// Sends SIGTERM and asserts that `child` exits zero within 15 s.
+async fn sigterm_and_expect_success(child: &mut std::process::Child, log: &std::path::Path) {
+    sigterm(child);
+    let status = wait_exit(child, Duration::from_secs(15), log).await;
+    assert!(
+        status.success(),
+        "exit {status:?}; log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_deregisters_and_exits_zero_on_sigterm() {
     let reg = registry();
@@ -582,13 +587,7 @@ async fn the_binary_deregisters_and_exits_zero_on_sigterm() {
     })
     .await;
 
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(15), &log).await;
-    assert!(
-        status.success(),
-        "exit {status:?}; log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    sigterm_and_expect_success(&mut child, &log).await;
     let services = agent_services(&consul).await.unwrap();
     assert!(
         !services.contains_key(&id),
@@ -682,11 +681,5 @@ async fn switchyard_dev_serves_the_public_and_the_jwt_protected_demo_routes() {
         ) >= 1.0
     );
 
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(15), &log).await;
-    assert!(
-        status.success(),
-        "exit {status:?}; log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    sigterm_and_expect_success(&mut child, &log).await;
 }

@@ -13,7 +13,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{decode, decode_header, DecodingKey, Validation};
 use serde_json::{json, Value};
 use support::tokens::{self, claims, ISSUER, RSA_PUBLIC};
-use support::{eventually, route, unique, Consul, Env, Gateway, Svc, DEADLINE};
+use support::{eventually, route, seen_headers, unique, Consul, Env, Gateway, Svc, DEADLINE};
 
 /// Writes the test Ed25519 key and returns an `[assertion]` section using it.
 fn assertion_section(dir: &tempfile::TempDir) -> switchyard::config::AssertionSection {
@@ -78,22 +78,16 @@ fn header<'a>(resp: &'a reqwest::Response, name: &str) -> &'a str {
         .unwrap()
 }
 
-async fn seen_headers(resp: reqwest::Response) -> serde_json::Map<String, Value> {
-    let text = resp.text().await.unwrap();
-    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
-    v["headers"].as_object().cloned().unwrap_or_default()
-}
-
 #[tokio::test]
 async fn a_burst_over_the_rate_limit_gets_429_and_recovers() {
-    let env = Env::start_with(1, |_| {}).await;
+    let env = Env::start("policy", 1, |_| {}).await;
     env.route(
         "limited",
         "/limited",
         json!({"rate_limit": {"per_second": 0.5, "burst": 3}}),
     )
     .await;
-    let before = env.upstream().hits();
+    let before = env.hits();
     for i in 0..3 {
         let resp = env.http.get(env.url("/limited/x")).send().await.unwrap();
         assert_eq!(resp.status(), 200, "request {i} is within the burst");
@@ -107,7 +101,7 @@ async fn a_burst_over_the_rate_limit_gets_429_and_recovers() {
     let retry: u64 = header(&resp, "retry-after").parse().unwrap();
     assert!((1..=2).contains(&retry), "Retry-After {retry}");
     assert!(header(&resp, "ratelimit-policy").starts_with("3;w="));
-    assert_eq!(env.upstream().hits(), before + 3);
+    assert_eq!(env.hits(), before + 3);
     // One token every 2 s (slow enough that a loaded machine cannot refill the bucket
     // during the burst): it refills and requests get through again.
     eventually(DEADLINE, "the limit recovers", || {
@@ -120,7 +114,7 @@ async fn a_burst_over_the_rate_limit_gets_429_and_recovers() {
 
 #[tokio::test]
 async fn rate_limits_keyed_by_consumer_or_header_count_each_key_apart() {
-    let env = Env::start_with(1, |_| {}).await;
+    let env = Env::start("policy", 1, |_| {}).await;
     env.route(
         "by-consumer",
         "/by-consumer",
@@ -179,7 +173,7 @@ async fn rate_limits_keyed_by_consumer_or_header_count_each_key_apart() {
 
 #[tokio::test]
 async fn a_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored() {
-    let env = Env::start_with(1, |_| {}).await;
+    let env = Env::start("policy", 1, |_| {}).await;
     env.route("inner", "/inner", json!({"ip_allow": ["10.1.2.3/32"]}))
         .await;
     env.route("echo", "/echo", json!({})).await;
@@ -208,7 +202,7 @@ async fn a_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored() {
 
 #[tokio::test]
 async fn forwarded_for_is_believed_from_a_trusted_proxy() {
-    let env = Env::start_with(1, |f| {
+    let env = Env::start("policy", 1, |f| {
         f.proxy.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
     })
     .await;
@@ -252,7 +246,7 @@ async fn forwarded_for_is_believed_from_a_trusted_proxy() {
 
 #[tokio::test]
 async fn allow_and_deny_lists_refuse_with_403_before_the_upstream() {
-    let env = Env::start_with(1, |_| {}).await;
+    let env = Env::start("policy", 1, |_| {}).await;
     env.route("denied", "/denied", json!({"ip_deny": ["127.0.0.0/8"]}))
         .await;
     env.route(
@@ -285,7 +279,7 @@ async fn allow_and_deny_lists_refuse_with_403_before_the_upstream() {
 
 #[tokio::test]
 async fn cors_preflights_are_answered_at_the_gateway_and_responses_carry_cors_headers() {
-    let env = Env::start_with(1, |f| {
+    let env = Env::start("policy", 1, |f| {
         f.jwt_providers.insert(
             "main".into(),
             json!({"issuer": ISSUER, "algorithms": ["RS256"], "keys": [{"kid": "r", "pem": RSA_PUBLIC}]}),
@@ -402,7 +396,7 @@ async fn cors_preflights_are_answered_at_the_gateway_and_responses_carry_cors_he
 
 #[tokio::test]
 async fn request_limits_refuse_too_many_headers_long_urls_large_bodies_and_other_methods() {
-    let env = Env::start_with(1, |_| {}).await;
+    let env = Env::start("policy", 1, |_| {}).await;
     env.route(
         "small",
         "/small",
@@ -442,10 +436,10 @@ async fn request_limits_refuse_too_many_headers_long_urls_large_bodies_and_other
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "50");
-    let before = env.upstream().hits();
+    let before = env.hits();
     let resp = env.http.delete(env.url("/small/x")).send().await.unwrap();
     assert!(resp.status().is_client_error(), "{}", resp.status());
-    assert_eq!(env.upstream().hits(), before, "a method outside the list");
+    assert_eq!(env.hits(), before, "a method outside the list");
     env.stop().await;
 }
 
@@ -453,7 +447,7 @@ async fn request_limits_refuse_too_many_headers_long_urls_large_bodies_and_other
 async fn a_backend_verifies_the_upstream_assertion_with_the_published_jwks() {
     let dir = tempfile::tempdir().unwrap();
     let section = assertion_section(&dir);
-    let env = Env::start_with(1, |f| {
+    let env = Env::start("policy", 1, |f| {
         f.assertion = Some(section.clone());
         f.jwt_providers.insert(
             "main".into(),
@@ -598,7 +592,7 @@ async fn upstreams_that_require_a_client_certificate_get_the_gateways() {
         ca: Some(pki.ca.clone()),
         server_name: None,
     };
-    let env = Env::start_with(1, |f| f.upstream_tls = Some(section)).await;
+    let env = Env::start("policy", 1, |f| f.upstream_tls = Some(section)).await;
     let service = unique("secure");
     env.consul
         .register(&Svc::new(
@@ -639,7 +633,7 @@ async fn upstreams_that_require_a_client_certificate_get_the_gateways() {
 
 #[tokio::test]
 async fn preflights_find_method_specific_routes_and_refusals_stay_readable_by_the_page() {
-    let env = Env::start_with(1, |_| {}).await;
+    let env = Env::start("policy", 1, |_| {}).await;
     env.route("no-cors", "/plain", json!({})).await;
     // A PUT-only route (the helper's wait looks up GET, so wait on the preflight instead).
     env.consul
@@ -684,7 +678,7 @@ async fn preflights_find_method_specific_routes_and_refusals_stay_readable_by_th
     assert!(resp.headers().contains_key("retry-after"));
 
     // Without a CORS policy, OPTIONS is an ordinary request for the upstream.
-    let before = env.upstream().hits();
+    let before = env.hits();
     let resp = env
         .http
         .request(reqwest::Method::OPTIONS, env.url("/plain/x"))
@@ -694,6 +688,6 @@ async fn preflights_find_method_specific_routes_and_refusals_stay_readable_by_th
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(env.upstream().hits(), before + 1);
+    assert_eq!(env.hits(), before + 1);
     env.stop().await;
 }

@@ -9,18 +9,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
-use support::{eventually, route, Env, DEADLINE};
+use serde_json::json;
+use support::{eventually, json_of, route, Env, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn json_of(resp: reqwest::Response) -> Value {
-    let text = resp.text().await.unwrap();
-    serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+/// An env with `n` upstreams and the default config.
+async fn env(n: usize) -> Env {
+    Env::start("proxy", n, |_| {}).await
 }
 
 #[tokio::test]
 async fn a_request_is_forwarded_with_proxy_headers_and_without_hop_by_hop_ones() {
-    let env = Env::start(1).await;
+    let env = env(1).await;
     env.route("api", "/api", json!({"strip_prefix": true}))
         .await;
     let resp = env
@@ -67,7 +67,7 @@ async fn a_request_is_forwarded_with_proxy_headers_and_without_hop_by_hop_ones()
 
 #[tokio::test]
 async fn prefixes_match_on_segment_boundaries_and_paths_are_normalised() {
-    let env = Env::start(1).await;
+    let env = env(1).await;
     env.route("public", "/public", json!({})).await;
     // The admin route demands an API key: reaching it through /public/.. must still ask.
     env.route("admin", "/admin", json!({"auth": {"api_key": true}}))
@@ -124,7 +124,7 @@ async fn raw_get(env: &Env, path: &str) -> (u16, String) {
 
 #[tokio::test]
 async fn hosts_methods_and_rewrites_pick_the_route() {
-    let env = Env::start(1).await;
+    let env = env(1).await;
     env.consul
         .put_kv(
             &env.gw.route_key("exact"),
@@ -184,7 +184,7 @@ async fn hosts_methods_and_rewrites_pick_the_route() {
 
 #[tokio::test]
 async fn killing_an_instance_during_two_thousand_gets_fails_none() {
-    let env = Env::start(3).await;
+    let env = env(3).await;
     env.route(
         "api",
         "/api",
@@ -239,7 +239,7 @@ async fn killing_an_instance_during_two_thousand_gets_fails_none() {
 
 #[tokio::test]
 async fn a_post_is_not_retried_but_a_get_is() {
-    let env = Env::start(3).await;
+    let env = env(3).await;
     env.route(
         "api",
         "/api",
@@ -269,7 +269,7 @@ async fn a_post_is_not_retried_but_a_get_is() {
 
 #[tokio::test]
 async fn a_slow_upstream_gets_a_504_and_a_failing_one_is_retried_on_configured_statuses() {
-    let env = Env::start(2).await;
+    let env = env(2).await;
     env.route(
         "api",
         "/api",
@@ -301,7 +301,7 @@ async fn a_slow_upstream_gets_a_504_and_a_failing_one_is_retried_on_configured_s
 
 #[tokio::test]
 async fn a_failing_instance_is_ejected_and_comes_back() {
-    let env = Env::start(2).await;
+    let env = env(2).await;
     env.route(
         "api",
         "/api",
@@ -334,7 +334,7 @@ async fn a_failing_instance_is_ejected_and_comes_back() {
 
 #[tokio::test]
 async fn consistent_hashing_keeps_keys_on_their_instance_under_churn() {
-    let env = Env::start(4).await;
+    let env = env(4).await;
     env.route(
         "api",
         "/api",
@@ -381,7 +381,7 @@ async fn consistent_hashing_keeps_keys_on_their_instance_under_churn() {
 
 #[tokio::test]
 async fn a_client_that_goes_away_mid_request_is_not_counted_in_flight() {
-    let env = Env::start(1).await;
+    let env = env(1).await;
     env.route("api", "/api", json!({"lb": "least_request"}))
         .await;
     let in_flight = || {
@@ -420,7 +420,7 @@ async fn a_client_that_goes_away_mid_request_is_not_counted_in_flight() {
 
 #[tokio::test]
 async fn an_empty_pool_fails_fast_with_503() {
-    let env = Env::start(0).await;
+    let env = env(0).await;
     env.consul
         .put_kv(
             &env.gw.route_key("api"),
@@ -448,7 +448,7 @@ fn rss_kib() -> u64 {
 #[tokio::test]
 async fn a_200_mb_body_streams_both_ways_in_bounded_memory() {
     const MB: u64 = 1024 * 1024;
-    let env = Env::start(1).await;
+    let env = env(1).await;
     env.route(
         "big",
         "/big",
@@ -484,7 +484,7 @@ async fn a_200_mb_body_streams_both_ways_in_bounded_memory() {
 
 #[tokio::test]
 async fn bodies_over_the_limit_get_413_even_without_a_content_length() {
-    let env = Env::start(1).await;
+    let env = env(1).await;
     env.route(
         "small",
         "/small",
@@ -525,7 +525,7 @@ async fn bodies_over_the_limit_get_413_even_without_a_content_length() {
 
 #[tokio::test]
 async fn websockets_are_proxied() {
-    let env = Env::start(1).await;
+    let env = env(1).await;
     env.route("ws", "/ws", json!({})).await;
     let url = format!("ws://{}/ws", env.gw.app.proxy_addr());
     let (mut ws, resp) = tokio_tungstenite::connect_async(url).await.unwrap();
@@ -549,7 +549,7 @@ async fn websockets_are_proxied() {
 
 #[tokio::test]
 async fn h2c_clients_and_http2_upstreams_work() {
-    let env = Env::start(1).await;
+    let env = env(1).await;
     env.route("h2", "/h2", json!({"upstream_protocol": "http2"}))
         .await;
     env.consul
@@ -558,11 +558,7 @@ async fn h2c_clients_and_http2_upstreams_work() {
             &route(&env.service, "/h1", json!({})),
         )
         .await;
-    let h2 = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .build()
-        .unwrap();
+    let h2 = support::h2c_client();
     let resp = h2.get(env.url("/h2/x")).send().await.unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
@@ -591,7 +587,7 @@ async fn h2c_clients_and_http2_upstreams_work() {
 #[tokio::test]
 async fn grpc_trailers_pass_through_over_http2() {
     use http_body_util::BodyExt;
-    let env = Env::start(1).await;
+    let env = env(1).await;
     env.route("grpc", "/pkg.Svc", json!({"upstream_protocol": "http2"}))
         .await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -618,7 +614,7 @@ async fn grpc_trailers_pass_through_over_http2() {
 
 #[tokio::test]
 async fn oversized_heads_get_431_and_slow_heads_are_cut_off() {
-    let env = Env::start_with(1, |f| {
+    let env = Env::start("proxy", 1, |f| {
         f.proxy.max_header_bytes = 8192;
         f.proxy.header_read_timeout_ms = 300;
     })
@@ -646,7 +642,7 @@ async fn oversized_heads_get_431_and_slow_heads_are_cut_off() {
 
 #[tokio::test]
 async fn shutdown_drains_in_flight_requests() {
-    let env = Env::start(1).await;
+    let env = env(1).await;
     env.route("api", "/api", json!({})).await;
     let url = env.url("/api/slow?ms=600");
     let http = env.http.clone();

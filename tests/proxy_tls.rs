@@ -10,9 +10,9 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use serde_json::{json, Value};
+use serde_json::json;
 use support::upstream::Upstream;
-use support::{eventually, route, test_config, unique, Consul, Svc, DEADLINE};
+use support::{eventually, json_of, route, start_upstreams, test_config, unique, Consul, DEADLINE};
 use switchyard::app::{self, AppHandle, Listeners};
 use switchyard::config::{CertificateSection, FileConfig, TlsSection};
 use switchyard::shutdown::Shutdown;
@@ -110,14 +110,7 @@ impl Env {
             .await
             .expect("gateway starts");
         let service = unique("svc");
-        let upstream = Upstream::start("u0").await;
-        consul
-            .register(&Svc::new(
-                &service,
-                &format!("{service}-0"),
-                upstream.port(),
-            ))
-            .await;
+        let upstream = start_upstreams(&consul, &service, 1).await.remove(0);
         consul
             .put_kv(
                 &format!("{prefix}routes/api"),
@@ -188,11 +181,6 @@ fn peer_der(resp: &reqwest::Response) -> Vec<u8> {
         .to_vec()
 }
 
-async fn seen(resp: reqwest::Response) -> Value {
-    let text = resp.text().await.unwrap();
-    serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
-}
-
 #[tokio::test]
 async fn https_picks_the_certificate_by_sni_and_speaks_h2_through_the_proxy() {
     let ca = Ca::new("sni CA");
@@ -223,7 +211,7 @@ async fn https_picks_the_certificate_by_sni_and_speaks_h2_through_the_proxy() {
             "{name} got the wrong certificate"
         );
         assert_eq!(resp.version(), reqwest::Version::HTTP_2, "ALPN chose h2");
-        let body = seen(resp).await;
+        let body = json_of(resp).await;
         assert_eq!(body["headers"]["x-forwarded-proto"], "https");
         assert_eq!(env.upstream.hits(), before + 1);
     }

@@ -20,6 +20,7 @@ use switchyard::state::Snapshot;
 use tokio::net::TcpListener;
 
 use switchyard::devregistry::{Faults, Registry, RegistryOptions};
+use upstream::Upstream;
 
 /// Default deadline of [`eventually`] in these tests.
 pub const DEADLINE: Duration = Duration::from_secs(15);
@@ -368,6 +369,15 @@ impl Gateway {
         .await;
     }
 
+    /// Waits until no route matches `GET path`.
+    pub async fn wait_no_route(&self, path: &str) {
+        eventually(DEADLINE, &format!("no route for {path}"), || {
+            let gone = self.upstreams_for(path).is_none();
+            async move { gone.then_some(()) }
+        })
+        .await;
+    }
+
     pub async fn wait_ready(&self) {
         assert!(
             self.app.first_snapshot(DEADLINE).await,
@@ -393,6 +403,136 @@ pub fn route(service: &str, prefix: &str, extra: Value) -> String {
         }
     }
     doc.to_string()
+}
+
+/// A client for the proxy port: no system proxy, redirects not followed, 20 s timeout.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// A client speaking HTTP/2 without TLS (h2c, prior knowledge), no system proxy.
+pub fn h2c_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+}
+
+/// Starts `n` upstreams `u0`… and registers them as `service`, ids `{service}-{i}`.
+pub async fn start_upstreams(consul: &Consul, service: &str, n: usize) -> Vec<Upstream> {
+    let mut upstreams = Vec::new();
+    for i in 0..n {
+        let u = Upstream::start(&format!("u{i}")).await;
+        consul
+            .register(&Svc::new(service, &format!("{service}-{i}"), u.port()))
+            .await;
+        upstreams.push(u);
+    }
+    upstreams
+}
+
+/// A Consul, a gateway on its own KV prefix, and `n` upstreams registered as a fresh
+/// service.
+pub struct Env {
+    pub consul: Consul,
+    pub gw: Gateway,
+    pub service: String,
+    pub upstreams: Vec<Upstream>,
+    pub http: reqwest::Client,
+}
+
+impl Env {
+    /// `tag` names the KV prefix; `tweak` adjusts the gateway's config.
+    pub async fn start(tag: &str, n: usize, tweak: impl FnOnce(&mut FileConfig)) -> Env {
+        let consul = Consul::start().await;
+        let prefix = format!("{}/", unique(tag));
+        let gw = Gateway::start(&consul, &prefix, tweak).await;
+        let service = unique("svc");
+        let upstreams = start_upstreams(&consul, &service, n).await;
+        Env {
+            consul,
+            gw,
+            service,
+            upstreams,
+            http: client(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gw.app.proxy_addr())
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        (0..self.upstreams.len())
+            .map(|i| format!("{}-{i}", self.service))
+            .collect()
+    }
+
+    /// Requests the upstreams have seen, all together.
+    pub fn hits(&self) -> u64 {
+        self.upstreams.iter().map(Upstream::hits).sum()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// `GET path` on the proxy port with the header `name: value`.
+    pub fn get_with(&self, path: &str, name: &str, value: &str) -> reqwest::RequestBuilder {
+        self.http.get(self.url(path)).header(name, value)
+    }
+
+    /// Puts a route for the env's service and waits until it serves every upstream.
+    pub async fn route(&self, name: &str, prefix: &str, extra: Value) {
+        self.consul
+            .put_kv(
+                &self.gw.route_key(name),
+                &route(&self.service, prefix, extra),
+            )
+            .await;
+        let ids = self.ids();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        self.gw.wait_upstreams(prefix, &ids).await;
+    }
+
+    /// Sends `req`, asserts `status` and that no upstream saw it; returns the response.
+    pub async fn refused(
+        &self,
+        what: &str,
+        req: reqwest::RequestBuilder,
+        status: u16,
+    ) -> reqwest::Response {
+        let before = self.hits();
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{what}");
+        assert_eq!(self.hits(), before, "{what}: reached the upstream");
+        resp
+    }
+
+    pub async fn stop(self) {
+        self.gw.stop().await;
+        self.consul.cleanup().await;
+    }
+}
+
+/// The JSON body of `resp` (panics with the text when it is not JSON).
+pub async fn json_of(resp: reqwest::Response) -> Value {
+    let text = resp.text().await.unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"))
+}
+
+/// The request headers the upstream saw, from its JSON echo.
+pub async fn seen_headers(resp: reqwest::Response) -> serde_json::Map<String, Value> {
+    json_of(resp).await["headers"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// A throwaway PKI: a CA, a server certificate for 127.0.0.1 and a client certificate,
@@ -475,106 +615,5 @@ pub fn pki() -> Pki {
         client_key: client_key_path,
         server: Arc::new(server),
         http,
-    }
-}
-
-/// The HTTP client of the tests: no proxy from the environment, redirects not followed (a
-/// test sees the gateway's own answer), and a timeout so a hang fails instead of blocking.
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
-}
-
-/// A Consul, a gateway on its own KV prefix, and `n` upstreams registered as instances
-/// `<service>-0`, `<service>-1`, … of a fresh service.
-pub struct Env {
-    pub consul: Consul,
-    pub gw: Gateway,
-    pub service: String,
-    pub upstreams: Vec<upstream::Upstream>,
-    pub http: reqwest::Client,
-}
-
-impl Env {
-    pub async fn start(n: usize) -> Env {
-        Env::start_with(n, |_| {}).await
-    }
-
-    pub async fn start_with(n: usize, tweak: impl FnOnce(&mut FileConfig)) -> Env {
-        let consul = Consul::start().await;
-        let prefix = format!("{}/", unique("gw"));
-        let gw = Gateway::start(&consul, &prefix, tweak).await;
-        let service = unique("svc");
-        let mut upstreams = Vec::new();
-        for i in 0..n {
-            let u = upstream::Upstream::start(&format!("u{i}")).await;
-            consul
-                .register(&Svc::new(&service, &format!("{service}-{i}"), u.port()))
-                .await;
-            upstreams.push(u);
-        }
-        Env {
-            consul,
-            gw,
-            service,
-            upstreams,
-            http: client(),
-        }
-    }
-
-    /// The first upstream (most tests have one).
-    pub fn upstream(&self) -> &upstream::Upstream {
-        &self.upstreams[0]
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.gw.app.proxy_addr())
-    }
-
-    pub fn ids(&self) -> Vec<String> {
-        (0..self.upstreams.len())
-            .map(|i| format!("{}-{i}", self.service))
-            .collect()
-    }
-
-    /// Puts a route for the env's service and waits until it serves every upstream.
-    pub async fn route(&self, name: &str, prefix: &str, extra: Value) {
-        self.consul
-            .put_kv(
-                &self.gw.route_key(name),
-                &route(&self.service, prefix, extra),
-            )
-            .await;
-        let ids = self.ids();
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        self.gw.wait_upstreams(prefix, &ids).await;
-    }
-
-    pub async fn get(&self, path: &str) -> reqwest::Response {
-        self.http.get(self.url(path)).send().await.unwrap()
-    }
-
-    /// Sends `req`, asserts `status` and that no upstream saw it.
-    pub async fn refused(
-        &self,
-        what: &str,
-        req: reqwest::RequestBuilder,
-        status: u16,
-    ) -> reqwest::Response {
-        let hits = || self.upstreams.iter().map(|u| u.hits()).sum::<u64>();
-        let before = hits();
-        let resp = req.send().await.unwrap();
-        assert_eq!(resp.status().as_u16(), status, "{what}");
-        assert_eq!(hits(), before, "{what}: reached the upstream");
-        resp
-    }
-
-    pub async fn stop(self) {
-        self.gw.stop().await;
-        self.consul.cleanup().await;
     }
 }
