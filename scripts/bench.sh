@@ -98,3 +98,23 @@ if grep -q . "$WORK/switchyard.log"; then
     say "gateway log (warnings and errors):"
     tail -n 20 "$WORK/switchyard.log" >&2
 fi
+
+# The issue's target, stated against this run: req/s >= 1.10x nginx-1w with p99 <= nginx-1w.
+awk '
+    $1 == "nginx-1w" && $2 ~ /^c[0-9]+$/   { nrps[$2] = $3; np99[$2] = $5 }
+    $1 == "switchyard" && $2 ~ /^c[0-9]+$/ { srps[$2] = $3; sp99[$2] = $5; order[++n] = $2 }
+    $1 == "nginx-1w" && NF == 4            { ncpu = $4 }
+    $1 == "switchyard" && NF == 4          { scpu = $4 }
+    END {
+        if (n == 0) exit
+        print ""
+        print "switchyard vs nginx-1w (target: req/s >= 1.10x with p99 <= nginx)"
+        for (i = 1; i <= n; i++) {
+            c = order[i]
+            if (!(c in nrps) || nrps[c] == 0) continue
+            r = srps[c] / nrps[c]
+            ok = (r >= 1.10 && sp99[c] <= np99[c]) ? "met" : "not met"
+            printf "  %-5s req/s %.2fx   p99 %s vs %s ms   %s\n", c, r, sp99[c], np99[c], ok
+        }
+        if (ncpu > 0) printf "  cpu_us_per_req %.2fx\n", scpu / ncpu
+    }' "$OUT" | tee -a "$OUT"
