@@ -210,15 +210,6 @@ fn clamp(x: &mut u64, to: u64) {
 }
 
 impl State {
-    fn unindex(&mut self, name: &str, key: &(String, String)) {
-        if let Some(keys) = self.by_name.get_mut(name) {
-            keys.remove(key);
-            if keys.is_empty() {
-                self.by_name.remove(name);
-            }
-        }
-    }
-
     /// Index of everything about one service name (instances, checks, nodes); for an
     /// absent name, the last extinction index, so watching a not-yet-existing service works.
     pub fn service_index_of(&self, name: &str) -> u64 {
@@ -288,6 +279,29 @@ impl State {
             .flatten()
     }
 
+    /// Inserts or replaces an instance, keeping `by_name` in step.
+    fn put_service(&mut self, entry: ServiceEntry) {
+        let key = (entry.node.clone(), entry.service.id.clone());
+        self.take_service(&key);
+        self.by_name
+            .entry(entry.service.name.clone())
+            .or_default()
+            .insert(key.clone());
+        self.services.insert(key, entry);
+    }
+
+    fn take_service(&mut self, key: &(String, String)) -> Option<ServiceEntry> {
+        let old = self.services.remove(key)?;
+        if let Some(keys) = self.by_name.get_mut(&old.service.name) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.by_name.remove(&old.service.name);
+            }
+        }
+        Some(old)
+    }
+
+    /// Inserts or replaces a check, keeping `checks_by_owner` in step.
     fn put_check(&mut self, entry: CheckEntry) {
         let key = (entry.check.node.clone(), entry.check.id.clone());
         self.take_check(&key);
@@ -438,24 +452,13 @@ impl Tx<'_> {
             }
         }
         let create_index = old.as_ref().map_or(self.idx, |o| o.create_index);
-        if let Some(old) = &old {
-            self.state.unindex(&old.service.name, &key);
-        }
-        self.state
-            .by_name
-            .entry(svc.name.clone())
-            .or_default()
-            .insert(key.clone());
-        self.state.services.insert(
-            key,
-            ServiceEntry {
-                node: node.to_string(),
-                service: svc.clone(),
-                agent_local,
-                create_index,
-                modify_index: self.idx,
-            },
-        );
+        self.state.put_service(ServiceEntry {
+            node: node.to_string(),
+            service: svc.clone(),
+            agent_local,
+            create_index,
+            modify_index: self.idx,
+        });
         self.state.services_index = self.idx;
         self.touched.insert(TouchKey::Services);
         self.touch_service(&svc.name);
@@ -523,15 +526,9 @@ impl Tx<'_> {
     }
 
     fn remove_service(&mut self, node: &str, id: &str) -> bool {
-        let Some(old) = self
-            .state
-            .services
-            .remove(&(node.to_string(), id.to_string()))
-        else {
+        let Some(old) = self.state.take_service(&(node.to_string(), id.to_string())) else {
             return false;
         };
-        self.state
-            .unindex(&old.service.name, &(node.to_string(), id.to_string()));
         let check_ids: Vec<String> = self.state.check_ids_of(node, id).cloned().collect();
         for c in check_ids {
             self.state.take_check(&(node.to_string(), c));
