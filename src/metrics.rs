@@ -11,6 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const REQUESTS: &str = "switchyard_requests_total";
 pub const REQUEST_DURATION: &str = "switchyard_request_duration_seconds";
 pub const UPSTREAM_ERRORS: &str = "switchyard_upstream_errors_total";
+pub const UPSTREAM_CONNECTS: &str = "switchyard_upstream_connections_opened_total";
 pub const RETRIES: &str = "switchyard_retries_total";
 pub const EJECTIONS: &str = "switchyard_ejections_total";
 pub const WATCH_ERRORS: &str = "switchyard_consul_watch_errors_total";
@@ -151,6 +152,10 @@ fn describe() {
     describe_counter!(
         UPSTREAM_ERRORS,
         "Failed upstream tries, by service and kind (connect, reset, timeout)."
+    );
+    describe_counter!(
+        UPSTREAM_CONNECTS,
+        "HTTP/1.1 connections opened to instances (a high rate means keep-alive is not working)."
     );
     describe_counter!(RETRIES, "Retries sent to another instance, by route.");
     describe_counter!(EJECTIONS, "Instances ejected by passive health checking.");

@@ -15,6 +15,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::pool::Lease;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("request body exceeds {0} bytes")]
@@ -120,6 +122,8 @@ pub struct ClientBody {
     inner: Inner,
     bytes: u64,
     finish: Option<Box<dyn Finish>>,
+    /// The upstream connection this body is read from, returned to its pool at the end.
+    lease: Option<Lease>,
 }
 
 enum Inner {
@@ -134,6 +138,7 @@ impl ClientBody {
             inner: Inner::Full((!data.is_empty()).then_some(data)),
             bytes: 0,
             finish: None,
+            lease: None,
         }
     }
 
@@ -141,11 +146,14 @@ impl ClientBody {
         ClientBody::full(Bytes::new())
     }
 
-    pub fn upstream(body: Incoming) -> ClientBody {
+    /// The upstream's body; its connection goes back to the pool once the body has
+    /// been read to its end, and is closed if the body is abandoned before.
+    pub fn upstream(body: Incoming, lease: Option<Lease>) -> ClientBody {
         ClientBody {
             inner: Inner::Upstream(body),
             bytes: 0,
             finish: None,
+            lease,
         }
     }
 
@@ -155,6 +163,11 @@ impl ClientBody {
     }
 
     fn done(&mut self, complete: bool) {
+        if let Some(lease) = self.lease.take() {
+            if complete {
+                lease.release();
+            }
+        }
         if let Some(mut f) = self.finish.take() {
             f.finish(self.bytes, complete);
         }

@@ -60,7 +60,7 @@ struct Exchange {
 
 /// A request stopped before or at the upstream: a ready response or an error to render.
 enum Stop {
-    Reply(Response<ClientBody>),
+    Reply(Box<Response<ClientBody>>),
     Error(ProxyError),
 }
 
@@ -89,7 +89,7 @@ impl Gateway {
         };
         let response = match self.process(&mut ex, &mut parts, body, conn).await {
             Ok(r) => r,
-            Err(Stop::Reply(r)) => r,
+            Err(Stop::Reply(r)) => *r,
             Err(Stop::Error(e)) => {
                 if e.status().is_server_error() {
                     tracing::debug!(request_id = ?ex.request_id, error = %e, "request failed");
@@ -131,7 +131,7 @@ impl Gateway {
                 &parts.uri,
                 &parts.headers,
             )
-            .map_err(|reply| Stop::Reply(bytes_response(reply.to_response())))?;
+            .map_err(|reply| Stop::Reply(Box::new(bytes_response(reply.to_response()))))?;
         ex.admission = Some(admission);
 
         let limit = route.policy.limits.body_limit(self.settings.max_body_bytes);
@@ -149,7 +149,7 @@ impl Gateway {
             .map_err(|rejection| {
                 let r = rejection.into_response();
                 let (p, b) = r.into_parts();
-                Stop::Reply(Response::from_parts(p, ClientBody::full(b)))
+                Stop::Reply(Box::new(Response::from_parts(p, ClientBody::full(b))))
             })?;
         ex.consumer = identity
             .as_ref()
@@ -158,13 +158,13 @@ impl Gateway {
         if let Some(admission) = ex.admission.as_mut() {
             self.edge
                 .limit_rate(&route, admission, ex.consumer.as_deref(), &parts.headers)
-                .map_err(|reply| Stop::Reply(bytes_response(reply.to_response())))?;
+                .map_err(|reply| Stop::Reply(Box::new(bytes_response(reply.to_response()))))?;
         }
         let caller = identity.as_deref().map(Caller::from).unwrap_or_default();
         let request_id = ex.request_id.to_str().unwrap_or_default().to_string();
         self.edge
             .assert_upstream(&route, caller, &request_id, &mut parts.headers)
-            .map_err(|reply| Stop::Reply(bytes_response(reply.to_response())))?;
+            .map_err(|reply| Stop::Reply(Box::new(bytes_response(reply.to_response()))))?;
 
         self.add_forwarding_headers(ex, parts, conn, &host);
         let upstream_path = route.upstream_path(&normal);
@@ -226,11 +226,12 @@ impl Gateway {
             .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
             .flatten();
         let http2 = spec.upstream_protocol == UpstreamProtocol::Http2;
-        let client = self.clients.get(&ClientKey {
+        let client_key = ClientKey {
             http2,
             connect_ms: spec.timeouts.connect_ms,
             tls_service: route.policy.upstream_tls.then(|| spec.service.clone()),
-        });
+        };
+        let uri = Uri::try_from(path_and_query).map_err(|e| ProxyError::Upstream(e.to_string()))?;
         let hash = route
             .hash_on
             .as_ref()
@@ -257,12 +258,6 @@ impl Gateway {
             let endpoint = &set.endpoints[index];
             ex.tries += 1;
             ex.instance = Some(endpoint.instance.id.clone());
-            let uri = Uri::builder()
-                .scheme("http")
-                .authority(endpoint.authority.clone())
-                .path_and_query(path_and_query)
-                .build()
-                .map_err(|e| ProxyError::Upstream(e.to_string()))?;
             let last_chance = attempt == spec.retry.attempts;
             let headers = if last_chance || !source.replayable() {
                 std::mem::take(&mut parts.headers)
@@ -271,7 +266,7 @@ impl Gateway {
             };
             let mut request = Request::new(source.take());
             *request.method_mut() = parts.method.clone();
-            *request.uri_mut() = uri;
+            *request.uri_mut() = uri.clone();
             *request.version_mut() = if http2 {
                 Version::HTTP_2
             } else {
@@ -282,10 +277,10 @@ impl Gateway {
             let guard = InFlight::enter(&endpoint.stats);
             let stats = &endpoint.stats;
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let outcome =
-                tokio::time::timeout(per_try.min(remaining), client.request(request)).await;
+            let send = self.clients.send(&client_key, &endpoint.authority, request);
+            let outcome = tokio::time::timeout(per_try.min(remaining), send).await;
             let failure = match outcome {
-                Ok(Ok(mut response)) => {
+                Ok(Ok((mut response, lease))) => {
                     let status = response.status();
                     let retry_status = spec.retry.on_status.contains(&status.as_u16());
                     let bad = matches!(status.as_u16(), 502..=504);
@@ -302,7 +297,7 @@ impl Gateway {
                     if status == StatusCode::SWITCHING_PROTOCOLS {
                         return Ok(splice_upgrade(client_upgrade, &mut response, ex));
                     }
-                    return Ok(response.map(ClientBody::upstream));
+                    return Ok(response.map(|body| ClientBody::upstream(body, lease)));
                 }
                 Ok(Err(e)) => {
                     if overflow.happened() {

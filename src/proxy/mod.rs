@@ -9,6 +9,7 @@ pub mod error;
 pub mod handler;
 pub mod headers;
 pub mod path;
+pub mod pool;
 pub mod server;
 pub mod upstream;
 

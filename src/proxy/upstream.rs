@@ -1,6 +1,7 @@
-//! Connections to upstream instances: pooled keep-alive clients (hyper-util), one per
-//! way of connecting (HTTP/1.1 or h2c, connect timeout, TLS identity), each pooling per
-//! instance address. The connector dials with the route's connect timeout and, for
+//! Connections to upstream instances. HTTP/1.1 goes through the gateway's own keep-alive
+//! pool ([`super::pool`]); HTTP/2 through hyper-util's client, one per way of connecting
+//! (connect timeout, TLS identity), which multiplexes requests over one connection per
+//! instance. The connector dials with the route's connect timeout and, for
 //! `upstream_tls` routes, runs the TLS handshake with the gateway's client certificate.
 
 use std::collections::HashMap;
@@ -12,7 +13,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::Uri;
+use http::uri::Authority;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::body::UpstreamBody;
+use super::pool::{Http1Pool, Lease, PoolKey, SendError};
 use crate::upstream_tls::UpstreamTls;
 
 /// Why a connection could not be made; always safe to retry elsewhere (nothing was sent).
@@ -49,9 +53,11 @@ pub struct ClientKey {
 
 pub type UpstreamClient = Client<Connector, UpstreamBody>;
 
-/// Every client the gateway has built, by [`ClientKey`]. Reads are lock-free; the first
-/// request of a new kind builds its client under a mutex.
+/// The HTTP/1.1 pool, and every HTTP/2 client the gateway has built, by [`ClientKey`].
+/// Reads are lock-free; the first HTTP/2 request of a new kind builds its client under a
+/// mutex.
 pub struct Clients {
+    h1: Arc<Http1Pool>,
     live: ArcSwap<HashMap<ClientKey, UpstreamClient>>,
     build: Mutex<()>,
     tls: Option<Arc<UpstreamTls>>,
@@ -66,6 +72,7 @@ impl Clients {
         idle_timeout: Duration,
     ) -> Clients {
         Clients {
+            h1: Http1Pool::new(max_idle_per_host, idle_timeout),
             live: ArcSwap::default(),
             build: Mutex::new(()),
             tls: tls.map(Arc::new),
@@ -74,7 +81,34 @@ impl Clients {
         }
     }
 
-    pub fn get(&self, key: &ClientKey) -> UpstreamClient {
+    /// Sends `req` (origin-form URI, `Host` set) to the instance at `authority`. The lease,
+    /// when there is one, goes back with the response body's end (HTTP/1.1 only).
+    pub async fn send(
+        &self,
+        key: &ClientKey,
+        authority: &Authority,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+        if key.http2 {
+            let mut uri = Uri::builder().scheme("http").authority(authority.clone());
+            if let Some(pq) = req.uri().path_and_query() {
+                uri = uri.path_and_query(pq.clone());
+            }
+            *req.uri_mut() = uri.build().map_err(|e| {
+                SendError::Connect(ConnectError::Io(io::Error::other(e.to_string())))
+            })?;
+            let response = self.get(key).request(req).await?;
+            return Ok((response, None));
+        }
+        let pool_key = PoolKey {
+            authority: authority.clone(),
+            tls_service: key.tls_service.clone(),
+        };
+        let (response, lease) = self.h1.send(pool_key, || self.connector(key), req).await?;
+        Ok((response, Some(lease)))
+    }
+
+    fn get(&self, key: &ClientKey) -> UpstreamClient {
         if let Some(c) = self.live.load().get(key) {
             return c.clone();
         }
@@ -89,15 +123,19 @@ impl Clients {
         client
     }
 
-    fn build(&self, key: &ClientKey) -> UpstreamClient {
-        let connector = Connector {
+    fn connector(&self, key: &ClientKey) -> Connector {
+        Connector {
             connect_timeout: Duration::from_millis(key.connect_ms),
             tls: key
                 .tls_service
                 .as_ref()
                 .map(|service| (self.tls.clone(), service.clone())),
             http2: key.http2,
-        };
+        }
+    }
+
+    fn build(&self, key: &ClientKey) -> UpstreamClient {
+        let connector = self.connector(key);
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -106,9 +144,7 @@ impl Clients {
             .pool_idle_timeout(self.idle_timeout)
             .retry_canceled_requests(true)
             .set_host(false);
-        if key.http2 {
-            builder.http2_only(true);
-        }
+        builder.http2_only(true);
         builder.build(connector)
     }
 }
@@ -135,33 +171,42 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let host = uri.host().ok_or(ConnectError::NoHost)?.to_string();
-            let port = uri.port_u16().unwrap_or(80);
-            let bare = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
-            let tcp = tokio::time::timeout(
-                this.connect_timeout,
-                TcpStream::connect((bare.as_str(), port)),
-            )
-            .await
-            .map_err(|_| ConnectError::Timeout(this.connect_timeout))??;
-            let _ = tcp.set_nodelay(true);
-            let Some((config, service)) = this.tls else {
-                return Ok(TokioIo::new(UpstreamStream::Plain(tcp)));
-            };
-            let config = config.ok_or(ConnectError::NoTlsConfig)?;
-            let name = config
-                .server_name(&service, &bare)
-                .map_err(|e| ConnectError::Tls(e.to_string()))?;
-            let tls =
-                tokio::time::timeout(this.connect_timeout, config.connect(tcp, name, this.http2))
-                    .await
-                    .map_err(|_| ConnectError::Timeout(this.connect_timeout))?
-                    .map_err(|e| ConnectError::Tls(e.to_string()))?;
-            Ok(TokioIo::new(UpstreamStream::Tls(Box::new(tls))))
+            let authority = uri.authority().ok_or(ConnectError::NoHost)?;
+            this.dial(authority).await.map(TokioIo::new)
         })
+    }
+}
+
+impl Connector {
+    /// Plain TCP with a connect timeout.
+    pub fn plain(connect_timeout: Duration) -> Connector {
+        Connector {
+            connect_timeout,
+            tls: None,
+            http2: false,
+        }
+    }
+
+    pub async fn dial(&self, authority: &Authority) -> Result<UpstreamStream, ConnectError> {
+        let host = authority.host();
+        let port = authority.port_u16().unwrap_or(80);
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect((bare, port)))
+            .await
+            .map_err(|_| ConnectError::Timeout(self.connect_timeout))??;
+        let _ = tcp.set_nodelay(true);
+        let Some((config, service)) = &self.tls else {
+            return Ok(UpstreamStream::Plain(tcp));
+        };
+        let config = config.as_ref().ok_or(ConnectError::NoTlsConfig)?;
+        let name = config
+            .server_name(service, bare)
+            .map_err(|e| ConnectError::Tls(e.to_string()))?;
+        let tls = tokio::time::timeout(self.connect_timeout, config.connect(tcp, name, self.http2))
+            .await
+            .map_err(|_| ConnectError::Timeout(self.connect_timeout))?
+            .map_err(|e| ConnectError::Tls(e.to_string()))?;
+        Ok(UpstreamStream::Tls(Box::new(tls)))
     }
 }
 
