@@ -11,8 +11,11 @@ use super::Identity;
 
 /// Removes every copy of `names` and scrubs those names from `Connection`.
 pub fn strip_forged(headers: &mut HeaderMap, names: &[HeaderName]) {
-    for name in names {
-        headers.remove(name);
+    // A pass over the (few) received names is cheaper than a lookup per name.
+    if headers.keys().any(|k| names.contains(k)) {
+        for name in names {
+            headers.remove(name);
+        }
     }
     if !headers.contains_key(CONNECTION) {
         return;

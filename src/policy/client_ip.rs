@@ -83,9 +83,7 @@ impl TrustedProxies {
     /// is trusted, otherwise `peer` alone (a client's own header is dropped).
     pub fn forwarded_for(&self, peer: IpAddr, headers: &HeaderMap) -> HeaderValue {
         let peer = canonical(peer);
-        let own = || {
-            HeaderValue::from_str(&peer.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
-        };
+        let own = || ip_value(peer);
         if !self.is_trusted(peer) {
             return own();
         }
@@ -102,6 +100,35 @@ impl TrustedProxies {
         chain.push_str(&peer.to_string());
         HeaderValue::from_str(&chain).unwrap_or_else(|_| own())
     }
+}
+
+/// An address as a header value; IPv4, the common case, without the formatting machinery.
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::from_str(&ip.to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
+    };
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        let digits = [octet / 100, octet / 10 % 10, octet % 10];
+        let skip = if octet >= 100 {
+            0
+        } else if octet >= 10 {
+            1
+        } else {
+            2
+        };
+        for d in &digits[skip..] {
+            text[len] = b'0' + d;
+            len += 1;
+        }
+    }
+    HeaderValue::from_bytes(&text[..len]).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1` or `[2001:db8::1]:80`.
@@ -190,6 +217,20 @@ mod tests {
             canonical_net("10.1.2.3/8".parse().unwrap()),
             "10.0.0.0/8".parse::<IpNet>().unwrap()
         );
+    }
+
+    #[test]
+    fn addresses_are_written_like_display() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.255.255.255",
+            "127.0.0.1",
+            "2001:db8::1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_value(ip), ip.to_string().as_str());
+        }
     }
 
     #[test]

@@ -29,48 +29,71 @@ fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// The hop-by-hop names (RFC 9110 §7.6.1 and the historical ones), as bits of a mask.
+static HOP_BY_HOP: [&HeaderName; 9] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::TE,
+    &header::UPGRADE,
+];
+const CONNECTION_BIT: u16 = 1;
+const TE_BIT: u16 = 1 << 7;
+const UPGRADE_BIT: u16 = 1 << 8;
+
+fn hop_by_hop_bit(name: &HeaderName) -> u16 {
+    HOP_BY_HOP
+        .iter()
+        .position(|h| *h == name)
+        .map_or(0, |i| 1 << i)
+}
+
 /// Removes hop-by-hop headers and every header named in `Connection`. With `upgrade`,
 /// `Connection: upgrade` and `Upgrade` are kept so the switch can be forwarded. `TE:
 /// trailers` is kept (gRPC needs it); any other `TE` is dropped.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Most messages carry none: one pass over the names instead of a lookup per name.
-    if !upgrade && !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names finds which are present; only those are looked up again.
+    let present = headers
+        .keys()
+        .fold(0, |mask, name| mask | hop_by_hop_bit(name));
+    if present == 0 && !upgrade {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
+    if present & CONNECTION_BIT != 0 {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .map(str::trim)
+            // `close`, `keep-alive` and the other hop-by-hop names are handled below.
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .filter(|name| hop_by_hop_bit(name) == 0)
             .collect();
         for name in named {
-            if upgrade && name == header::UPGRADE {
-                continue;
-            }
             headers.remove(&name);
         }
-        headers.remove(header::CONNECTION);
     }
-    for name in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-    ] {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        let bit = 1 << i;
+        if present & bit == 0 || bit == TE_BIT || bit == UPGRADE_BIT {
+            continue;
+        }
+        headers.remove(*name);
     }
-    if let Some(te) = headers.get(header::TE) {
-        let trailers_only = te
-            .to_str()
-            .map(|v| {
+    if present & TE_BIT != 0 {
+        let trailers_only = headers
+            .get(header::TE)
+            .and_then(|te| te.to_str().ok())
+            .is_some_and(|v| {
                 v.split(',')
                     .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            })
-            .unwrap_or(false);
+            });
         headers.remove(header::TE);
         if trailers_only {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -78,21 +101,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if present & UPGRADE_BIT != 0 {
         headers.remove(header::UPGRADE);
     }
-}
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    *name == header::CONNECTION
-        || *name == KEEP_ALIVE
-        || *name == PROXY_CONNECTION
-        || *name == header::PROXY_AUTHENTICATE
-        || *name == header::PROXY_AUTHORIZATION
-        || *name == header::TRAILER
-        || *name == header::TRANSFER_ENCODING
-        || *name == header::TE
-        || *name == header::UPGRADE
 }
 
 /// The client's `X-Request-Id` when it is sane (1–128 visible characters from a safe
@@ -115,9 +126,13 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 
 /// 128 random bits as 32 lower-case hex digits.
 pub fn new_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let n: u128 = rand::random();
-    let text = format!("{n:032x}");
-    HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static("0"))
+    let mut text = [0u8; 32];
+    for (i, digit) in text.iter_mut().enumerate() {
+        *digit = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Appends the gateway to `Via`.
@@ -169,6 +184,18 @@ mod tests {
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn new_request_ids_are_32_hex_digits_and_differ() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(a
+            .as_bytes()
+            .iter()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
     }
 
     #[test]

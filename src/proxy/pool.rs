@@ -22,11 +22,26 @@ use super::body::UpstreamBody;
 use super::upstream::{ConnectError, Connector};
 
 /// Which connections are interchangeable: same instance address, same TLS identity.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolKey {
     pub authority: Authority,
     /// The service whose name the upstream certificate carries, for TLS connections.
     pub tls_service: Option<String>,
+}
+
+impl std::hash::Hash for PoolKey {
+    /// The address in one write rather than `Authority`'s byte at a time, lower-cased
+    /// like its (case-insensitive) equality; an address is short.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut lower = [0u8; 64];
+        for chunk in self.authority.as_str().as_bytes().chunks(lower.len()) {
+            let lower = &mut lower[..chunk.len()];
+            lower.copy_from_slice(chunk);
+            lower.make_ascii_lowercase();
+            state.write(lower);
+        }
+        self.tls_service.hash(state);
+    }
 }
 
 /// Why an exchange with an instance failed.
@@ -60,7 +75,7 @@ struct Idle {
 }
 
 pub struct Http1Pool {
-    idle: Mutex<HashMap<PoolKey, VecDeque<Idle>>>,
+    idle: Mutex<HashMap<PoolKey, VecDeque<Idle>, foldhash::fast::RandomState>>,
     max_idle_per_host: usize,
     idle_timeout: Duration,
     /// Set once the task that drops expired connections of quiet instances runs.
@@ -71,7 +86,7 @@ pub struct Http1Pool {
 impl Http1Pool {
     pub fn new(max_idle_per_host: usize, idle_timeout: Duration) -> Arc<Http1Pool> {
         Arc::new_cyclic(|this| Http1Pool {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::default()),
             max_idle_per_host,
             idle_timeout,
             reaper: std::sync::Once::new(),
@@ -101,7 +116,9 @@ impl Http1Pool {
                 },
             }
         }
-        let mut tx = self.connect(&key, connector()).await?;
+        // Boxed: dialing (TLS included) is the cold path, and its state would otherwise
+        // enlarge every request's future, which stays in memory while the request is out.
+        let mut tx = Box::pin(self.connect(&key, connector())).await?;
         let response = tx.send_request(req).await?;
         Ok((response, self.lease(tx, key)))
     }
@@ -361,6 +378,22 @@ mod tests {
             out.push(exchange(pool, key).await.unwrap());
         }
         out
+    }
+
+    #[test]
+    fn keys_equal_up_to_case_hash_alike() {
+        use std::hash::BuildHasher;
+        let state = foldhash::fast::RandomState::default();
+        let a = PoolKey {
+            authority: "Backend.Example:8080".parse().unwrap(),
+            tls_service: Some("api".into()),
+        };
+        let b = PoolKey {
+            authority: "backend.example:8080".parse().unwrap(),
+            tls_service: Some("api".into()),
+        };
+        assert_eq!(a, b);
+        assert_eq!(state.hash_one(&a), state.hash_one(&b));
     }
 
     #[tokio::test]

@@ -97,7 +97,7 @@ impl Clients {
             *req.uri_mut() = uri.build().map_err(|e| {
                 SendError::Connect(ConnectError::Io(io::Error::other(e.to_string())))
             })?;
-            let response = self.get(key).request(req).await?;
+            let response = Box::pin(self.get(key).request(req)).await?;
             return Ok((response, None));
         }
         let pool_key = PoolKey {
