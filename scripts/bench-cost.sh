@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# CPU work per proxied request, counted rather than timed: the gateway runs under
+# valgrind's callgrind while wrk drives it, and the counts between a warm-up and the end
+# of the load are divided by the requests served. Instructions and simulated cache misses
+# do not move with the neighbours on a shared machine, so two builds can be compared
+# exactly (wall-clock ratios here move by 10-30% from one minute to the next).
+#
+# The last-level cache is simulated at the size of this machine's per-core L2 (2 MiB by
+# default): with hundreds of connections, the state of requests in flight no longer fits,
+# and its misses per request are what grows from c50 to c256.
+#
+# Usage: scripts/bench-cost.sh [BINARY...]   (default: a fresh release build)
+#        Several binaries (e.g. builds of two commits) are measured one after the other
+#        and printed side by side.
+# Env:   CONNS ("50 256"), DURATION (seconds of counted load per case, 8), TOP (functions
+#        listed per case, 15; 0 for none), LL (simulated last level: size,assoc,line),
+#        NGINX (1: also count nginx as a one-worker proxy, the harness's anchor),
+#        BENCH_DIR (../shared/bench, for the upstreams), ports as in scripts/bench.sh.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BENCH_DIR="${BENCH_DIR:-$ROOT/../shared/bench}"
+CONNS="${CONNS:-50 256}"
+DURATION="${DURATION:-8}"
+TOP="${TOP:-15}"
+LL="${LL:-2097152,16,64}"
+REGISTRY_PORT="${REGISTRY_PORT:-18500}"
+PROXY_PORT="${PROXY_PORT:-18080}"
+ADMIN_PORT="${ADMIN_PORT:-18901}"
+export UPSTREAM1_PORT="${UPSTREAM1_PORT:-18081}" UPSTREAM2_PORT="${UPSTREAM2_PORT:-18082}"
+
+say() { printf '[bench-cost] %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+for tool in valgrind callgrind_control wrk python3 curl nginx; do
+    command -v "$tool" >/dev/null || die "$tool is missing (apt-get install valgrind python3 curl; wrk and nginx: $BENCH_DIR/setup.sh)"
+done
+[[ -x "$BENCH_DIR/upstream.sh" ]] || die "no harness at $BENCH_DIR (set BENCH_DIR)"
+
+BINS=("$@")
+if [[ ${#BINS[@]} -eq 0 ]]; then
+    say "building switchyard (release)"
+    (cd "$ROOT" && cargo build --release --locked --bin switchyard >&2)
+    BINS=("$ROOT/target/release/switchyard")
+fi
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/switchyard-cost.XXXXXX")"
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+say "starting the upstreams (CPU 0) and the dev registry"
+UPSTREAM_CPUS=0 "$BENCH_DIR/upstream.sh" 3600 >"$WORK/upstreams.log" 2>&1 &
+PIDS+=($!)
+CONSUL="http://127.0.0.1:$REGISTRY_PORT"
+taskset -c 0 "${BINS[0]}" registry --listen "127.0.0.1:$REGISTRY_PORT" >"$WORK/registry.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do
+    curl -sf "$CONSUL/v1/status/leader" >/dev/null \
+        && curl -sf "http://127.0.0.1:$UPSTREAM1_PORT/" >/dev/null \
+        && curl -sf "http://127.0.0.1:$UPSTREAM2_PORT/" >/dev/null && break
+    sleep 0.1
+done
+curl -sf "http://127.0.0.1:$UPSTREAM2_PORT/" >/dev/null || die "upstreams did not start (see $WORK/upstreams.log)"
+for i in 1 2; do
+    port_var="UPSTREAM${i}_PORT"
+    curl -sf -X PUT "$CONSUL/v1/agent/service/register" \
+        --data "{\"Name\":\"bench\",\"ID\":\"bench-$i\",\"Address\":\"127.0.0.1\",\"Port\":${!port_var}}" >/dev/null
+done
+curl -sf -X PUT "$CONSUL/v1/kv/switchyard-bench/routes/root" \
+    --data '{"service":"bench","path_prefix":"/"}' >/dev/null
+cat >"$WORK/switchyard.toml" <<EOF
+[proxy]
+worker_threads = 1
+pool_max_idle_per_host = 512
+max_connections = 100000
+
+[log]
+level = "warn"
+access_log = false
+
+[registration]
+enabled = false
+EOF
+
+served() {
+    curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics" \
+        | awk '/^switchyard_requests_total/ { if ($0 ~ /status="200"/) ok += $2; all += $2 } END { printf "%d %d\n", ok, all }'
+}
+
+# report FILE REQUESTS LABEL: totals per request and the functions with the most
+# instructions of their own.
+report() {
+    python3 - "$1" "$2" "$3" "$TOP" <<'PY'
+import collections, re, sys
+path, n, label, top = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+names, own = {}, collections.Counter()
+events, totals, fn, after_call = [], None, None, False
+def name(ref):
+    m = re.match(r'\((\d+)\)(?: (.*))?', ref)
+    if not m:
+        return ref
+    if m.group(2):
+        names[m.group(1)] = m.group(2)
+    return names.get(m.group(1), m.group(1))
+for line in open(path):
+    line = line.rstrip('\n')
+    if line.startswith('events:'):
+        events = line.split()[1:]
+    elif line.startswith('summary:'):
+        totals = [int(x) for x in line.split()[1:]]
+    elif line.startswith('fn='):
+        fn = name(line[3:])
+    elif line.startswith('cfn='):
+        name(line[4:])
+    elif line.startswith('calls='):
+        after_call = True
+    elif line[:1].isdigit() or line[:1] in '+-*':
+        if after_call:  # the inclusive cost of a call, not this function's own
+            after_call = False
+        elif fn is not None and len(line.split()) > 1:
+            own[fn] += int(line.split()[1])
+t = dict(zip(events, totals))
+print(f"{label:<28} {t['Ir']/n:9.0f} {t['I1mr']/n:9.1f} {t['D1mr']/n + t['D1mw']/n:9.1f} {t['DLmr']/n + t['DLmw']/n:9.1f}")
+if top:
+    for f, ir in own.most_common(top):
+        print(f"    {ir/n:7.0f}  {100*ir/t['Ir']:4.1f}%  {f[:110]}")
+PY
+}
+
+printf '%-28s %9s %9s %9s %9s\n' "case" "instr/req" "L1i_miss" "L1d_miss" "LL_miss"
+for bin in "${BINS[@]}"; do
+    label_base="$(basename "$bin")"
+    for c in $CONNS; do
+        out="$WORK/callgrind.out"
+        taskset -c 1 valgrind --tool=callgrind --cache-sim=yes --LL="$LL" \
+            --callgrind-out-file="$out" \
+            "$bin" run --config "$WORK/switchyard.toml" --consul "$CONSUL" \
+            --kv-prefix switchyard-bench/ --listen "127.0.0.1:$PROXY_PORT" \
+            --admin "127.0.0.1:$ADMIN_PORT" >"$WORK/gateway.log" 2>&1 &
+        vg=$!
+        PIDS+=("$vg")
+        for _ in $(seq 300); do
+            curl -sf "http://127.0.0.1:$ADMIN_PORT/ready" >/dev/null && break
+            sleep 0.2
+        done
+        curl -sf "http://127.0.0.1:$ADMIN_PORT/ready" >/dev/null || die "gateway not ready under valgrind (see $WORK/gateway.log)"
+        say "$label_base c$c: warm-up, then ${DURATION}s counted"
+        taskset -c 0 wrk -t1 -c"$c" -d3s "http://127.0.0.1:$PROXY_PORT/" >/dev/null
+        read -r ok0 all0 < <(served)
+        callgrind_control -z "$vg" >/dev/null 2>&1
+        taskset -c 0 wrk -t1 -c"$c" -d"${DURATION}s" "http://127.0.0.1:$PROXY_PORT/" >/dev/null
+        callgrind_control -d "$vg" >/dev/null 2>&1
+        read -r ok1 all1 < <(served)
+        kill "$vg" 2>/dev/null || true
+        wait "$vg" 2>/dev/null || true
+        n=$((all1 - all0))
+        [[ $n -gt 0 ]] || die "no requests counted for $label_base c$c"
+        [[ $((ok1 - ok0)) -eq $n ]] || die "$((n - ok1 + ok0)) of $n requests were not 200: the figures would be of errors"
+        dump=$(ls "$out".* 2>/dev/null | head -n 1)
+        [[ -n "$dump" ]] || die "callgrind wrote no dump"
+        report "$dump" "$n" "$label_base c$c"
+        rm -f "$out" "$out".*
+    done
+done
+if [[ "${NGINX:-1}" == 1 ]]; then
+    # The anchor, counted the same way: nginx as a one-worker proxy (no master process, so
+    # valgrind follows the worker), config from the harness. Requests are wrk's count.
+    sed -e "s/@WORKERS@/1/; s/@PORT@/$PROXY_PORT/; s/@UPSTREAM1@/$UPSTREAM1_PORT/; s/@UPSTREAM2@/$UPSTREAM2_PORT/" \
+        -e "s#@RUNDIR@#$WORK#g; s/@NAME@/nginx-proxy/g" \
+        "$BENCH_DIR/conf/proxy.nginx.conf.tmpl" >"$WORK/nginx-proxy.conf"
+    for c in $CONNS; do
+        out="$WORK/callgrind.out"
+        taskset -c 1 valgrind --tool=callgrind --cache-sim=yes --LL="$LL" \
+            --callgrind-out-file="$out" \
+            nginx -e "$WORK/nginx-proxy.error.log" -c "$WORK/nginx-proxy.conf" \
+            -g 'daemon off; master_process off;' >"$WORK/nginx.log" 2>&1 &
+        vg=$!
+        PIDS+=("$vg")
+        for _ in $(seq 300); do
+            curl -sf "http://127.0.0.1:$PROXY_PORT/" >/dev/null && break
+            sleep 0.2
+        done
+        say "nginx-1w c$c: warm-up, then ${DURATION}s counted"
+        taskset -c 0 wrk -t1 -c"$c" -d3s "http://127.0.0.1:$PROXY_PORT/" >/dev/null
+        callgrind_control -z "$vg" >/dev/null 2>&1
+        n=$(taskset -c 0 wrk -t1 -c"$c" -d"${DURATION}s" "http://127.0.0.1:$PROXY_PORT/" | awk '/requests in/ { print $1 }')
+        callgrind_control -d "$vg" >/dev/null 2>&1
+        kill "$vg" 2>/dev/null || true
+        wait "$vg" 2>/dev/null || true
+        dump=$(ls "$out".* 2>/dev/null | head -n 1)
+        [[ -n "$dump" && "${n:-0}" -gt 0 ]] || die "no callgrind dump or no requests for nginx c$c"
+        report "$dump" "$n" "nginx-1w c$c"
+        rm -f "$out" "$out".*
+    done
+fi
+say "instr/req: instructions the gateway ran per request (user space; the kernel's share is"
+say "about the same for any proxy here). *_miss: simulated misses per request (LL = $LL)."
