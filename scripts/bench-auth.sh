@@ -40,6 +40,8 @@ fi
 [[ -f "$BENCH_DIR/lib.sh" ]] || { echo "no harness at $BENCH_DIR (set BENCH_DIR)" >&2; exit 1; }
 # shellcheck source=/dev/null
 source "$BENCH_DIR/lib.sh"
+# shellcheck source=scripts/bench-common.sh
+source "$ROOT/scripts/bench-common.sh"
 for tool in wrk nginx openssl curl taskset; do
     command -v "$tool" >/dev/null || die "$tool is missing (see $BENCH_DIR/setup.sh)"
 done
@@ -60,14 +62,9 @@ wait_ready "127.0.0.1:$UPSTREAM_PORT" 10 || die "upstream did not start"
 CONSUL="http://127.0.0.1:$REGISTRY_PORT"
 port_free "$REGISTRY_PORT" || die "port $REGISTRY_PORT already in use"
 start_bg registry 0 "$BIN" registry --listen "127.0.0.1:$REGISTRY_PORT"
-for _ in $(seq 100); do
-    curl -sf "$CONSUL/v1/status/leader" >/dev/null && break
-    sleep 0.1
-done
-curl -sf "$CONSUL/v1/status/leader" >/dev/null || die "registry did not start"
+bench_wait_registry "$CONSUL" || die "registry did not start"
 put() { curl -sf -X PUT "$CONSUL$1" --data "$2" >/dev/null || die "PUT $1"; }
-put /v1/agent/service/register \
-    "{\"Name\":\"bench\",\"ID\":\"bench-1\",\"Address\":\"127.0.0.1\",\"Port\":$UPSTREAM_PORT}"
+bench_register "$CONSUL" "$UPSTREAM_PORT" || die "registering the upstream failed"
 
 # --- keys, tokens, API key ----------------------------------------------------------------
 b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
@@ -105,20 +102,7 @@ provider() { # provider NAME ALG KEY-LINE [EXTRA-LINE]
     printf '[[jwt_providers.%s.keys]]\n%s\n\n' "$1" "$3"
 }
 {
-    cat <<EOF
-[proxy]
-worker_threads = 1
-pool_max_idle_per_host = 512
-max_connections = 100000
-
-[log]
-level = "warn"
-access_log = false
-
-[registration]
-enabled = false
-
-EOF
+    bench_gateway_config
     provider hs HS256 "kid = \"hs\"
 secret_file = \"$WORK/hs.secret\""
     provider rs RS256 "kid = \"rs\"

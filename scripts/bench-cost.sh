@@ -29,6 +29,8 @@ PROXY_PORT="${PROXY_PORT:-18080}"
 ADMIN_PORT="${ADMIN_PORT:-18901}"
 export UPSTREAM1_PORT="${UPSTREAM1_PORT:-18081}" UPSTREAM2_PORT="${UPSTREAM2_PORT:-18082}"
 
+# shellcheck source=scripts/bench-common.sh
+source "$ROOT/scripts/bench-common.sh"
 say() { printf '[bench-cost] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
@@ -54,38 +56,21 @@ cleanup() {
 trap cleanup EXIT
 
 say "starting the upstreams (CPU 0) and the dev registry"
+CONSUL="http://127.0.0.1:$REGISTRY_PORT"
 UPSTREAM_CPUS=0 "$BENCH_DIR/upstream.sh" 3600 >"$WORK/upstreams.log" 2>&1 &
 PIDS+=($!)
-CONSUL="http://127.0.0.1:$REGISTRY_PORT"
 taskset -c 0 "${BINS[0]}" registry --listen "127.0.0.1:$REGISTRY_PORT" >"$WORK/registry.log" 2>&1 &
 PIDS+=($!)
+bench_wait_registry "$CONSUL" || die "registry did not start (see $WORK/registry.log)"
 for _ in $(seq 100); do
-    curl -sf "$CONSUL/v1/status/leader" >/dev/null \
-        && curl -sf "http://127.0.0.1:$UPSTREAM1_PORT/" >/dev/null \
+    curl -sf "http://127.0.0.1:$UPSTREAM1_PORT/" >/dev/null \
         && curl -sf "http://127.0.0.1:$UPSTREAM2_PORT/" >/dev/null && break
     sleep 0.1
 done
 curl -sf "http://127.0.0.1:$UPSTREAM2_PORT/" >/dev/null || die "upstreams did not start (see $WORK/upstreams.log)"
-for i in 1 2; do
-    port_var="UPSTREAM${i}_PORT"
-    curl -sf -X PUT "$CONSUL/v1/agent/service/register" \
-        --data "{\"Name\":\"bench\",\"ID\":\"bench-$i\",\"Address\":\"127.0.0.1\",\"Port\":${!port_var}}" >/dev/null
-done
-curl -sf -X PUT "$CONSUL/v1/kv/switchyard-bench/routes/root" \
-    --data '{"service":"bench","path_prefix":"/"}' >/dev/null
-cat >"$WORK/switchyard.toml" <<EOF
-[proxy]
-worker_threads = 1
-pool_max_idle_per_host = 512
-max_connections = 100000
-
-[log]
-level = "warn"
-access_log = false
-
-[registration]
-enabled = false
-EOF
+bench_register "$CONSUL" "$UPSTREAM1_PORT" "$UPSTREAM2_PORT" || die "registering the upstreams failed"
+bench_route "$CONSUL" switchyard-bench/ root '{"service":"bench","path_prefix":"/"}' || die "storing the route failed"
+bench_gateway_config >"$WORK/switchyard.toml"
 
 served() {
     curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics" \

@@ -23,6 +23,8 @@ if [[ "${1:-}" == "--quick" ]]; then
     export DURATION="${DURATION:-3}" REPS="${REPS:-1}"
 fi
 
+# shellcheck source=scripts/bench-common.sh
+source "$ROOT/scripts/bench-common.sh"
 say() { printf '[bench] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
@@ -49,33 +51,10 @@ CONSUL="http://127.0.0.1:$REGISTRY_PORT"
 say "starting the dev registry on $CONSUL (CPU 0)"
 taskset -c 0 "$BIN" registry --listen "127.0.0.1:$REGISTRY_PORT" >"$WORK/registry.log" 2>&1 &
 PIDS+=($!)
-for _ in $(seq 100); do
-    curl -sf "$CONSUL/v1/status/leader" >/dev/null && break
-    sleep 0.1
-done
-curl -sf "$CONSUL/v1/status/leader" >/dev/null || die "registry did not start (see $WORK/registry.log)"
-
-for i in 1 2; do
-    port_var="UPSTREAM${i}_PORT"
-    curl -sf -X PUT "$CONSUL/v1/agent/service/register" \
-        --data "{\"Name\":\"bench\",\"ID\":\"bench-$i\",\"Address\":\"127.0.0.1\",\"Port\":${!port_var}}" >/dev/null
-done
-curl -sf -X PUT "$CONSUL/v1/kv/switchyard-bench/routes/root" \
-    --data '{"service":"bench","path_prefix":"/"}' >/dev/null
-
-cat >"$WORK/switchyard.toml" <<EOF
-[proxy]
-worker_threads = 1
-pool_max_idle_per_host = 512
-max_connections = 100000
-
-[log]
-level = "warn"
-access_log = false
-
-[registration]
-enabled = false
-EOF
+bench_wait_registry "$CONSUL" || die "registry did not start (see $WORK/registry.log)"
+bench_register "$CONSUL" "$UPSTREAM1_PORT" "$UPSTREAM2_PORT" || die "registering the upstreams failed"
+bench_route "$CONSUL" switchyard-bench/ root '{"service":"bench","path_prefix":"/"}' || die "storing the route failed"
+bench_gateway_config >"$WORK/switchyard.toml"
 
 say "starting switchyard on 127.0.0.1:$PROXY_PORT (1 worker, CPU 1)"
 taskset -c 1 "$BIN" run --config "$WORK/switchyard.toml" --consul "$CONSUL" \

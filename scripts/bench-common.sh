@@ -1,0 +1,49 @@
+# Shared by the benchmark scripts (sourced): the gateway's benchmark configuration and the
+# dev registry set up with the benchmark service, so every script measures the same setup.
+
+# bench_gateway_config: the part of the gateway's config every benchmark uses (one worker,
+# a pool large enough for 256 connections, quiet logs, no self-registration).
+bench_gateway_config() {
+    cat <<'EOF_CONFIG'
+[proxy]
+worker_threads = 1
+pool_max_idle_per_host = 512
+max_connections = 100000
+
+[log]
+level = "warn"
+access_log = false
+
+[registration]
+enabled = false
+
+EOF_CONFIG
+}
+
+# bench_wait_registry CONSUL_URL: waits up to 10 s for the registry to answer.
+bench_wait_registry() {
+    local _
+    for _ in $(seq 100); do
+        curl -sf "$1/v1/status/leader" >/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# bench_register CONSUL_URL PORT...: registers instances bench-1, bench-2, ... of service
+# `bench` on 127.0.0.1 at the given ports.
+bench_register() {
+    local consul=$1 i=0 port
+    shift
+    for port in "$@"; do
+        i=$((i + 1))
+        curl -sf -X PUT "$consul/v1/agent/service/register" \
+            --data "{\"Name\":\"bench\",\"ID\":\"bench-$i\",\"Address\":\"127.0.0.1\",\"Port\":$port}" >/dev/null \
+            || return 1
+    done
+}
+
+# bench_route CONSUL_URL KV_PREFIX NAME JSON: stores a route document.
+bench_route() {
+    curl -sf -X PUT "$1/v1/kv/$2routes/$3" --data "$4" >/dev/null
+}
