@@ -47,3 +47,22 @@ bench_register() {
 bench_route() {
     curl -sf -X PUT "$1/v1/kv/$2routes/$3" --data "$4" >/dev/null
 }
+
+# bench_gateway CONFIG CONSUL_URL LOG COMMAND...: starts `COMMAND run` (the binary, with
+# any launcher such as taskset or valgrind in front) in the background on PROXY_PORT and
+# ADMIN_PORT with the benchmark's KV prefix; its PID is in $! afterwards.
+bench_gateway() {
+    local config=$1 consul=$2 logfile=$3
+    shift 3
+    "$@" run --config "$config" --consul "$consul" --kv-prefix switchyard-bench/ \
+        --listen "127.0.0.1:$PROXY_PORT" --admin "127.0.0.1:$ADMIN_PORT" >"$logfile" 2>&1 &
+}
+
+# bench_wait_url URL SECONDS: waits until URL answers with a success status.
+bench_wait_url() {
+    local deadline=$((SECONDS + $2))
+    until curl -sf "$1" >/dev/null; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.1
+    done
+}

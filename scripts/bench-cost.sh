@@ -122,18 +122,13 @@ for bin in "${BINS[@]}"; do
     label_base="$(basename "$bin")"
     for c in $CONNS; do
         out="$WORK/callgrind.out"
-        taskset -c 1 valgrind --tool=callgrind --cache-sim=yes --LL="$LL" \
-            --callgrind-out-file="$out" \
-            "$bin" run --config "$WORK/switchyard.toml" --consul "$CONSUL" \
-            --kv-prefix switchyard-bench/ --listen "127.0.0.1:$PROXY_PORT" \
-            --admin "127.0.0.1:$ADMIN_PORT" >"$WORK/gateway.log" 2>&1 &
+        bench_gateway "$WORK/switchyard.toml" "$CONSUL" "$WORK/gateway.log" \
+            taskset -c 1 valgrind --tool=callgrind --cache-sim=yes --LL="$LL" \
+            --callgrind-out-file="$out" "$bin"
         vg=$!
         PIDS+=("$vg")
-        for _ in $(seq 300); do
-            curl -sf "http://127.0.0.1:$ADMIN_PORT/ready" >/dev/null && break
-            sleep 0.2
-        done
-        curl -sf "http://127.0.0.1:$ADMIN_PORT/ready" >/dev/null || die "gateway not ready under valgrind (see $WORK/gateway.log)"
+        bench_wait_url "http://127.0.0.1:$ADMIN_PORT/ready" 60 \
+            || die "gateway not ready under valgrind (see $WORK/gateway.log)"
         say "$label_base c$c: warm-up, then ${DURATION}s counted"
         taskset -c 0 wrk -t1 -c"$c" -d3s "http://127.0.0.1:$PROXY_PORT/" >/dev/null
         read -r ok0 all0 < <(served)

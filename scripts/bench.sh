@@ -57,16 +57,10 @@ bench_route "$CONSUL" switchyard-bench/ root '{"service":"bench","path_prefix":"
 bench_gateway_config >"$WORK/switchyard.toml"
 
 say "starting switchyard on 127.0.0.1:$PROXY_PORT (1 worker, CPU 1)"
-taskset -c 1 "$BIN" run --config "$WORK/switchyard.toml" --consul "$CONSUL" \
-    --kv-prefix switchyard-bench/ --listen "127.0.0.1:$PROXY_PORT" \
-    --admin "127.0.0.1:$ADMIN_PORT" >"$WORK/switchyard.log" 2>&1 &
+bench_gateway "$WORK/switchyard.toml" "$CONSUL" "$WORK/switchyard.log" taskset -c 1 "$BIN"
 GW_PID=$!
 PIDS+=("$GW_PID")
-for _ in $(seq 100); do
-    curl -sf "http://127.0.0.1:$ADMIN_PORT/ready" >/dev/null && break
-    sleep 0.1
-done
-curl -sf "http://127.0.0.1:$ADMIN_PORT/ready" >/dev/null || die "gateway not ready (see $WORK/switchyard.log)"
+bench_wait_url "http://127.0.0.1:$ADMIN_PORT/ready" 10 || die "gateway not ready (see $WORK/switchyard.log)"
 routes=$( (curl -sf "http://127.0.0.1:$ADMIN_PORT/upstreams" || true) | grep -o "bench-[12]" | sort -u | wc -l)
 [[ "$routes" -ge 2 ]] || say "warning: the gateway does not list both upstreams yet"
 
