@@ -107,15 +107,14 @@ impl Gateway {
         body: Incoming,
         conn: Conn,
     ) -> Result<Response<ClientBody>, Stop> {
-        let normal = path::normalize(parts.uri.path())
+        ex.path = path::normalize(parts.uri.path())
             .map_err(ProxyError::from)?
             .into_owned();
-        ex.path.clone_from(&normal);
         let host = request_host(parts).ok_or(ProxyError::BadHost)?;
         let snapshot = self.state.load();
         let routing_method = cors::routing_method(&parts.method, &parts.headers);
         let found = snapshot
-            .lookup(&host, &normal, &routing_method, &parts.headers)
+            .lookup(&host, &ex.path, &routing_method, &parts.headers)
             .ok_or(ProxyError::NoRoute)?;
         let route = found.route.clone();
         let set = found.upstreams.clone();
@@ -161,28 +160,21 @@ impl Gateway {
                 .map_err(|reply| Stop::Reply(Box::new(bytes_response(reply.to_response()))))?;
         }
         let caller = identity.as_deref().map(Caller::from).unwrap_or_default();
-        let request_id = ex.request_id.to_str().unwrap_or_default().to_string();
+        let request_id = ex.request_id.to_str().unwrap_or_default();
         self.edge
-            .assert_upstream(&route, caller, &request_id, &mut parts.headers)
+            .assert_upstream(&route, caller, request_id, &mut parts.headers)
             .map_err(|reply| Stop::Reply(Box::new(bytes_response(reply.to_response()))))?;
 
         self.add_forwarding_headers(ex, parts, conn, &host);
-        let upstream_path = route.upstream_path(&normal);
+        let upstream_path = route.upstream_path(&ex.path);
         let path_and_query = match parts.uri.query() {
             Some(q) => format!("{upstream_path}?{q}"),
             None => upstream_path.into_owned(),
         };
-        self.forward(
-            ex,
-            parts,
-            body,
-            &route,
-            &set,
-            &path_and_query,
-            limit,
-            upgrade,
-        )
-        .await
+        // From the `String`, so the URI keeps its buffer instead of copying it.
+        let uri = Uri::try_from(path_and_query).map_err(|e| ProxyError::Upstream(e.to_string()))?;
+        self.forward(ex, parts, body, &route, &set, uri, limit, upgrade)
+            .await
     }
 
     fn add_forwarding_headers(&self, ex: &Exchange, parts: &mut Parts, conn: Conn, host: &str) {
@@ -213,7 +205,7 @@ impl Gateway {
         body: Incoming,
         route: &Arc<Route>,
         set: &Arc<UpstreamSet>,
-        path_and_query: &str,
+        uri: Uri,
         limit: u64,
         upgrade: bool,
     ) -> Result<Response<ClientBody>, Stop> {
@@ -231,7 +223,6 @@ impl Gateway {
             connect_ms: spec.timeouts.connect_ms,
             tls_service: route.policy.upstream_tls.then(|| spec.service.clone()),
         };
-        let uri = Uri::try_from(path_and_query).map_err(|e| ProxyError::Upstream(e.to_string()))?;
         let hash = route
             .hash_on
             .as_ref()
