@@ -663,3 +663,108 @@ async fn shutdown_drains_in_flight_requests() {
     );
     consul.cleanup().await;
 }
+
+/// An instance that answers each request as soon as its head is in, and after answering a
+/// POST keeps reading that connection without answering again (it is still taking the
+/// body). Returns its port and the connections it accepted.
+async fn early_answering_upstream() -> (u16, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut pending = Vec::new();
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                    let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let post = pending.starts_with(b"POST");
+                    pending.drain(..end + 4);
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(reply).await.is_err() {
+                        return;
+                    }
+                    if post {
+                        while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, accepted)
+}
+
+#[tokio::test]
+async fn a_connection_still_sending_a_request_body_is_not_lent_to_the_next_request() {
+    // The instance answers a large POST before its body is in; the client is slow to send
+    // the rest. That upstream connection is busy until the body is through, so the next
+    // request must get another connection instead of waiting behind the upload.
+    let env = env(0).await;
+    let (port, accepted) = early_answering_upstream().await;
+    let id = format!("{}-early", env.service);
+    env.consul
+        .register(&support::Svc::new(&env.service, &id, port))
+        .await;
+    env.consul
+        .put_kv(
+            &env.gw.route_key("early"),
+            &route(
+                &env.service,
+                "/early",
+                json!({"timeouts": {"per_try_ms": 20000, "total_ms": 20000}}),
+            ),
+        )
+        .await;
+    env.gw.wait_upstreams("/early", &[id.as_str()]).await;
+
+    let mut upload = tokio::net::TcpStream::connect(env.gw.app.proxy_addr())
+        .await
+        .unwrap();
+    let head = "POST /early/upload HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n";
+    upload.write_all(head.as_bytes()).await.unwrap();
+    upload.write_all(&[b'x'; 1000]).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"\r\n\r\nok") {
+        let n = tokio::time::timeout(DEADLINE, upload.read(&mut buf))
+            .await
+            .expect("the early answer reaches the client")
+            .unwrap();
+        assert!(
+            n > 0,
+            "gateway closed the upload: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+
+    let next = tokio::time::timeout(Duration::from_secs(5), env.get("/early/next"))
+        .await
+        .expect("the next request is not queued behind the upload");
+    assert_eq!(next.status(), 200);
+    assert_eq!(next.text().await.unwrap(), "ok");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a second connection served it"
+    );
+    drop(upload);
+    env.stop().await;
+}

@@ -104,8 +104,9 @@ impl Http1Pool {
         mut req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         while let Some(mut tx) = self.checkout(&key) {
-            // A pooled sender may not have seen its connection turn idle yet.
-            if !tx.is_ready() && tx.ready().await.is_err() {
+            // Only connections ready for a request are pooled; one that is not any more
+            // is closing.
+            if !tx.is_ready() {
                 continue;
             }
             match tx.try_send_request(req).await {
@@ -227,10 +228,31 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// Returns the connection to its pool once it can take another request. Usually at
+    /// once; a connection still sending the request body (the instance answered early)
+    /// is pooled when the body is through, or closed if that takes longer than the idle
+    /// timeout, so no other request ever waits behind an upload.
     pub fn release(self) {
-        if let Some(pool) = self.pool.upgrade() {
-            pool.put(self.key, self.tx);
+        let Lease { mut tx, key, pool } = self;
+        let Some(strong) = pool.upgrade() else {
+            return;
+        };
+        if tx.is_ready() {
+            strong.put(key, tx);
+            return;
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let wait = strong.idle_timeout;
+        drop(strong);
+        runtime.spawn(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(wait, tx.ready()).await {
+                if let Some(pool) = pool.upgrade() {
+                    pool.put(key, tx);
+                }
+            }
+        });
     }
 }
 
