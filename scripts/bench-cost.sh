@@ -5,9 +5,9 @@
 # do not move with the neighbours on a shared machine, so two builds can be compared
 # exactly (wall-clock ratios here move by 10-30% from one minute to the next).
 #
-# The last-level cache is simulated at the size of this machine's per-core L2 (2 MiB by
-# default): with hundreds of connections, the state of requests in flight no longer fits,
-# and its misses per request are what grows from c50 to c256.
+# The last-level cache is simulated at 2 MiB (this machine has 1 MiB of L2 per core in
+# front of a shared L3): with hundreds of connections, the state of requests in flight no
+# longer fits, and its misses per request are what grows from c50 to c256.
 #
 # Usage: scripts/bench-cost.sh [BINARY...]   (default: a fresh release build)
 #        Several binaries (e.g. builds of two commits) are measured one after the other
