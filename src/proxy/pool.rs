@@ -1,12 +1,13 @@
 //! HTTP/1.1 keep-alive connections to instances, pooled per instance address and TLS
 //! identity and reused most-recent first.
 //!
-//! A connection is leased for one exchange and comes back when the response body has
-//! been read to its end, straight from the body's poll (see [`Lease`]). A request thus
-//! costs one short mutex section and no extra task, boxed future or checkout channel,
-//! which is where hyper-util's general-purpose client spends most of its time per request
-//! (`scripts/bench.sh`). Connections idle longer than the idle timeout, closed by the
-//! instance, or beyond the per-instance cap are dropped, which closes them.
+//! Each connection runs hyper's dispatcher in a task of its own; it is leased for one
+//! exchange and comes back when the response body has been read to its end, straight
+//! from the body's poll (see [`Lease`]). A request thus costs one short mutex section and
+//! no task, boxed future or checkout channel of its own, which is where hyper-util's
+//! general-purpose client spent most of its time per request (17% more instructions per
+//! request, `scripts/bench-cost.sh`). Connections idle longer than the idle timeout,
+//! closed by the instance, or beyond the per-instance cap are dropped, which closes them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
