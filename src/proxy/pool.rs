@@ -4,9 +4,9 @@
 //! Each connection runs hyper's dispatcher in a task of its own; it is leased for one
 //! exchange and comes back when the response body has been read to its end, straight
 //! from the body's poll (see [`Lease`]). A request thus costs one short mutex section and
-//! no task, boxed future or checkout channel of its own, which is where hyper-util's
-//! general-purpose client spent most of its time per request (8% more instructions per
-//! request, `scripts/bench-cost.sh`). Connections idle longer than the idle timeout,
+//! no task, boxed future or checkout channel of its own; hyper-util's general-purpose
+//! client, which has them, cost 8% more instructions per request
+//! (`scripts/bench-cost.sh`). Connections idle longer than the idle timeout,
 //! closed by the instance, or beyond the per-instance cap are dropped, which closes them.
 
 use std::collections::{HashMap, VecDeque};
