@@ -57,6 +57,9 @@ pub enum SendError {
     /// An HTTP/2 exchange through hyper-util's client.
     #[error(transparent)]
     Client(#[from] hyper_util::client::legacy::Error),
+    /// The request could not be addressed to the instance; nothing was sent.
+    #[error("cannot address the instance: {0}")]
+    Address(#[from] http::Error),
 }
 
 impl SendError {
@@ -64,7 +67,7 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         match self {
             SendError::Connect(_) => true,
-            SendError::Http(_) => false,
+            SendError::Http(_) | SendError::Address(_) => false,
             SendError::Client(e) => e.is_connect(),
         }
     }

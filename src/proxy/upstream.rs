@@ -94,9 +94,7 @@ impl Clients {
             if let Some(pq) = req.uri().path_and_query() {
                 uri = uri.path_and_query(pq.clone());
             }
-            *req.uri_mut() = uri.build().map_err(|e| {
-                SendError::Connect(ConnectError::Io(io::Error::other(e.to_string())))
-            })?;
+            *req.uri_mut() = uri.build()?;
             let response = Box::pin(self.get(key).request(req)).await?;
             return Ok((response, None));
         }
