@@ -15,7 +15,8 @@
 # Env:   CONNS ("50 256"), DURATION (seconds of counted load per case, 8), TOP (functions
 #        listed per case, 15; 0 for none), LL (simulated last level: size,assoc,line),
 #        NGINX (1: also count nginx as a one-worker proxy, the harness's anchor),
-#        BENCH_DIR (../shared/bench, for the upstreams), ports as in scripts/bench.sh.
+#        BENCH_DIR (../shared/bench, for the upstreams), ports as in scripts/bench.sh,
+#        DUMPS (a folder to keep the callgrind dumps in, for callgrind_annotate).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -117,6 +118,11 @@ if top:
 PY
 }
 
+keep_dump() {
+    [[ -z "${DUMPS:-}" ]] && return 0
+    mkdir -p "$DUMPS" && cp "$1" "$DUMPS/callgrind.$2.out"
+}
+
 printf '%-28s %9s %9s %9s %9s\n' "case" "instr/req" "L1i_miss" "L1d_miss" "LL_miss"
 for bin in "${BINS[@]}"; do
     label_base="$(basename "$bin")"
@@ -144,6 +150,7 @@ for bin in "${BINS[@]}"; do
         dump=$(ls "$out".* 2>/dev/null | head -n 1)
         [[ -n "$dump" ]] || die "callgrind wrote no dump"
         report "$dump" "$n" "$label_base c$c"
+        keep_dump "$dump" "$label_base-c$c"
         rm -f "$out" "$out".*
     done
 done
@@ -175,6 +182,7 @@ if [[ "${NGINX:-1}" == 1 ]]; then
         dump=$(ls "$out".* 2>/dev/null | head -n 1)
         [[ -n "$dump" && "${n:-0}" -gt 0 ]] || die "no callgrind dump or no requests for nginx c$c"
         report "$dump" "$n" "nginx-1w c$c"
+        keep_dump "$dump" "nginx-1w-c$c"
         rm -f "$out" "$out".*
     done
 fi

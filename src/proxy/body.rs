@@ -3,7 +3,8 @@
 //! [`UpstreamBody`] carries the client's body to the upstream: empty, a small buffered body
 //! that can be replayed on a retry, or the live stream with the route's size limit enforced
 //! as bytes flow (a lying or absent `Content-Length` cannot get more through).
-//! [`ClientBody`] carries the answer back and, when it ends or is dropped, finishes the
+//! [`ClientBody`] carries the answer back (an HTTP/1.1 instance's body returns its
+//! connection to the pool as it ends) and, when it ends or is dropped, finishes the
 //! request's bookkeeping: access log, metrics, in-flight counter.
 
 use std::pin::Pin;
@@ -15,7 +16,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::pool::Lease;
+use super::h1::{H1Error, ResponseBody};
+use super::upstream::UpstreamStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -117,18 +119,26 @@ pub trait Finish: Send + Sync + 'static {
     fn finish(&mut self, bytes: u64, complete: bool);
 }
 
+/// Why a response body stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseError {
+    #[error(transparent)]
+    H1(#[from] H1Error),
+    #[error(transparent)]
+    H2(#[from] hyper::Error),
+}
+
 /// A response body on its way to the client.
 pub struct ClientBody {
     inner: Inner,
     bytes: u64,
     finish: Option<Box<dyn Finish>>,
-    /// The upstream connection this body is read from, returned to its pool at the end.
-    lease: Option<Lease>,
 }
 
 enum Inner {
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    H1(ResponseBody),
+    H2(Incoming),
 }
 
 impl ClientBody {
@@ -138,7 +148,6 @@ impl ClientBody {
             inner: Inner::Full((!data.is_empty()).then_some(data)),
             bytes: 0,
             finish: None,
-            lease: None,
         }
     }
 
@@ -146,14 +155,31 @@ impl ClientBody {
         ClientBody::full(Bytes::new())
     }
 
-    /// The upstream's body; its connection goes back to the pool once the body has
-    /// been read to its end, and is closed if the body is abandoned before.
-    pub fn upstream(body: Incoming, lease: Option<Lease>) -> ClientBody {
+    /// An HTTP/1.1 instance's body; its connection goes back to the pool once the body
+    /// has been read to its end, and is closed if the body is abandoned before.
+    pub fn h1(body: ResponseBody) -> ClientBody {
         ClientBody {
-            inner: Inner::Upstream(body),
+            inner: Inner::H1(body),
             bytes: 0,
             finish: None,
-            lease,
+        }
+    }
+
+    /// An HTTP/2 instance's body.
+    pub fn h2(body: Incoming) -> ClientBody {
+        ClientBody {
+            inner: Inner::H2(body),
+            bytes: 0,
+            finish: None,
+        }
+    }
+
+    /// For an instance's `101`: its connection and the bytes already read past the
+    /// head. Leaves this body empty.
+    pub fn take_upgraded(&mut self) -> Option<(UpstreamStream, Bytes)> {
+        match std::mem::replace(&mut self.inner, Inner::Full(None)) {
+            Inner::H1(body) => body.into_upgraded(),
+            _ => None,
         }
     }
 
@@ -163,11 +189,6 @@ impl ClientBody {
     }
 
     fn done(&mut self, complete: bool) {
-        if let Some(lease) = self.lease.take() {
-            if complete {
-                lease.release();
-            }
-        }
         if let Some(mut f) = self.finish.take() {
             f.finish(self.bytes, complete);
         }
@@ -183,16 +204,17 @@ impl Drop for ClientBody {
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ResponseError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseError>>> {
         let this = self.get_mut();
         let frame = match &mut this.inner {
             Inner::Full(data) => data.take().map(|d| Ok(Frame::data(d))),
-            Inner::Upstream(body) => ready!(Pin::new(body).poll_frame(cx)),
+            Inner::H1(body) => ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(Into::into)),
+            Inner::H2(body) => ready!(Pin::new(body).poll_frame(cx)).map(|r| r.map_err(Into::into)),
         };
         match &frame {
             Some(Ok(f)) => {
@@ -212,14 +234,16 @@ impl Body for ClientBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(d) => d.is_none(),
-            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::H1(b) => b.is_end_stream(),
+            Inner::H2(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
-            Inner::Upstream(b) => b.size_hint(),
+            Inner::H1(b) => b.size_hint(),
+            Inner::H2(b) => b.size_hint(),
         }
     }
 }

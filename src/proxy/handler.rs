@@ -17,6 +17,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 
 use super::body::{ClientBody, Finish, Overflow, UpstreamBody};
 use super::error::ProxyError;
@@ -271,7 +272,7 @@ impl Gateway {
             let send = self.clients.send(&client_key, &endpoint.authority, request);
             let outcome = tokio::time::timeout(per_try.min(remaining), send).await;
             let failure = match outcome {
-                Ok(Ok((mut response, lease))) => {
+                Ok(Ok(mut response)) => {
                     let status = response.status();
                     let retry_status = spec.retry.on_status.contains(&status.as_u16());
                     let bad = matches!(status.as_u16(), 502..=504);
@@ -288,7 +289,7 @@ impl Gateway {
                     if status == StatusCode::SWITCHING_PROTOCOLS {
                         return Ok(splice_upgrade(client_upgrade, &mut response, ex));
                     }
-                    return Ok(response.map(|body| ClientBody::upstream(body, lease)));
+                    return Ok(response);
                 }
                 Ok(Err(e)) => {
                     if overflow.happened() {
@@ -469,22 +470,23 @@ impl BodySource {
 /// either side closes; the client gets the upstream's `101`.
 fn splice_upgrade(
     client: Option<hyper::upgrade::OnUpgrade>,
-    response: &mut Response<Incoming>,
+    response: &mut Response<ClientBody>,
     ex: &Exchange,
 ) -> Response<ClientBody> {
-    let upstream = hyper::upgrade::on(&mut *response);
+    let upstream = response.body_mut().take_upgraded();
     let request_id = ex.request_id.clone();
-    if let Some(client) = client {
+    if let (Some(client), Some((mut upstream, early))) = (client, upstream) {
         tokio::spawn(async move {
-            match tokio::try_join!(client, upstream) {
-                Ok((c, u)) => {
-                    let mut c = TokioIo::new(c);
-                    let mut u = TokioIo::new(u);
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                        tracing::debug!(?request_id, error = %e, "upgraded connection ended");
-                    }
+            let result = async {
+                let mut client = TokioIo::new(client.await.map_err(std::io::Error::other)?);
+                // Bytes the instance sent right behind its 101 belong to the new protocol.
+                if !early.is_empty() {
+                    client.write_all(&early).await?;
                 }
-                Err(e) => tracing::debug!(?request_id, error = %e, "upgrade failed"),
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            };
+            if let Err(e) = result.await {
+                tracing::debug!(?request_id, error = %e, "upgraded connection ended");
             }
         });
     }

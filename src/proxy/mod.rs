@@ -7,6 +7,7 @@
 pub mod body;
 pub mod error;
 pub mod handler;
+pub mod h1;
 pub mod headers;
 pub mod path;
 pub mod pool;

@@ -1,25 +1,24 @@
 //! HTTP/1.1 keep-alive connections to instances, pooled per instance address and TLS
 //! identity and reused most-recent first.
 //!
-//! Each connection runs hyper's dispatcher in a task of its own; it is leased for one
-//! exchange and comes back when the response body has been read to its end, straight
-//! from the body's poll (see [`Lease`]). A request thus costs one short mutex section and
-//! no task, boxed future or checkout channel of its own; hyper-util's general-purpose
-//! client, which has them, cost 8% more instructions per request
-//! (`scripts/bench-cost.sh`). Connections idle longer than the idle timeout,
-//! closed by the instance, or beyond the per-instance cap are dropped, which closes them.
+//! A connection is taken out for one exchange ([`super::h1`], run in the request's own
+//! task) and comes back when the response body has been read to its end, straight from
+//! the body's poll (see [`Return`]). A request thus costs one short mutex section and no
+//! task, channel or boxed future of its own. Idle connections are polled by no one: one
+//! that the instance closed meanwhile is noticed when it is next taken (a request that
+//! could not have reached the instance goes again on a fresh connection), or by the
+//! reaper. Connections idle longer than the idle timeout, closed by the instance, or
+//! beyond the per-instance cap are dropped, which closes them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use http::{Method, Request, Response};
 
 use super::body::UpstreamBody;
+use super::h1::{self, Connection, H1Error, ResponseBody};
 use super::upstream::{ConnectError, Connector};
 
 /// Which connections are interchangeable: same instance address, same TLS identity.
@@ -53,7 +52,7 @@ pub enum SendError {
     Connect(#[from] ConnectError),
     /// The connection failed during the exchange; the request may have been sent.
     #[error(transparent)]
-    Http(#[from] hyper::Error),
+    H1(#[from] H1Error),
     /// An HTTP/2 exchange through hyper-util's client.
     #[error(transparent)]
     Client(#[from] hyper_util::client::legacy::Error),
@@ -67,14 +66,14 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         match self {
             SendError::Connect(_) => true,
-            SendError::Http(_) | SendError::Address(_) => false,
+            SendError::H1(_) | SendError::Address(_) => false,
             SendError::Client(e) => e.is_connect(),
         }
     }
 }
 
 struct Idle {
-    tx: SendRequest<UpstreamBody>,
+    conn: Connection,
     since: Instant,
 }
 
@@ -99,77 +98,69 @@ impl Http1Pool {
     }
 
     /// Sends `req` on an idle connection to `key`, or on a new one made by `connector`.
-    /// A request that a pooled connection could not take (it closed meanwhile) moves to
-    /// the next one; only what reached the wire can fail with [`SendError::Http`].
+    ///
+    /// A request that can be sent twice (idempotent method, body not streamed) goes on
+    /// the most recent idle connection unchecked; if that turns out closed before a byte
+    /// came back, it goes again on the next one. Any other request first checks that its
+    /// connection is still open, so it is never sent on one the instance already closed.
     pub async fn send(
         &self,
         key: PoolKey,
         connector: impl FnOnce() -> Connector,
         mut req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Lease), SendError> {
-        while let Some(mut tx) = self.checkout(&key) {
-            // Only connections ready for a request are pooled; one that is not any more
-            // is closing.
-            if !tx.is_ready() {
-                continue;
-            }
-            match tx.try_send_request(req).await {
-                Ok(response) => return Ok((response, self.lease(tx, key))),
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(SendError::Http(e.into_error())),
-                },
+    ) -> Result<Response<ResponseBody>, SendError> {
+        let replayable =
+            is_idempotent(req.method()) && !matches!(req.body(), UpstreamBody::Stream { .. });
+        while let Some(conn) = self.checkout(&key, !replayable) {
+            match h1::exchange(conn, req, replayable, self.give_back(&key)).await {
+                Ok(response) => return Ok(response),
+                Err((error, true, back)) => {
+                    tracing::debug!(error = %error, "pooled upstream connection was closed; trying the next");
+                    req = back;
+                }
+                Err((error, false, _)) => return Err(error.into()),
             }
         }
         // Boxed: dialing (TLS included) is the cold path, and its state would otherwise
         // enlarge every request's future, which stays in memory while the request is out.
-        let mut tx = Box::pin(self.connect(&key, connector())).await?;
-        let response = tx.send_request(req).await?;
-        Ok((response, self.lease(tx, key)))
+        let conn = Box::pin(self.connect(&key, connector())).await?;
+        h1::exchange(conn, req, false, self.give_back(&key))
+            .await
+            .map_err(|(error, _, _)| error.into())
     }
 
-    fn lease(&self, tx: SendRequest<UpstreamBody>, key: PoolKey) -> Lease {
-        Lease {
-            tx,
-            key,
+    fn give_back(&self, key: &PoolKey) -> Return {
+        Return {
+            key: key.clone(),
             pool: self.this.clone(),
         }
     }
 
-    fn checkout(&self, key: &PoolKey) -> Option<SendRequest<UpstreamBody>> {
+    fn checkout(&self, key: &PoolKey, verify: bool) -> Option<Connection> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(key)?;
         let now = Instant::now();
-        while let Some(entry) = list.pop_back() {
-            if !entry.tx.is_closed() && now.duration_since(entry.since) < self.idle_timeout {
-                return Some(entry.tx);
+        while let Some(mut entry) = list.pop_back() {
+            if now.duration_since(entry.since) >= self.idle_timeout {
+                continue;
             }
+            if verify && !entry.conn.is_idle_and_open() {
+                continue;
+            }
+            return Some(entry.conn);
         }
         None
     }
 
-    async fn connect(
-        &self,
-        key: &PoolKey,
-        connector: Connector,
-    ) -> Result<SendRequest<UpstreamBody>, SendError> {
+    async fn connect(&self, key: &PoolKey, connector: Connector) -> Result<Connection, SendError> {
         let stream = connector.dial(&key.authority).await?;
-        let (tx, conn) = http1::Builder::new()
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
         metrics::counter!(crate::metrics::UPSTREAM_CONNECTS).increment(1);
         self.start_reaper();
-        Ok(tx)
+        Ok(Connection::new(stream))
     }
 
-    fn put(&self, key: PoolKey, tx: SendRequest<UpstreamBody>) {
-        if tx.is_closed() || self.max_idle_per_host == 0 {
+    fn put(&self, key: PoolKey, conn: Connection) {
+        if self.max_idle_per_host == 0 {
             return;
         }
         let now = Instant::now();
@@ -177,12 +168,12 @@ impl Http1Pool {
         let list = idle.entry(key).or_default();
         while list
             .front()
-            .is_some_and(|e| e.tx.is_closed() || now.duration_since(e.since) >= self.idle_timeout)
+            .is_some_and(|e| now.duration_since(e.since) >= self.idle_timeout)
         {
             list.pop_front();
         }
         if list.len() < self.max_idle_per_host {
-            list.push_back(Idle { tx, since: now });
+            list.push_back(Idle { conn, since: now });
         }
     }
 
@@ -192,7 +183,9 @@ impl Http1Pool {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.retain(|_, list| {
-            list.retain(|e| !e.tx.is_closed() && now.duration_since(e.since) < self.idle_timeout);
+            list.retain_mut(|e| {
+                now.duration_since(e.since) < self.idle_timeout && e.conn.is_idle_and_open()
+            });
             !list.is_empty()
         });
     }
@@ -222,47 +215,31 @@ impl Http1Pool {
     }
 }
 
-/// One connection lent to one exchange. [`Lease::release`] gives it back once the
-/// response body has ended; dropping the lease instead closes the connection, which is
-/// right for anything else (a body abandoned mid-way, an upgrade, an error).
-pub struct Lease {
-    tx: SendRequest<UpstreamBody>,
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Where a connection goes back to once its exchange is over.
+pub struct Return {
     key: PoolKey,
     pool: Weak<Http1Pool>,
 }
 
-impl Lease {
-    /// Returns the connection to its pool once it can take another request. Usually at
-    /// once; a connection still sending the request body (the instance answered early)
-    /// is pooled when the body is through, or closed if that takes longer than the idle
-    /// timeout, so no other request ever waits behind an upload.
-    pub fn release(self) {
-        let Lease { mut tx, key, pool } = self;
-        let Some(strong) = pool.upgrade() else {
-            return;
-        };
-        if tx.is_ready() {
-            strong.put(key, tx);
-            return;
+impl Return {
+    /// Pools a connection that can carry another request.
+    pub fn give(self, conn: Connection) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.put(self.key, conn);
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let wait = strong.idle_timeout;
-        drop(strong);
-        runtime.spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(wait, tx.ready()).await {
-                if let Some(pool) = pool.upgrade() {
-                    pool.put(key, tx);
-                }
-            }
-        });
     }
-}
 
-impl std::fmt::Debug for Lease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").field("key", &self.key).finish()
+    /// How long a connection may stay busy finishing an upload before it is closed
+    /// instead; `None` once the pool is gone.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.pool.upgrade().map(|p| p.idle_timeout)
     }
 }
 
@@ -323,40 +300,45 @@ mod tests {
         Connector::plain(Duration::from_secs(2))
     }
 
-    async fn exchange(pool: &Http1Pool, key: &PoolKey) -> Result<Lease, SendError> {
-        let (response, lease) = pool
+    async fn exchange(pool: &Http1Pool, key: &PoolKey) -> Result<(), SendError> {
+        let response = pool
             .send(key.clone(), connector, request(&key.authority))
             .await?;
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
-        Ok(lease)
+        Ok(())
+    }
+
+    fn key(authority: Authority) -> PoolKey {
+        PoolKey {
+            authority,
+            tls_service: None,
+        }
     }
 
     #[tokio::test]
-    async fn a_released_connection_serves_the_next_request() {
+    async fn a_connection_whose_body_was_read_serves_the_next_request() {
         let (authority, accepted) = server(usize::MAX).await;
         let pool = Http1Pool::new(8, Duration::from_secs(60));
-        let key = PoolKey {
-            authority,
-            tls_service: None,
-        };
+        let key = key(authority);
         for _ in 0..20 {
-            exchange(&pool, &key).await.unwrap().release();
+            exchange(&pool, &key).await.unwrap();
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle_count(&key), 1);
     }
 
     #[tokio::test]
-    async fn a_dropped_lease_closes_its_connection() {
+    async fn an_abandoned_body_closes_its_connection() {
         let (authority, accepted) = server(usize::MAX).await;
         let pool = Http1Pool::new(8, Duration::from_secs(60));
-        let key = PoolKey {
-            authority,
-            tls_service: None,
-        };
+        let key = key(authority);
         for _ in 0..3 {
-            drop(exchange(&pool, &key).await.unwrap());
+            let response = pool
+                .send(key.clone(), connector, request(&key.authority))
+                .await
+                .unwrap();
+            drop(response);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
         assert_eq!(pool.idle_count(&key), 0);
@@ -365,45 +347,46 @@ mod tests {
     #[tokio::test]
     async fn connections_the_instance_closed_are_skipped() {
         // The server closes each connection after one answer: every pooled connection is
-        // dead by the next request, which must still succeed on a fresh one.
+        // dead by the next request, which must still succeed on a fresh one, whether it
+        // may be sent twice (GET: tried, found closed) or not (POST: checked first).
         let (authority, accepted) = server(1).await;
         let pool = Http1Pool::new(8, Duration::from_secs(60));
-        let key = PoolKey {
-            authority,
-            tls_service: None,
-        };
-        for _ in 0..5 {
-            exchange(&pool, &key).await.unwrap().release();
+        let key = key(authority);
+        for i in 0..6 {
+            let mut req = request(&key.authority);
+            if i % 2 == 1 {
+                *req.method_mut() = Method::POST;
+            }
+            let response = pool.send(key.clone(), connector, req).await.unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+        assert_eq!(accepted.load(Ordering::SeqCst), 6);
     }
 
     #[tokio::test]
     async fn idle_connections_are_capped_and_expire() {
-        let (authority, _) = server(usize::MAX).await;
+        let (authority, accepted) = server(usize::MAX).await;
         let pool = Http1Pool::new(2, Duration::from_millis(200));
-        let key = PoolKey {
-            authority,
-            tls_service: None,
-        };
-        let leases = futures_lease(&pool, &key, 4).await;
-        for lease in leases {
-            lease.release();
+        let key = key(authority);
+        // Four answers held unread at once need four connections.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let response = pool
+                .send(key.clone(), connector, request(&key.authority))
+                .await
+                .unwrap();
+            held.push(response);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        for response in held {
+            response.into_body().collect().await.unwrap();
         }
         assert_eq!(pool.idle_count(&key), 2);
         tokio::time::sleep(Duration::from_millis(250)).await;
         pool.reap();
         assert_eq!(pool.idle_count(&key), 0);
-    }
-
-    async fn futures_lease(pool: &Http1Pool, key: &PoolKey, n: usize) -> Vec<Lease> {
-        let mut out = Vec::new();
-        for _ in 0..n {
-            // Hold each lease so the next request needs a new connection.
-            out.push(exchange(pool, key).await.unwrap());
-        }
-        out
     }
 
     #[test]
@@ -428,11 +411,7 @@ mod tests {
         let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
         drop(listener);
         let pool = Http1Pool::new(8, Duration::from_secs(60));
-        let key = PoolKey {
-            authority,
-            tls_service: None,
-        };
-        let err = exchange(&pool, &key).await.unwrap_err();
+        let err = exchange(&pool, &key(authority)).await.unwrap_err();
         assert!(err.is_connect(), "{err}");
     }
 }

@@ -15,7 +15,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::uri::Authority;
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,8 +22,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use super::body::UpstreamBody;
-use super::pool::{Http1Pool, Lease, PoolKey, SendError};
+use super::body::{ClientBody, UpstreamBody};
+use super::pool::{Http1Pool, PoolKey, SendError};
 use crate::upstream_tls::UpstreamTls;
 
 /// Why a connection could not be made; always safe to retry elsewhere (nothing was sent).
@@ -81,14 +80,14 @@ impl Clients {
         }
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) to the instance at `authority`. The lease,
-    /// when there is one, goes back with the response body's end (HTTP/1.1 only).
+    /// Sends `req` (origin-form URI, `Host` set) to the instance at `authority`. An
+    /// HTTP/1.1 connection goes back to its pool with the response body's end.
     pub async fn send(
         &self,
         key: &ClientKey,
         authority: &Authority,
         mut req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Option<Lease>), SendError> {
+    ) -> Result<Response<ClientBody>, SendError> {
         if key.http2 {
             let mut uri = Uri::builder().scheme("http").authority(authority.clone());
             if let Some(pq) = req.uri().path_and_query() {
@@ -96,14 +95,14 @@ impl Clients {
             }
             *req.uri_mut() = uri.build()?;
             let response = Box::pin(self.get(key).request(req)).await?;
-            return Ok((response, None));
+            return Ok(response.map(ClientBody::h2));
         }
         let pool_key = PoolKey {
             authority: authority.clone(),
             tls_service: key.tls_service.clone(),
         };
-        let (response, lease) = self.h1.send(pool_key, || self.connector(key), req).await?;
-        Ok((response, Some(lease)))
+        let response = self.h1.send(pool_key, || self.connector(key), req).await?;
+        Ok(response.map(ClientBody::h1))
     }
 
     fn get(&self, key: &ClientKey) -> UpstreamClient {

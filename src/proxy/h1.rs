@@ -1,0 +1,831 @@
+//! HTTP/1.1 to instances, spoken by the gateway itself.
+//!
+//! A proxy's client side is a narrow slice of HTTP/1.1: write one request head (plus its
+//! body), read one response head, frame the response body, and know when the connection
+//! can take the next request. Doing that in the request's own task, on buffers the
+//! connection keeps, removes what a general client needs and a proxy does not: a task per
+//! connection, the channel hop to it and back, and a second buffered codec layer
+//! (`scripts/bench-cost.sh` measures the difference; see the README).
+//!
+//! Responses are read with `httparse`; their header values are slices of the received
+//! head, not copies. Request bodies stream (`Content-Length` when known, else chunked),
+//! concurrently with reading the answer, so an instance that answers before the upload
+//! is in (a 413, a 401) is heard at once.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWrite;
+
+use super::body::{BodyError, UpstreamBody};
+use super::pool::Return;
+use super::upstream::UpstreamStream;
+
+/// The largest response head (status line and headers) accepted from an instance.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Headers in one response head, as in hyper.
+const MAX_HEADERS: usize = 100;
+/// Read granularity; a connection's buffer grows by this much when full.
+const READ_CHUNK: usize = 8 * 1024;
+/// Request body frames up to this size are copied next to their chunk framing so they
+/// leave in one write.
+const COALESCE: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    #[error("upstream connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("upstream closed the connection before answering")]
+    Closed,
+    #[error("upstream sent an invalid response head: {0}")]
+    Parse(httparse::Error),
+    #[error("upstream response head exceeds {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("upstream response framing: {0}")]
+    Framing(&'static str),
+    #[error("upstream closed the connection in the middle of the response body")]
+    Truncated,
+    #[error("request body: {0}")]
+    Body(#[source] BodyError),
+}
+
+impl H1Error {
+    /// Whether the instance sent nothing back: on a reused connection, the sign that it
+    /// had closed the connection before the request arrived.
+    fn is_silent_close(&self) -> bool {
+        match self {
+            H1Error::Closed => true,
+            H1Error::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// One HTTP/1.1 connection to an instance, with the buffers it keeps between requests.
+pub struct Connection {
+    io: UpstreamStream,
+    read: BytesMut,
+    head: Vec<u8>,
+    /// Requests this connection has carried.
+    served: u32,
+}
+
+impl Connection {
+    pub fn new(io: UpstreamStream) -> Connection {
+        Connection {
+            io,
+            read: BytesMut::new(),
+            head: Vec::new(),
+            served: 0,
+        }
+    }
+
+    pub fn is_reused(&self) -> bool {
+        self.served > 0
+    }
+
+    /// Whether an idle connection is still usable: nothing to read (no close, no stray
+    /// bytes). Never waits; costs a `recv` only when the socket was last seen readable.
+    pub fn is_idle_and_open(&mut self) -> bool {
+        if !self.read.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.read.reserve(READ_CHUNK);
+        matches!(
+            tokio_util::io::poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut self.read),
+            Poll::Pending
+        )
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
+            self.read.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+    }
+
+    /// Writes `self.head[*at..]`.
+    fn poll_write_head(&mut self, cx: &mut Context<'_>, at: &mut usize) -> Poll<io::Result<()>> {
+        while *at < self.head.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.head[*at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *at += n;
+        }
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// Reads until a final response head is complete, skipping `1xx` interim answers
+    /// other than `101`.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Head, H1Error>> {
+        loop {
+            if !self.read.is_empty() {
+                if let Some(head) = self.parse_head()? {
+                    let informational = head.status.is_informational()
+                        && head.status != StatusCode::SWITCHING_PROTOCOLS;
+                    if !informational {
+                        return Poll::Ready(Ok(head));
+                    }
+                    continue;
+                }
+            }
+            let before = self.read.len();
+            if ready!(self.poll_fill(cx))? == 0 {
+                return Poll::Ready(Err(if before == 0 {
+                    H1Error::Closed
+                } else {
+                    H1Error::Truncated
+                }));
+            }
+        }
+    }
+
+    /// A complete head taken off the read buffer, or `None` when more bytes are needed.
+    fn parse_head(&mut self) -> Result<Option<Head>, H1Error> {
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let buf = &self.read[..];
+        let base = buf.as_ptr() as usize;
+        let mut parsed = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            buf,
+            &mut slots,
+        ) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+                return Err(H1Error::HeadTooLarge)
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(H1Error::Parse(e)),
+        };
+        if len > MAX_HEAD {
+            return Err(H1Error::HeadTooLarge);
+        }
+        let code = parsed.code.unwrap_or_default();
+        let status = StatusCode::from_u16(code).map_err(|_| H1Error::Framing("bad status code"))?;
+        let version = match parsed.version {
+            Some(0) => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        };
+        let count = parsed.headers.len();
+        for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+            // Offsets into the buffer, so the values can be cut from it once frozen.
+            *span = (
+                (h.name.as_ptr() as usize - base) as u32,
+                h.name.len() as u32,
+                (h.value.as_ptr() as usize - base) as u32,
+                h.value.len() as u32,
+            );
+        }
+        let raw = self.read.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(name_at, name_len, value_at, value_len) in &spans[..count] {
+            let name = &raw[name_at as usize..(name_at + name_len) as usize];
+            let name = HeaderName::from_bytes(name).map_err(|_| H1Error::Framing("bad header name"))?;
+            let value = raw.slice(value_at as usize..(value_at + value_len) as usize);
+            let value = HeaderValue::from_maybe_shared(value)
+                .map_err(|_| H1Error::Framing("bad header value"))?;
+            headers.append(name, value);
+        }
+        Ok(Some(Head {
+            status,
+            version,
+            headers,
+        }))
+    }
+}
+
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+}
+
+/// How the request body goes out.
+enum Upload {
+    Length(u64),
+    Chunked,
+}
+
+/// A request body still being sent, with the bytes queued for the socket.
+pub struct Outgoing {
+    body: UpstreamBody,
+    framing: Upload,
+    queue: VecDeque<Bytes>,
+    finished: bool,
+    /// All of it written and flushed.
+    sent: bool,
+}
+
+impl Outgoing {
+    fn is_done(&self) -> bool {
+        self.sent
+    }
+
+    /// Moves the body to the socket as far as both allow; `Ready(Ok)` once all of it,
+    /// framing included, is written.
+    fn poll_send(
+        &mut self,
+        io: &mut UpstreamStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), H1Error>> {
+        loop {
+            while !self.queue.is_empty() {
+                let n = ready!(write_queue(io, cx, &self.queue))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero).into()));
+                }
+                advance_queue(&mut self.queue, n);
+            }
+            if self.finished {
+                ready!(Pin::new(&mut *io).poll_flush(cx))?;
+                self.sent = true;
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                None => self.end(None)?,
+                Some(Err(e)) => return Poll::Ready(Err(H1Error::Body(e))),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.push(data)?,
+                    Err(frame) => {
+                        let trailers = frame.into_trailers().ok();
+                        self.end(trailers.as_ref())?;
+                    }
+                },
+            }
+        }
+    }
+
+    fn push(&mut self, data: Bytes) -> Result<(), H1Error> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &mut self.framing {
+            Upload::Length(left) => {
+                let n = data.len() as u64;
+                if n > *left {
+                    return Err(H1Error::Framing("request body longer than its Content-Length"));
+                }
+                *left -= n;
+                self.queue.push_back(data);
+            }
+            Upload::Chunked => {
+                let mut line = Vec::with_capacity(20 + data.len().min(COALESCE));
+                push_hex(&mut line, data.len());
+                line.extend_from_slice(b"\r\n");
+                if data.len() <= COALESCE {
+                    line.extend_from_slice(&data);
+                    line.extend_from_slice(b"\r\n");
+                    self.queue.push_back(Bytes::from(line));
+                } else {
+                    self.queue.push_back(Bytes::from(line));
+                    self.queue.push_back(data);
+                    self.queue.push_back(Bytes::from_static(b"\r\n"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn end(&mut self, trailers: Option<&HeaderMap>) -> Result<(), H1Error> {
+        self.finished = true;
+        match self.framing {
+            Upload::Length(0) => Ok(()),
+            Upload::Length(_) => Err(H1Error::Framing("request body shorter than its Content-Length")),
+            Upload::Chunked => {
+                let mut last = b"0\r\n".to_vec();
+                for (name, value) in trailers.into_iter().flatten() {
+                    push_header(&mut last, name, value);
+                }
+                last.extend_from_slice(b"\r\n");
+                self.queue.push_back(Bytes::from(last));
+                Ok(())
+            }
+        }
+    }
+}
+
+fn write_queue(
+    io: &mut UpstreamStream,
+    cx: &mut Context<'_>,
+    queue: &VecDeque<Bytes>,
+) -> Poll<io::Result<usize>> {
+    if queue.len() == 1 || !io.is_write_vectored() {
+        return Pin::new(io).poll_write(cx, &queue[0]);
+    }
+    let mut slices = [IoSlice::new(&[]); 8];
+    let n = queue.len().min(slices.len());
+    for (slot, part) in slices.iter_mut().zip(queue.iter()) {
+        *slot = IoSlice::new(part);
+    }
+    Pin::new(io).poll_write_vectored(cx, &slices[..n])
+}
+
+fn advance_queue(queue: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = queue.front_mut() else {
+            return;
+        };
+        if n < front.len() {
+            front.advance(n);
+            return;
+        }
+        n -= front.len();
+        queue.pop_front();
+    }
+}
+
+fn push_hex(out: &mut Vec<u8>, n: usize) {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[(n >> (i * 4)) & 0xf]);
+    }
+}
+
+fn push_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the request head into the connection's buffer and decides the body's framing:
+/// the gateway sets `Content-Length` or chunking itself, from what the body is.
+fn encode_head(conn: &mut Connection, req: &Request<UpstreamBody>) -> Option<Outgoing> {
+    let out = &mut conn.head;
+    out.clear();
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut declared = None;
+    for (name, value) in req.headers() {
+        if name == header::CONTENT_LENGTH {
+            declared = declared.or_else(|| value.to_str().ok()?.trim().parse::<u64>().ok());
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        push_header(out, name, value);
+    }
+    let upload = match req.body() {
+        UpstreamBody::Empty => {
+            if declared.is_some() || method_has_body(req.method()) {
+                out.extend_from_slice(b"content-length: 0\r\n");
+            }
+            None
+        }
+        UpstreamBody::Full(data) => {
+            let data = data.as_deref().unwrap_or_default();
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice((data.len() as u64).to_string().as_bytes());
+            out.extend_from_slice(b"\r\n\r\n");
+            out.extend_from_slice(data);
+            return None;
+        }
+        UpstreamBody::Stream { inner, .. } => {
+            let known = inner.size_hint().exact().or(declared);
+            let framing = match known {
+                Some(n) => {
+                    out.extend_from_slice(b"content-length: ");
+                    out.extend_from_slice(n.to_string().as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                    Upload::Length(n)
+                }
+                None => {
+                    out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                    Upload::Chunked
+                }
+            };
+            Some(framing)
+        }
+    };
+    out.extend_from_slice(b"\r\n");
+    upload.map(|framing| Outgoing {
+        body: UpstreamBody::Empty,
+        framing,
+        queue: VecDeque::new(),
+        finished: false,
+        sent: false,
+    })
+}
+
+/// Methods whose requests carry a body by meaning; an empty one is sent as
+/// `Content-Length: 0` (some servers refuse such requests with neither header).
+fn method_has_body(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::PATCH)
+}
+
+/// Sends `req` on `conn` and reads the answer's head. `replayable` says whether the
+/// request could be sent again (a body that is not a live stream, an idempotent method).
+pub async fn exchange(
+    mut conn: Connection,
+    mut req: Request<UpstreamBody>,
+    replayable: bool,
+    release: Return,
+) -> Result<Response<ResponseBody>, (H1Error, bool, Request<UpstreamBody>)> {
+    let reused = conn.is_reused();
+    let mut upload = encode_head(&mut conn, &req);
+    if let Some(up) = upload.as_mut() {
+        up.body = std::mem::replace(req.body_mut(), UpstreamBody::Empty);
+    }
+    let head_request = req.method() == Method::HEAD;
+    let wants_upgrade = req.headers().contains_key(header::UPGRADE);
+    let mut written = 0usize;
+    let result = std::future::poll_fn(|cx| {
+        if written < conn.head.len() {
+            ready!(conn.poll_write_head(cx, &mut written))?;
+        }
+        if let Some(up) = upload.as_mut() {
+            if !up.is_done() {
+                if let Poll::Ready(Err(e)) = up.poll_send(&mut conn.io, cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        conn.poll_head(cx)
+    })
+    .await;
+    let head = match result {
+        Ok(head) => head,
+        Err(error) => {
+            // Only a reused connection that went away silently, before a byte of the
+            // request body left (nothing streamed), is known not to have reached the
+            // application; the request goes again on a fresh connection.
+            let retry = reused && replayable && upload.is_none() && error.is_silent_close();
+            return Err((error, retry, req));
+        }
+    };
+    conn.served += 1;
+    let upgraded = head.status == StatusCode::SWITCHING_PROTOCOLS;
+    if upgraded && !wants_upgrade {
+        return Err((H1Error::Framing("101 without an upgrade request"), false, req));
+    }
+    let (framing, keep_alive) = match response_framing(&head, head_request) {
+        Ok(f) => f,
+        Err(e) => return Err((e, false, req)),
+    };
+    let mut headers = head.headers;
+    if framing == Framing::Chunked {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    let state = if upgraded {
+        State::Upgraded
+    } else {
+        match framing {
+            Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::Chunked(Chunk::Size),
+            Framing::Close => State::Close,
+        }
+    };
+    let body = ResponseBody {
+        conn: Some(conn),
+        state,
+        keep_alive: keep_alive && !upgraded,
+        upload: upload.filter(|u| !u.is_done()),
+        release: Some(release),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = head.status;
+    *response.version_mut() = head.version;
+    *response.headers_mut() = headers;
+    if response.body().state == State::Done {
+        response.body_mut().finish();
+    }
+    Ok(response)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+    Close,
+}
+
+/// RFC 9112 §6.3: how the response body is delimited, and whether the connection may
+/// carry another request after it.
+fn response_framing(head: &Head, head_request: bool) -> Result<(Framing, bool), H1Error> {
+    let mut keep_alive = head.version == Version::HTTP_11;
+    for value in head.headers.get_all(header::CONNECTION) {
+        for token in value.to_str().unwrap_or("").split(',') {
+            let token = token.trim();
+            if token.eq_ignore_ascii_case("close") {
+                keep_alive = false;
+            } else if token.eq_ignore_ascii_case("keep-alive") && head.version == Version::HTTP_10
+            {
+                keep_alive = true;
+            }
+        }
+    }
+    let code = head.status.as_u16();
+    if head_request || head.status.is_informational() || code == 204 || code == 304 {
+        return Ok((Framing::Length(0), keep_alive));
+    }
+    let mut encodings = head.headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if encodings.peek().is_some() {
+        let last = encodings
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .last()
+            .unwrap_or("");
+        // A message with both headers may be an attempt at smuggling: the encoding
+        // wins, and the connection is not reused.
+        let both = head.headers.contains_key(header::CONTENT_LENGTH);
+        if last.eq_ignore_ascii_case("chunked") {
+            return Ok((Framing::Chunked, keep_alive && !both));
+        }
+        return Ok((Framing::Close, false));
+    }
+    let mut length = None;
+    for value in head.headers.get_all(header::CONTENT_LENGTH) {
+        let text = value.to_str().map_err(|_| H1Error::Framing("bad Content-Length"))?;
+        for part in text.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(H1Error::Framing("bad Content-Length"));
+            }
+            let n: u64 = part.parse().map_err(|_| H1Error::Framing("bad Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(H1Error::Framing("conflicting Content-Length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(n) => (Framing::Length(n), keep_alive),
+        None => (Framing::Close, false),
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Before a chunk-size line.
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer fields up to an empty line.
+    Trailers,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    Chunked(Chunk),
+    Close,
+    Upgraded,
+    Done,
+}
+
+/// A response body read from its connection, which goes back to the pool (through
+/// `release`) when the body has ended cleanly and the connection can be reused.
+pub struct ResponseBody {
+    conn: Option<Connection>,
+    state: State,
+    keep_alive: bool,
+    /// The rest of a request body the instance answered before receiving all of.
+    upload: Option<Outgoing>,
+    release: Option<Return>,
+}
+
+impl ResponseBody {
+    /// For a `101` answer: the connection and the bytes that came after the head, which
+    /// already belong to the upgraded protocol.
+    pub fn into_upgraded(mut self) -> Option<(UpstreamStream, Bytes)> {
+        if self.state != State::Upgraded {
+            return None;
+        }
+        let conn = self.conn.take()?;
+        Some((conn.io, conn.read.freeze()))
+    }
+
+    /// The body has ended: the connection is recycled when it can carry another request.
+    fn finish(&mut self) {
+        self.state = State::Done;
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if !self.keep_alive || !conn.read.is_empty() {
+            return;
+        }
+        let Some(release) = self.release.take() else {
+            return;
+        };
+        match self.upload.take() {
+            None => release.give(conn),
+            Some(upload) => finish_upload(conn, upload, release),
+        }
+    }
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        if let (Some(up), Some(conn)) = (self.upload.as_mut(), self.conn.as_mut()) {
+            match up.poll_send(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => self.upload = None,
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(error = %e, "request body stopped after the answer began");
+                    self.upload = None;
+                    self.keep_alive = false;
+                }
+                Poll::Pending => {}
+            }
+        }
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match self.state {
+                State::Done | State::Upgraded => return Poll::Ready(None),
+                State::Length(left) => {
+                    if conn.read.is_empty() && ready!(conn.poll_fill(cx))? == 0 {
+                        return Poll::Ready(Some(Err(H1Error::Truncated)));
+                    }
+                    let n = (conn.read.len() as u64).min(left);
+                    let data = conn.read.split_to(n as usize).freeze();
+                    self.state = if n == left {
+                        State::Done
+                    } else {
+                        State::Length(left - n)
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::Close => {
+                    if conn.read.is_empty() && ready!(conn.poll_fill(cx))? == 0 {
+                        self.state = State::Done;
+                        return Poll::Ready(None);
+                    }
+                    let data = conn.read.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::Chunked(chunk) => {
+                    if let Some(frame) = ready!(self.poll_chunked(cx, chunk)) {
+                        return Poll::Ready(Some(frame));
+                    }
+                    if self.state == State::Done {
+                        return Poll::Ready(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One step of chunked decoding: a frame, or `None` when the state moved on without
+    /// one (a size line, a CRLF, the end).
+    fn poll_chunked(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: Chunk,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let need_more = match chunk {
+            Chunk::Size => match httparse::parse_chunk_size(&conn.read) {
+                Ok(httparse::Status::Complete((used, size))) => {
+                    conn.read.advance(used);
+                    self.state = State::Chunked(if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    });
+                    false
+                }
+                Ok(httparse::Status::Partial) if conn.read.len() > 4096 => {
+                    return Poll::Ready(Some(Err(H1Error::Framing("chunk size line too long"))))
+                }
+                Ok(httparse::Status::Partial) => true,
+                Err(_) => return Poll::Ready(Some(Err(H1Error::Framing("bad chunk size")))),
+            },
+            Chunk::Data(left) => {
+                if conn.read.is_empty() {
+                    true
+                } else {
+                    let n = (conn.read.len() as u64).min(left);
+                    let data = conn.read.split_to(n as usize).freeze();
+                    self.state = State::Chunked(if n == left {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left - n)
+                    });
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+            }
+            Chunk::DataEnd => {
+                if conn.read.len() < 2 {
+                    true
+                } else if &conn.read[..2] == b"\r\n" {
+                    conn.read.advance(2);
+                    self.state = State::Chunked(Chunk::Size);
+                    false
+                } else {
+                    return Poll::Ready(Some(Err(H1Error::Framing("chunk not ended by CRLF"))));
+                }
+            }
+            Chunk::Trailers => {
+                if conn.read.starts_with(b"\r\n") {
+                    conn.read.advance(2);
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                let mut slots = [httparse::EMPTY_HEADER; 32];
+                match httparse::parse_headers(&conn.read, &mut slots) {
+                    Ok(httparse::Status::Complete((used, fields))) => {
+                        let mut trailers = HeaderMap::new();
+                        for f in fields {
+                            if let (Ok(name), Ok(value)) = (
+                                HeaderName::from_bytes(f.name.as_bytes()),
+                                HeaderValue::from_bytes(f.value),
+                            ) {
+                                trailers.append(name, value);
+                            }
+                        }
+                        conn.read.advance(used);
+                        self.finish();
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    Ok(httparse::Status::Partial) if conn.read.len() > MAX_HEAD => {
+                        return Poll::Ready(Some(Err(H1Error::HeadTooLarge)))
+                    }
+                    Ok(httparse::Status::Partial) => true,
+                    Err(e) => return Poll::Ready(Some(Err(H1Error::Parse(e)))),
+                }
+            }
+        };
+        if need_more && ready!(conn.poll_fill(cx))? == 0 {
+            return Poll::Ready(Some(Err(H1Error::Truncated)));
+        }
+        Poll::Ready(None)
+    }
+}
+
+/// Sends what is left of an upload whose answer is already complete, then recycles the
+/// connection; closes it instead if that takes longer than the pool's idle timeout, so a
+/// slow uploader never holds a connection another request is waiting for.
+fn finish_upload(mut conn: Connection, mut upload: Outgoing, release: Return) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let Some(grace) = release.idle_timeout() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let send = std::future::poll_fn(|cx| upload.poll_send(&mut conn.io, cx));
+        if let Ok(Ok(())) = tokio::time::timeout(grace, send).await {
+            release.give(conn);
+        }
+    });
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let this = self.get_mut();
+        let frame = ready!(this.poll_data(cx));
+        match &frame {
+            Some(Err(_)) => {
+                this.keep_alive = false;
+                this.state = State::Done;
+                this.conn = None;
+            }
+            _ if this.state == State::Done => this.finish(),
+            _ => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done | State::Upgraded)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done | State::Upgraded => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
