@@ -7,8 +7,11 @@
 //! connection, the channel hop to it and back, and a second buffered codec layer
 //! (`scripts/bench-cost.sh` measures the difference; see the README).
 //!
-//! Responses are read with `httparse`; their header values are slices of the received
-//! head, not copies. Request bodies stream (`Content-Length` when known, else chunked),
+//! Memory that requests touch stays hot with hundreds of connections: reads land in one
+//! per-thread buffer, and a connection keeps only the bytes it has not consumed (usually
+//! none between requests); request heads are encoded in another per-thread buffer.
+//! Responses are parsed with `httparse`; their header values are slices of the bytes
+//! received, not copies. Request bodies stream (`Content-Length` when known, else chunked),
 //! concurrently with reading the answer, so an instance that answers before the upload
 //! is in (a 413, a 401) is heard at once.
 
@@ -18,11 +21,13 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use std::cell::RefCell;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::{BodyError, UpstreamBody};
 use super::pool::Return;
@@ -32,8 +37,10 @@ use super::upstream::UpstreamStream;
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Headers in one response head, as in hyper.
 const MAX_HEADERS: usize = 100;
-/// Read granularity; a connection's buffer grows by this much when full.
-const READ_CHUNK: usize = 8 * 1024;
+/// The most one read takes from a connection.
+const READ_CHUNK: usize = 32 * 1024;
+/// Buffered request bodies up to this size leave in the same write as their head.
+const INLINE_BODY: usize = 16 * 1024;
 /// Request body frames up to this size are copied next to their chunk framing so they
 /// leave in one write.
 const COALESCE: usize = 1024;
@@ -73,11 +80,26 @@ impl H1Error {
     }
 }
 
-/// One HTTP/1.1 connection to an instance, with the buffers it keeps between requests.
+thread_local! {
+    /// Where every read lands first, and where request heads are encoded.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        read: vec![0; READ_CHUNK].into_boxed_slice(),
+        head: Vec::with_capacity(1024),
+    });
+}
+
+struct Scratch {
+    read: Box<[u8]>,
+    head: Vec<u8>,
+}
+
+/// One HTTP/1.1 connection to an instance.
 pub struct Connection {
     io: UpstreamStream,
-    read: BytesMut,
-    head: Vec<u8>,
+    /// Received and not yet consumed.
+    read: Bytes,
+    /// The part of a request head the socket did not take at once.
+    unsent: Vec<u8>,
     /// Requests this connection has carried.
     served: u32,
 }
@@ -86,8 +108,8 @@ impl Connection {
     pub fn new(io: UpstreamStream) -> Connection {
         Connection {
             io,
-            read: BytesMut::new(),
-            head: Vec::new(),
+            read: Bytes::new(),
+            unsent: Vec::new(),
             served: 0,
         }
     }
@@ -103,30 +125,65 @@ impl Connection {
             return false;
         }
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        self.read.reserve(READ_CHUNK);
-        matches!(
-            tokio_util::io::poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut self.read),
-            Poll::Pending
-        )
+        self.poll_fill(&mut cx).is_pending()
     }
 
+    /// Reads what the socket has into the per-thread buffer and appends it to the
+    /// unconsumed bytes; `Ok(0)` at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
-            self.read.reserve(READ_CHUNK);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut buf = ReadBuf::new(&mut scratch.read);
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+            let got = buf.filled();
+            if self.read.is_empty() {
+                self.read = Bytes::copy_from_slice(got);
+            } else if !got.is_empty() {
+                let mut joined = BytesMut::with_capacity(self.read.len() + got.len());
+                joined.extend_from_slice(&self.read);
+                joined.extend_from_slice(got);
+                self.read = joined.freeze();
+            }
+            Poll::Ready(Ok(got.len()))
+        })
     }
 
-    /// Writes `self.head[*at..]`.
-    fn poll_write_head(&mut self, cx: &mut Context<'_>, at: &mut usize) -> Poll<io::Result<()>> {
-        while *at < self.head.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.head[*at..]))?;
+    /// Writes the part of a head an earlier poll could not.
+    fn poll_unsent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.unsent.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.unsent))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            *at += n;
+            self.unsent.drain(..n);
         }
         Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// Encodes `req`'s head and writes as much of it as the socket takes now, keeping
+    /// the rest for [`Connection::poll_unsent`]. Returns the body still to send.
+    fn start(
+        &mut self,
+        cx: &mut Context<'_>,
+        req: &Request<UpstreamBody>,
+    ) -> io::Result<Option<Outgoing>> {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let upload = encode_head(&mut scratch.head, req);
+            let head = &scratch.head[..];
+            let mut at = 0;
+            while at < head.len() {
+                match Pin::new(&mut self.io).poll_write(cx, &head[at..]) {
+                    Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                    Poll::Ready(Ok(n)) => at += n,
+                    Poll::Ready(Err(e)) => return Err(e),
+                    Poll::Pending => break,
+                }
+            }
+            self.unsent.extend_from_slice(&head[at..]);
+            if scratch.head.capacity() > 64 * 1024 {
+                scratch.head = Vec::with_capacity(1024);
+            }
+            Ok(upload)
+        })
     }
 
     /// Reads until a final response head is complete, skipping `1xx` interim answers
@@ -192,7 +249,7 @@ impl Connection {
                 h.value.len() as u32,
             );
         }
-        let raw = self.read.split_to(len).freeze();
+        let raw = self.read.split_to(len);
         let mut headers = HeaderMap::with_capacity(count);
         for &(name_at, name_len, value_at, value_len) in &spans[..count] {
             let name = &raw[name_at as usize..(name_at + name_len) as usize];
@@ -366,8 +423,7 @@ fn push_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
 
 /// Writes the request head into the connection's buffer and decides the body's framing:
 /// the gateway sets `Content-Length` or chunking itself, from what the body is.
-fn encode_head(conn: &mut Connection, req: &Request<UpstreamBody>) -> Option<Outgoing> {
-    let out = &mut conn.head;
+fn encode_head(out: &mut Vec<u8>, req: &Request<UpstreamBody>) -> Option<Outgoing> {
     out.clear();
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
@@ -393,12 +449,22 @@ fn encode_head(conn: &mut Connection, req: &Request<UpstreamBody>) -> Option<Out
             None
         }
         UpstreamBody::Full(data) => {
-            let data = data.as_deref().unwrap_or_default();
+            let data = data.clone().unwrap_or_default();
             out.extend_from_slice(b"content-length: ");
             out.extend_from_slice((data.len() as u64).to_string().as_bytes());
             out.extend_from_slice(b"\r\n\r\n");
-            out.extend_from_slice(data);
-            return None;
+            if data.len() <= INLINE_BODY {
+                out.extend_from_slice(&data);
+                return None;
+            }
+            // Sent from its own buffer; the request keeps its copy for a retry.
+            return Some(Outgoing {
+                framing: Upload::Length(data.len() as u64),
+                body: UpstreamBody::Full(Some(data)),
+                queue: VecDeque::new(),
+                finished: false,
+                sent: false,
+            });
         }
         UpstreamBody::Stream { inner, .. } => {
             let known = inner.size_hint().exact().or(declared);
@@ -442,16 +508,22 @@ pub async fn exchange(
     release: Return,
 ) -> Result<Response<ResponseBody>, (H1Error, bool, Request<UpstreamBody>)> {
     let reused = conn.is_reused();
-    let mut upload = encode_head(&mut conn, &req);
-    if let Some(up) = upload.as_mut() {
-        up.body = std::mem::replace(req.body_mut(), UpstreamBody::Empty);
-    }
     let head_request = req.method() == Method::HEAD;
     let wants_upgrade = req.headers().contains_key(header::UPGRADE);
-    let mut written = 0usize;
+    let mut upload: Option<Outgoing> = None;
+    let mut started = false;
     let result = std::future::poll_fn(|cx| {
-        if written < conn.head.len() {
-            ready!(conn.poll_write_head(cx, &mut written))?;
+        if !started {
+            started = true;
+            upload = conn.start(cx, &req)?;
+            if let Some(up) = upload.as_mut() {
+                if matches!(up.body, UpstreamBody::Empty) {
+                    up.body = std::mem::replace(req.body_mut(), UpstreamBody::Empty);
+                }
+            }
+        }
+        if !conn.unsent.is_empty() {
+            ready!(conn.poll_unsent(cx))?;
         }
         if let Some(up) = upload.as_mut() {
             if !up.is_done() {
@@ -466,10 +538,10 @@ pub async fn exchange(
     let head = match result {
         Ok(head) => head,
         Err(error) => {
-            // Only a reused connection that went away silently, before a byte of the
-            // request body left (nothing streamed), is known not to have reached the
-            // application; the request goes again on a fresh connection.
-            let retry = reused && replayable && upload.is_none() && error.is_silent_close();
+            // Only a reused connection that went away silently is taken to have been
+            // closed by the instance before the request arrived; the request goes again
+            // on another connection if it can be sent twice.
+            let retry = reused && replayable && error.is_silent_close();
             return Err((error, retry, req));
         }
     };
@@ -616,7 +688,7 @@ impl ResponseBody {
             return None;
         }
         let conn = self.conn.take()?;
-        Some((conn.io, conn.read.freeze()))
+        Some((conn.io, conn.read))
     }
 
     /// The body has ended: the connection is recycled when it can carry another request.
@@ -660,7 +732,7 @@ impl ResponseBody {
                         return Poll::Ready(Some(Err(H1Error::Truncated)));
                     }
                     let n = (conn.read.len() as u64).min(left);
-                    let data = conn.read.split_to(n as usize).freeze();
+                    let data = conn.read.split_to(n as usize);
                     self.state = if n == left {
                         State::Done
                     } else {
@@ -673,7 +745,7 @@ impl ResponseBody {
                         self.state = State::Done;
                         return Poll::Ready(None);
                     }
-                    let data = conn.read.split().freeze();
+                    let data = std::mem::take(&mut conn.read);
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 State::Chunked(chunk) => {
@@ -720,7 +792,7 @@ impl ResponseBody {
                     true
                 } else {
                     let n = (conn.read.len() as u64).min(left);
-                    let data = conn.read.split_to(n as usize).freeze();
+                    let data = conn.read.split_to(n as usize);
                     self.state = State::Chunked(if n == left {
                         Chunk::DataEnd
                     } else {
