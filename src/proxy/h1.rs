@@ -30,7 +30,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::{BodyError, UpstreamBody};
-use super::pool::Return;
+use super::pool::Home;
 use super::upstream::UpstreamStream;
 
 /// The largest response head (status line and headers) accepted from an instance.
@@ -102,16 +102,25 @@ pub struct Connection {
     unsent: Vec<u8>,
     /// Requests this connection has carried.
     served: u32,
+    /// The pool it goes back to between requests.
+    home: Home,
 }
 
 impl Connection {
-    pub fn new(io: UpstreamStream) -> Connection {
-        Connection {
+    /// Boxed: a connection moves between the pool and the requests it serves, and a
+    /// pointer moves cheaper than its state.
+    pub fn new(io: UpstreamStream, home: Home) -> Box<Connection> {
+        Box::new(Connection {
             io,
             read: Bytes::new(),
             unsent: Vec::new(),
             served: 0,
-        }
+            home,
+        })
+    }
+
+    pub fn home(&self) -> &Home {
+        &self.home
     }
 
     pub fn is_reused(&self) -> bool {
@@ -165,7 +174,7 @@ impl Connection {
         &mut self,
         cx: &mut Context<'_>,
         req: &Request<UpstreamBody>,
-    ) -> io::Result<Option<Outgoing>> {
+    ) -> io::Result<Option<Box<Outgoing>>> {
         SCRATCH.with_borrow_mut(|scratch| {
             let upload = encode_head(&mut scratch.head, req);
             let head = &scratch.head[..];
@@ -253,7 +262,8 @@ impl Connection {
         let mut headers = HeaderMap::with_capacity(count);
         for &(name_at, name_len, value_at, value_len) in &spans[..count] {
             let name = &raw[name_at as usize..(name_at + name_len) as usize];
-            let name = HeaderName::from_bytes(name).map_err(|_| H1Error::Framing("bad header name"))?;
+            let name =
+                HeaderName::from_bytes(name).map_err(|_| H1Error::Framing("bad header name"))?;
             let value = raw.slice(value_at as usize..(value_at + value_len) as usize);
             let value = HeaderValue::from_maybe_shared(value)
                 .map_err(|_| H1Error::Framing("bad header value"))?;
@@ -336,7 +346,9 @@ impl Outgoing {
             Upload::Length(left) => {
                 let n = data.len() as u64;
                 if n > *left {
-                    return Err(H1Error::Framing("request body longer than its Content-Length"));
+                    return Err(H1Error::Framing(
+                        "request body longer than its Content-Length",
+                    ));
                 }
                 *left -= n;
                 self.queue.push_back(data);
@@ -363,7 +375,9 @@ impl Outgoing {
         self.finished = true;
         match self.framing {
             Upload::Length(0) => Ok(()),
-            Upload::Length(_) => Err(H1Error::Framing("request body shorter than its Content-Length")),
+            Upload::Length(_) => Err(H1Error::Framing(
+                "request body shorter than its Content-Length",
+            )),
             Upload::Chunked => {
                 let mut last = b"0\r\n".to_vec();
                 for (name, value) in trailers.into_iter().flatten() {
@@ -423,7 +437,7 @@ fn push_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
 
 /// Writes the request head into the connection's buffer and decides the body's framing:
 /// the gateway sets `Content-Length` or chunking itself, from what the body is.
-fn encode_head(out: &mut Vec<u8>, req: &Request<UpstreamBody>) -> Option<Outgoing> {
+fn encode_head(out: &mut Vec<u8>, req: &Request<UpstreamBody>) -> Option<Box<Outgoing>> {
     out.clear();
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
@@ -458,13 +472,13 @@ fn encode_head(out: &mut Vec<u8>, req: &Request<UpstreamBody>) -> Option<Outgoin
                 return None;
             }
             // Sent from its own buffer; the request keeps its copy for a retry.
-            return Some(Outgoing {
+            return Some(Box::new(Outgoing {
                 framing: Upload::Length(data.len() as u64),
                 body: UpstreamBody::Full(Some(data)),
                 queue: VecDeque::new(),
                 finished: false,
                 sent: false,
-            });
+            }));
         }
         UpstreamBody::Stream { inner, .. } => {
             let known = inner.size_hint().exact().or(declared);
@@ -484,12 +498,14 @@ fn encode_head(out: &mut Vec<u8>, req: &Request<UpstreamBody>) -> Option<Outgoin
         }
     };
     out.extend_from_slice(b"\r\n");
-    upload.map(|framing| Outgoing {
-        body: UpstreamBody::Empty,
-        framing,
-        queue: VecDeque::new(),
-        finished: false,
-        sent: false,
+    upload.map(|framing| {
+        Box::new(Outgoing {
+            body: UpstreamBody::Empty,
+            framing,
+            queue: VecDeque::new(),
+            finished: false,
+            sent: false,
+        })
     })
 }
 
@@ -502,15 +518,14 @@ fn method_has_body(method: &Method) -> bool {
 /// Sends `req` on `conn` and reads the answer's head. `replayable` says whether the
 /// request could be sent again (a body that is not a live stream, an idempotent method).
 pub async fn exchange(
-    mut conn: Connection,
+    mut conn: Box<Connection>,
     mut req: Request<UpstreamBody>,
     replayable: bool,
-    release: Return,
 ) -> Result<Response<ResponseBody>, (H1Error, bool, Request<UpstreamBody>)> {
     let reused = conn.is_reused();
     let head_request = req.method() == Method::HEAD;
     let wants_upgrade = req.headers().contains_key(header::UPGRADE);
-    let mut upload: Option<Outgoing> = None;
+    let mut upload: Option<Box<Outgoing>> = None;
     let mut started = false;
     let result = std::future::poll_fn(|cx| {
         if !started {
@@ -548,7 +563,11 @@ pub async fn exchange(
     conn.served += 1;
     let upgraded = head.status == StatusCode::SWITCHING_PROTOCOLS;
     if upgraded && !wants_upgrade {
-        return Err((H1Error::Framing("101 without an upgrade request"), false, req));
+        return Err((
+            H1Error::Framing("101 without an upgrade request"),
+            false,
+            req,
+        ));
     }
     let (framing, keep_alive) = match response_framing(&head, head_request) {
         Ok(f) => f,
@@ -573,7 +592,6 @@ pub async fn exchange(
         state,
         keep_alive: keep_alive && !upgraded,
         upload: upload.filter(|u| !u.is_done()),
-        release: Some(release),
     };
     let mut response = Response::new(body);
     *response.status_mut() = head.status;
@@ -601,8 +619,7 @@ fn response_framing(head: &Head, head_request: bool) -> Result<(Framing, bool), 
             let token = token.trim();
             if token.eq_ignore_ascii_case("close") {
                 keep_alive = false;
-            } else if token.eq_ignore_ascii_case("keep-alive") && head.version == Version::HTTP_10
-            {
+            } else if token.eq_ignore_ascii_case("keep-alive") && head.version == Version::HTTP_10 {
                 keep_alive = true;
             }
         }
@@ -611,7 +628,11 @@ fn response_framing(head: &Head, head_request: bool) -> Result<(Framing, bool), 
     if head_request || head.status.is_informational() || code == 204 || code == 304 {
         return Ok((Framing::Length(0), keep_alive));
     }
-    let mut encodings = head.headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    let mut encodings = head
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .peekable();
     if encodings.peek().is_some() {
         let last = encodings
             .filter_map(|v| v.to_str().ok())
@@ -630,13 +651,17 @@ fn response_framing(head: &Head, head_request: bool) -> Result<(Framing, bool), 
     }
     let mut length = None;
     for value in head.headers.get_all(header::CONTENT_LENGTH) {
-        let text = value.to_str().map_err(|_| H1Error::Framing("bad Content-Length"))?;
+        let text = value
+            .to_str()
+            .map_err(|_| H1Error::Framing("bad Content-Length"))?;
         for part in text.split(',') {
             let part = part.trim();
             if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(H1Error::Framing("bad Content-Length"));
             }
-            let n: u64 = part.parse().map_err(|_| H1Error::Framing("bad Content-Length"))?;
+            let n: u64 = part
+                .parse()
+                .map_err(|_| H1Error::Framing("bad Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(H1Error::Framing("conflicting Content-Length values"));
             }
@@ -672,12 +697,11 @@ enum State {
 /// A response body read from its connection, which goes back to the pool (through
 /// `release`) when the body has ended cleanly and the connection can be reused.
 pub struct ResponseBody {
-    conn: Option<Connection>,
+    conn: Option<Box<Connection>>,
     state: State,
     keep_alive: bool,
     /// The rest of a request body the instance answered before receiving all of.
-    upload: Option<Outgoing>,
-    release: Option<Return>,
+    upload: Option<Box<Outgoing>>,
 }
 
 impl ResponseBody {
@@ -687,7 +711,7 @@ impl ResponseBody {
         if self.state != State::Upgraded {
             return None;
         }
-        let conn = self.conn.take()?;
+        let conn = *self.conn.take()?;
         Some((conn.io, conn.read))
     }
 
@@ -700,12 +724,9 @@ impl ResponseBody {
         if !self.keep_alive || !conn.read.is_empty() {
             return;
         }
-        let Some(release) = self.release.take() else {
-            return;
-        };
         match self.upload.take() {
-            None => release.give(conn),
-            Some(upload) => finish_upload(conn, upload, release),
+            None => Home::recycle(conn),
+            Some(upload) => finish_upload(conn, upload),
         }
     }
 
@@ -852,17 +873,17 @@ impl ResponseBody {
 /// Sends what is left of an upload whose answer is already complete, then recycles the
 /// connection; closes it instead if that takes longer than the pool's idle timeout, so a
 /// slow uploader never holds a connection another request is waiting for.
-fn finish_upload(mut conn: Connection, mut upload: Outgoing, release: Return) {
+fn finish_upload(mut conn: Box<Connection>, mut upload: Box<Outgoing>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let Some(grace) = release.idle_timeout() else {
+    let Some(grace) = conn.home().idle_timeout() else {
         return;
     };
     runtime.spawn(async move {
         let send = std::future::poll_fn(|cx| upload.poll_send(&mut conn.io, cx));
         if let Ok(Ok(())) = tokio::time::timeout(grace, send).await {
-            release.give(conn);
+            Home::recycle(conn);
         }
     });
 }
@@ -898,6 +919,357 @@ impl Body for ResponseBody {
             State::Length(n) => SizeHint::with_exact(n),
             State::Done | State::Upgraded => SizeHint::with_exact(0),
             _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use http::uri::Authority;
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::proxy::pool::{Http1Pool, PoolKey, SendError};
+    use crate::proxy::upstream::Connector;
+
+    /// What the scripted server does with the next request it reads.
+    enum Reply {
+        Answer(Vec<u8>),
+        /// Answer, then close the connection.
+        Last(Vec<u8>),
+        /// Close without answering.
+        Close,
+    }
+
+    /// A server that answers the requests it receives, on any connection, with `replies`
+    /// in order, recording every byte it received.
+    struct Scripted {
+        key: PoolKey,
+        accepted: Arc<AtomicUsize>,
+        received: Arc<Mutex<Vec<u8>>>,
+    }
+
+    async fn scripted(replies: Vec<Reply>) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let replies = Arc::new(Mutex::new(VecDeque::from(replies)));
+        let (count, log) = (accepted.clone(), received.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let (replies, log) = (replies.clone(), log.clone());
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        // One request: its head, then as many bytes as it declares.
+                        let end = loop {
+                            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break end + 4;
+                            }
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
+                        let length: usize = head
+                            .split("content-length: ")
+                            .nth(1)
+                            .and_then(|v| v.split('\r').next())
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        while pending.len() < end + length {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        log.lock().unwrap().extend(pending.drain(..end + length));
+                        let reply = replies.lock().unwrap().pop_front().unwrap_or(Reply::Close);
+                        let (bytes, close) = match reply {
+                            Reply::Answer(b) => (b, false),
+                            Reply::Last(b) => (b, true),
+                            Reply::Close => return,
+                        };
+                        if s.write_all(&bytes).await.is_err() || close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Scripted {
+            key: PoolKey {
+                authority,
+                tls_service: None,
+            },
+            accepted,
+            received,
+        }
+    }
+
+    impl Scripted {
+        async fn send(
+            &self,
+            pool: &Http1Pool,
+            method: Method,
+            body: UpstreamBody,
+        ) -> Result<Response<ResponseBody>, SendError> {
+            let req = Request::builder()
+                .method(method)
+                .uri("/x?y=1")
+                .header(header::HOST, "backend")
+                .body(body)
+                .unwrap();
+            let connector = || Connector::plain(Duration::from_secs(2));
+            pool.send(self.key.clone(), connector, req).await
+        }
+
+        fn received(&self) -> String {
+            String::from_utf8_lossy(&self.received.lock().unwrap()).into_owned()
+        }
+    }
+
+    fn pool() -> Arc<Http1Pool> {
+        Http1Pool::new(8, Duration::from_secs(60))
+    }
+
+    fn reply(text: &str) -> Reply {
+        Reply::Answer(text.as_bytes().to_vec())
+    }
+
+    fn last(text: &str) -> Reply {
+        Reply::Last(text.as_bytes().to_vec())
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_are_decoded_with_their_trailers_and_the_connection_is_reused() {
+        let server = scripted(vec![
+            reply("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 42\r\n\r\n"),
+            reply("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        ])
+        .await;
+        let pool = pool();
+        let response = server
+            .send(&pool, Method::GET, UpstreamBody::Empty)
+            .await
+            .unwrap();
+        let collected = response.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["x-sum"], "42");
+        assert_eq!(&collected.to_bytes()[..], b"hello world");
+        let response = server
+            .send(&pool, Method::GET, UpstreamBody::Empty)
+            .await
+            .unwrap();
+        assert_eq!(
+            &response.into_body().collect().await.unwrap().to_bytes()[..],
+            b"ok"
+        );
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+        assert!(server
+            .received()
+            .starts_with("GET /x?y=1 HTTP/1.1\r\nhost: backend\r\n\r\n"));
+    }
+
+    #[tokio::test]
+    async fn a_body_without_a_length_runs_to_the_close_and_its_connection_is_not_pooled() {
+        let server = scripted(vec![last("HTTP/1.1 200 OK\r\n\r\nuntil the end")]).await;
+        let pool = pool();
+        let response = server
+            .send(&pool, Method::GET, UpstreamBody::Empty)
+            .await
+            .unwrap();
+        let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
+            .await
+            .expect("a close-delimited body ends with the connection")
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"until the end");
+        assert_eq!(pool.idle_count(&server.key), 0);
+    }
+
+    #[tokio::test]
+    async fn conflicting_lengths_and_bad_heads_are_refused() {
+        let server = scripted(vec![
+            reply("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"),
+            reply("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n"),
+            reply("HTTP/1.1 2000 Huge\r\n\r\n"),
+            reply("NOT HTTP\r\n\r\n"),
+        ])
+        .await;
+        let pool = pool();
+        for expected in ["conflicting", "bad Content-Length", "invalid", "invalid"] {
+            let err = server
+                .send(&pool, Method::GET, UpstreamBody::Empty)
+                .await
+                .err()
+                .expect("refused");
+            assert!(!err.is_connect());
+            assert!(
+                err.to_string().contains(expected),
+                "{err} (wanted {expected})"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn with_both_framings_the_chunking_wins_and_the_connection_is_dropped() {
+        let server = scripted(vec![reply(
+            "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        )])
+        .await;
+        let pool = pool();
+        let response = server
+            .send(&pool, Method::GET, UpstreamBody::Empty)
+            .await
+            .unwrap();
+        assert!(!response.headers().contains_key(header::CONTENT_LENGTH));
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        assert_eq!(pool.idle_count(&server.key), 0);
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_skipped_and_head_answers_have_no_body() {
+        let server = scripted(vec![
+            reply("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+            reply("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
+            reply("HTTP/1.1 204 No Content\r\n\r\n"),
+            reply("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+        ])
+        .await;
+        let pool = pool();
+        let response = server
+            .send(&pool, Method::GET, UpstreamBody::Empty)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            &response.into_body().collect().await.unwrap().to_bytes()[..],
+            b"ok"
+        );
+        let response = server
+            .send(&pool, Method::HEAD, UpstreamBody::Empty)
+            .await
+            .unwrap();
+        assert_eq!(response.headers()[header::CONTENT_LENGTH], "10");
+        assert!(response.body().is_end_stream());
+        drop(response);
+        let response = server
+            .send(&pool, Method::DELETE, UpstreamBody::Empty)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 204);
+        assert!(response.body().is_end_stream());
+        drop(response);
+        let response = server
+            .send(&pool, Method::GET, UpstreamBody::Empty)
+            .await
+            .unwrap();
+        assert_eq!(
+            &response.into_body().collect().await.unwrap().to_bytes()[..],
+            b"ok"
+        );
+        assert_eq!(
+            server.accepted.load(Ordering::SeqCst),
+            1,
+            "one connection for all"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_truncated_body_and_an_oversized_head_are_errors() {
+        let huge = format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD + 10)
+        );
+        let server = scripted(vec![
+            last("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"),
+            Reply::Close,
+            Reply::Answer(huge.into_bytes()),
+        ])
+        .await;
+        let pool = pool();
+        let response = server
+            .send(&pool, Method::GET, UpstreamBody::Empty)
+            .await
+            .unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
+            .await
+            .expect("the close ends the body");
+        assert!(
+            matches!(result, Err(H1Error::Truncated)),
+            "a body short of its length cannot end cleanly"
+        );
+        let err = server
+            .send(&pool, Method::GET, UpstreamBody::Empty)
+            .await
+            .err()
+            .expect("refused");
+        assert!(matches!(err, SendError::H1(H1Error::Closed)), "{err}");
+        let err = server
+            .send(&pool, Method::GET, UpstreamBody::Empty)
+            .await
+            .err()
+            .expect("refused");
+        assert!(matches!(err, SendError::H1(H1Error::HeadTooLarge)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bodies_go_with_their_length_and_empty_posts_say_so() {
+        let server = scripted(vec![
+            reply("HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"),
+            reply("HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"),
+            reply("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        ])
+        .await;
+        let pool = pool();
+        let big = Bytes::from(vec![b'z'; INLINE_BODY + 5]);
+        for body in [
+            UpstreamBody::Full(Some(Bytes::from_static(b"payload"))),
+            UpstreamBody::Full(Some(big.clone())),
+            UpstreamBody::Empty,
+        ] {
+            let method = if matches!(body, UpstreamBody::Empty) {
+                Method::POST
+            } else {
+                Method::PUT
+            };
+            let response = server.send(&pool, method, body).await.unwrap();
+            response.into_body().collect().await.unwrap();
+        }
+        let received = server.received();
+        assert!(
+            received.contains("content-length: 7\r\n\r\npayload"),
+            "{received}"
+        );
+        let big_head = format!("content-length: {}\r\n\r\nzzzz", big.len());
+        assert!(received.contains(&big_head));
+        assert!(received
+            .ends_with("POST /x?y=1 HTTP/1.1\r\nhost: backend\r\ncontent-length: 0\r\n\r\n"));
+    }
+
+    #[test]
+    fn chunk_sizes_are_lower_case_hex() {
+        for (n, text) in [
+            (0, "0"),
+            (5, "5"),
+            (255, "ff"),
+            (4096, "1000"),
+            (0x1a2b3c, "1a2b3c"),
+        ] {
+            let mut out = Vec::new();
+            push_hex(&mut out, n);
+            assert_eq!(String::from_utf8(out).unwrap(), text);
         }
     }
 }

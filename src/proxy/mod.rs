@@ -6,8 +6,8 @@
 
 pub mod body;
 pub mod error;
-pub mod handler;
 pub mod h1;
+pub mod handler;
 pub mod headers;
 pub mod path;
 pub mod pool;

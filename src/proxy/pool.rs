@@ -73,7 +73,7 @@ impl SendError {
 }
 
 struct Idle {
-    conn: Connection,
+    conn: Box<Connection>,
     since: Instant,
 }
 
@@ -112,7 +112,7 @@ impl Http1Pool {
         let replayable =
             is_idempotent(req.method()) && !matches!(req.body(), UpstreamBody::Stream { .. });
         while let Some(conn) = self.checkout(&key, !replayable) {
-            match h1::exchange(conn, req, replayable, self.give_back(&key)).await {
+            match h1::exchange(conn, req, replayable).await {
                 Ok(response) => return Ok(response),
                 Err((error, true, back)) => {
                     tracing::debug!(error = %error, "pooled upstream connection was closed; trying the next");
@@ -124,19 +124,12 @@ impl Http1Pool {
         // Boxed: dialing (TLS included) is the cold path, and its state would otherwise
         // enlarge every request's future, which stays in memory while the request is out.
         let conn = Box::pin(self.connect(&key, connector())).await?;
-        h1::exchange(conn, req, false, self.give_back(&key))
+        h1::exchange(conn, req, false)
             .await
             .map_err(|(error, _, _)| error.into())
     }
 
-    fn give_back(&self, key: &PoolKey) -> Return {
-        Return {
-            key: key.clone(),
-            pool: self.this.clone(),
-        }
-    }
-
-    fn checkout(&self, key: &PoolKey, verify: bool) -> Option<Connection> {
+    fn checkout(&self, key: &PoolKey, verify: bool) -> Option<Box<Connection>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(key)?;
         let now = Instant::now();
@@ -152,20 +145,31 @@ impl Http1Pool {
         None
     }
 
-    async fn connect(&self, key: &PoolKey, connector: Connector) -> Result<Connection, SendError> {
+    async fn connect(
+        &self,
+        key: &PoolKey,
+        connector: Connector,
+    ) -> Result<Box<Connection>, SendError> {
         let stream = connector.dial(&key.authority).await?;
         metrics::counter!(crate::metrics::UPSTREAM_CONNECTS).increment(1);
         self.start_reaper();
-        Ok(Connection::new(stream))
+        let home = Home {
+            key: key.clone(),
+            pool: self.this.clone(),
+        };
+        Ok(Connection::new(stream, home))
     }
 
-    fn put(&self, key: PoolKey, conn: Connection) {
+    fn put(&self, conn: Box<Connection>) {
         if self.max_idle_per_host == 0 {
             return;
         }
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.entry(key).or_default();
+        let list = match idle.get_mut(&conn.home().key) {
+            Some(list) => list,
+            None => idle.entry(conn.home().key.clone()).or_default(),
+        };
         while list
             .front()
             .is_some_and(|e| now.duration_since(e.since) >= self.idle_timeout)
@@ -209,7 +213,7 @@ impl Http1Pool {
     }
 
     #[cfg(test)]
-    fn idle_count(&self, key: &PoolKey) -> usize {
+    pub(crate) fn idle_count(&self, key: &PoolKey) -> usize {
         let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.get(key).map_or(0, VecDeque::len)
     }
@@ -222,17 +226,17 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// Where a connection goes back to once its exchange is over.
-pub struct Return {
+/// The pool a connection belongs to, and under which key.
+pub struct Home {
     key: PoolKey,
     pool: Weak<Http1Pool>,
 }
 
-impl Return {
+impl Home {
     /// Pools a connection that can carry another request.
-    pub fn give(self, conn: Connection) {
-        if let Some(pool) = self.pool.upgrade() {
-            pool.put(self.key, conn);
+    pub fn recycle(conn: Box<Connection>) {
+        if let Some(pool) = conn.home().pool.upgrade() {
+            pool.put(conn);
         }
     }
 
