@@ -25,7 +25,8 @@ use std::cell::RefCell;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::request::Parts;
+use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -91,6 +92,26 @@ thread_local! {
 struct Scratch {
     read: Box<[u8]>,
     head: Vec<u8>,
+}
+
+/// A request head as it goes to an instance, borrowed from the request being served (a
+/// retry encodes it again; nothing is copied to hold it).
+#[derive(Clone, Copy)]
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    /// Origin form: path and query.
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+}
+
+impl<'a> RequestHead<'a> {
+    pub fn of(parts: &'a Parts) -> RequestHead<'a> {
+        RequestHead {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+        }
+    }
 }
 
 /// One HTTP/1.1 connection to an instance.
@@ -173,10 +194,11 @@ impl Connection {
     fn start(
         &mut self,
         cx: &mut Context<'_>,
-        req: &Request<UpstreamBody>,
+        req: RequestHead<'_>,
+        body: &UpstreamBody,
     ) -> io::Result<Option<Box<Outgoing>>> {
         SCRATCH.with_borrow_mut(|scratch| {
-            let upload = encode_head(&mut scratch.head, req);
+            let upload = encode_head(&mut scratch.head, req, body);
             let head = &scratch.head[..];
             let mut at = 0;
             while at < head.len() {
@@ -249,7 +271,11 @@ impl Connection {
             _ => Version::HTTP_11,
         };
         let count = parsed.headers.len();
+        let mut facts = Facts::default();
         for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+            if matches!(h.name.len(), 10 | 14 | 17) {
+                facts.note(h.name, h.value);
+            }
             // Offsets into the buffer, so the values can be cut from it once frozen.
             *span = (
                 (h.name.as_ptr() as usize - base) as u32,
@@ -273,6 +299,7 @@ impl Connection {
             status,
             version,
             headers,
+            facts,
         }))
     }
 }
@@ -281,6 +308,7 @@ struct Head {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    facts: Facts,
 }
 
 /// How the request body goes out.
@@ -437,15 +465,19 @@ fn push_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
 
 /// Writes the request head into the connection's buffer and decides the body's framing:
 /// the gateway sets `Content-Length` or chunking itself, from what the body is.
-fn encode_head(out: &mut Vec<u8>, req: &Request<UpstreamBody>) -> Option<Box<Outgoing>> {
+fn encode_head(
+    out: &mut Vec<u8>,
+    req: RequestHead<'_>,
+    body: &UpstreamBody,
+) -> Option<Box<Outgoing>> {
     out.clear();
-    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
-    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let target = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut declared = None;
-    for (name, value) in req.headers() {
+    for (name, value) in req.headers {
         if name == header::CONTENT_LENGTH {
             declared = declared.or_else(|| value.to_str().ok()?.trim().parse::<u64>().ok());
             continue;
@@ -455,9 +487,9 @@ fn encode_head(out: &mut Vec<u8>, req: &Request<UpstreamBody>) -> Option<Box<Out
         }
         push_header(out, name, value);
     }
-    let upload = match req.body() {
+    let upload = match body {
         UpstreamBody::Empty => {
-            if declared.is_some() || method_has_body(req.method()) {
+            if declared.is_some() || method_has_body(req.method) {
                 out.extend_from_slice(b"content-length: 0\r\n");
             }
             None
@@ -519,21 +551,22 @@ fn method_has_body(method: &Method) -> bool {
 /// request could be sent again (a body that is not a live stream, an idempotent method).
 pub async fn exchange(
     mut conn: Box<Connection>,
-    mut req: Request<UpstreamBody>,
+    req: RequestHead<'_>,
+    mut body: UpstreamBody,
     replayable: bool,
-) -> Result<Response<ResponseBody>, (H1Error, bool, Request<UpstreamBody>)> {
+) -> Result<Response<ResponseBody>, (H1Error, bool, UpstreamBody)> {
     let reused = conn.is_reused();
-    let head_request = req.method() == Method::HEAD;
-    let wants_upgrade = req.headers().contains_key(header::UPGRADE);
+    let head_request = *req.method == Method::HEAD;
+    let wants_upgrade = req.headers.contains_key(header::UPGRADE);
     let mut upload: Option<Box<Outgoing>> = None;
     let mut started = false;
     let result = std::future::poll_fn(|cx| {
         if !started {
             started = true;
-            upload = conn.start(cx, &req)?;
+            upload = conn.start(cx, req, &body)?;
             if let Some(up) = upload.as_mut() {
                 if matches!(up.body, UpstreamBody::Empty) {
-                    up.body = std::mem::replace(req.body_mut(), UpstreamBody::Empty);
+                    up.body = std::mem::replace(&mut body, UpstreamBody::Empty);
                 }
             }
         }
@@ -557,7 +590,7 @@ pub async fn exchange(
             // closed by the instance before the request arrived; the request goes again
             // on another connection if it can be sent twice.
             let retry = reused && replayable && error.is_silent_close();
-            return Err((error, retry, req));
+            return Err((error, retry, body));
         }
     };
     conn.served += 1;
@@ -566,12 +599,12 @@ pub async fn exchange(
         return Err((
             H1Error::Framing("101 without an upgrade request"),
             false,
-            req,
+            body,
         ));
     }
     let (framing, keep_alive) = match response_framing(&head, head_request) {
         Ok(f) => f,
-        Err(e) => return Err((e, false, req)),
+        Err(e) => return Err((e, false, body)),
     };
     let mut headers = head.headers;
     if framing == Framing::Chunked {
@@ -613,65 +646,78 @@ enum Framing {
 /// RFC 9112 §6.3: how the response body is delimited, and whether the connection may
 /// carry another request after it.
 fn response_framing(head: &Head, head_request: bool) -> Result<(Framing, bool), H1Error> {
-    let mut keep_alive = head.version == Version::HTTP_11;
-    for value in head.headers.get_all(header::CONNECTION) {
-        for token in value.to_str().unwrap_or("").split(',') {
-            let token = token.trim();
-            if token.eq_ignore_ascii_case("close") {
-                keep_alive = false;
-            } else if token.eq_ignore_ascii_case("keep-alive") && head.version == Version::HTTP_10 {
-                keep_alive = true;
-            }
-        }
-    }
+    let facts = &head.facts;
+    let keep_alive = if head.version == Version::HTTP_10 {
+        facts.keep_alive && !facts.close
+    } else {
+        !facts.close
+    };
     let code = head.status.as_u16();
     if head_request || head.status.is_informational() || code == 204 || code == 304 {
         return Ok((Framing::Length(0), keep_alive));
     }
-    let mut encodings = head
-        .headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .peekable();
-    if encodings.peek().is_some() {
-        let last = encodings
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .last()
-            .unwrap_or("");
+    if let Some(chunked) = facts.chunked {
         // A message with both headers may be an attempt at smuggling: the encoding
         // wins, and the connection is not reused.
-        let both = head.headers.contains_key(header::CONTENT_LENGTH);
-        if last.eq_ignore_ascii_case("chunked") {
+        let both = facts.length.is_some() || facts.bad_length.is_some();
+        if chunked {
             return Ok((Framing::Chunked, keep_alive && !both));
         }
         return Ok((Framing::Close, false));
     }
-    let mut length = None;
-    for value in head.headers.get_all(header::CONTENT_LENGTH) {
-        let text = value
-            .to_str()
-            .map_err(|_| H1Error::Framing("bad Content-Length"))?;
-        for part in text.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(H1Error::Framing("bad Content-Length"));
-            }
-            let n: u64 = part
-                .parse()
-                .map_err(|_| H1Error::Framing("bad Content-Length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(H1Error::Framing("conflicting Content-Length values"));
-            }
-            length = Some(n);
-        }
+    if let Some(problem) = facts.bad_length {
+        return Err(H1Error::Framing(problem));
     }
-    Ok(match length {
+    Ok(match facts.length {
         Some(n) => (Framing::Length(n), keep_alive),
         None => (Framing::Close, false),
     })
+}
+
+/// What a response head says about its framing, gathered while its headers are read.
+#[derive(Debug, Default)]
+struct Facts {
+    /// `Connection: close`.
+    close: bool,
+    /// `Connection: keep-alive` (meaningful for HTTP/1.0).
+    keep_alive: bool,
+    /// `Transfer-Encoding` present: whether its last coding is `chunked`.
+    chunked: Option<bool>,
+    length: Option<u64>,
+    bad_length: Option<&'static str>,
+}
+
+impl Facts {
+    fn note(&mut self, name: &str, value: &[u8]) {
+        let tokens = || {
+            value
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .filter(|t| !t.is_empty())
+        };
+        if name.eq_ignore_ascii_case("connection") {
+            for token in tokens() {
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = tokens().next_back().unwrap_or_default();
+            self.chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case("content-length") {
+            for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                let n =
+                    (!part.is_empty() && part.len() <= 19 && part.iter().all(u8::is_ascii_digit))
+                        .then(|| part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
+                match (n, self.length) {
+                    (None, _) => self.bad_length = Some("bad Content-Length"),
+                    (Some(n), Some(l)) if n != l => {
+                        self.bad_length = Some("conflicting Content-Length values")
+                    }
+                    (Some(n), _) => self.length = Some(n),
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1024,14 +1070,16 @@ mod tests {
             method: Method,
             body: UpstreamBody,
         ) -> Result<Response<ResponseBody>, SendError> {
-            let req = Request::builder()
+            let (parts, ()) = http::Request::builder()
                 .method(method)
                 .uri("/x?y=1")
                 .header(header::HOST, "backend")
-                .body(body)
-                .unwrap();
+                .body(())
+                .unwrap()
+                .into_parts();
             let connector = || Connector::plain(Duration::from_secs(2));
-            pool.send(self.key.clone(), connector, req).await
+            pool.send(self.key.clone(), connector, RequestHead::of(&parts), body)
+                .await
         }
 
         fn received(&self) -> String {

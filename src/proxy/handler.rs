@@ -21,6 +21,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::body::{ClientBody, Finish, Overflow, UpstreamBody};
 use super::error::ProxyError;
+use super::h1::RequestHead;
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::path;
 use super::upstream::ClientKey;
@@ -250,26 +251,18 @@ impl Gateway {
             let endpoint = &set.endpoints[index];
             ex.tries += 1;
             ex.instance = Some(endpoint.instance.id.clone());
-            let last_chance = attempt == spec.retry.attempts;
-            let headers = if last_chance || !source.replayable() {
-                std::mem::take(&mut parts.headers)
-            } else {
-                parts.headers.clone()
+            let head = RequestHead {
+                method: &parts.method,
+                uri: &uri,
+                headers: &parts.headers,
             };
-            let mut request = Request::new(source.take());
-            *request.method_mut() = parts.method.clone();
-            *request.uri_mut() = uri.clone();
-            *request.version_mut() = if http2 {
-                Version::HTTP_2
-            } else {
-                Version::HTTP_11
-            };
-            *request.headers_mut() = headers;
 
             let guard = InFlight::enter(&endpoint.stats);
             let stats = &endpoint.stats;
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let send = self.clients.send(&client_key, &endpoint.authority, request);
+            let send = self
+                .clients
+                .send(&client_key, &endpoint.authority, head, source.take());
             let outcome = tokio::time::timeout(per_try.min(remaining), send).await;
             let failure = match outcome {
                 Ok(Ok(mut response)) => {

@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
-use http::{Method, Request, Response};
+use http::{Method, Response};
 
 use super::body::UpstreamBody;
-use super::h1::{self, Connection, H1Error, ResponseBody};
+use super::h1::{self, Connection, H1Error, RequestHead, ResponseBody};
 use super::upstream::{ConnectError, Connector};
 
 /// Which connections are interchangeable: same instance address, same TLS identity.
@@ -107,16 +107,16 @@ impl Http1Pool {
         &self,
         key: PoolKey,
         connector: impl FnOnce() -> Connector,
-        mut req: Request<UpstreamBody>,
+        req: RequestHead<'_>,
+        mut body: UpstreamBody,
     ) -> Result<Response<ResponseBody>, SendError> {
-        let replayable =
-            is_idempotent(req.method()) && !matches!(req.body(), UpstreamBody::Stream { .. });
+        let replayable = is_idempotent(req.method) && !matches!(body, UpstreamBody::Stream { .. });
         while let Some(conn) = self.checkout(&key, !replayable) {
-            match h1::exchange(conn, req, replayable).await {
+            match h1::exchange(conn, req, body, replayable).await {
                 Ok(response) => return Ok(response),
                 Err((error, true, back)) => {
                     tracing::debug!(error = %error, "pooled upstream connection was closed; trying the next");
-                    req = back;
+                    body = back;
                 }
                 Err((error, false, _)) => return Err(error.into()),
             }
@@ -124,7 +124,7 @@ impl Http1Pool {
         // Boxed: dialing (TLS included) is the cold path, and its state would otherwise
         // enlarge every request's future, which stays in memory while the request is out.
         let conn = Box::pin(self.connect(&key, connector())).await?;
-        h1::exchange(conn, req, false)
+        h1::exchange(conn, req, body, false)
             .await
             .map_err(|(error, _, _)| error.into())
     }
@@ -292,12 +292,26 @@ mod tests {
         (addr.to_string().parse().unwrap(), accepted)
     }
 
-    fn request(authority: &Authority) -> Request<UpstreamBody> {
-        Request::builder()
+    fn request(authority: &Authority, method: Method) -> http::request::Parts {
+        http::Request::builder()
+            .method(method)
             .uri("/")
             .header(http::header::HOST, authority.as_str())
-            .body(UpstreamBody::Empty)
+            .body(())
             .unwrap()
+            .into_parts()
+            .0
+    }
+
+    async fn get(pool: &Http1Pool, key: &PoolKey) -> Result<Response<ResponseBody>, SendError> {
+        let parts = request(&key.authority, Method::GET);
+        pool.send(
+            key.clone(),
+            connector,
+            RequestHead::of(&parts),
+            UpstreamBody::Empty,
+        )
+        .await
     }
 
     fn connector() -> Connector {
@@ -305,9 +319,7 @@ mod tests {
     }
 
     async fn exchange(pool: &Http1Pool, key: &PoolKey) -> Result<(), SendError> {
-        let response = pool
-            .send(key.clone(), connector, request(&key.authority))
-            .await?;
+        let response = get(pool, key).await?;
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"ok");
         Ok(())
@@ -338,10 +350,7 @@ mod tests {
         let pool = Http1Pool::new(8, Duration::from_secs(60));
         let key = key(authority);
         for _ in 0..3 {
-            let response = pool
-                .send(key.clone(), connector, request(&key.authority))
-                .await
-                .unwrap();
+            let response = get(&pool, &key).await.unwrap();
             drop(response);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
@@ -357,11 +366,21 @@ mod tests {
         let pool = Http1Pool::new(8, Duration::from_secs(60));
         let key = key(authority);
         for i in 0..6 {
-            let mut req = request(&key.authority);
-            if i % 2 == 1 {
-                *req.method_mut() = Method::POST;
-            }
-            let response = pool.send(key.clone(), connector, req).await.unwrap();
+            let method = if i % 2 == 1 {
+                Method::POST
+            } else {
+                Method::GET
+            };
+            let parts = request(&key.authority, method);
+            let response = pool
+                .send(
+                    key.clone(),
+                    connector,
+                    RequestHead::of(&parts),
+                    UpstreamBody::Empty,
+                )
+                .await
+                .unwrap();
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok");
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -377,10 +396,7 @@ mod tests {
         // Four answers held unread at once need four connections.
         let mut held = Vec::new();
         for _ in 0..4 {
-            let response = pool
-                .send(key.clone(), connector, request(&key.authority))
-                .await
-                .unwrap();
+            let response = get(&pool, &key).await.unwrap();
             held.push(response);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 4);

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
-use http::{Request, Response, Uri};
+use http::{Request, Response, Uri, Version};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::body::{ClientBody, UpstreamBody};
+use super::h1::RequestHead;
 use super::pool::{Http1Pool, PoolKey, SendError};
 use crate::upstream_tls::UpstreamTls;
 
@@ -80,20 +81,25 @@ impl Clients {
         }
     }
 
-    /// Sends `req` (origin-form URI, `Host` set) to the instance at `authority`. An
+    /// Sends a request (origin-form URI, `Host` set) to the instance at `authority`. An
     /// HTTP/1.1 connection goes back to its pool with the response body's end.
     pub async fn send(
         &self,
         key: &ClientKey,
         authority: &Authority,
-        mut req: Request<UpstreamBody>,
+        head: RequestHead<'_>,
+        body: UpstreamBody,
     ) -> Result<Response<ClientBody>, SendError> {
         if key.http2 {
             let mut uri = Uri::builder().scheme("http").authority(authority.clone());
-            if let Some(pq) = req.uri().path_and_query() {
+            if let Some(pq) = head.uri.path_and_query() {
                 uri = uri.path_and_query(pq.clone());
             }
+            let mut req = Request::new(body);
+            *req.method_mut() = head.method.clone();
             *req.uri_mut() = uri.build()?;
+            *req.version_mut() = Version::HTTP_2;
+            *req.headers_mut() = head.headers.clone();
             let response = Box::pin(self.get(key).request(req)).await?;
             return Ok(response.map(ClientBody::h2));
         }
@@ -101,7 +107,10 @@ impl Clients {
             authority: authority.clone(),
             tls_service: key.tls_service.clone(),
         };
-        let response = self.h1.send(pool_key, || self.connector(key), req).await?;
+        let response = self
+            .h1
+            .send(pool_key, || self.connector(key), head, body)
+            .await?;
         Ok(response.map(ClientBody::h1))
     }
 
