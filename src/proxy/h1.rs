@@ -291,8 +291,10 @@ impl Connection {
             let name =
                 HeaderName::from_bytes(name).map_err(|_| H1Error::Framing("bad header name"))?;
             let value = raw.slice(value_at as usize..(value_at + value_len) as usize);
-            let value = HeaderValue::from_maybe_shared(value)
-                .map_err(|_| H1Error::Framing("bad header value"))?;
+            // SAFETY: httparse admits in a value only HTAB, SP, visible ASCII and
+            // obs-text, exactly the bytes a `HeaderValue` may hold (hyper relies on the
+            // same); validating them again cost ~4% of a request's instructions.
+            let value = unsafe { HeaderValue::from_maybe_shared_unchecked(value) };
             headers.append(name, value);
         }
         Ok(Some(Head {

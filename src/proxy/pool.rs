@@ -77,8 +77,32 @@ struct Idle {
     since: Instant,
 }
 
+/// The idle connections of one key. Its connections point back to it, so one returns
+/// without a lookup by key.
+struct IdleList {
+    conns: Mutex<VecDeque<Idle>>,
+    max: usize,
+    timeout: Duration,
+}
+
+impl IdleList {
+    fn put(&self, conn: Box<Connection>) {
+        let now = Instant::now();
+        let mut list = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        while list
+            .front()
+            .is_some_and(|e| now.duration_since(e.since) >= self.timeout)
+        {
+            list.pop_front();
+        }
+        if list.len() < self.max {
+            list.push_back(Idle { conn, since: now });
+        }
+    }
+}
+
 pub struct Http1Pool {
-    idle: Mutex<HashMap<PoolKey, VecDeque<Idle>, foldhash::fast::RandomState>>,
+    lists: Mutex<HashMap<PoolKey, Arc<IdleList>, foldhash::fast::RandomState>>,
     max_idle_per_host: usize,
     idle_timeout: Duration,
     /// Set once the task that drops expired connections of quiet instances runs.
@@ -89,7 +113,7 @@ pub struct Http1Pool {
 impl Http1Pool {
     pub fn new(max_idle_per_host: usize, idle_timeout: Duration) -> Arc<Http1Pool> {
         Arc::new_cyclic(|this| Http1Pool {
-            idle: Mutex::new(HashMap::default()),
+            lists: Mutex::new(HashMap::default()),
             max_idle_per_host,
             idle_timeout,
             reaper: std::sync::Once::new(),
@@ -130,8 +154,12 @@ impl Http1Pool {
     }
 
     fn checkout(&self, key: &PoolKey, verify: bool) -> Option<Box<Connection>> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.get_mut(key)?;
+        let lists = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut list = lists
+            .get(key)?
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         while let Some(mut entry) = list.pop_back() {
             if now.duration_since(entry.since) >= self.idle_timeout {
@@ -153,44 +181,32 @@ impl Http1Pool {
         let stream = connector.dial(&key.authority).await?;
         metrics::counter!(crate::metrics::UPSTREAM_CONNECTS).increment(1);
         self.start_reaper();
-        let home = Home {
-            key: key.clone(),
-            pool: self.this.clone(),
+        let list = {
+            let mut lists = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
+            let list = lists.entry(key.clone()).or_insert_with(|| {
+                Arc::new(IdleList {
+                    conns: Mutex::default(),
+                    max: self.max_idle_per_host,
+                    timeout: self.idle_timeout,
+                })
+            });
+            Arc::downgrade(list)
         };
-        Ok(Connection::new(stream, home))
-    }
-
-    fn put(&self, conn: Box<Connection>) {
-        if self.max_idle_per_host == 0 {
-            return;
-        }
-        let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = match idle.get_mut(&conn.home().key) {
-            Some(list) => list,
-            None => idle.entry(conn.home().key.clone()).or_default(),
-        };
-        while list
-            .front()
-            .is_some_and(|e| now.duration_since(e.since) >= self.idle_timeout)
-        {
-            list.pop_front();
-        }
-        if list.len() < self.max_idle_per_host {
-            list.push_back(Idle { conn, since: now });
-        }
+        Ok(Connection::new(stream, Home { list }))
     }
 
     /// Drops expired and closed connections of every instance, and forgets instances
     /// with none left, so addresses that left the catalog do not hold memory.
     fn reap(&self) {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|_, list| {
-            list.retain_mut(|e| {
+        let mut lists = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
+        lists.retain(|_, list| {
+            let mut conns = list.conns.lock().unwrap_or_else(PoisonError::into_inner);
+            conns.retain_mut(|e| {
                 now.duration_since(e.since) < self.idle_timeout && e.conn.is_idle_and_open()
             });
-            !list.is_empty()
+            // Kept while a connection that is out serving a request points to it.
+            !conns.is_empty() || Arc::weak_count(list) > 0
         });
     }
 
@@ -214,8 +230,10 @@ impl Http1Pool {
 
     #[cfg(test)]
     pub(crate) fn idle_count(&self, key: &PoolKey) -> usize {
-        let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.get(key).map_or(0, VecDeque::len)
+        let lists = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
+        lists.get(key).map_or(0, |l| {
+            l.conns.lock().unwrap_or_else(PoisonError::into_inner).len()
+        })
     }
 }
 
@@ -226,24 +244,24 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// The pool a connection belongs to, and under which key.
+/// The idle list a connection returns to; gone with its pool, or once the reaper found
+/// it empty with no connection of it out.
 pub struct Home {
-    key: PoolKey,
-    pool: Weak<Http1Pool>,
+    list: Weak<IdleList>,
 }
 
 impl Home {
     /// Pools a connection that can carry another request.
     pub fn recycle(conn: Box<Connection>) {
-        if let Some(pool) = conn.home().pool.upgrade() {
-            pool.put(conn);
+        if let Some(list) = conn.home().list.upgrade() {
+            list.put(conn);
         }
     }
 
     /// How long a connection may stay busy finishing an upload before it is closed
     /// instead; `None` once the pool is gone.
     pub fn idle_timeout(&self) -> Option<Duration> {
-        self.pool.upgrade().map(|p| p.idle_timeout)
+        self.list.upgrade().map(|l| l.timeout)
     }
 }
 
@@ -407,6 +425,19 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(250)).await;
         pool.reap();
         assert_eq!(pool.idle_count(&key), 0);
+    }
+
+    #[tokio::test]
+    async fn the_reaper_keeps_the_list_of_a_connection_that_is_out() {
+        let (authority, accepted) = server(usize::MAX).await;
+        let pool = Http1Pool::new(8, Duration::from_secs(60));
+        let key = key(authority);
+        let response = get(&pool, &key).await.unwrap();
+        pool.reap();
+        response.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_count(&key), 1, "came back to a list still in the pool");
+        exchange(&pool, &key).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[test]
