@@ -272,9 +272,13 @@ impl Connection {
         };
         let count = parsed.headers.len();
         let mut facts = Facts::default();
-        for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+        let mut hop_by_hop = 0u128;
+        for (i, (span, h)) in spans.iter_mut().zip(parsed.headers.iter()).enumerate() {
             if matches!(h.name.len(), 10 | 14 | 17) {
                 facts.note(h.name, h.value);
+            }
+            if is_hop_by_hop(h.name) {
+                hop_by_hop |= 1 << i;
             }
             // Offsets into the buffer, so the values can be cut from it once frozen.
             *span = (
@@ -284,9 +288,20 @@ impl Connection {
                 h.value.len() as u32,
             );
         }
+        // Hop-by-hop headers never reach the client: left out here rather than removed
+        // later, unless `Connection` names others (then the handler's strip does it all)
+        // or the answer is a protocol switch, which needs them.
+        let skip = if facts.named || status == StatusCode::SWITCHING_PROTOCOLS {
+            0
+        } else {
+            hop_by_hop
+        };
         let raw = self.read.split_to(len);
         let mut headers = HeaderMap::with_capacity(count);
-        for &(name_at, name_len, value_at, value_len) in &spans[..count] {
+        for (i, &(name_at, name_len, value_at, value_len)) in spans[..count].iter().enumerate() {
+            if skip & (1 << i) != 0 {
+                continue;
+            }
             let name = &raw[name_at as usize..(name_at + name_len) as usize];
             let name =
                 HeaderName::from_bytes(name).map_err(|_| H1Error::Framing("bad header name"))?;
@@ -676,6 +691,22 @@ fn response_framing(head: &Head, head_request: bool) -> Result<(Framing, bool), 
     })
 }
 
+/// The hop-by-hop names of RFC 9110 §7.6.1 and the historical ones.
+fn is_hop_by_hop(name: &str) -> bool {
+    const NAMES: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "trailer",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+    ];
+    matches!(name.len(), 2 | 7 | 10 | 16..=19) && NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
 /// What a response head says about its framing, gathered while its headers are read.
 #[derive(Debug, Default)]
 struct Facts {
@@ -683,6 +714,8 @@ struct Facts {
     close: bool,
     /// `Connection: keep-alive` (meaningful for HTTP/1.0).
     keep_alive: bool,
+    /// `Connection` names other headers, to be removed with it.
+    named: bool,
     /// `Transfer-Encoding` present: whether its last coding is `chunked`.
     chunked: Option<bool>,
     length: Option<u64>,
@@ -699,8 +732,11 @@ impl Facts {
         };
         if name.eq_ignore_ascii_case("connection") {
             for token in tokens() {
-                self.close |= token.eq_ignore_ascii_case(b"close");
-                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                let close = token.eq_ignore_ascii_case(b"close");
+                let keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
+                self.close |= close;
+                self.keep_alive |= keep_alive;
+                self.named |= !close && !keep_alive;
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             let last = tokens().next_back().unwrap_or_default();
@@ -1306,6 +1342,30 @@ mod tests {
         assert!(received.contains(&big_head));
         assert!(received
             .ends_with("POST /x?y=1 HTTP/1.1\r\nhost: backend\r\ncontent-length: 0\r\n\r\n"));
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_headers_are_left_out_unless_connection_names_others() {
+        let server = scripted(vec![
+            reply("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\nok"),
+            reply("HTTP/1.1 200 OK\r\nConnection: x-private\r\nX-Private: 1\r\nContent-Length: 2\r\n\r\nok"),
+        ])
+        .await;
+        let pool = pool();
+        let response = server
+            .send(&pool, Method::GET, UpstreamBody::Empty)
+            .await
+            .unwrap();
+        let names: Vec<_> = response.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-kept", "content-length"]);
+        response.into_body().collect().await.unwrap();
+        // Left for the handler's strip, which removes the named header with the rest.
+        let response = server
+            .send(&pool, Method::GET, UpstreamBody::Empty)
+            .await
+            .unwrap();
+        assert!(response.headers().contains_key(header::CONNECTION));
+        assert!(response.headers().contains_key("x-private"));
     }
 
     #[test]

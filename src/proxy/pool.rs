@@ -435,7 +435,11 @@ mod tests {
         let response = get(&pool, &key).await.unwrap();
         pool.reap();
         response.into_body().collect().await.unwrap();
-        assert_eq!(pool.idle_count(&key), 1, "came back to a list still in the pool");
+        assert_eq!(
+            pool.idle_count(&key),
+            1,
+            "came back to a list still in the pool"
+        );
         exchange(&pool, &key).await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
