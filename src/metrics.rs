@@ -119,6 +119,7 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             match builder.install_recorder() {
                 Ok(h) => {
                     describe();
+                    start_upkeep(h.clone());
                     Some(h)
                 }
                 Err(e) => {
@@ -128,6 +129,25 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
             }
         })
         .as_ref()
+}
+
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The recorder buffers every histogram sample until upkeep folds it into the buckets;
+/// left to `/metrics` scrapes alone, that buffer grows by ~16 bytes per request for as
+/// long as nobody scrapes (22 MB in 30 s of benchmark load). A thread of its own, since
+/// the recorder is process-wide and outlives any runtime.
+fn start_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP);
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "metrics upkeep thread not started; histograms grow until scraped");
+    }
 }
 
 /// The Prometheus text exposition of every metric recorded so far.
