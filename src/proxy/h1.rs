@@ -779,7 +779,7 @@ enum State {
 }
 
 /// A response body read from its connection, which goes back to the pool (through
-/// `release`) when the body has ended cleanly and the connection can be reused.
+/// its [`Home`]) when the body has ended cleanly and the connection can be reused.
 pub struct ResponseBody {
     conn: Option<Box<Connection>>,
     state: State,
@@ -1120,9 +1120,19 @@ mod tests {
                 .await
         }
 
+        async fn get(&self, pool: &Http1Pool) -> Response<ResponseBody> {
+            self.send(pool, Method::GET, UpstreamBody::Empty)
+                .await
+                .unwrap()
+        }
+
         fn received(&self) -> String {
             String::from_utf8_lossy(&self.received.lock().unwrap()).into_owned()
         }
+    }
+
+    async fn body(response: Response<ResponseBody>) -> Bytes {
+        response.into_body().collect().await.unwrap().to_bytes()
     }
 
     fn pool() -> Arc<Http1Pool> {
@@ -1145,21 +1155,12 @@ mod tests {
         ])
         .await;
         let pool = pool();
-        let response = server
-            .send(&pool, Method::GET, UpstreamBody::Empty)
-            .await
-            .unwrap();
+        let response = server.get(&pool).await;
         let collected = response.into_body().collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["x-sum"], "42");
         assert_eq!(&collected.to_bytes()[..], b"hello world");
-        let response = server
-            .send(&pool, Method::GET, UpstreamBody::Empty)
-            .await
-            .unwrap();
-        assert_eq!(
-            &response.into_body().collect().await.unwrap().to_bytes()[..],
-            b"ok"
-        );
+        let response = server.get(&pool).await;
+        assert_eq!(&body(response).await[..], b"ok");
         assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
         assert!(server
             .received()
@@ -1170,10 +1171,7 @@ mod tests {
     async fn a_body_without_a_length_runs_to_the_close_and_its_connection_is_not_pooled() {
         let server = scripted(vec![last("HTTP/1.1 200 OK\r\n\r\nuntil the end")]).await;
         let pool = pool();
-        let response = server
-            .send(&pool, Method::GET, UpstreamBody::Empty)
-            .await
-            .unwrap();
+        let response = server.get(&pool).await;
         let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
             .await
             .expect("a close-delimited body ends with the connection")
@@ -1214,12 +1212,9 @@ mod tests {
         )])
         .await;
         let pool = pool();
-        let response = server
-            .send(&pool, Method::GET, UpstreamBody::Empty)
-            .await
-            .unwrap();
+        let response = server.get(&pool).await;
         assert!(!response.headers().contains_key(header::CONTENT_LENGTH));
-        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body = body(response).await;
         assert_eq!(&body[..], b"ok");
         assert_eq!(pool.idle_count(&server.key), 0);
     }
@@ -1234,15 +1229,9 @@ mod tests {
         ])
         .await;
         let pool = pool();
-        let response = server
-            .send(&pool, Method::GET, UpstreamBody::Empty)
-            .await
-            .unwrap();
+        let response = server.get(&pool).await;
         assert_eq!(response.status(), 200);
-        assert_eq!(
-            &response.into_body().collect().await.unwrap().to_bytes()[..],
-            b"ok"
-        );
+        assert_eq!(&body(response).await[..], b"ok");
         let response = server
             .send(&pool, Method::HEAD, UpstreamBody::Empty)
             .await
@@ -1257,14 +1246,8 @@ mod tests {
         assert_eq!(response.status(), 204);
         assert!(response.body().is_end_stream());
         drop(response);
-        let response = server
-            .send(&pool, Method::GET, UpstreamBody::Empty)
-            .await
-            .unwrap();
-        assert_eq!(
-            &response.into_body().collect().await.unwrap().to_bytes()[..],
-            b"ok"
-        );
+        let response = server.get(&pool).await;
+        assert_eq!(&body(response).await[..], b"ok");
         assert_eq!(
             server.accepted.load(Ordering::SeqCst),
             1,
@@ -1285,10 +1268,7 @@ mod tests {
         ])
         .await;
         let pool = pool();
-        let response = server
-            .send(&pool, Method::GET, UpstreamBody::Empty)
-            .await
-            .unwrap();
+        let response = server.get(&pool).await;
         let result = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
             .await
             .expect("the close ends the body");
@@ -1352,18 +1332,12 @@ mod tests {
         ])
         .await;
         let pool = pool();
-        let response = server
-            .send(&pool, Method::GET, UpstreamBody::Empty)
-            .await
-            .unwrap();
+        let response = server.get(&pool).await;
         let names: Vec<_> = response.headers().keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["x-kept", "content-length"]);
         response.into_body().collect().await.unwrap();
         // Left for the handler's strip, which removes the named header with the rest.
-        let response = server
-            .send(&pool, Method::GET, UpstreamBody::Empty)
-            .await
-            .unwrap();
+        let response = server.get(&pool).await;
         assert!(response.headers().contains_key(header::CONNECTION));
         assert!(response.headers().contains_key("x-private"));
     }

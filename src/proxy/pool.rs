@@ -3,11 +3,11 @@
 //!
 //! A connection is taken out for one exchange ([`super::h1`], run in the request's own
 //! task) and comes back when the response body has been read to its end, straight from
-//! the body's poll (see [`Return`]). A request thus costs one short mutex section and no
-//! task, channel or boxed future of its own. Idle connections are polled by no one: one
-//! that the instance closed meanwhile is noticed when it is next taken (a request that
-//! could not have reached the instance goes again on a fresh connection), or by the
-//! reaper. Connections idle longer than the idle timeout, closed by the instance, or
+//! the body's poll, to the idle list it points to (see [`Home`]). A request thus costs
+//! two short mutex sections and no task, channel or boxed future of its own. Idle
+//! connections are polled by no one: one that the instance closed meanwhile is noticed
+//! when it is next taken (a request that may be sent twice goes again on the next one;
+//! any other checks first), or by the reaper. Connections idle longer than the idle timeout, closed by the instance, or
 //! beyond the per-instance cap are dropped, which closes them.
 
 use std::collections::{HashMap, VecDeque};
