@@ -2,10 +2,10 @@
 //!
 //! A proxy's client side is a narrow slice of HTTP/1.1: write one request head (plus its
 //! body), read one response head, frame the response body, and know when the connection
-//! can take the next request. Doing that in the request's own task, on buffers the
-//! connection keeps, removes what a general client needs and a proxy does not: a task per
-//! connection, the channel hop to it and back, and a second buffered codec layer
-//! (`scripts/bench-cost.sh` measures the difference; see the README).
+//! can take the next request. Doing that in the request's own task removes what a general
+//! client needs and a proxy does not: a task per connection, the channel hop to it and
+//! back, and a second buffered codec layer (`scripts/bench-cost.sh` measures the
+//! difference; see the README).
 //!
 //! Memory that requests touch stays hot with hundreds of connections: reads land in one
 //! per-thread buffer, and a connection keeps only the bytes it has not consumed (usually
@@ -15,13 +15,12 @@
 //! concurrently with reading the answer, so an instance that answers before the upload
 //! is in (a 413, a 401) is heard at once.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-
-use std::cell::RefCell;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -121,6 +120,8 @@ pub struct Connection {
     read: Bytes,
     /// The part of a request head the socket did not take at once.
     unsent: Vec<u8>,
+    /// A head was written and not yet flushed (TLS may hold the last records back).
+    unflushed: bool,
     /// Requests this connection has carried.
     served: u32,
     /// The pool it goes back to between requests.
@@ -135,6 +136,7 @@ impl Connection {
             io,
             read: Bytes::new(),
             unsent: Vec::new(),
+            unflushed: false,
             served: 0,
             home,
         })
@@ -177,7 +179,7 @@ impl Connection {
         })
     }
 
-    /// Writes the part of a head an earlier poll could not.
+    /// Writes the part of a head an earlier poll could not, and flushes it.
     fn poll_unsent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.unsent.is_empty() {
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.unsent))?;
@@ -210,6 +212,7 @@ impl Connection {
                 }
             }
             self.unsent.extend_from_slice(&head[at..]);
+            self.unflushed = true;
             if scratch.head.capacity() > 64 * 1024 {
                 scratch.head = Vec::with_capacity(1024);
             }
@@ -587,8 +590,9 @@ pub async fn exchange(
                 }
             }
         }
-        if !conn.unsent.is_empty() {
+        if conn.unflushed {
             ready!(conn.poll_unsent(cx))?;
+            conn.unflushed = false;
         }
         if let Some(up) = upload.as_mut() {
             if !up.is_done() {
