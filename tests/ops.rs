@@ -397,7 +397,11 @@ async fn the_gateway_registers_itself_with_a_ready_check_and_leaves_on_stop() {
     assert_eq!(svc["Service"], "switchyard");
     assert_eq!(svc["Port"], proxy_port);
     assert_eq!(svc["Tags"][0], "edge");
-    assert!(gw.registration().unwrap().is_registered());
+    // The agent can list the service before the gateway has read the agent's answer.
+    eventually(DEADLINE, "the gateway knows it is registered", || async {
+        gw.registration()?.is_registered().then_some(())
+    })
+    .await;
 
     let entry = eventually(DEADLINE, "its /ready check passes", || async {
         let list = get_json(&format!("{consul}/v1/health/service/switchyard?passing")).await?;

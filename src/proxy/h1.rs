@@ -806,12 +806,15 @@ impl ResponseBody {
     /// The body has ended: the connection is recycled when it can carry another request.
     fn finish(&mut self) {
         self.state = State::Done;
-        let Some(conn) = self.conn.take() else {
+        let Some(mut conn) = self.conn.take() else {
             return;
         };
         if !self.keep_alive || !conn.read.is_empty() {
             return;
         }
+        // An empty slice still holds the buffer it was cut from; an idle connection
+        // keeps nothing.
+        conn.read = Bytes::new();
         match self.upload.take() {
             None => Home::recycle(conn),
             Some(upload) => finish_upload(conn, upload),
