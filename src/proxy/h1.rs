@@ -30,6 +30,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::{BodyError, UpstreamBody};
+use super::headers;
 use super::pool::Home;
 use super::upstream::UpstreamStream;
 
@@ -197,7 +198,7 @@ impl Connection {
         &mut self,
         cx: &mut Context<'_>,
         req: RequestHead<'_>,
-        body: &UpstreamBody,
+        body: &mut UpstreamBody,
     ) -> io::Result<Option<Box<Outgoing>>> {
         SCRATCH.with_borrow_mut(|scratch| {
             let upload = encode_head(&mut scratch.head, req, body);
@@ -280,7 +281,7 @@ impl Connection {
             if matches!(h.name.len(), 10 | 14 | 17) {
                 facts.note(h.name, h.value);
             }
-            if is_hop_by_hop(h.name) {
+            if headers::is_hop_by_hop(h.name) {
                 hop_by_hop |= 1 << i;
             }
             // Offsets into the buffer, so the values can be cut from it once frozen.
@@ -348,6 +349,16 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
+    fn new(body: UpstreamBody, framing: Upload) -> Box<Outgoing> {
+        Box::new(Outgoing {
+            body,
+            framing,
+            queue: VecDeque::new(),
+            finished: false,
+            sent: false,
+        })
+    }
+
     fn is_done(&self) -> bool {
         self.sent
     }
@@ -488,7 +499,7 @@ fn push_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
 fn encode_head(
     out: &mut Vec<u8>,
     req: RequestHead<'_>,
-    body: &UpstreamBody,
+    body: &mut UpstreamBody,
 ) -> Option<Box<Outgoing>> {
     out.clear();
     out.extend_from_slice(req.method.as_str().as_bytes());
@@ -524,13 +535,8 @@ fn encode_head(
                 return None;
             }
             // Sent from its own buffer; the request keeps its copy for a retry.
-            return Some(Box::new(Outgoing {
-                framing: Upload::Length(data.len() as u64),
-                body: UpstreamBody::Full(Some(data)),
-                queue: VecDeque::new(),
-                finished: false,
-                sent: false,
-            }));
+            let framing = Upload::Length(data.len() as u64);
+            return Some(Outgoing::new(UpstreamBody::Full(Some(data)), framing));
         }
         UpstreamBody::Stream { inner, .. } => {
             let known = inner.size_hint().exact().or(declared);
@@ -550,15 +556,8 @@ fn encode_head(
         }
     };
     out.extend_from_slice(b"\r\n");
-    upload.map(|framing| {
-        Box::new(Outgoing {
-            body: UpstreamBody::Empty,
-            framing,
-            queue: VecDeque::new(),
-            finished: false,
-            sent: false,
-        })
-    })
+    // A live stream can be sent once only: it moves to the upload.
+    upload.map(|framing| Outgoing::new(std::mem::replace(body, UpstreamBody::Empty), framing))
 }
 
 /// Methods whose requests carry a body by meaning; an empty one is sent as
@@ -583,12 +582,7 @@ pub async fn exchange(
     let result = std::future::poll_fn(|cx| {
         if !started {
             started = true;
-            upload = conn.start(cx, req, &body)?;
-            if let Some(up) = upload.as_mut() {
-                if matches!(up.body, UpstreamBody::Empty) {
-                    up.body = std::mem::replace(&mut body, UpstreamBody::Empty);
-                }
-            }
+            upload = conn.start(cx, req, &mut body)?;
         }
         if conn.unflushed {
             ready!(conn.poll_unsent(cx))?;
@@ -693,22 +687,6 @@ fn response_framing(head: &Head, head_request: bool) -> Result<(Framing, bool), 
         Some(n) => (Framing::Length(n), keep_alive),
         None => (Framing::Close, false),
     })
-}
-
-/// The hop-by-hop names of RFC 9110 §7.6.1 and the historical ones.
-fn is_hop_by_hop(name: &str) -> bool {
-    const NAMES: [&str; 9] = [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "trailer",
-        "transfer-encoding",
-        "te",
-        "upgrade",
-    ];
-    matches!(name.len(), 2 | 7 | 10 | 16..=19) && NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// What a response head says about its framing, gathered while its headers are read.

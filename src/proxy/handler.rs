@@ -25,7 +25,7 @@ use super::h1::RequestHead;
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::path;
 use super::upstream::ClientKey;
-use super::Gateway;
+use super::{is_idempotent, Gateway};
 use crate::assertion::Caller;
 use crate::balance::{self, outlier, Tried};
 use crate::discovery::{now_ms, EndpointStats, UpstreamSet};
@@ -502,13 +502,6 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .trim()
         .parse()
         .ok()
-}
-
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
 }
 
 /// The host the client asked for: `:authority` (HTTP/2) or `Host`, lower-case, no port.

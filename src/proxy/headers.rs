@@ -45,15 +45,28 @@ const CONNECTION_BIT: u16 = 1;
 const TE_BIT: u16 = 1 << 7;
 const UPGRADE_BIT: u16 = 1 << 8;
 
+/// Whether a hop-by-hop name could have this length: most names are ruled out by one
+/// comparison instead of nine.
+fn may_be_hop_by_hop(len: usize) -> bool {
+    matches!(len, 2 | 7 | 10 | 16..=19)
+}
+
 fn hop_by_hop_bit(name: &HeaderName) -> u16 {
-    // Most names have a length no hop-by-hop name has: one comparison instead of nine.
-    if !matches!(name.as_str().len(), 2 | 7 | 10 | 16..=19) {
+    if !may_be_hop_by_hop(name.as_str().len()) {
         return 0;
     }
     HOP_BY_HOP
         .iter()
         .position(|h| *h == name)
         .map_or(0, |i| 1 << i)
+}
+
+/// Whether a raw header name (any case) is hop-by-hop.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    may_be_hop_by_hop(name.len())
+        && HOP_BY_HOP
+            .iter()
+            .any(|h| h.as_str().eq_ignore_ascii_case(name))
 }
 
 /// Removes hop-by-hop headers and every header named in `Connection`. With `upgrade`,
@@ -159,6 +172,8 @@ mod tests {
             "same length as connection"
         );
         assert_eq!(hop_by_hop_bit(&header::CONTENT_LENGTH), 0);
+        assert!(is_hop_by_hop("Transfer-Encoding") && is_hop_by_hop("TE"));
+        assert!(!is_hop_by_hop("User-Agent") && !is_hop_by_hop("x-te"));
     }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {

@@ -30,6 +30,15 @@ pub use error::ProxyError;
 pub use handler::Conn;
 pub use server::{serve, serve_tls};
 
+/// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
 /// How long idle upstream connections stay pooled.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(90);
 

@@ -15,10 +15,11 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
-use http::{Method, Response};
+use http::Response;
 
 use super::body::UpstreamBody;
 use super::h1::{self, Connection, H1Error, RequestHead, ResponseBody};
+use super::is_idempotent;
 use super::upstream::{ConnectError, Connector};
 
 /// Which connections are interchangeable: same instance address, same TLS identity.
@@ -237,13 +238,6 @@ impl Http1Pool {
     }
 }
 
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
-}
-
 /// The idle list a connection returns to; gone with its pool, or once the reaper found
 /// it empty with no connection of it out.
 pub struct Home {
@@ -268,6 +262,7 @@ impl Home {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Method;
     use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
