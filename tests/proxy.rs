@@ -768,3 +768,253 @@ async fn a_connection_still_sending_a_request_body_is_not_lent_to_the_next_reque
     drop(upload);
     env.stop().await;
 }
+
+/// A client connection that writes bytes exactly as given and reads answers one by one.
+struct Raw {
+    s: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One answer read off a [`Raw`] connection.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl Raw {
+    async fn connect(env: &Env) -> Raw {
+        let s = tokio::net::TcpStream::connect(env.gw.app.proxy_addr())
+            .await
+            .unwrap();
+        Raw { s, buf: Vec::new() }
+    }
+
+    async fn send(&mut self, bytes: &str) {
+        self.s.write_all(bytes.as_bytes()).await.unwrap();
+    }
+
+    /// Reads more; false at the end of the stream.
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout(DEADLINE, self.s.read(&mut chunk))
+            .await
+            .expect("answer in time")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    async fn line(&mut self) -> String {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                self.buf.drain(..end + 2);
+                return line;
+            }
+            assert!(self.fill().await, "connection closed mid-line");
+        }
+    }
+
+    async fn take(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(self.fill().await, "connection closed mid-body");
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    /// The next answer; `head_request` when it answers a HEAD (no body follows).
+    async fn answer(&mut self, head_request: bool) -> Answer {
+        let status_line = self.line().await;
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("status line: {status_line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let line = self.line().await;
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').expect("header line");
+            headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
+        }
+        let mut answer = Answer {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if head_request || status == 100 || status == 204 || status == 304 {
+            return answer;
+        }
+        if answer.header("transfer-encoding") == Some("chunked") {
+            loop {
+                let size = usize::from_str_radix(&self.line().await, 16).expect("chunk size");
+                if size == 0 {
+                    assert_eq!(self.line().await, "", "no trailers expected");
+                    break;
+                }
+                let data = self.take(size).await;
+                answer.body.extend(data);
+                assert_eq!(self.take(2).await, b"\r\n");
+            }
+        } else if let Some(n) = answer.header("content-length") {
+            let n = n.parse().expect("content-length");
+            answer.body = self.take(n).await;
+        } else {
+            while self.fill().await {}
+            answer.body = std::mem::take(&mut self.buf);
+        }
+        answer
+    }
+
+    /// Whether the gateway closes the connection with nothing more to read.
+    async fn closed(&mut self) -> bool {
+        !self.fill().await && self.buf.is_empty()
+    }
+}
+
+#[tokio::test]
+async fn the_http1_server_keeps_pipelining_bodies_expectations_and_keep_alive() {
+    let env = env(1).await;
+    env.route("p", "/p", json!({})).await;
+    let mut c = Raw::connect(&env).await;
+
+    // Two requests in one write: answered in order on the same connection.
+    c.send("GET /p/a HTTP/1.1\r\nHost: t\r\n\r\nGET /p/b?x=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await;
+    let first = c.answer(false).await;
+    let second = c.answer(false).await;
+    assert_eq!((first.status, second.status), (200, 200));
+    assert!(
+        first.text().contains("\"path\":\"/p/a\""),
+        "{}",
+        first.text()
+    );
+    assert!(
+        second.text().contains("\"path\":\"/p/b?x=1\""),
+        "{}",
+        second.text()
+    );
+    assert!(first.header("date").is_some() && first.header("x-request-id").is_some());
+
+    // A chunked upload reaches the instance whole, and the connection goes on after it.
+    c.send("POST /p/count HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        .await;
+    let counted = c.answer(false).await;
+    assert_eq!((counted.status, counted.text().as_str()), (200, "11"));
+
+    // `Expect: 100-continue`: the gateway asks for the body, then forwards it.
+    c.send(
+        "POST /p/count HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
+    assert_eq!(c.answer(false).await.status, 100);
+    c.send("hello").await;
+    let counted = c.answer(false).await;
+    assert_eq!((counted.status, counted.text().as_str()), (200, "5"));
+
+    // HEAD: the length of what GET would send, and no body (the next answer parses).
+    c.send("HEAD /p/a HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    let head = c.answer(true).await;
+    assert_eq!(head.status, 200);
+    assert!(head.header("content-length").is_some_and(|n| n != "0"));
+
+    // A small body the gateway answers without reading is read and dropped; the
+    // connection carries the next request.
+    c.send("POST /nowhere HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n0123456789")
+        .await;
+    let lost = c.answer(false).await;
+    assert_eq!(lost.status, 404);
+    assert_eq!(lost.header("connection"), None);
+    c.send("GET /p/c HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.status, 200);
+
+    // A large unread body cannot be skipped: the answer says the connection closes.
+    c.send("POST /nowhere HTTP/1.1\r\nHost: t\r\nContent-Length: 100000000\r\n\r\n")
+        .await;
+    let lost = c.answer(false).await;
+    assert_eq!(
+        (lost.status, lost.header("connection")),
+        (404, Some("close"))
+    );
+    assert!(c.closed().await);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn the_http1_server_refuses_ambiguous_framing_and_serves_http10() {
+    let env = env(1).await;
+    env.route("p", "/p", json!({})).await;
+    let before = env.upstreams[0].hits();
+    for (what, request) in [
+        (
+            "both framings",
+            "POST /p/count HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "a coding other than chunked",
+            "POST /p/count HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ),
+        (
+            "two lengths",
+            "POST /p/count HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        ),
+        ("not HTTP", "HELLO\r\n\r\n"),
+    ] {
+        let mut c = Raw::connect(&env).await;
+        c.send(request).await;
+        let refused = c.answer(false).await;
+        assert_eq!(refused.status, 400, "{what}");
+        assert_eq!(refused.header("connection"), Some("close"), "{what}");
+        assert!(refused.text().contains("bad_request"), "{what}");
+        assert!(c.closed().await, "{what}: connection closed");
+    }
+    assert_eq!(
+        env.upstreams[0].hits(),
+        before,
+        "nothing reached the upstream"
+    );
+
+    // HTTP/1.0 with keep-alive asked: kept, and said so.
+    let mut c = Raw::connect(&env).await;
+    c.send("GET /p/a HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n")
+        .await;
+    let kept = c.answer(false).await;
+    assert_eq!(
+        (kept.status, kept.header("connection")),
+        (200, Some("keep-alive"))
+    );
+    // Without it, a body of unknown length (streamed by the instance) runs to the close.
+    c.send("GET /p/bytes?n=100000 HTTP/1.0\r\nHost: t\r\n\r\n")
+        .await;
+    let streamed = c.answer(false).await;
+    assert_eq!(streamed.status, 200);
+    assert_eq!(streamed.header("transfer-encoding"), None);
+    assert_eq!(streamed.header("content-length"), None);
+    assert_eq!(streamed.body.len(), 100_000);
+    assert!(c.closed().await);
+
+    // HTTP/1.1 gets the same body chunked.
+    let mut c = Raw::connect(&env).await;
+    c.send("GET /p/bytes?n=100000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await;
+    let chunked = c.answer(false).await;
+    assert_eq!(chunked.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(chunked.body.len(), 100_000);
+    env.stop().await;
+}

@@ -12,12 +12,17 @@ use super::Identity;
 /// Removes every copy of `names` and scrubs those names from `Connection`.
 pub fn strip_forged(headers: &mut HeaderMap, names: &[HeaderName]) {
     // A pass over the (few) received names is cheaper than a lookup per name.
-    if headers.keys().any(|k| names.contains(k)) {
+    let (mut forged, mut connection) = (false, false);
+    for k in headers.keys() {
+        forged |= names.contains(k);
+        connection |= k == CONNECTION;
+    }
+    if forged {
         for name in names {
             headers.remove(name);
         }
     }
-    if !headers.contains_key(CONNECTION) {
+    if !connection {
         return;
     }
     let values: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();

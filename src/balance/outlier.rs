@@ -9,13 +9,14 @@ use crate::routing::spec::OutlierSpec;
 
 /// Records a successful try: the failure streak ends, and an instance that has served
 /// well for a base ejection time since its last ejection starts from the base time again.
-pub fn record_success(stats: &EndpointStats, spec: &OutlierSpec, now_ms: u64) {
+/// `now_ms` is asked only when the instance has a history of ejections.
+pub fn record_success(stats: &EndpointStats, spec: &OutlierSpec, now_ms: impl FnOnce() -> u64) {
     if stats.consecutive_failures.load(Ordering::Relaxed) != 0 {
         stats.consecutive_failures.store(0, Ordering::Relaxed);
     }
     if stats.ejections.load(Ordering::Relaxed) != 0 {
         let until = stats.ejected_until_ms.load(Ordering::Relaxed);
-        if now_ms > until.saturating_add(spec.base_ejection_ms) {
+        if now_ms() > until.saturating_add(spec.base_ejection_ms) {
             stats.ejections.store(0, Ordering::Relaxed);
         }
     }
@@ -120,19 +121,19 @@ mod tests {
         let spec = spec();
         record_failure(&s, 0, &spec, 10);
         record_failure(&s, 0, &spec, 10);
-        record_success(&s.endpoints[0].stats, &spec, 10);
+        record_success(&s.endpoints[0].stats, &spec, || 10);
         assert!(!record_failure(&s, 0, &spec, 10));
         for _ in 0..2 {
             record_failure(&s, 0, &spec, 10);
         }
         assert_eq!(s.endpoints[0].stats.ejections.load(Ordering::Relaxed), 1);
-        record_success(&s.endpoints[0].stats, &spec, 150);
+        record_success(&s.endpoints[0].stats, &spec, || 150);
         assert_eq!(
             s.endpoints[0].stats.ejections.load(Ordering::Relaxed),
             1,
             "too soon"
         );
-        record_success(&s.endpoints[0].stats, &spec, 300);
+        record_success(&s.endpoints[0].stats, &spec, || 300);
         assert_eq!(s.endpoints[0].stats.ejections.load(Ordering::Relaxed), 0);
     }
 

@@ -55,8 +55,15 @@ impl Instance {
 /// Milliseconds on the process clock that [`EndpointStats::ejected_until_ms`] is measured
 /// on (monotonic; its epoch is the first call). Never 0, so 0 can mean "not ejected".
 pub fn now_ms() -> u64 {
+    ms_at(Instant::now())
+}
+
+/// [`now_ms`] of an instant already taken.
+pub fn ms_at(t: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    t.saturating_duration_since(*EPOCH.get_or_init(Instant::now))
+        .as_millis() as u64
+        + 1
 }
 
 /// Live, per-instance counters the data plane updates: in-flight requests, consecutive

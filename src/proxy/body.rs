@@ -17,6 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::h1::{H1Error, ResponseBody};
+use super::h1_server::H1Body;
 use super::upstream::UpstreamStream;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,58 @@ pub enum BodyError {
     TooLarge(u64),
     #[error(transparent)]
     Hyper(#[from] hyper::Error),
+    #[error("client request body: {0}")]
+    Client(String),
+}
+
+/// A request body as a client sends it: over HTTP/1.1 (read by the gateway's own server)
+/// or HTTP/2 (hyper's).
+pub enum RequestBody {
+    Empty,
+    H1(H1Body),
+    H2(Incoming),
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RequestBody::Empty => "RequestBody::Empty",
+            RequestBody::H1(_) => "RequestBody::H1",
+            RequestBody::H2(_) => "RequestBody::H2",
+        })
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::H1(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::H1(b) => b.is_end_stream(),
+            RequestBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::H1(b) => b.size_hint(),
+            RequestBody::H2(b) => b.size_hint(),
+        }
+    }
 }
 
 /// Set when a streamed request body went over its limit, so the handler answers 413
@@ -44,7 +97,7 @@ pub enum UpstreamBody {
     Empty,
     Full(Option<Bytes>),
     Stream {
-        inner: Incoming,
+        inner: RequestBody,
         seen: u64,
         limit: u64,
         overflow: Overflow,
@@ -52,7 +105,7 @@ pub enum UpstreamBody {
 }
 
 impl UpstreamBody {
-    pub fn limited(inner: Incoming, limit: u64) -> (UpstreamBody, Overflow) {
+    pub fn limited(inner: RequestBody, limit: u64) -> (UpstreamBody, Overflow) {
         let overflow = Overflow::default();
         let body = UpstreamBody::Stream {
             inner,
@@ -91,7 +144,7 @@ impl Body for UpstreamBody {
                         }
                     }
                 }
-                Poll::Ready(frame.map(|r| r.map_err(BodyError::from)))
+                Poll::Ready(frame)
             }
         }
     }

@@ -15,21 +15,23 @@
 //! concurrently with reading the answer, so an instance that answers before the upload
 //! is in (a 413, a 401) is heard at once.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 
 use super::body::{BodyError, UpstreamBody};
+use super::codec::{
+    self, push_header, push_hex, Chunk, DecodeError, Decoding, Facts, Source, SCRATCH,
+};
 use super::headers;
 use super::pool::Home;
 use super::upstream::UpstreamStream;
@@ -38,8 +40,6 @@ use super::upstream::UpstreamStream;
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Headers in one response head, as in hyper.
 const MAX_HEADERS: usize = 100;
-/// The most one read takes from a connection.
-const READ_CHUNK: usize = 32 * 1024;
 /// Buffered request bodies up to this size leave in the same write as their head.
 const INLINE_BODY: usize = 16 * 1024;
 /// Request body frames up to this size are copied next to their chunk framing so they
@@ -64,6 +64,18 @@ pub enum H1Error {
     Body(#[source] BodyError),
 }
 
+impl From<DecodeError> for H1Error {
+    fn from(e: DecodeError) -> H1Error {
+        match e {
+            DecodeError::Io(e) => H1Error::Io(e),
+            DecodeError::Truncated => H1Error::Truncated,
+            DecodeError::Framing(what) => H1Error::Framing(what),
+            DecodeError::Parse(e) => H1Error::Parse(e),
+            DecodeError::TooLarge => H1Error::HeadTooLarge,
+        }
+    }
+}
+
 impl H1Error {
     /// Whether the instance sent nothing back: on a reused connection, the sign that it
     /// had closed the connection before the request arrived.
@@ -81,19 +93,6 @@ impl H1Error {
     }
 }
 
-thread_local! {
-    /// Where every read lands first, and where request heads are encoded.
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
-        read: vec![0; READ_CHUNK].into_boxed_slice(),
-        head: Vec::with_capacity(1024),
-    });
-}
-
-struct Scratch {
-    read: Box<[u8]>,
-    head: Vec<u8>,
-}
-
 /// A request head as it goes to an instance, borrowed from the request being served (a
 /// retry encodes it again; nothing is copied to hold it).
 #[derive(Clone, Copy)]
@@ -102,6 +101,8 @@ pub struct RequestHead<'a> {
     /// Origin form: path and query.
     pub uri: &'a Uri,
     pub headers: &'a HeaderMap,
+    /// Asks for a protocol switch (`Upgrade` kept in `headers`).
+    pub upgrade: bool,
 }
 
 impl<'a> RequestHead<'a> {
@@ -110,6 +111,7 @@ impl<'a> RequestHead<'a> {
             method: &parts.method,
             uri: &parts.uri,
             headers: &parts.headers,
+            upgrade: parts.headers.contains_key(header::UPGRADE),
         }
     }
 }
@@ -164,20 +166,7 @@ impl Connection {
     /// Reads what the socket has into the per-thread buffer and appends it to the
     /// unconsumed bytes; `Ok(0)` at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        SCRATCH.with_borrow_mut(|scratch| {
-            let mut buf = ReadBuf::new(&mut scratch.read);
-            ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
-            let got = buf.filled();
-            if self.read.is_empty() {
-                self.read = Bytes::copy_from_slice(got);
-            } else if !got.is_empty() {
-                let mut joined = BytesMut::with_capacity(self.read.len() + got.len());
-                joined.extend_from_slice(&self.read);
-                joined.extend_from_slice(got);
-                self.read = joined.freeze();
-            }
-            Poll::Ready(Ok(got.len()))
-        })
+        codec::poll_fill(&mut self.io, &mut self.read, cx)
     }
 
     /// Writes the part of a head an earlier poll could not, and flushes it.
@@ -278,7 +267,7 @@ impl Connection {
         let mut facts = Facts::default();
         let mut hop_by_hop = 0u128;
         for (i, (span, h)) in spans.iter_mut().zip(parsed.headers.iter()).enumerate() {
-            if matches!(h.name.len(), 10 | 14 | 17) {
+            if Facts::may_note(h.name) {
                 facts.note(h.name, h.value);
             }
             if headers::is_hop_by_hop(h.name) {
@@ -301,7 +290,9 @@ impl Connection {
             hop_by_hop
         };
         let raw = self.read.split_to(len);
-        let mut headers = HeaderMap::with_capacity(count);
+        // Room for what the gateway adds to every answer (request id, `Via`), so the
+        // map is not grown again.
+        let mut headers = HeaderMap::with_capacity(count + 4);
         for (i, &(name_at, name_len, value_at, value_len)) in spans[..count].iter().enumerate() {
             if skip & (1 << i) != 0 {
                 continue;
@@ -480,20 +471,6 @@ fn advance_queue(queue: &mut VecDeque<Bytes>, mut n: usize) {
     }
 }
 
-fn push_hex(out: &mut Vec<u8>, n: usize) {
-    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
-    for i in (0..digits).rev() {
-        out.push(b"0123456789abcdef"[(n >> (i * 4)) & 0xf]);
-    }
-}
-
-fn push_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
 /// Writes the request head into the connection's buffer and decides the body's framing:
 /// the gateway sets `Content-Length` or chunking itself, from what the body is.
 fn encode_head(
@@ -528,7 +505,7 @@ fn encode_head(
         UpstreamBody::Full(data) => {
             let data = data.clone().unwrap_or_default();
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice((data.len() as u64).to_string().as_bytes());
+            codec::push_decimal(out, data.len() as u64);
             out.extend_from_slice(b"\r\n\r\n");
             if data.len() <= INLINE_BODY {
                 out.extend_from_slice(&data);
@@ -543,7 +520,7 @@ fn encode_head(
             let framing = match known {
                 Some(n) => {
                     out.extend_from_slice(b"content-length: ");
-                    out.extend_from_slice(n.to_string().as_bytes());
+                    codec::push_decimal(out, n);
                     out.extend_from_slice(b"\r\n");
                     Upload::Length(n)
                 }
@@ -576,7 +553,7 @@ pub async fn exchange(
 ) -> Result<Response<ResponseBody>, (H1Error, bool, UpstreamBody)> {
     let reused = conn.is_reused();
     let head_request = *req.method == Method::HEAD;
-    let wants_upgrade = req.headers.contains_key(header::UPGRADE);
+    let wants_upgrade = req.upgrade;
     let mut upload: Option<Box<Outgoing>> = None;
     let mut started = false;
     let result = std::future::poll_fn(|cx| {
@@ -626,13 +603,13 @@ pub async fn exchange(
         headers.remove(header::CONTENT_LENGTH);
     }
     let state = if upgraded {
-        State::Upgraded
+        Decoding::Upgraded
     } else {
         match framing {
-            Framing::Length(0) => State::Done,
-            Framing::Length(n) => State::Length(n),
-            Framing::Chunked => State::Chunked(Chunk::Size),
-            Framing::Close => State::Close,
+            Framing::Length(0) => Decoding::Done,
+            Framing::Length(n) => Decoding::Length(n),
+            Framing::Chunked => Decoding::Chunked(Chunk::Size),
+            Framing::Close => Decoding::Close,
         }
     };
     let body = ResponseBody {
@@ -645,7 +622,7 @@ pub async fn exchange(
     *response.status_mut() = head.status;
     *response.version_mut() = head.version;
     *response.headers_mut() = headers;
-    if response.body().state == State::Done {
+    if response.body().state == Decoding::Done {
         response.body_mut().finish();
     }
     Ok(response)
@@ -662,11 +639,7 @@ enum Framing {
 /// carry another request after it.
 fn response_framing(head: &Head, head_request: bool) -> Result<(Framing, bool), H1Error> {
     let facts = &head.facts;
-    let keep_alive = if head.version == Version::HTTP_10 {
-        facts.keep_alive && !facts.close
-    } else {
-        !facts.close
-    };
+    let keep_alive = facts.keeps_alive(head.version == Version::HTTP_10);
     let code = head.status.as_u16();
     if head_request || head.status.is_informational() || code == 204 || code == 304 {
         return Ok((Framing::Length(0), keep_alive));
@@ -689,82 +662,11 @@ fn response_framing(head: &Head, head_request: bool) -> Result<(Framing, bool), 
     })
 }
 
-/// What a response head says about its framing, gathered while its headers are read.
-#[derive(Debug, Default)]
-struct Facts {
-    /// `Connection: close`.
-    close: bool,
-    /// `Connection: keep-alive` (meaningful for HTTP/1.0).
-    keep_alive: bool,
-    /// `Connection` names other headers, to be removed with it.
-    named: bool,
-    /// `Transfer-Encoding` present: whether its last coding is `chunked`.
-    chunked: Option<bool>,
-    length: Option<u64>,
-    bad_length: Option<&'static str>,
-}
-
-impl Facts {
-    fn note(&mut self, name: &str, value: &[u8]) {
-        let tokens = || {
-            value
-                .split(|&b| b == b',')
-                .map(<[u8]>::trim_ascii)
-                .filter(|t| !t.is_empty())
-        };
-        if name.eq_ignore_ascii_case("connection") {
-            for token in tokens() {
-                let close = token.eq_ignore_ascii_case(b"close");
-                let keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
-                self.close |= close;
-                self.keep_alive |= keep_alive;
-                self.named |= !close && !keep_alive;
-            }
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = tokens().next_back().unwrap_or_default();
-            self.chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case("content-length") {
-            for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                let n =
-                    (!part.is_empty() && part.len() <= 19 && part.iter().all(u8::is_ascii_digit))
-                        .then(|| part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
-                match (n, self.length) {
-                    (None, _) => self.bad_length = Some("bad Content-Length"),
-                    (Some(n), Some(l)) if n != l => {
-                        self.bad_length = Some("conflicting Content-Length values")
-                    }
-                    (Some(n), _) => self.length = Some(n),
-                }
-            }
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// Before a chunk-size line.
-    Size,
-    Data(u64),
-    /// The CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk: trailer fields up to an empty line.
-    Trailers,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Length(u64),
-    Chunked(Chunk),
-    Close,
-    Upgraded,
-    Done,
-}
-
 /// A response body read from its connection, which goes back to the pool (through
 /// its [`Home`]) when the body has ended cleanly and the connection can be reused.
 pub struct ResponseBody {
     conn: Option<Box<Connection>>,
-    state: State,
+    state: Decoding,
     keep_alive: bool,
     /// The rest of a request body the instance answered before receiving all of.
     upload: Option<Box<Outgoing>>,
@@ -774,7 +676,7 @@ impl ResponseBody {
     /// For a `101` answer: the connection and the bytes that came after the head, which
     /// already belong to the upgraded protocol.
     pub fn into_upgraded(mut self) -> Option<(UpstreamStream, Bytes)> {
-        if self.state != State::Upgraded {
+        if self.state != Decoding::Upgraded {
             return None;
         }
         let conn = *self.conn.take()?;
@@ -783,7 +685,7 @@ impl ResponseBody {
 
     /// The body has ended: the connection is recycled when it can carry another request.
     fn finish(&mut self) {
-        self.state = State::Done;
+        self.state = Decoding::Done;
         let Some(mut conn) = self.conn.take() else {
             return;
         };
@@ -811,131 +713,21 @@ impl ResponseBody {
                 Poll::Pending => {}
             }
         }
-        loop {
-            let Some(conn) = self.conn.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match self.state {
-                State::Done | State::Upgraded => return Poll::Ready(None),
-                State::Length(left) => {
-                    if conn.read.is_empty() && ready!(conn.poll_fill(cx))? == 0 {
-                        return Poll::Ready(Some(Err(H1Error::Truncated)));
-                    }
-                    let n = (conn.read.len() as u64).min(left);
-                    let data = conn.read.split_to(n as usize);
-                    self.state = if n == left {
-                        State::Done
-                    } else {
-                        State::Length(left - n)
-                    };
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                State::Close => {
-                    if conn.read.is_empty() && ready!(conn.poll_fill(cx))? == 0 {
-                        self.state = State::Done;
-                        return Poll::Ready(None);
-                    }
-                    let data = std::mem::take(&mut conn.read);
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                State::Chunked(chunk) => {
-                    if let Some(frame) = ready!(self.poll_chunked(cx, chunk)) {
-                        return Poll::Ready(Some(frame));
-                    }
-                    if self.state == State::Done {
-                        return Poll::Ready(None);
-                    }
-                }
-            }
-        }
-    }
-
-    /// One step of chunked decoding: a frame, or `None` when the state moved on without
-    /// one (a size line, a CRLF, the end).
-    fn poll_chunked(
-        &mut self,
-        cx: &mut Context<'_>,
-        chunk: Chunk,
-    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
         let Some(conn) = self.conn.as_mut() else {
             return Poll::Ready(None);
         };
-        let need_more = match chunk {
-            Chunk::Size => match httparse::parse_chunk_size(&conn.read) {
-                Ok(httparse::Status::Complete((used, size))) => {
-                    conn.read.advance(used);
-                    self.state = State::Chunked(if size == 0 {
-                        Chunk::Trailers
-                    } else {
-                        Chunk::Data(size)
-                    });
-                    false
-                }
-                Ok(httparse::Status::Partial) if conn.read.len() > 4096 => {
-                    return Poll::Ready(Some(Err(H1Error::Framing("chunk size line too long"))))
-                }
-                Ok(httparse::Status::Partial) => true,
-                Err(_) => return Poll::Ready(Some(Err(H1Error::Framing("bad chunk size")))),
-            },
-            Chunk::Data(left) => {
-                if conn.read.is_empty() {
-                    true
-                } else {
-                    let n = (conn.read.len() as u64).min(left);
-                    let data = conn.read.split_to(n as usize);
-                    self.state = State::Chunked(if n == left {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(left - n)
-                    });
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-            }
-            Chunk::DataEnd => {
-                if conn.read.len() < 2 {
-                    true
-                } else if &conn.read[..2] == b"\r\n" {
-                    conn.read.advance(2);
-                    self.state = State::Chunked(Chunk::Size);
-                    false
-                } else {
-                    return Poll::Ready(Some(Err(H1Error::Framing("chunk not ended by CRLF"))));
-                }
-            }
-            Chunk::Trailers => {
-                if conn.read.starts_with(b"\r\n") {
-                    conn.read.advance(2);
-                    self.finish();
-                    return Poll::Ready(None);
-                }
-                let mut slots = [httparse::EMPTY_HEADER; 32];
-                match httparse::parse_headers(&conn.read, &mut slots) {
-                    Ok(httparse::Status::Complete((used, fields))) => {
-                        let mut trailers = HeaderMap::new();
-                        for f in fields {
-                            if let (Ok(name), Ok(value)) = (
-                                HeaderName::from_bytes(f.name.as_bytes()),
-                                HeaderValue::from_bytes(f.value),
-                            ) {
-                                trailers.append(name, value);
-                            }
-                        }
-                        conn.read.advance(used);
-                        self.finish();
-                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                    }
-                    Ok(httparse::Status::Partial) if conn.read.len() > MAX_HEAD => {
-                        return Poll::Ready(Some(Err(H1Error::HeadTooLarge)))
-                    }
-                    Ok(httparse::Status::Partial) => true,
-                    Err(e) => return Poll::Ready(Some(Err(H1Error::Parse(e)))),
-                }
-            }
-        };
-        if need_more && ready!(conn.poll_fill(cx))? == 0 {
-            return Poll::Ready(Some(Err(H1Error::Truncated)));
-        }
-        Poll::Ready(None)
+        let frame = ready!(self.state.poll_frame(&mut **conn, cx));
+        Poll::Ready(frame.map(|r| r.map_err(H1Error::from)))
+    }
+}
+
+impl Source for Connection {
+    fn buffered(&mut self) -> &mut Bytes {
+        &mut self.read
+    }
+
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.poll_fill(cx)
     }
 }
 
@@ -970,25 +762,21 @@ impl Body for ResponseBody {
         match &frame {
             Some(Err(_)) => {
                 this.keep_alive = false;
-                this.state = State::Done;
+                this.state = Decoding::Done;
                 this.conn = None;
             }
-            _ if this.state == State::Done => this.finish(),
+            _ if this.state == Decoding::Done => this.finish(),
             _ => {}
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.state, State::Done | State::Upgraded)
+        self.state.is_end()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.state {
-            State::Length(n) => SizeHint::with_exact(n),
-            State::Done | State::Upgraded => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
+        self.state.size_hint()
     }
 }
 

@@ -12,23 +12,22 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
-use super::body::{ClientBody, Finish, Overflow, UpstreamBody};
+use super::body::{ClientBody, Finish, Overflow, RequestBody, UpstreamBody};
 use super::error::ProxyError;
 use super::h1::RequestHead;
+use super::h1_server::OnUpgrade;
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::path;
 use super::upstream::ClientKey;
 use super::{is_idempotent, Gateway};
 use crate::assertion::Caller;
 use crate::balance::{self, outlier, Tried};
-use crate::discovery::{now_ms, EndpointStats, UpstreamSet};
+use crate::discovery::{ms_at, now_ms, EndpointStats, UpstreamSet};
 use crate::policy::{cors, Admission};
 use crate::routing::spec::UpstreamProtocol;
 use crate::routing::Route;
@@ -74,7 +73,7 @@ impl From<ProxyError> for Stop {
 
 impl Gateway {
     /// Serves one request; never fails (errors become responses).
-    pub async fn handle(&self, req: Request<Incoming>, conn: Conn) -> Response<ClientBody> {
+    pub async fn handle(&self, req: Request<RequestBody>, conn: Conn) -> Response<ClientBody> {
         let (mut parts, body) = req.into_parts();
         let mut ex = Exchange {
             start: Instant::now(),
@@ -106,7 +105,7 @@ impl Gateway {
         &self,
         ex: &mut Exchange,
         parts: &mut Parts,
-        body: Incoming,
+        body: RequestBody,
         conn: Conn,
     ) -> Result<Response<ClientBody>, Stop> {
         ex.path = path::normalize(parts.uri.path())
@@ -140,7 +139,8 @@ impl Gateway {
             return Err(ProxyError::BodyTooLarge(limit).into());
         }
 
-        let upgrade = parts.version == Version::HTTP_11 && headers::wants_upgrade(&parts.headers);
+        // The HTTP/1.1 server marks the requests that ask for a protocol switch.
+        let upgrade = parts.extensions.get::<OnUpgrade>().is_some();
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
 
         let identity = self
@@ -204,7 +204,7 @@ impl Gateway {
         &self,
         ex: &mut Exchange,
         parts: &mut Parts,
-        body: Incoming,
+        body: RequestBody,
         route: &Arc<Route>,
         set: &Arc<UpstreamSet>,
         uri: Uri,
@@ -217,7 +217,7 @@ impl Gateway {
         let (mut source, overflow) =
             BodySource::new(body, &parts.headers, limit, may_retry && !upgrade).await?;
         let client_upgrade = upgrade
-            .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
+            .then(|| parts.extensions.remove::<OnUpgrade>())
             .flatten();
         let http2 = spec.upstream_protocol == UpstreamProtocol::Http2;
         let client_key = ClientKey {
@@ -243,7 +243,8 @@ impl Gateway {
                 metrics::counter!(crate::metrics::RETRIES, "route" => route.name.clone())
                     .increment(1);
             }
-            let now = now_ms();
+            let started = Instant::now();
+            let now = ms_at(started);
             let Some(index) = balance::pick(set, spec.lb, hash, tried, &spec.outlier, now) else {
                 return Err(ProxyError::NoInstance(set.service.clone()).into());
             };
@@ -255,11 +256,12 @@ impl Gateway {
                 method: &parts.method,
                 uri: &uri,
                 headers: &parts.headers,
+                upgrade,
             };
 
             let guard = InFlight::enter(&endpoint.stats);
             let stats = &endpoint.stats;
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let remaining = deadline.saturating_duration_since(started);
             let send = self
                 .clients
                 .send(&client_key, &endpoint.authority, head, source.take());
@@ -272,7 +274,7 @@ impl Gateway {
                     if bad || retry_status {
                         outlier::record_failure(set, index, &spec.outlier, now_ms());
                     } else {
-                        outlier::record_success(stats, &spec.outlier, now_ms());
+                        outlier::record_success(stats, &spec.outlier, now_ms);
                     }
                     if retry_status && attempt < spec.retry.attempts && source.replayable() {
                         last = ProxyError::Upstream(format!("upstream answered {status}"));
@@ -417,7 +419,7 @@ enum BodySource {
 
 impl BodySource {
     async fn new(
-        body: Incoming,
+        body: RequestBody,
         headers: &HeaderMap,
         limit: u64,
         may_retry: bool,
@@ -462,7 +464,7 @@ impl BodySource {
 /// Joins the client's and the upstream's upgraded connections and copies both ways until
 /// either side closes; the client gets the upstream's `101`.
 fn splice_upgrade(
-    client: Option<hyper::upgrade::OnUpgrade>,
+    client: Option<OnUpgrade>,
     response: &mut Response<ClientBody>,
     ex: &Exchange,
 ) -> Response<ClientBody> {
@@ -471,7 +473,7 @@ fn splice_upgrade(
     if let (Some(client), Some((mut upstream, early))) = (client, upstream) {
         tokio::spawn(async move {
             let result = async {
-                let mut client = TokioIo::new(client.await.map_err(std::io::Error::other)?);
+                let mut client = client.upgraded().await?;
                 // Bytes the instance sent right behind its 101 belong to the new protocol.
                 if !early.is_empty() {
                     client.write_all(&early).await?;
@@ -516,7 +518,9 @@ fn request_host(parts: &Parts) -> Option<String> {
     let host = if let Some(rest) = raw.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
     } else {
-        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+        raw.bytes()
+            .rposition(|b| b == b':')
+            .map_or(raw, |colon| &raw[..colon])
     };
     if host
         .bytes()

@@ -5,8 +5,10 @@
 //! talks to Consul; passive health goes into the instances' atomic counters.
 
 pub mod body;
+mod codec;
 pub mod error;
 pub mod h1;
+pub mod h1_server;
 pub mod handler;
 pub mod headers;
 pub mod path;

@@ -4,19 +4,25 @@
 //! accepting, let in-flight requests finish up to the drain timeout, then close.
 
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
+use super::body::RequestBody;
+use super::h1_server::{self, ClientRead, ClientWrite};
 use super::handler::Conn;
 use super::Gateway;
 use crate::shutdown::Shutdown;
@@ -24,6 +30,9 @@ use crate::tls::Tls;
 
 /// HTTP/2 streams per client connection.
 const MAX_STREAMS: u32 = 256;
+
+/// What every HTTP/2 connection starts with (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves plain HTTP (HTTP/1.1 and h2c) until shutdown, then drains.
 pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, shutdown: Shutdown) {
@@ -47,8 +56,10 @@ async fn accept_loop(
     tls: Option<Arc<Tls>>,
     shutdown: Shutdown,
 ) {
-    let builder = Arc::new(builder(&gateway));
-    let graceful = GracefulShutdown::new();
+    let h2 = Arc::new(http2_builder(&gateway));
+    // Every connection holds a receiver: `true` asks it to finish, and the drain is over
+    // when all of them are gone.
+    let (draining, _) = watch::channel(false);
     loop {
         let permit = tokio::select! {
             p = gateway.connections.clone().acquire_owned() => match p {
@@ -71,27 +82,18 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let h2 = h2.clone();
+        let finish = draining.subscribe();
         let tls = tls.clone();
         tokio::spawn(async move {
             metrics::gauge!(crate::metrics::CONNECTIONS).increment(1.0);
+            let conn = Conn {
+                peer,
+                tls: tls.is_some(),
+            };
             match tls {
-                None => {
-                    let conn = Conn { peer, tls: false };
-                    serve_connection(stream, conn, gateway, &builder, watcher).await;
-                }
-                Some(tls) => {
-                    let deadline = gateway.settings.header_read_timeout;
-                    match tokio::time::timeout(deadline, tls.acceptor().accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            let conn = Conn { peer, tls: true };
-                            serve_connection(stream, conn, gateway, &builder, watcher).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                }
+                None => serve_plain(stream, conn, gateway, &h2, finish).await,
+                Some(tls) => serve_tls_stream(stream, &tls, conn, gateway, &h2, finish).await,
             }
             metrics::gauge!(crate::metrics::CONNECTIONS).decrement(1.0);
             drop(permit);
@@ -99,11 +101,12 @@ async fn accept_loop(
     }
     drop(listener);
     let drain = gateway.settings.drain_timeout;
-    let open = graceful.count();
+    let _ = draining.send(true);
+    let open = draining.receiver_count();
     if open > 0 {
         tracing::info!(connections = open, ?drain, "draining client connections");
     }
-    if tokio::time::timeout(drain, graceful.shutdown())
+    if tokio::time::timeout(drain, draining.closed())
         .await
         .is_err()
     {
@@ -111,19 +114,10 @@ async fn accept_loop(
     }
 }
 
-fn builder(gateway: &Gateway) -> auto::Builder<TokioExecutor> {
+fn http2_builder(gateway: &Gateway) -> http2::Builder<TokioExecutor> {
     let s = &gateway.settings;
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(s.header_read_timeout)
-        .max_buf_size(s.max_header_bytes.max(8192))
-        // Copy small bodies behind the head and send one buffer: a few % less CPU per
-        // request than a two-part writev for typical API responses (scripts/bench.sh).
-        .writev(false)
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
         .max_header_list_size(s.max_header_bytes.min(u32::MAX as usize) as u32)
         .max_concurrent_streams(MAX_STREAMS)
         .keep_alive_interval(Some(s.idle_timeout.max(Duration::from_secs(1))))
@@ -131,28 +125,157 @@ fn builder(gateway: &Gateway) -> auto::Builder<TokioExecutor> {
     b
 }
 
-async fn serve_connection<I>(
+/// Plain TCP: HTTP/2 by prior knowledge when the client opens with the HTTP/2 preface,
+/// else HTTP/1.1.
+async fn serve_plain(
+    mut stream: TcpStream,
+    conn: Conn,
+    gateway: Arc<Gateway>,
+    h2: &http2::Builder<TokioExecutor>,
+    mut finish: watch::Receiver<bool>,
+) {
+    let deadline = gateway.settings.header_read_timeout;
+    let first = tokio::select! {
+        first = tokio::time::timeout(deadline, read_opening(&mut stream)) => match first {
+            Ok(Ok(first)) => first,
+            _ => return,
+        },
+        _ = finish.changed() => return,
+    };
+    if first.starts_with(PREFACE) {
+        let io = Rewind {
+            early: first,
+            inner: stream,
+        };
+        serve_http2(io, conn, gateway, h2, finish).await;
+        return;
+    }
+    let (read, write) = stream.into_split();
+    let (read, write) = (ClientRead::Tcp(read), ClientWrite::Tcp(write));
+    h1_server::serve(read, write, first, conn, gateway, finish).await;
+}
+
+/// The first bytes of a connection: enough to tell the HTTP/2 preface from an HTTP/1.1
+/// request line. Empty when the client closed without sending anything.
+async fn read_opening(stream: &mut TcpStream) -> io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Ok(buf.freeze());
+        }
+        let n = buf.len().min(PREFACE.len());
+        if buf[..n] != PREFACE[..n] || buf.len() >= PREFACE.len() {
+            return Ok(buf.freeze());
+        }
+    }
+}
+
+async fn serve_tls_stream(
+    stream: TcpStream,
+    tls: &Tls,
+    conn: Conn,
+    gateway: Arc<Gateway>,
+    h2: &http2::Builder<TokioExecutor>,
+    finish: watch::Receiver<bool>,
+) {
+    let peer = conn.peer;
+    let deadline = gateway.settings.header_read_timeout;
+    let stream = match tokio::time::timeout(deadline, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        serve_http2(stream, conn, gateway, h2, finish).await;
+        return;
+    }
+    let (read, write) = tokio::io::split(stream);
+    let (read, write) = (ClientRead::Tls(read), ClientWrite::Tls(write));
+    h1_server::serve(read, write, Bytes::new(), conn, gateway, finish).await;
+}
+
+async fn serve_http2<I>(
     io: I,
     conn: Conn,
     gateway: Arc<Gateway>,
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    builder: &http2::Builder<TokioExecutor>,
+    mut finish: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req: Request<Incoming>| {
         let gateway = gateway.clone();
-        // Boxed: hyper keeps the request's future in a slot of its connection, which has
-        // gone cold by the time a connection is used again when there are hundreds of
-        // them; a fresh allocation reuses the block a request just freed, still in cache
-        // (scripts/bench-cost.sh: fewer cache misses per request at 256 connections).
+        let req = req.map(RequestBody::H2);
         Box::pin(async move { Ok::<_, Infallible>(gateway.handle(req, conn).await) })
     });
-    let connection = builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .into_owned();
-    if let Err(e) = watcher.watch(connection).await {
-        trace_connection_error(conn.peer, &*e);
+    let mut connection = pin!(builder.serve_connection(TokioIo::new(io), service));
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = finish.changed() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        trace_connection_error(conn.peer, &e);
+    }
+}
+
+/// A stream with bytes already read from it put back in front.
+struct Rewind {
+    early: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.early.is_empty() {
+            let n = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -1,0 +1,1043 @@
+//! HTTP/1.1 from clients, spoken by the gateway itself.
+//!
+//! A connection is one loop in its own task: read a head, hand the request to the
+//! handler, write the answer, again. Compared with a general server this drops a
+//! dispatcher between the connection and the request, and a second buffered codec layer;
+//! request heads become `http` types straight from the bytes received (header values are
+//! slices of them), and a small answer leaves in one write with its head.
+//!
+//! What it keeps of a complete HTTP/1.1 server: keep-alive and pipelining, request bodies
+//! by length or chunked (the read side of the connection is lent to the body while the
+//! handler reads it, and comes back when the body is done), `Expect: 100-continue`
+//! answered when the body is first read, `Upgrade` handed over with the bytes read past
+//! the head, one deadline for a head to arrive (slowloris; it also bounds idle keep-alive
+//! connections), heads over the size cap answered 431, messages that could be smuggled
+//! (`Transfer-Encoding` with `Content-Length`, codings other than chunked) refused with
+//! 400, and on shutdown the in-flight request finishes and the connection then closes.
+
+use std::cell::RefCell;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Sleep;
+use tokio_rustls::server::TlsStream;
+
+use super::body::{BodyError, ClientBody, RequestBody};
+use super::codec::{self, DecodeError, Decoding, Facts, Source};
+use super::handler::Conn;
+use super::headers;
+use super::Gateway;
+
+/// Headers in one request head, as in hyper.
+const MAX_HEADERS: usize = 100;
+/// Response body frames up to this size are copied next to the head or their chunk
+/// framing, so they leave in one write.
+const COALESCE: usize = 16 * 1024;
+/// A request body the handler left unread is read and dropped up to this size, within
+/// [`DRAIN_TIME`], so the connection can carry the next request; otherwise it closes.
+const DRAIN_BYTES: u64 = 256 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+
+/// The read half of a client connection.
+pub enum ClientRead {
+    Tcp(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+}
+
+/// The write half of a client connection.
+pub enum ClientWrite {
+    Tcp(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for ClientRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientRead::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            ClientRead::Tls(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientWrite {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientWrite::Tcp(w) => Pin::new(w).poll_write(cx, buf),
+            ClientWrite::Tls(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientWrite::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            ClientWrite::Tls(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientWrite::Tcp(w) => w.is_write_vectored(),
+            ClientWrite::Tls(w) => w.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientWrite::Tcp(w) => Pin::new(w).poll_flush(cx),
+            ClientWrite::Tls(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientWrite::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+            ClientWrite::Tls(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The bytes received from the client and not consumed yet, with the socket they came
+/// from.
+struct Reader {
+    io: ClientRead,
+    read: Bytes,
+}
+
+impl Source for Reader {
+    fn buffered(&mut self) -> &mut Bytes {
+        &mut self.read
+    }
+
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        codec::poll_fill(&mut self.io, &mut self.read, cx)
+    }
+}
+
+/// The read side of a connection with the framing of the request body being read.
+struct ReadSide {
+    reader: Reader,
+    body: Decoding,
+    /// The body failed mid-way: the connection's framing is lost.
+    broken: bool,
+}
+
+/// A request body read from the client's connection, which goes back to the
+/// connection's loop when the body is done or dropped.
+pub struct H1Body {
+    side: Option<Box<ReadSide>>,
+    back: Option<oneshot::Sender<Box<ReadSide>>>,
+    /// Asks the connection's loop to send `100 Continue` (the client waits for it).
+    expect: Option<oneshot::Sender<()>>,
+}
+
+impl H1Body {
+    fn give_back(&mut self) {
+        if let (Some(side), Some(back)) = (self.side.take(), self.back.take()) {
+            let _ = back.send(side);
+        }
+    }
+}
+
+impl Drop for H1Body {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if let Some(expect) = this.expect.take() {
+            let _ = expect.send(());
+        }
+        let Some(side) = this.side.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(side.body.poll_frame(&mut side.reader, cx));
+        match &frame {
+            Some(Err(_)) => {
+                side.broken = true;
+                this.give_back();
+            }
+            _ if side.body.is_end() => this.give_back(),
+            _ => {}
+        }
+        Poll::Ready(frame.map(|r| r.map_err(BodyError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.side.as_ref().is_none_or(|s| s.body.is_end())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.side
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), |s| s.body.size_hint())
+    }
+}
+
+/// A client connection after `101 Switching Protocols`: the bytes the client sent past
+/// its request head, then the socket.
+pub struct Upgraded {
+    early: Bytes,
+    read: ClientRead,
+    write: ClientWrite,
+}
+
+/// In an upgrade request's extensions: yields the connection once the `101` is out.
+/// (Extensions must be `Clone`; only one clone gets the connection.)
+#[derive(Clone)]
+pub struct OnUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
+
+impl OnUpgrade {
+    pub async fn upgraded(self) -> io::Result<Upgraded> {
+        let taken = self.0.lock().ok().and_then(|mut rx| rx.take());
+        let rx = taken.ok_or_else(|| io::Error::other("upgrade already taken"))?;
+        rx.await
+            .map_err(|_| io::Error::other("the connection was not upgraded"))
+    }
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.early.is_empty() {
+            let n = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().write).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().write).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().write).poll_shutdown(cx)
+    }
+}
+
+/// Why no request could be read.
+#[derive(Debug)]
+enum HeadError {
+    Io,
+    Timeout,
+    /// The connection closed in the middle of a head.
+    Truncated,
+    TooLarge,
+    Bad(&'static str),
+}
+
+/// A request head as the connection's loop needs it.
+struct Head {
+    request: http::request::Parts,
+    facts: Facts,
+    expect_continue: bool,
+}
+
+/// Serves HTTP/1.1 on one client connection until either side closes it or the gateway
+/// shuts down. `first` holds bytes already read from it.
+pub async fn serve(
+    read: ClientRead,
+    mut write: ClientWrite,
+    first: Bytes,
+    conn: Conn,
+    gateway: Arc<Gateway>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let settings = &gateway.settings;
+    let head_timeout = settings.header_read_timeout;
+    let max_head = settings.max_header_bytes;
+    let mut side = Some(Box::new(ReadSide {
+        reader: Reader {
+            io: read,
+            read: first,
+        },
+        body: Decoding::Done,
+        broken: false,
+    }));
+    // One timer for the connection, moved only when it fires early: arming a timer per
+    // request costs more than the check.
+    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(head_timeout));
+    // The read side is away only while a request body holds it.
+    while let Some(home) = side.as_mut() {
+        if *shutdown.borrow() {
+            break;
+        }
+        let deadline = Instant::now() + head_timeout;
+        let head = match read_head(
+            &mut home.reader,
+            &mut timer,
+            deadline,
+            max_head,
+            &mut shutdown,
+        )
+        .await
+        {
+            Ok(Some(head)) => head,
+            Ok(None) => break,
+            Err(e) => {
+                refuse(&mut write, e).await;
+                break;
+            }
+        };
+        let Head {
+            request: mut parts,
+            facts,
+            expect_continue,
+        } = head;
+        let http10 = parts.version == Version::HTTP_10;
+        let mut keep_alive = facts.keeps_alive(http10);
+        let framing = match request_framing(&facts, http10) {
+            Ok(f) => f,
+            Err(why) => {
+                refuse(&mut write, HeadError::Bad(why)).await;
+                break;
+            }
+        };
+        let head_request = parts.method == Method::HEAD;
+
+        let mut upgrade = None;
+        if facts.named && !http10 && headers::wants_upgrade(&parts.headers) {
+            let (tx, rx) = oneshot::channel();
+            parts
+                .extensions
+                .insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
+            upgrade = Some(tx);
+        }
+        let mut lent = None;
+        let mut continue_asked = None;
+        let body = if framing == Decoding::Done {
+            RequestBody::Empty
+        } else {
+            home.body = framing;
+            let (back, returned) = oneshot::channel();
+            lent = Some(returned);
+            let expect = expect_continue.then(|| {
+                let (tx, rx) = oneshot::channel();
+                continue_asked = Some(rx);
+                tx
+            });
+            RequestBody::H1(H1Body {
+                side: side.take(),
+                back: Some(back),
+                expect,
+            })
+        };
+
+        let request = Request::from_parts(parts, body);
+        let mut answer = Box::pin(gateway.handle(request, conn));
+        let mut continued = false;
+        let response = match continue_asked {
+            None => (&mut answer).await,
+            Some(mut asked) => loop {
+                tokio::select! {
+                    biased;
+                    response = &mut answer => break response,
+                    wanted = &mut asked, if !continued => {
+                        continued = true;
+                        if wanted.is_ok() {
+                            let _ = write_flushed(&mut write, b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                        } else {
+                            // The body was dropped unread: the client may still be
+                            // waiting to send it, so the connection cannot go on.
+                            keep_alive = false;
+                        }
+                    }
+                }
+            },
+        };
+        drop(answer);
+        if expect_continue && !continued {
+            keep_alive = false;
+        }
+        if *shutdown.borrow() {
+            keep_alive = false;
+        }
+        // A body already given back unfinished tells now whether the connection can go
+        // on, so the answer can say so.
+        let mut back = None;
+        if let Some(returned) = lent.as_mut() {
+            if let Ok(side) = returned.try_recv() {
+                keep_alive &= !side.broken && (side.body.is_end() || drainable(&side.body));
+                back = Some(side);
+            }
+        }
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching && (upgrade.is_none() || lent.is_some()) {
+            break;
+        }
+        let exchange = Exchange {
+            head_request,
+            http10,
+            keep_alive: keep_alive && !switching,
+        };
+        let Ok(keep_alive) = write_response(&mut write, response, exchange).await else {
+            break;
+        };
+        if switching {
+            if let (Some(tx), Some(home)) = (upgrade, side.take()) {
+                let _ = tx.send(Upgraded {
+                    early: home.reader.read,
+                    read: home.reader.io,
+                    write,
+                });
+            }
+            return;
+        }
+        if let Some(returned) = lent {
+            let back = match back {
+                Some(side) => Some(side),
+                None => recover(returned, head_timeout).await,
+            };
+            let Some(mut back) = back else {
+                break;
+            };
+            if back.broken || (!back.body.is_end() && !drain(&mut back).await) {
+                break;
+            }
+            side = Some(back);
+        }
+        if !keep_alive {
+            break;
+        }
+    }
+    let _ = write.shutdown().await;
+}
+
+/// Waits for the next request head: `None` when the client closed the connection between
+/// requests or the gateway is shutting down while it is idle.
+async fn read_head(
+    reader: &mut Reader,
+    timer: &mut Pin<Box<Sleep>>,
+    deadline: Instant,
+    max_head: usize,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<Head>, HeadError> {
+    loop {
+        if !reader.read.is_empty() {
+            if let Some(head) = parse_head(&mut reader.read, max_head)? {
+                return Ok(Some(head));
+            }
+        }
+        let idle = reader.read.is_empty();
+        tokio::select! {
+            biased;
+            got = std::future::poll_fn(|cx| reader.poll_more(cx)) => match got {
+                Ok(0) if idle => return Ok(None),
+                Ok(0) => return Err(HeadError::Truncated),
+                Ok(_) => {}
+                Err(_) => return Err(HeadError::Io),
+            },
+            _ = shutdown.changed(), if idle => return Ok(None),
+            _ = timer.as_mut() => {
+                if Instant::now() >= deadline {
+                    return Err(HeadError::Timeout);
+                }
+                timer.as_mut().reset(deadline.into());
+            }
+        }
+    }
+}
+
+/// A complete head taken off `read`, or `None` when more bytes are needed.
+fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Head>, HeadError> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let buf = &read[..];
+    let base = buf.as_ptr() as usize;
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > max_head => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Bad("malformed request head")),
+    };
+    if len > max_head {
+        return Err(HeadError::TooLarge);
+    }
+    let method = parsed.method.unwrap_or_default();
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Bad("bad method"))?;
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let target = parsed.path.unwrap_or_default();
+    let target_at = (target.as_ptr() as usize - base, target.len());
+    let count = parsed.headers.len();
+    let mut facts = Facts::default();
+    let mut expect = None;
+    for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+        if Facts::may_note(h.name) {
+            facts.note(h.name, h.value);
+        } else if h.name.len() == 6 && h.name.eq_ignore_ascii_case("expect") {
+            expect = Some(h.value.eq_ignore_ascii_case(b"100-continue"));
+        }
+        // Offsets into the buffer, so the values can be cut from it once frozen.
+        *span = (
+            (h.name.as_ptr() as usize - base) as u32,
+            h.name.len() as u32,
+            (h.value.as_ptr() as usize - base) as u32,
+            h.value.len() as u32,
+        );
+    }
+    let raw = read.split_to(len);
+    let uri = Uri::from_maybe_shared(raw.slice(target_at.0..target_at.0 + target_at.1))
+        .map_err(|_| HeadError::Bad("bad request target"))?;
+    // Room for the forwarding headers the handler adds, so the map is not grown again.
+    let mut headers = HeaderMap::with_capacity(count + 6);
+    for &(name_at, name_len, value_at, value_len) in &spans[..count] {
+        let name = &raw[name_at as usize..(name_at + name_len) as usize];
+        let name = HeaderName::from_bytes(name).map_err(|_| HeadError::Bad("bad header name"))?;
+        let value = raw.slice(value_at as usize..(value_at + value_len) as usize);
+        // SAFETY: httparse admits in a value only HTAB, SP, visible ASCII and obs-text,
+        // exactly the bytes a `HeaderValue` may hold (the same holds for the client side
+        // in `h1`, and hyper relies on it).
+        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(value) };
+        headers.append(name, value);
+    }
+    // The gateway answers the expectation itself; the instance gets the body at once.
+    if expect.is_some() {
+        headers.remove(header::EXPECT);
+    }
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    let (request, ()) = request.into_parts();
+    Ok(Some(Head {
+        request,
+        facts,
+        expect_continue: expect == Some(true) && version == Version::HTTP_11,
+    }))
+}
+
+/// RFC 9112 §6.3 for requests. A request that could be read two ways by two servers
+/// (`Transfer-Encoding` with `Content-Length`, or a coding other than chunked last) is
+/// refused rather than guessed at.
+fn request_framing(facts: &Facts, http10: bool) -> Result<Decoding, &'static str> {
+    if let Some(chunked) = facts.chunked {
+        if facts.length.is_some() || facts.bad_length.is_some() {
+            return Err("both Transfer-Encoding and Content-Length");
+        }
+        if !chunked || http10 {
+            return Err("unsupported Transfer-Encoding");
+        }
+        return Ok(Decoding::Chunked(codec::Chunk::Size));
+    }
+    if let Some(problem) = facts.bad_length {
+        return Err(problem);
+    }
+    Ok(match facts.length {
+        None | Some(0) => Decoding::Done,
+        Some(n) => Decoding::Length(n),
+    })
+}
+
+/// Answers a head that cannot be served, before closing the connection.
+async fn refuse(write: &mut ClientWrite, error: HeadError) {
+    let (status, code, message) = match error {
+        HeadError::TooLarge => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header_too_large",
+            "request head too large",
+        ),
+        HeadError::Bad(why) => (StatusCode::BAD_REQUEST, "bad_request", why),
+        HeadError::Io | HeadError::Timeout | HeadError::Truncated => return,
+    };
+    let request_id = headers::new_request_id();
+    let body = serde_json::json!({
+        "error": code,
+        "message": message,
+        "request_id": request_id.to_str().unwrap_or(""),
+    })
+    .to_string();
+    let mut out = Vec::with_capacity(256 + body.len());
+    push_status_line(&mut out, status);
+    out.extend_from_slice(b"content-type: application/json\r\ncontent-length: ");
+    codec::push_decimal(&mut out, body.len() as u64);
+    out.extend_from_slice(b"\r\nconnection: close\r\nx-request-id: ");
+    out.extend_from_slice(request_id.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    push_date(&mut out);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    let _ = write_flushed(write, &out).await;
+}
+
+async fn write_flushed(write: &mut ClientWrite, bytes: &[u8]) -> io::Result<()> {
+    write.write_all(bytes).await?;
+    write.flush().await
+}
+
+/// What the response's framing depends on in the request.
+struct Exchange {
+    head_request: bool,
+    http10: bool,
+    keep_alive: bool,
+}
+
+/// How a response body goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// None may be sent (HEAD, 1xx, 204, 304); the headers stay as they are.
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client and a body of unknown length).
+    Close,
+}
+
+/// Writes the response; `Ok(true)` when the connection can carry another request.
+async fn write_response(
+    write: &mut ClientWrite,
+    response: Response<ClientBody>,
+    ex: Exchange,
+) -> io::Result<bool> {
+    let (parts, mut body) = response.into_parts();
+    let status = parts.status;
+    let code = status.as_u16();
+    let no_body = ex.head_request || status.is_informational() || code == 204 || code == 304;
+    let out = if no_body {
+        Out::None
+    } else if let Some(n) = body.size_hint().exact() {
+        Out::Length(n)
+    } else if let Some(n) = declared_length(&parts.headers) {
+        Out::Length(n)
+    } else if ex.http10 {
+        Out::Close
+    } else {
+        Out::Chunked
+    };
+    let keep_alive = ex.keep_alive && out != Out::Close;
+
+    let mut buf = Vec::with_capacity(512);
+    push_status_line(&mut buf, status);
+    let mut dated = false;
+    for (name, value) in &parts.headers {
+        if out != Out::None && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING)
+        {
+            continue;
+        }
+        dated |= name == header::DATE;
+        codec::push_header(&mut buf, name, value);
+    }
+    match out {
+        Out::Length(n) => {
+            buf.extend_from_slice(b"content-length: ");
+            codec::push_decimal(&mut buf, n);
+            buf.extend_from_slice(b"\r\n");
+        }
+        Out::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Out::None | Out::Close => {}
+    }
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        if !keep_alive {
+            buf.extend_from_slice(b"connection: close\r\n");
+        } else if ex.http10 {
+            buf.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    if !dated {
+        push_date(&mut buf);
+    }
+    buf.extend_from_slice(b"\r\n");
+    if out == Out::None {
+        write_flushed(write, &buf).await?;
+        return Ok(keep_alive);
+    }
+
+    let mut left = match out {
+        Out::Length(n) => n,
+        _ => u64::MAX,
+    };
+    let mut trailers = None;
+    let mut ended = false;
+    // Whatever the body has ready now joins the head in one write.
+    while buf.len() < COALESCE {
+        let polled =
+            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+        match polled {
+            Poll::Pending => break,
+            Poll::Ready(None) => {
+                ended = true;
+                break;
+            }
+            Poll::Ready(Some(Err(e))) => return Err(io::Error::other(e)),
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    if data.len() > COALESCE {
+                        write.write_all(&buf).await?;
+                        buf.clear();
+                        send_data(write, &mut buf, data, out, &mut left).await?;
+                    } else {
+                        frame_data(&mut buf, &data, out, &mut left)?;
+                    }
+                }
+                Err(frame) => {
+                    trailers = frame.into_trailers().ok();
+                    ended = true;
+                    break;
+                }
+            },
+        }
+    }
+    if !ended {
+        write.write_all(&buf).await?;
+        buf.clear();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(io::Error::other)?;
+            match frame.into_data() {
+                Ok(data) => send_data(write, &mut buf, data, out, &mut left).await?,
+                Err(frame) => {
+                    trailers = frame.into_trailers().ok();
+                    break;
+                }
+            }
+        }
+    }
+    match out {
+        Out::Chunked => {
+            buf.extend_from_slice(b"0\r\n");
+            for (name, value) in trailers.iter().flatten() {
+                codec::push_header(&mut buf, name, value);
+            }
+            buf.extend_from_slice(b"\r\n");
+        }
+        Out::Length(_) if left != 0 => {
+            return Err(io::Error::other("response body shorter than its length"))
+        }
+        _ => {}
+    }
+    write_flushed(write, &buf).await?;
+    drop(body);
+    Ok(keep_alive)
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    let value = headers.get(header::CONTENT_LENGTH)?.as_bytes();
+    (!value.is_empty() && value.len() <= 19 && value.iter().all(u8::is_ascii_digit))
+        .then(|| value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// Appends one data frame, framed, to `buf`.
+fn frame_data(buf: &mut Vec<u8>, data: &[u8], out: Out, left: &mut u64) -> io::Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    match out {
+        Out::Chunked => {
+            codec::push_hex(buf, data.len());
+            buf.extend_from_slice(b"\r\n");
+            buf.extend_from_slice(data);
+            buf.extend_from_slice(b"\r\n");
+        }
+        Out::Length(_) => {
+            let n = data.len() as u64;
+            if n > *left {
+                return Err(io::Error::other("response body longer than its length"));
+            }
+            *left -= n;
+            buf.extend_from_slice(data);
+        }
+        Out::Close => buf.extend_from_slice(data),
+        Out::None => {}
+    }
+    Ok(())
+}
+
+/// Writes one data frame: small ones copied next to their framing, large ones from
+/// their own buffer.
+async fn send_data(
+    write: &mut ClientWrite,
+    buf: &mut Vec<u8>,
+    data: Bytes,
+    out: Out,
+    left: &mut u64,
+) -> io::Result<()> {
+    if data.len() <= COALESCE {
+        frame_data(buf, &data, out, left)?;
+        write.write_all(buf).await?;
+        buf.clear();
+        return Ok(());
+    }
+    match out {
+        Out::Chunked => {
+            buf.clear();
+            codec::push_hex(buf, data.len());
+            buf.extend_from_slice(b"\r\n");
+            write_parts(write, &mut [buf, &data, b"\r\n"]).await?;
+            buf.clear();
+        }
+        Out::Length(_) => {
+            let n = data.len() as u64;
+            if n > *left {
+                return Err(io::Error::other("response body longer than its length"));
+            }
+            *left -= n;
+            write.write_all(&data).await?;
+        }
+        Out::Close => write.write_all(&data).await?,
+        Out::None => {}
+    }
+    Ok(())
+}
+
+/// Writes all of `parts`, in as few writes as the socket allows.
+async fn write_parts(write: &mut ClientWrite, parts: &mut [&[u8]]) -> io::Result<()> {
+    let mut first = 0;
+    while first < parts.len() {
+        let n = {
+            let slices: Vec<IoSlice<'_>> = parts[first..].iter().map(|p| IoSlice::new(p)).collect();
+            write.write_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut n = n;
+        while first < parts.len() && n >= parts[first].len() {
+            n -= parts[first].len();
+            first += 1;
+        }
+        if first < parts.len() {
+            parts[first] = &parts[first][n..];
+        }
+    }
+    Ok(())
+}
+
+fn push_status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+thread_local! {
+    /// The `Date` header line, rendered once a second.
+    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [0; 29])) };
+}
+
+fn push_date(out: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != second {
+            let rendered = httpdate::fmt_http_date(now);
+            if rendered.len() == text.len() {
+                text.copy_from_slice(rendered.as_bytes());
+                *at = second;
+            }
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(text);
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+/// Waits for a lent read side to come back from the request body; `None` if it does not
+/// within `limit` (the body is still held, reading slowly) or is gone.
+async fn recover(
+    mut returned: oneshot::Receiver<Box<ReadSide>>,
+    limit: Duration,
+) -> Option<Box<ReadSide>> {
+    match returned.try_recv() {
+        Ok(side) => Some(side),
+        Err(oneshot::error::TryRecvError::Closed) => None,
+        Err(oneshot::error::TryRecvError::Empty) => {
+            tokio::time::timeout(limit, returned).await.ok()?.ok()
+        }
+    }
+}
+
+/// Whether what is left of a body may be small enough to read and drop.
+fn drainable(body: &Decoding) -> bool {
+    match body {
+        Decoding::Length(n) => *n <= DRAIN_BYTES,
+        _ => true,
+    }
+}
+
+/// Reads and drops what is left of a request body the handler did not read, when that
+/// is small and quick; `false` when the connection should close instead.
+async fn drain(side: &mut ReadSide) -> bool {
+    if !drainable(&side.body) {
+        return false;
+    }
+    let mut seen = 0u64;
+    let drained = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(frame) =
+            std::future::poll_fn(|cx| side.body.poll_frame(&mut side.reader, cx)).await
+        {
+            let Ok(frame) = frame else {
+                return false;
+            };
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > DRAIN_BYTES {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    matches!(drained, Ok(true))
+}
+
+impl From<DecodeError> for BodyError {
+    fn from(e: DecodeError) -> BodyError {
+        BodyError::Client(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Option<Head>, HeadError> {
+        let mut read = Bytes::copy_from_slice(text.as_bytes());
+        parse_head(&mut read, 1024)
+    }
+
+    #[test]
+    fn heads_parse_into_http_parts_and_leave_what_follows() {
+        let mut read = Bytes::from_static(
+            b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\nX-A: 1\r\nX-A: 2\r\n\r\nabcGET",
+        );
+        let head = parse_head(&mut read, 1024).unwrap().unwrap();
+        assert_eq!(&read[..], b"abcGET", "the body and the next request stay");
+        let parts = &head.request;
+        assert_eq!(parts.method, Method::POST);
+        assert_eq!(parts.uri, "/a?b=1");
+        assert_eq!(parts.version, Version::HTTP_11);
+        assert_eq!(parts.headers.get_all("x-a").iter().count(), 2);
+        assert!(head.expect_continue);
+        assert!(
+            !parts.headers.contains_key(header::EXPECT),
+            "the gateway answers the expectation itself"
+        );
+        assert_eq!(
+            request_framing(&head.facts, false).unwrap(),
+            Decoding::Length(3)
+        );
+    }
+
+    #[test]
+    fn partial_large_and_malformed_heads_are_told_apart() {
+        assert!(matches!(parse("GET / HTTP/1.1\r\nHost: x\r\n"), Ok(None)));
+        let long = format!("GET / HTTP/1.1\r\nX: {}\r\n", "y".repeat(2000));
+        assert!(matches!(parse(&long), Err(HeadError::TooLarge)));
+        let many: String = (0..MAX_HEADERS + 1)
+            .map(|i| format!("X-{i}: v\r\n"))
+            .collect();
+        let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        let mut read = Bytes::from(many);
+        assert!(matches!(
+            parse_head(&mut read, 1 << 20),
+            Err(HeadError::TooLarge)
+        ));
+        assert!(matches!(
+            parse("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"),
+            Err(HeadError::Bad(_))
+        ));
+        assert!(matches!(
+            parse("GET / HTTP/2.0\r\n\r\n"),
+            Err(HeadError::Bad(_))
+        ));
+    }
+
+    #[test]
+    fn request_framing_refuses_what_two_servers_could_read_differently() {
+        let facts = |text: &str| parse(text).unwrap().unwrap().facts;
+        let chunked = facts("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(
+            request_framing(&chunked, false).unwrap(),
+            Decoding::Chunked(codec::Chunk::Size)
+        );
+        assert!(
+            request_framing(&chunked, true).is_err(),
+            "no chunking in HTTP/1.0"
+        );
+        for refused in [
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        ] {
+            assert!(
+                request_framing(&facts(refused), false).is_err(),
+                "{refused}"
+            );
+        }
+        let same_twice = facts("POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n");
+        assert_eq!(
+            request_framing(&same_twice, false).unwrap(),
+            Decoding::Length(3)
+        );
+        let none = facts("GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(request_framing(&none, false).unwrap(), Decoding::Done);
+    }
+
+    #[test]
+    fn the_date_line_is_an_http_date() {
+        let mut out = Vec::new();
+        push_date(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        let value = text.strip_prefix("date: ").unwrap().trim_end();
+        assert!(httpdate::parse_http_date(value).is_ok(), "{value}");
+    }
+}
