@@ -647,10 +647,17 @@ async fn shutdown_drains_in_flight_requests() {
     let url = env.url("/api/slow?ms=600");
     let http = env.http.clone();
     let slow = tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) });
+    // A keep-alive connection with nothing in flight.
+    let mut idle = Raw::connect(&env).await;
+    idle.send("GET /api/x HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert_eq!(idle.answer(false).await.status, 200);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let addr = env.gw.app.proxy_addr();
     let Env { gw, consul, .. } = env;
+    let stopping = Instant::now();
     let stop = tokio::spawn(gw.stop());
+    assert!(idle.closed().await, "an idle connection is closed at once");
+    assert!(stopping.elapsed() < Duration::from_millis(500));
     assert_eq!(
         slow.await.unwrap().unwrap(),
         200,

@@ -16,6 +16,7 @@
 //! 400, and on shutdown the in-flight request finishes and the connection then closes.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -291,6 +292,12 @@ pub async fn serve(
     gateway: Arc<Gateway>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Waits for the drain signal for the whole connection: registered once, not once per
+    // request.
+    let mut draining = Box::pin(async move {
+        let _ = shutdown.changed().await;
+    });
+    let mut stopping = false;
     let settings = &gateway.settings;
     let head_timeout = settings.header_read_timeout;
     let max_head = settings.max_header_bytes;
@@ -307,7 +314,7 @@ pub async fn serve(
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(head_timeout));
     // The read side is away only while a request body holds it.
     while let Some(home) = side.as_mut() {
-        if *shutdown.borrow() {
+        if stopping || signalled(&mut draining).await {
             break;
         }
         let deadline = Instant::now() + head_timeout;
@@ -316,7 +323,7 @@ pub async fn serve(
             &mut timer,
             deadline,
             max_head,
-            &mut shutdown,
+            &mut draining,
         )
         .await
         {
@@ -397,7 +404,8 @@ pub async fn serve(
         if expect_continue && !continued {
             keep_alive = false;
         }
-        if *shutdown.borrow() {
+        stopping = signalled(&mut draining).await;
+        if stopping {
             keep_alive = false;
         }
         // A body already given back unfinished tells now whether the connection can go
@@ -451,6 +459,11 @@ pub async fn serve(
     let _ = write.shutdown().await;
 }
 
+/// Whether the drain signal has come (never waits). Not asked again once it has.
+async fn signalled(draining: &mut Pin<Box<impl Future<Output = ()>>>) -> bool {
+    std::future::poll_fn(|cx| Poll::Ready(draining.as_mut().poll(cx).is_ready())).await
+}
+
 /// Waits for the next request head: `None` when the client closed the connection between
 /// requests or the gateway is shutting down while it is idle.
 async fn read_head(
@@ -458,7 +471,7 @@ async fn read_head(
     timer: &mut Pin<Box<Sleep>>,
     deadline: Instant,
     max_head: usize,
-    shutdown: &mut watch::Receiver<bool>,
+    draining: &mut Pin<Box<impl Future<Output = ()>>>,
 ) -> Result<Option<Head>, HeadError> {
     loop {
         if !reader.read.is_empty() {
@@ -475,7 +488,7 @@ async fn read_head(
                 Ok(_) => {}
                 Err(_) => return Err(HeadError::Io),
             },
-            _ = shutdown.changed(), if idle => return Ok(None),
+            _ = draining.as_mut(), if idle => return Ok(None),
             _ = timer.as_mut() => {
                 if Instant::now() >= deadline {
                     return Err(HeadError::Timeout);
@@ -533,6 +546,11 @@ fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Head>, HeadErr
         );
     }
     let raw = read.split_to(len);
+    if read.is_empty() {
+        // An empty slice still holds the buffer it was cut from; the request's header
+        // values hold it only as long as the request lives.
+        *read = Bytes::new();
+    }
     let uri = Uri::from_maybe_shared(raw.slice(target_at.0..target_at.0 + target_at.1))
         .map_err(|_| HeadError::Bad("bad request target"))?;
     // Room for the forwarding headers the handler adds, so the map is not grown again.
