@@ -109,6 +109,28 @@ impl Facts {
     }
 
     pub fn note(&mut self, name: &str, value: &[u8]) {
+        // The common single values first, without tokenizing.
+        if name.len() == 14 && value.iter().all(u8::is_ascii_digit) {
+            if name.eq_ignore_ascii_case("content-length") && (1..=19).contains(&value.len()) {
+                let n = value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                match self.length {
+                    Some(l) if l != n => {
+                        self.bad_length = Some("conflicting Content-Length values")
+                    }
+                    _ => self.length = Some(n),
+                }
+                return;
+            }
+        } else if name.len() == 10 && name.eq_ignore_ascii_case("connection") {
+            if value.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+                return;
+            }
+            if value.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+                return;
+            }
+        }
         let tokens = || {
             value
                 .split(|&b| b == b',')
