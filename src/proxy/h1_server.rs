@@ -211,8 +211,7 @@ impl Body for H1Body {
 /// A client connection after `101 Switching Protocols`: the bytes the client sent past
 /// its request head, then the socket.
 pub struct Upgraded {
-    early: Bytes,
-    read: ClientRead,
+    read: Rewind<ClientRead>,
     write: ClientWrite,
 }
 
@@ -236,13 +235,7 @@ impl AsyncRead for Upgraded {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.early.is_empty() {
-            let n = this.early.len().min(buf.remaining());
-            buf.put_slice(&this.early.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.read).poll_read(cx, buf)
+        Pin::new(&mut self.get_mut().read).poll_read(cx, buf)
     }
 }
 
@@ -261,6 +254,64 @@ impl AsyncWrite for Upgraded {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().write).poll_shutdown(cx)
+    }
+}
+
+/// A stream with bytes already read from it put back in front.
+pub struct Rewind<T> {
+    early: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    pub fn new(early: Bytes, inner: T) -> Rewind<T> {
+        Rewind { early, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.early.is_empty() {
+            let n = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -432,8 +483,7 @@ pub async fn serve(
         if switching {
             if let (Some(tx), Some(home)) = (upgrade, side.take()) {
                 let _ = tx.send(Upgraded {
-                    early: home.reader.read,
-                    read: home.reader.io,
+                    read: Rewind::new(home.reader.read, home.reader.io),
                     write,
                 });
             }
