@@ -489,6 +489,9 @@ pub async fn serve(
             }
             return;
         }
+        if !keep_alive {
+            break;
+        }
         if let Some(returned) = lent {
             let back = match back {
                 Some(side) => Some(side),
@@ -501,9 +504,6 @@ pub async fn serve(
                 break;
             }
             side = Some(back);
-        }
-        if !keep_alive {
-            break;
         }
     }
     let _ = write.shutdown().await;
