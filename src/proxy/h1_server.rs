@@ -20,7 +20,7 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,14 +29,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Sleep;
-use tokio_rustls::server::TlsStream;
 
 use super::body::{BodyError, ClientBody, RequestBody};
+use super::client_io::{ClientRead, ClientWrite, OnUpgrade, Rewind, Upgraded};
 use super::codec::{self, DecodeError, Decoding, Facts, Source};
 use super::handler::Conn;
 use super::headers;
@@ -51,76 +49,6 @@ const COALESCE: usize = 16 * 1024;
 /// [`DRAIN_TIME`], so the connection can carry the next request; otherwise it closes.
 const DRAIN_BYTES: u64 = 256 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
-
-/// The read half of a client connection.
-pub enum ClientRead {
-    Tcp(OwnedReadHalf),
-    Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
-}
-
-/// The write half of a client connection.
-pub enum ClientWrite {
-    Tcp(OwnedWriteHalf),
-    Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for ClientRead {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientRead::Tcp(r) => Pin::new(r).poll_read(cx, buf),
-            ClientRead::Tls(r) => Pin::new(r).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ClientWrite {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientWrite::Tcp(w) => Pin::new(w).poll_write(cx, buf),
-            ClientWrite::Tls(w) => Pin::new(w).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientWrite::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-            ClientWrite::Tls(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ClientWrite::Tcp(w) => w.is_write_vectored(),
-            ClientWrite::Tls(w) => w.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientWrite::Tcp(w) => Pin::new(w).poll_flush(cx),
-            ClientWrite::Tls(w) => Pin::new(w).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientWrite::Tcp(w) => Pin::new(w).poll_shutdown(cx),
-            ClientWrite::Tls(w) => Pin::new(w).poll_shutdown(cx),
-        }
-    }
-}
 
 /// The bytes received from the client and not consumed yet, with the socket they came
 /// from.
@@ -205,113 +133,6 @@ impl Body for H1Body {
         self.side
             .as_ref()
             .map_or(SizeHint::with_exact(0), |s| s.body.size_hint())
-    }
-}
-
-/// A client connection after `101 Switching Protocols`: the bytes the client sent past
-/// its request head, then the socket.
-pub struct Upgraded {
-    read: Rewind<ClientRead>,
-    write: ClientWrite,
-}
-
-/// In an upgrade request's extensions: yields the connection once the `101` is out.
-/// (Extensions must be `Clone`; only one clone gets the connection.)
-#[derive(Clone)]
-pub struct OnUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
-
-impl OnUpgrade {
-    pub async fn upgraded(self) -> io::Result<Upgraded> {
-        let taken = self.0.lock().ok().and_then(|mut rx| rx.take());
-        let rx = taken.ok_or_else(|| io::Error::other("upgrade already taken"))?;
-        rx.await
-            .map_err(|_| io::Error::other("the connection was not upgraded"))
-    }
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().read).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().write).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().write).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().write).poll_shutdown(cx)
-    }
-}
-
-/// A stream with bytes already read from it put back in front.
-pub struct Rewind<T> {
-    early: Bytes,
-    inner: T,
-}
-
-impl<T> Rewind<T> {
-    pub fn new(early: Bytes, inner: T) -> Rewind<T> {
-        Rewind { early, inner }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.early.is_empty() {
-            let n = this.early.len().min(buf.remaining());
-            buf.put_slice(&this.early.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -403,10 +224,8 @@ pub async fn serve(
 
         let mut upgrade = None;
         if facts.named && !http10 && headers::wants_upgrade(&parts.headers) {
-            let (tx, rx) = oneshot::channel();
-            parts
-                .extensions
-                .insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));
+            let (tx, on_upgrade) = OnUpgrade::channel();
+            parts.extensions.insert(on_upgrade);
             upgrade = Some(tx);
         }
         let mut lent = None;
@@ -482,10 +301,8 @@ pub async fn serve(
         };
         if switching {
             if let (Some(tx), Some(home)) = (upgrade, side.take()) {
-                let _ = tx.send(Upgraded {
-                    read: Rewind::new(home.reader.read, home.reader.io),
-                    write,
-                });
+                let read = Rewind::new(home.reader.read, home.reader.io);
+                let _ = tx.send(Upgraded::new(read, write));
             }
             return;
         }

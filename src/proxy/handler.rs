@@ -18,9 +18,9 @@ use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 
 use super::body::{ClientBody, Finish, Overflow, RequestBody, UpstreamBody};
+use super::client_io::OnUpgrade;
 use super::error::ProxyError;
 use super::h1::RequestHead;
-use super::h1_server::OnUpgrade;
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::path;
 use super::upstream::ClientKey;

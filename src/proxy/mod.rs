@@ -5,6 +5,7 @@
 //! talks to Consul; passive health goes into the instances' atomic counters.
 
 pub mod body;
+pub mod client_io;
 mod codec;
 pub mod error;
 pub mod h1;

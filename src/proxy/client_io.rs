@@ -1,0 +1,205 @@
+//! A client connection's I/O as the HTTP/1.1 server uses it: its two halves (a request
+//! body reads while the answer is written), bytes read ahead put back in front (the h2c
+//! preface check, an upgrade), and the hand-over of an upgraded connection to the
+//! handler that splices it to the instance.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_rustls::server::TlsStream;
+
+/// The read half of a client connection.
+pub enum ClientRead {
+    Tcp(OwnedReadHalf),
+    Tls(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+}
+
+/// The write half of a client connection.
+pub enum ClientWrite {
+    Tcp(OwnedWriteHalf),
+    Tls(tokio::io::WriteHalf<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for ClientRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientRead::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            ClientRead::Tls(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientWrite {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientWrite::Tcp(w) => Pin::new(w).poll_write(cx, buf),
+            ClientWrite::Tls(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientWrite::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            ClientWrite::Tls(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientWrite::Tcp(w) => w.is_write_vectored(),
+            ClientWrite::Tls(w) => w.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientWrite::Tcp(w) => Pin::new(w).poll_flush(cx),
+            ClientWrite::Tls(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientWrite::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+            ClientWrite::Tls(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A client connection after `101 Switching Protocols`: the bytes the client sent past
+/// its request head, then the socket.
+pub struct Upgraded {
+    read: Rewind<ClientRead>,
+    write: ClientWrite,
+}
+
+/// In an upgrade request's extensions: yields the connection once the `101` is out.
+/// (Extensions must be `Clone`; only one clone gets the connection.)
+#[derive(Clone)]
+pub struct OnUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
+
+impl OnUpgrade {
+    /// The extension, and where the connection is sent once the `101` is out.
+    pub fn channel() -> (oneshot::Sender<Upgraded>, OnUpgrade) {
+        let (tx, rx) = oneshot::channel();
+        (tx, OnUpgrade(Arc::new(Mutex::new(Some(rx)))))
+    }
+
+    pub async fn upgraded(self) -> io::Result<Upgraded> {
+        let taken = self.0.lock().ok().and_then(|mut rx| rx.take());
+        let rx = taken.ok_or_else(|| io::Error::other("upgrade already taken"))?;
+        rx.await
+            .map_err(|_| io::Error::other("the connection was not upgraded"))
+    }
+}
+
+impl Upgraded {
+    pub fn new(read: Rewind<ClientRead>, write: ClientWrite) -> Upgraded {
+        Upgraded { read, write }
+    }
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().write).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().write).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().write).poll_shutdown(cx)
+    }
+}
+
+/// A stream with bytes already read from it put back in front.
+pub struct Rewind<T> {
+    early: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    pub fn new(early: Bytes, inner: T) -> Rewind<T> {
+        Rewind { early, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.early.is_empty() {
+            let n = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
