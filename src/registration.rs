@@ -204,7 +204,7 @@ impl Registered {
         self.done.load(Ordering::Acquire)
     }
 
-    /// Stops the background work and removes the registration (bounded by [`DEREGISTER_TIMEOUT`]).
+    /// Stops the background work and removes the registration (bounded by `DEREGISTER_TIMEOUT`).
     pub async fn deregister(self) {
         self.task.abort();
         let _ = self.task.await;

@@ -2,7 +2,7 @@
 //! TLS) on one listener, a gateway-wide connection limit, a deadline for the request head
 //! (slowloris), a cap on head size (431), and a graceful drain on shutdown: stop
 //! accepting, let in-flight requests finish up to the drain timeout, then close.
-//! HTTP/1.1 is the gateway's own ([`h1_server`], over [`client_io`]); HTTP/2 is hyper's.
+//! HTTP/1.1 is the gateway's own ([`h1_server`], over [`client_io`](super::client_io)); HTTP/2 is hyper's.
 
 use std::convert::Infallible;
 use std::io;
