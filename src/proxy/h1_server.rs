@@ -250,6 +250,7 @@ pub async fn serve(
 
         let request = Request::from_parts(parts, body);
         let mut answer = Box::pin(gateway.handle(request, conn));
+        let mut asked_done = false;
         let mut continued = false;
         let response = match continue_asked {
             None => (&mut answer).await,
@@ -257,20 +258,19 @@ pub async fn serve(
                 tokio::select! {
                     biased;
                     response = &mut answer => break response,
-                    wanted = &mut asked, if !continued => {
-                        continued = true;
+                    wanted = &mut asked, if !asked_done => {
+                        asked_done = true;
                         if wanted.is_ok() {
+                            continued = true;
                             let _ = write_flushed(&mut write, b"HTTP/1.1 100 Continue\r\n\r\n").await;
-                        } else {
-                            // The body was dropped unread: the client may still be
-                            // waiting to send it, so the connection cannot go on.
-                            keep_alive = false;
                         }
                     }
                 }
             },
         };
         drop(answer);
+        // Answered without asking for the body: the client may still be waiting to send
+        // it, so the connection cannot go on.
         if expect_continue && !continued {
             keep_alive = false;
         }

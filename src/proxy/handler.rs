@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
@@ -135,7 +135,8 @@ impl Gateway {
         ex.admission = Some(admission);
 
         let limit = route.policy.limits.body_limit(self.settings.max_body_bytes);
-        if content_length(&parts.headers).is_some_and(|n| n > limit) {
+        // The declared length, as the server read it from the head.
+        if body.size_hint().exact().is_some_and(|n| n > limit) {
             return Err(ProxyError::BodyTooLarge(limit).into());
         }
 
@@ -214,8 +215,7 @@ impl Gateway {
         let spec = &route.spec;
         let idempotent = is_idempotent(&parts.method);
         let may_retry = spec.retry.attempts > 0 && (idempotent || spec.retry.non_idempotent);
-        let (mut source, overflow) =
-            BodySource::new(body, &parts.headers, limit, may_retry && !upgrade).await?;
+        let (mut source, overflow) = BodySource::new(body, limit, may_retry && !upgrade).await?;
         let client_upgrade = upgrade
             .then(|| parts.extensions.remove::<OnUpgrade>())
             .flatten();
@@ -420,14 +420,16 @@ enum BodySource {
 impl BodySource {
     async fn new(
         body: RequestBody,
-        headers: &HeaderMap,
         limit: u64,
         may_retry: bool,
     ) -> Result<(BodySource, Overflow), ProxyError> {
         if body.is_end_stream() {
             return Ok((BodySource::Empty, Overflow::default()));
         }
-        let small = content_length(headers).is_some_and(|n| n <= REPLAYABLE_BODY.min(limit));
+        let small = body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= REPLAYABLE_BODY.min(limit));
         if may_retry && small {
             let collected = http_body_util::Limited::new(body, limit as usize)
                 .collect()
@@ -494,16 +496,6 @@ fn splice_upgrade(
 fn bytes_response(r: Response<Bytes>) -> Response<ClientBody> {
     let (p, b) = r.into_parts();
     Response::from_parts(p, ClientBody::full(b))
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// The host the client asked for: `:authority` (HTTP/2) or `Host`, lower-case, no port.
