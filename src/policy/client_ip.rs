@@ -5,6 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use ipnet::IpNet;
 
@@ -27,6 +28,32 @@ pub fn canonical_net(net: IpNet) -> IpNet {
             None => net.trunc(),
         },
         other => other.trunc(),
+    }
+}
+
+/// A client connection's address, canonical, with its text made once for the connection:
+/// every request on it names the address in `X-Forwarded-For` by sharing that text.
+#[derive(Debug, Clone)]
+pub struct PeerIp {
+    ip: IpAddr,
+    value: HeaderValue,
+}
+
+impl PeerIp {
+    pub fn new(ip: IpAddr) -> PeerIp {
+        let ip = canonical(ip);
+        // Owned by a shared buffer, so each request's copy is a reference count.
+        let value = HeaderValue::from_maybe_shared(Bytes::from_owner(ip.to_string()))
+            .unwrap_or(HeaderValue::from_static("unknown"));
+        PeerIp { ip, value }
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    pub fn value(&self) -> &HeaderValue {
+        &self.value
     }
 }
 
@@ -81,10 +108,9 @@ impl TrustedProxies {
 
     /// The `X-Forwarded-For` to send upstream: the received chain plus `peer` when the peer
     /// is trusted, otherwise `peer` alone (a client's own header is dropped).
-    pub fn forwarded_for(&self, peer: IpAddr, headers: &HeaderMap) -> HeaderValue {
-        let peer = canonical(peer);
-        let own = || ip_value(peer);
-        if !self.is_trusted(peer) {
+    pub fn forwarded_for(&self, peer: &PeerIp, headers: &HeaderMap) -> HeaderValue {
+        let own = || peer.value.clone();
+        if !self.is_trusted(peer.ip) {
             return own();
         }
         let mut chain = String::new();
@@ -97,38 +123,9 @@ impl TrustedProxies {
                 chain.push_str(", ");
             }
         }
-        chain.push_str(&peer.to_string());
+        chain.push_str(&peer.ip.to_string());
         HeaderValue::from_str(&chain).unwrap_or_else(|_| own())
     }
-}
-
-/// An address as a header value; IPv4, the common case, without the formatting machinery.
-fn ip_value(ip: IpAddr) -> HeaderValue {
-    let IpAddr::V4(v4) = ip else {
-        return HeaderValue::from_str(&ip.to_string())
-            .unwrap_or(HeaderValue::from_static("unknown"));
-    };
-    let mut text = [0u8; 15];
-    let mut len = 0;
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            text[len] = b'.';
-            len += 1;
-        }
-        let digits = [octet / 100, octet / 10 % 10, octet % 10];
-        let skip = if octet >= 100 {
-            0
-        } else if octet >= 10 {
-            1
-        } else {
-            2
-        };
-        for d in &digits[skip..] {
-            text[len] = b'0' + d;
-            len += 1;
-        }
-    }
-    HeaderValue::from_bytes(&text[..len]).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1` or `[2001:db8::1]:80`.
@@ -220,33 +217,30 @@ mod tests {
     }
 
     #[test]
-    fn addresses_are_written_like_display() {
-        for ip in [
-            "0.0.0.0",
-            "9.10.99.100",
-            "255.255.255.255",
-            "127.0.0.1",
-            "2001:db8::1",
+    fn peers_are_named_canonically() {
+        for (ip, text) in [
+            ("9.10.99.100", "9.10.99.100"),
+            ("::ffff:10.0.0.1", "10.0.0.1"),
+            ("2001:db8::1", "2001:db8::1"),
         ] {
-            let ip: IpAddr = ip.parse().unwrap();
-            assert_eq!(ip_value(ip), ip.to_string().as_str());
+            let peer = PeerIp::new(ip.parse().unwrap());
+            assert_eq!(peer.value(), text);
+            assert_eq!(peer.ip().to_string(), text);
         }
+    }
+
+    fn peer(ip: &str) -> PeerIp {
+        PeerIp::new(ip.parse().unwrap())
     }
 
     #[test]
     fn forwarded_for_drops_a_clients_own_chain() {
         let t = trusted(&["10.0.0.0/8"]);
         let h = xff(&["6.6.6.6"]);
+        assert_eq!(t.forwarded_for(&peer("203.0.113.9"), &h), "203.0.113.9");
+        assert_eq!(t.forwarded_for(&peer("10.0.0.1"), &h), "6.6.6.6, 10.0.0.1");
         assert_eq!(
-            t.forwarded_for("203.0.113.9".parse().unwrap(), &h),
-            "203.0.113.9"
-        );
-        assert_eq!(
-            t.forwarded_for("10.0.0.1".parse().unwrap(), &h),
-            "6.6.6.6, 10.0.0.1"
-        );
-        assert_eq!(
-            t.forwarded_for("10.0.0.1".parse().unwrap(), &HeaderMap::new()),
+            t.forwarded_for(&peer("::ffff:10.0.0.1"), &HeaderMap::new()),
             "10.0.0.1"
         );
     }

@@ -36,7 +36,7 @@ use crate::routing::spec::AssertionSpec;
 use crate::routing::{Route, RouteSpec};
 use crate::shutdown::Shutdown;
 
-pub use client_ip::TrustedProxies;
+pub use client_ip::{PeerIp, TrustedProxies};
 pub use cors::{Cors, CorsRefusal};
 pub use ip_rules::IpRules;
 pub use limits::{LimitExceeded, RequestLimits};

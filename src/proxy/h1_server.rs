@@ -164,8 +164,9 @@ pub async fn serve(
     gateway: Arc<Gateway>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // Waits for the drain signal for the whole connection: registered once, not once per
-    // request.
+    // Between requests the signal is only looked at; while idle, the connection waits for
+    // it with a future registered once, not once per request.
+    let signal = shutdown.clone();
     let mut draining = Box::pin(async move {
         let _ = shutdown.changed().await;
     });
@@ -186,7 +187,7 @@ pub async fn serve(
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(head_timeout));
     // The read side is away only while a request body holds it.
     while let Some(home) = side.as_mut() {
-        if stopping || signalled(&mut draining).await {
+        if stopping || signalled(&signal) {
             break;
         }
         let deadline = Instant::now() + head_timeout;
@@ -249,7 +250,7 @@ pub async fn serve(
         };
 
         let request = Request::from_parts(parts, body);
-        let mut answer = Box::pin(gateway.handle(request, conn));
+        let mut answer = Box::pin(gateway.handle(request, &conn));
         let mut asked_done = false;
         let mut continued = false;
         let response = match continue_asked {
@@ -274,7 +275,7 @@ pub async fn serve(
         if expect_continue && !continued {
             keep_alive = false;
         }
-        stopping = signalled(&mut draining).await;
+        stopping = signalled(&signal);
         if stopping {
             keep_alive = false;
         }
@@ -326,9 +327,9 @@ pub async fn serve(
     let _ = write.shutdown().await;
 }
 
-/// Whether the drain signal has come (never waits). Not asked again once it has.
-async fn signalled(draining: &mut Pin<Box<impl Future<Output = ()>>>) -> bool {
-    std::future::poll_fn(|cx| Poll::Ready(draining.as_mut().poll(cx).is_ready())).await
+/// Whether the drain signal has come (or its sender is gone); never waits.
+fn signalled(signal: &watch::Receiver<bool>) -> bool {
+    signal.has_changed().unwrap_or(true)
 }
 
 /// Waits for the next request head: `None` when the client closed the connection between

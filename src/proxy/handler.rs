@@ -28,7 +28,7 @@ use super::{is_idempotent, Gateway};
 use crate::assertion::Caller;
 use crate::balance::{self, outlier, Tried};
 use crate::discovery::{ms_at, now_ms, EndpointStats, UpstreamSet};
-use crate::policy::{cors, Admission};
+use crate::policy::{cors, Admission, PeerIp};
 use crate::routing::spec::UpstreamProtocol;
 use crate::routing::Route;
 
@@ -37,10 +37,21 @@ use crate::routing::Route;
 const REPLAYABLE_BODY: u64 = 64 * 1024;
 
 /// Where a request came in.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Conn {
     pub peer: SocketAddr,
     pub tls: bool,
+    pub peer_ip: PeerIp,
+}
+
+impl Conn {
+    pub fn new(peer: SocketAddr, tls: bool) -> Conn {
+        Conn {
+            peer,
+            tls,
+            peer_ip: PeerIp::new(peer.ip()),
+        }
+    }
 }
 
 /// What the request phases learned, for the response phase and the access log.
@@ -73,14 +84,14 @@ impl From<ProxyError> for Stop {
 
 impl Gateway {
     /// Serves one request; never fails (errors become responses).
-    pub async fn handle(&self, req: Request<RequestBody>, conn: Conn) -> Response<ClientBody> {
+    pub async fn handle(&self, req: Request<RequestBody>, conn: &Conn) -> Response<ClientBody> {
         let (mut parts, body) = req.into_parts();
         let mut ex = Exchange {
             start: Instant::now(),
             method: parts.method.clone(),
             path: String::new(),
             request_id: headers::request_id(&parts.headers),
-            client_ip: self.edge.client_ip(conn.peer.ip(), &parts.headers),
+            client_ip: self.edge.client_ip(conn.peer_ip.ip(), &parts.headers),
             route: None,
             admission: None,
             consumer: None,
@@ -106,7 +117,7 @@ impl Gateway {
         ex: &mut Exchange,
         parts: &mut Parts,
         body: RequestBody,
-        conn: Conn,
+        conn: &Conn,
     ) -> Result<Response<ClientBody>, Stop> {
         ex.path = path::normalize(parts.uri.path())
             .map_err(ProxyError::from)?
@@ -180,9 +191,9 @@ impl Gateway {
             .await
     }
 
-    fn add_forwarding_headers(&self, ex: &Exchange, parts: &mut Parts, conn: Conn, host: &str) {
+    fn add_forwarding_headers(&self, ex: &Exchange, parts: &mut Parts, conn: &Conn, host: &str) {
         let h = &mut parts.headers;
-        let xff = self.edge.trusted_proxies().forwarded_for(conn.peer.ip(), h);
+        let xff = self.edge.trusted_proxies().forwarded_for(&conn.peer_ip, h);
         h.insert(&X_FORWARDED_FOR, xff);
         let proto = if conn.tls { "https" } else { "http" };
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));

@@ -5,6 +5,7 @@
 //! Order matters for safety: the client's `Connection` list is applied first, before auth
 //! and policy add their headers, so a client can never make the gateway drop a header it set.
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -149,7 +150,8 @@ pub fn new_request_id() -> HeaderValue {
     for (i, digit) in text.iter_mut().enumerate() {
         *digit = HEX[((n >> (124 - 4 * i)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static("0"))
+    // Owned by a shared buffer: the request and the response each hold a reference.
+    HeaderValue::from_maybe_shared(Bytes::from_owner(text)).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Appends the gateway to `Via`.

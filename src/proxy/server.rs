@@ -88,10 +88,7 @@ async fn accept_loop(
         let tls = tls.clone();
         tokio::spawn(async move {
             metrics::gauge!(crate::metrics::CONNECTIONS).increment(1.0);
-            let conn = Conn {
-                peer,
-                tls: tls.is_some(),
-            };
+            let conn = Conn::new(peer, tls.is_some());
             match tls {
                 None => serve_plain(stream, conn, gateway, &h2, finish).await,
                 Some(tls) => serve_tls_stream(stream, &tls, conn, gateway, &h2, finish).await,
@@ -207,10 +204,12 @@ async fn serve_http2<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let peer = conn.peer;
     let service = service_fn(move |req: Request<Incoming>| {
         let gateway = gateway.clone();
+        let conn = conn.clone();
         let req = req.map(RequestBody::H2);
-        Box::pin(async move { Ok::<_, Infallible>(gateway.handle(req, conn).await) })
+        Box::pin(async move { Ok::<_, Infallible>(gateway.handle(req, &conn).await) })
     });
     let mut connection = pin!(builder.serve_connection(TokioIo::new(io), service));
     let result = tokio::select! {
@@ -221,7 +220,7 @@ async fn serve_http2<I>(
         }
     };
     if let Err(e) = result {
-        trace_connection_error(conn.peer, &e);
+        trace_connection_error(peer, &e);
     }
 }
 
