@@ -30,6 +30,9 @@ async fn a_request_is_forwarded_with_proxy_headers_and_without_hop_by_hop_ones()
         .header("x-drop-me", "secret")
         .header("x-request-id", "client-id-1")
         .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "forged.example")
+        .header("via", "1.0 client-side-proxy")
         .send()
         .await
         .unwrap();
@@ -49,9 +52,16 @@ async fn a_request_is_forwarded_with_proxy_headers_and_without_hop_by_hop_ones()
         h["x-forwarded-for"], "127.0.0.1",
         "untrusted client XFF replaced"
     );
-    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-proto"], "http", "the client's copy replaced");
+    assert_eq!(
+        h["x-forwarded-host"], "127.0.0.1",
+        "the client's copy replaced"
+    );
     assert_eq!(h["x-request-id"], "client-id-1");
-    assert!(h["via"].as_str().unwrap().contains("switchyard"));
+    assert_eq!(
+        h["via"], "1.0 client-side-proxy, 1.1 switchyard",
+        "the gateway appends to Via"
+    );
     assert!(
         h.get("x-drop-me").is_none(),
         "Connection-listed header removed"
@@ -62,6 +72,14 @@ async fn a_request_is_forwarded_with_proxy_headers_and_without_hop_by_hop_ones()
     assert_eq!(id.len(), 32, "generated request id");
     let seen = json_of(resp).await;
     assert_eq!(seen["headers"]["x-request-id"], id.as_str());
+
+    // An instance's own request id gives way to the gateway's; its Via is kept.
+    let resp = env.get("/api/x?own_id=1").await;
+    let ids: Vec<_> = resp.headers().get_all("x-request-id").iter().collect();
+    assert_eq!(ids.len(), 1, "one request id: {ids:?}");
+    assert_eq!(ids[0].len(), 32);
+    let via: Vec<_> = resp.headers().get_all("via").iter().collect();
+    assert_eq!(via, ["1.1 inner-proxy", "1.1 switchyard"]);
     env.stop().await;
 }
 
@@ -559,14 +577,26 @@ async fn h2c_clients_and_http2_upstreams_work() {
         )
         .await;
     let h2 = support::h2c_client();
-    let resp = h2.get(env.url("/h2/x")).send().await.unwrap();
+    let resp = h2
+        .get(env.url("/h2/x?own_id=1"))
+        .header("x-forwarded-host", "forged.example")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     assert_eq!(resp.status(), 200);
-    assert_eq!(
-        json_of(resp).await["version"],
-        "HTTP/2.0",
-        "h2c to the upstream"
-    );
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 32, "the gateway's id, not the instance's");
+    let via: Vec<_> = resp.headers().get_all("via").iter().collect();
+    assert_eq!(via, ["1.1 inner-proxy", "1.1 switchyard"]);
+    let seen = json_of(resp).await;
+    assert_eq!(seen["version"], "HTTP/2.0", "h2c to the upstream");
+    let h = &seen["headers"];
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "127.0.0.1");
+    assert_eq!(h["x-request-id"], id.as_str());
+    assert_eq!(h["via"], "1.1 switchyard");
     let body = eventually(DEADLINE, "h1 route", || {
         let h2 = h2.clone();
         let url = env.url("/h1/x");

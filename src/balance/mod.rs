@@ -48,6 +48,14 @@ impl HashOn {
         ))
     }
 
+    /// The header hashed on, if that is what is hashed on.
+    pub fn header(&self) -> Option<&HeaderName> {
+        match self {
+            HashOn::Header(name) => Some(name),
+            _ => None,
+        }
+    }
+
     /// The request's hash key; `None` when the header or cookie is absent (the pick then
     /// falls back to round robin).
     pub fn key(&self, headers: &HeaderMap, client_ip: IpAddr) -> Option<u64> {

@@ -32,7 +32,7 @@ use super::body::{BodyError, UpstreamBody};
 use super::codec::{
     self, push_header, push_hex, Chunk, DecodeError, Decoding, Facts, Source, SCRATCH,
 };
-use super::headers;
+use super::headers::{self, Forwarded};
 use super::pool::Home;
 use super::upstream::UpstreamStream;
 
@@ -103,6 +103,8 @@ pub struct RequestHead<'a> {
     pub headers: &'a HeaderMap,
     /// Asks for a protocol switch (`Upgrade` kept in `headers`).
     pub upgrade: bool,
+    /// The headers the gateway sets, written after `headers`.
+    pub forwarded: Option<&'a Forwarded<'a>>,
 }
 
 impl<'a> RequestHead<'a> {
@@ -112,6 +114,7 @@ impl<'a> RequestHead<'a> {
             uri: &parts.uri,
             headers: &parts.headers,
             upgrade: parts.headers.contains_key(header::UPGRADE),
+            forwarded: None,
         }
     }
 }
@@ -490,10 +493,15 @@ fn encode_head(
             declared = declared.or_else(|| value.to_str().ok()?.trim().parse::<u64>().ok());
             continue;
         }
-        if name == header::TRANSFER_ENCODING {
+        if name == header::TRANSFER_ENCODING
+            || (req.forwarded.is_some() && Forwarded::replaces(name))
+        {
             continue;
         }
         push_header(out, name, value);
+    }
+    if let Some(forwarded) = req.forwarded {
+        forwarded.write(out);
     }
     let upload = match body {
         UpstreamBody::Empty => {

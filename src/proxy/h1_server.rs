@@ -26,18 +26,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Sleep;
 
-use super::body::{BodyError, ClientBody, RequestBody};
+use super::body::{BodyError, RequestBody};
 use super::client_io::{ClientRead, ClientWrite, OnUpgrade, Rewind, Upgraded};
 use super::codec::{self, DecodeError, Decoding, Facts, Source};
-use super::handler::Conn;
-use super::headers;
+use super::handler::{Answer, Conn};
+use super::headers::{self, X_REQUEST_ID};
 use super::Gateway;
 
 /// Headers in one request head, as in hyper.
@@ -288,7 +288,7 @@ pub async fn serve(
                 back = Some(side);
             }
         }
-        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let switching = response.response.status() == StatusCode::SWITCHING_PROTOCOLS;
         if switching && (upgrade.is_none() || lent.is_some()) {
             break;
         }
@@ -527,12 +527,8 @@ enum Out {
 }
 
 /// Writes the response; `Ok(true)` when the connection can carry another request.
-async fn write_response(
-    write: &mut ClientWrite,
-    response: Response<ClientBody>,
-    ex: Exchange,
-) -> io::Result<bool> {
-    let (parts, mut body) = response.into_parts();
+async fn write_response(write: &mut ClientWrite, answer: Answer, ex: Exchange) -> io::Result<bool> {
+    let (parts, mut body) = answer.response.into_parts();
     let status = parts.status;
     let code = status.as_u16();
     let no_body = ex.head_request || status.is_informational() || code == 204 || code == 304;
@@ -557,9 +553,16 @@ async fn write_response(
         {
             continue;
         }
+        // The gateway's own request id replaces an upstream's.
+        if name.as_str().len() == X_REQUEST_ID.as_str().len() && name == X_REQUEST_ID {
+            continue;
+        }
         dated |= name == header::DATE;
         codec::push_header(&mut buf, name, value);
     }
+    buf.extend_from_slice(b"x-request-id: ");
+    buf.extend_from_slice(answer.request_id.as_bytes());
+    buf.extend_from_slice(b"\r\nvia: 1.1 switchyard\r\n");
     match out {
         Out::Length(n) => {
             buf.extend_from_slice(b"content-length: ");

@@ -21,7 +21,7 @@ use super::body::{ClientBody, Finish, Overflow, RequestBody, UpstreamBody};
 use super::client_io::OnUpgrade;
 use super::error::ProxyError;
 use super::h1::RequestHead;
-use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
+use super::headers::{self, Forwarded, X_REQUEST_ID};
 use super::path;
 use super::upstream::ClientKey;
 use super::{is_idempotent, Gateway};
@@ -70,6 +70,25 @@ struct Exchange {
     in_flight: Option<InFlight>,
 }
 
+/// A response and the request id the gateway stamps on it. The server that sends it adds
+/// `X-Request-Id` and `Via`: the HTTP/1.1 server writes them straight into the head.
+pub struct Answer {
+    pub response: Response<ClientBody>,
+    pub request_id: HeaderValue,
+}
+
+impl Answer {
+    /// The response with the gateway's headers in its map (replacing an upstream's
+    /// `X-Request-Id`, appended to its `Via`).
+    pub fn into_response(self) -> Response<ClientBody> {
+        let mut response = self.response;
+        let h = response.headers_mut();
+        h.insert(&X_REQUEST_ID, self.request_id);
+        headers::add_via(h);
+        response
+    }
+}
+
 /// A request stopped before or at the upstream: a ready response or an error to render.
 enum Stop {
     Reply(Box<Response<ClientBody>>),
@@ -84,7 +103,7 @@ impl From<ProxyError> for Stop {
 
 impl Gateway {
     /// Serves one request; never fails (errors become responses).
-    pub async fn handle(&self, req: Request<RequestBody>, conn: &Conn) -> Response<ClientBody> {
+    pub async fn handle(&self, req: Request<RequestBody>, conn: &Conn) -> Answer {
         let (mut parts, body) = req.into_parts();
         let mut ex = Exchange {
             start: Instant::now(),
@@ -179,7 +198,7 @@ impl Gateway {
             .assert_upstream(&route, caller, request_id, &mut parts.headers)
             .map_err(|reply| Stop::Reply(Box::new(bytes_response(reply.to_response()))))?;
 
-        self.add_forwarding_headers(ex, parts, conn, &host);
+        let forwarded = self.forwarded(ex, parts, conn, &host);
         let upstream_path = route.upstream_path(&ex.path);
         let path_and_query = match parts.uri.query() {
             Some(q) => format!("{upstream_path}?{q}"),
@@ -187,19 +206,28 @@ impl Gateway {
         };
         // From the `String`, so the URI keeps its buffer instead of copying it.
         let uri = Uri::try_from(path_and_query).map_err(|e| ProxyError::Upstream(e.to_string()))?;
-        self.forward(ex, parts, body, &route, &set, uri, limit, upgrade)
-            .await
+        self.forward(
+            ex, parts, body, &route, &set, uri, &forwarded, limit, upgrade,
+        )
+        .await
     }
 
-    fn add_forwarding_headers(&self, ex: &Exchange, parts: &mut Parts, conn: &Conn, host: &str) {
+    /// The headers the gateway sets on the forwarded request; `Host` is added to the
+    /// request itself when the client sent none (HTTP/2 has `:authority` instead).
+    fn forwarded<'h>(
+        &self,
+        ex: &Exchange,
+        parts: &mut Parts,
+        conn: &Conn,
+        host: &'h str,
+    ) -> Forwarded<'h> {
         let h = &mut parts.headers;
-        let xff = self.edge.trusted_proxies().forwarded_for(&conn.peer_ip, h);
-        h.insert(&X_FORWARDED_FOR, xff);
-        let proto = if conn.tls { "https" } else { "http" };
-        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-        if let Ok(v) = HeaderValue::from_str(host) {
-            h.insert(&X_FORWARDED_HOST, v);
-        }
+        let forwarded = Forwarded {
+            xff: self.edge.trusted_proxies().forwarded_for(&conn.peer_ip, h),
+            proto: if conn.tls { "https" } else { "http" },
+            host,
+            request_id: ex.request_id.clone(),
+        };
         if !h.contains_key(header::HOST) {
             if let Some(a) = parts.uri.authority() {
                 if let Ok(v) = HeaderValue::from_str(a.as_str()) {
@@ -207,8 +235,7 @@ impl Gateway {
                 }
             }
         }
-        h.insert(&X_REQUEST_ID, ex.request_id.clone());
-        headers::add_via(h);
+        forwarded
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -220,6 +247,7 @@ impl Gateway {
         route: &Arc<Route>,
         set: &Arc<UpstreamSet>,
         uri: Uri,
+        forwarded: &Forwarded<'_>,
         limit: u64,
         upgrade: bool,
     ) -> Result<Response<ClientBody>, Stop> {
@@ -236,10 +264,13 @@ impl Gateway {
             connect_ms: spec.timeouts.connect_ms,
             tls_service: route.policy.upstream_tls.then(|| spec.service.clone()),
         };
-        let hash = route
-            .hash_on
-            .as_ref()
-            .and_then(|h| h.key(&parts.headers, ex.client_ip));
+        // A header the gateway sets is hashed as it goes upstream.
+        let hash = route.hash_on.as_ref().and_then(|h| {
+            match h.header().and_then(|name| forwarded.get(name)) {
+                Some(sent) => Some(balance::hash_bytes(sent)),
+                None => h.key(&parts.headers, ex.client_ip),
+            }
+        });
         let per_try = Duration::from_millis(spec.timeouts.per_try_ms);
         let deadline = ex.start + Duration::from_millis(spec.timeouts.total_ms);
         let mut active = self.budget.enter();
@@ -268,6 +299,7 @@ impl Gateway {
                 uri: &uri,
                 headers: &parts.headers,
                 upgrade,
+                forwarded: Some(forwarded),
             };
 
             let guard = InFlight::enter(&endpoint.stats);
@@ -335,22 +367,24 @@ impl Gateway {
     }
 
     /// Final touches on every response, and the bookkeeping when its body is done.
-    fn respond(&self, ex: Exchange, mut response: Response<ClientBody>) -> Response<ClientBody> {
+    fn respond(&self, ex: Exchange, mut response: Response<ClientBody>) -> Answer {
         let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let h = response.headers_mut();
         headers::strip_hop_by_hop(h, upgraded);
-        h.insert(&X_REQUEST_ID, ex.request_id.clone());
-        headers::add_via(h);
         if let (Some(route), Some(admission)) = (&ex.route, &ex.admission) {
             self.edge.decorate(route, admission, h);
         }
+        let request_id = ex.request_id.clone();
         let done = Done {
             status: response.status().as_u16(),
             access_log: self.settings.access_log,
             ex,
         };
         response.body_mut().on_finish(Box::new(done));
-        response
+        Answer {
+            response,
+            request_id,
+        }
     }
 }
 

@@ -124,6 +124,78 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// The headers the gateway sets on a request it forwards: `X-Forwarded-For/-Proto/-Host`,
+/// `X-Request-Id` and its own `Via` entry. They stay out of the request's map: an HTTP/1.1
+/// head gets them written after the client's headers (the client's copies of the first
+/// four are skipped), an HTTP/2 request has them inserted into its own copy of the map.
+pub struct Forwarded<'a> {
+    pub xff: HeaderValue,
+    pub proto: &'static str,
+    /// The host the client asked for, already checked to be a plain host name.
+    pub host: &'a str,
+    pub request_id: HeaderValue,
+}
+
+impl Forwarded<'_> {
+    /// Whether the gateway sets `name` itself, so a client's copy never goes upstream.
+    pub fn replaces(name: &HeaderName) -> bool {
+        // Lengths first: a standard name never pays for a string comparison.
+        match name.as_str().len() {
+            12 => name == X_REQUEST_ID,
+            15 => name == X_FORWARDED_FOR,
+            16 => name == X_FORWARDED_HOST,
+            17 => name == X_FORWARDED_PROTO,
+            _ => false,
+        }
+    }
+
+    /// The value the gateway sends for `name`, if it sets it (`Via` aside, which it
+    /// appends to).
+    pub fn get(&self, name: &HeaderName) -> Option<&[u8]> {
+        if !Self::replaces(name) {
+            return None;
+        }
+        Some(if name == X_FORWARDED_FOR {
+            self.xff.as_bytes()
+        } else if name == X_FORWARDED_PROTO {
+            self.proto.as_bytes()
+        } else if name == X_FORWARDED_HOST {
+            self.host.as_bytes()
+        } else {
+            self.request_id.as_bytes()
+        })
+    }
+
+    /// Appends the headers to an HTTP/1.1 head being written.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        out.extend_from_slice(self.xff.as_bytes());
+        out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+        out.extend_from_slice(self.proto.as_bytes());
+        if !self.host.is_empty() {
+            out.extend_from_slice(b"\r\nx-forwarded-host: ");
+            out.extend_from_slice(self.host.as_bytes());
+        }
+        out.extend_from_slice(b"\r\nx-request-id: ");
+        out.extend_from_slice(self.request_id.as_bytes());
+        out.extend_from_slice(b"\r\nvia: 1.1 switchyard\r\n");
+    }
+
+    /// Puts the headers into a map, replacing the client's copies.
+    pub fn insert_into(&self, headers: &mut HeaderMap) {
+        headers.insert(&X_FORWARDED_FOR, self.xff.clone());
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(self.proto));
+        headers.remove(&X_FORWARDED_HOST);
+        if let Ok(v) = HeaderValue::from_str(self.host) {
+            if !self.host.is_empty() {
+                headers.insert(&X_FORWARDED_HOST, v);
+            }
+        }
+        headers.insert(&X_REQUEST_ID, self.request_id.clone());
+        add_via(headers);
+    }
+}
+
 /// The client's `X-Request-Id` when it is sane (1–128 visible characters from a safe
 /// set), else a fresh random one.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
@@ -218,6 +290,53 @@ mod tests {
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn forwarded_headers_are_written_and_named() {
+        let f = Forwarded {
+            xff: HeaderValue::from_static("10.0.0.1, 127.0.0.1"),
+            proto: "https",
+            host: "api.example.com",
+            request_id: HeaderValue::from_static("id-1"),
+        };
+        let mut out = Vec::new();
+        f.write(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "x-forwarded-for: 10.0.0.1, 127.0.0.1\r\nx-forwarded-proto: https\r\n\
+             x-forwarded-host: api.example.com\r\nx-request-id: id-1\r\n\
+             via: 1.1 switchyard\r\n"
+        );
+        for name in [
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+            &X_REQUEST_ID,
+        ] {
+            assert!(Forwarded::replaces(name), "{name}");
+            let mut map = HeaderMap::new();
+            f.insert_into(&mut map);
+            assert_eq!(f.get(name), Some(map[name].as_bytes()), "{name}");
+        }
+        for name in [&header::VIA, &header::HOST, &header::CONTENT_TYPE] {
+            assert!(
+                !Forwarded::replaces(name) && f.get(name).is_none(),
+                "{name}"
+            );
+        }
+        let mut map = self::map(&[("x-forwarded-host", "forged"), ("via", "1.0 a")]);
+        let hostless = Forwarded { host: "", ..f };
+        hostless.insert_into(&mut map);
+        assert!(
+            !map.contains_key(&X_FORWARDED_HOST),
+            "the client's copy goes"
+        );
+        let via: Vec<_> = map.get_all(header::VIA).iter().collect();
+        assert_eq!(via, ["1.0 a", "1.1 switchyard"]);
+        let mut out = Vec::new();
+        hostless.write(&mut out);
+        assert!(!String::from_utf8(out).unwrap().contains("host"));
     }
 
     #[test]

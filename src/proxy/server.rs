@@ -209,7 +209,9 @@ async fn serve_http2<I>(
         let gateway = gateway.clone();
         let conn = conn.clone();
         let req = req.map(RequestBody::H2);
-        Box::pin(async move { Ok::<_, Infallible>(gateway.handle(req, &conn).await) })
+        Box::pin(
+            async move { Ok::<_, Infallible>(gateway.handle(req, &conn).await.into_response()) },
+        )
     });
     let mut connection = pin!(builder.serve_connection(TokioIo::new(io), service));
     let result = tokio::select! {

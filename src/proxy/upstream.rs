@@ -100,6 +100,9 @@ impl Clients {
             *req.uri_mut() = uri.build()?;
             *req.version_mut() = Version::HTTP_2;
             *req.headers_mut() = head.headers.clone();
+            if let Some(forwarded) = head.forwarded {
+                forwarded.insert_into(req.headers_mut());
+            }
             let response = Box::pin(self.get(key).request(req)).await?;
             return Ok(response.map(ClientBody::h2));
         }

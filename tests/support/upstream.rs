@@ -184,10 +184,20 @@ async fn handle(
     } else if path == "/ws" {
         return Ok(websocket(req));
     } else {
+        // Repeated headers joined in order, as a proxy would combine them, so a header
+        // sent twice shows.
         let headers: serde_json::Map<String, serde_json::Value> = req
             .headers()
-            .iter()
-            .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or("?"))))
+            .keys()
+            .map(|k| {
+                let all: Vec<&str> = req
+                    .headers()
+                    .get_all(k)
+                    .iter()
+                    .map(|v| v.to_str().unwrap_or("?"))
+                    .collect();
+                (k.to_string(), json!(all.join(", ")))
+            })
             .collect();
         let body = json!({
             "server": name,
@@ -199,6 +209,13 @@ async fn handle(
         let mut r = text(StatusCode::OK, &body.to_string());
         r.headers_mut()
             .insert("content-type", "application/json".parse().unwrap());
+        if param("own_id") == Some(1) {
+            // What an instance behind another proxy might answer with.
+            r.headers_mut()
+                .insert("x-request-id", "upstream-id".parse().unwrap());
+            r.headers_mut()
+                .insert("via", "1.1 inner-proxy".parse().unwrap());
+        }
         r
     };
     resp.headers_mut()
