@@ -293,9 +293,9 @@ impl Connection {
             hop_by_hop
         };
         let raw = self.read.split_to(len);
-        // Room for what the gateway adds to every answer (request id, `Via`), so the
-        // map is not grown again.
-        let mut headers = HeaderMap::with_capacity(count + 4);
+        // A little room for what policy may add (CORS, rate-limit headers); the request id
+        // and `Via` are written by the server, not put in the map.
+        let mut headers = HeaderMap::with_capacity(count + 2);
         for (i, &(name_at, name_len, value_at, value_len)) in spans[..count].iter().enumerate() {
             if skip & (1 << i) != 0 {
                 continue;

@@ -421,8 +421,9 @@ fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Head>, HeadErr
     }
     let uri = Uri::from_maybe_shared(raw.slice(target_at.0..target_at.0 + target_at.1))
         .map_err(|_| HeadError::Bad("bad request target"))?;
-    // Room for the forwarding headers the handler adds, so the map is not grown again.
-    let mut headers = HeaderMap::with_capacity(count + 6);
+    // A little room for what auth and policy may add (identity, assertion); the
+    // forwarding headers are written into the upstream head, not put in the map.
+    let mut headers = HeaderMap::with_capacity(count + 2);
     for &(name_at, name_len, value_at, value_len) in &spans[..count] {
         let name = &raw[name_at as usize..(name_at + name_len) as usize];
         let name = HeaderName::from_bytes(name).map_err(|_| HeadError::Bad("bad header name"))?;

@@ -308,7 +308,8 @@ impl Gateway {
             let send = self
                 .clients
                 .send(&client_key, &endpoint.authority, head, source.take());
-            let outcome = tokio::time::timeout(per_try.min(remaining), send).await;
+            let try_deadline = tokio::time::Instant::from_std(started + per_try.min(remaining));
+            let outcome = tokio::time::timeout_at(try_deadline, send).await;
             let failure = match outcome {
                 Ok(Ok(mut response)) => {
                     let status = response.status();

@@ -18,10 +18,14 @@ pub struct Conflict {
     pub shadowed_by: String,
 }
 
+/// Keys are the operator's hosts and prefixes, looked up once or more per request: a fast
+/// hash rather than SipHash (a client's path only probes, it never inserts).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Debug, Default)]
 struct PrefixMap {
     /// Candidates per prefix, most specific first (method/header constraints before none).
-    by_prefix: HashMap<String, Vec<usize>>,
+    by_prefix: FastMap<String, Vec<usize>>,
 }
 
 impl PrefixMap {
@@ -60,8 +64,8 @@ impl PrefixMap {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
-    exact: HashMap<String, PrefixMap>,
-    wildcard: HashMap<String, PrefixMap>,
+    exact: FastMap<String, PrefixMap>,
+    wildcard: FastMap<String, PrefixMap>,
     any: PrefixMap,
     conflicts: Vec<Conflict>,
 }
