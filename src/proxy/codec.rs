@@ -6,7 +6,7 @@
 //! has not consumed (usually none between messages): with hundreds of connections, the
 //! memory a request touches stays in cache.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -27,6 +27,46 @@ thread_local! {
         read: vec![0; READ_CHUNK].into_boxed_slice(),
         head: Vec::with_capacity(1024),
     });
+}
+
+thread_local! {
+    static SPARE_OUT: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// A buffer for bytes on their way out that outlives an `.await` (so not [`SCRATCH`]): the
+/// thread's spare one when it is free, given back when dropped, so writing an answer
+/// usually allocates nothing.
+pub(super) struct OutBuf(Vec<u8>);
+
+impl OutBuf {
+    pub fn take() -> OutBuf {
+        let mut buf = SPARE_OUT.with(Cell::take);
+        buf.clear();
+        buf.reserve(512);
+        OutBuf(buf)
+    }
+}
+
+impl Drop for OutBuf {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        if buf.capacity() <= 64 * 1024 {
+            let _ = SPARE_OUT.try_with(|spare| spare.set(buf));
+        }
+    }
+}
+
+impl std::ops::Deref for OutBuf {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for OutBuf {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
 }
 
 pub(super) struct Scratch {

@@ -35,7 +35,7 @@ use tokio::time::Sleep;
 
 use super::body::{BodyError, RequestBody};
 use super::client_io::{ClientRead, ClientWrite, OnUpgrade, Rewind, Upgraded};
-use super::codec::{self, DecodeError, Decoding, Facts, Source};
+use super::codec::{self, DecodeError, Decoding, Facts, OutBuf, Source};
 use super::handler::{Answer, Conn};
 use super::headers::{self, X_REQUEST_ID};
 use super::Gateway;
@@ -546,7 +546,7 @@ async fn write_response(write: &mut ClientWrite, answer: Answer, ex: Exchange) -
     };
     let keep_alive = ex.keep_alive && out != Out::Close;
 
-    let mut buf = Vec::with_capacity(512);
+    let mut buf = OutBuf::take();
     push_status_line(&mut buf, status);
     let mut dated = false;
     for (name, value) in &parts.headers {

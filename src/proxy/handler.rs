@@ -23,12 +23,14 @@ use super::error::ProxyError;
 use super::h1::RequestHead;
 use super::headers::{self, Forwarded, X_REQUEST_ID};
 use super::path;
+use super::pool::SendError;
 use super::upstream::ClientKey;
 use super::{is_idempotent, Gateway};
 use crate::assertion::Caller;
+use crate::auth::Rejection;
 use crate::balance::{self, outlier, Tried};
 use crate::discovery::{ms_at, now_ms, EndpointStats, UpstreamSet};
-use crate::policy::{cors, Admission, PeerIp};
+use crate::policy::{cors, Admission, PeerIp, Reply};
 use crate::routing::spec::UpstreamProtocol;
 use crate::routing::Route;
 
@@ -64,7 +66,8 @@ struct Exchange {
     route: Option<Arc<Route>>,
     admission: Option<Admission>,
     consumer: Option<String>,
-    instance: Option<String>,
+    /// The instance of the last try: its set and index there.
+    instance: Option<(Arc<UpstreamSet>, usize)>,
     tries: u32,
     /// The instance that answered, counted in flight until the response is done.
     in_flight: Option<InFlight>,
@@ -101,6 +104,37 @@ impl From<ProxyError> for Stop {
     }
 }
 
+// Out of line and cold: refusals are rare, and the request path's code stays small.
+impl Stop {
+    #[cold]
+    #[inline(never)]
+    fn refused(reply: Reply) -> Stop {
+        Stop::Reply(Box::new(bytes_response(reply.to_response())))
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn rejected(rejection: Rejection) -> Stop {
+        let (p, b) = rejection.into_response().into_parts();
+        Stop::Reply(Box::new(Response::from_parts(p, ClientBody::full(b))))
+    }
+
+    /// The response for a request that stopped here.
+    #[cold]
+    #[inline(never)]
+    fn into_response(self, request_id: &HeaderValue) -> Response<ClientBody> {
+        match self {
+            Stop::Reply(r) => *r,
+            Stop::Error(e) => {
+                if e.status().is_server_error() {
+                    tracing::debug!(?request_id, error = %e, "request failed");
+                }
+                e.to_response(request_id)
+            }
+        }
+    }
+}
+
 impl Gateway {
     /// Serves one request; never fails (errors become responses).
     pub async fn handle(&self, req: Request<RequestBody>, conn: &Conn) -> Answer {
@@ -120,13 +154,7 @@ impl Gateway {
         };
         let response = match self.process(&mut ex, &mut parts, body, conn).await {
             Ok(r) => r,
-            Err(Stop::Reply(r)) => *r,
-            Err(Stop::Error(e)) => {
-                if e.status().is_server_error() {
-                    tracing::debug!(request_id = ?ex.request_id, error = %e, "request failed");
-                }
-                e.to_response(&ex.request_id)
-            }
+            Err(stop) => stop.into_response(&ex.request_id),
         };
         self.respond(ex, response)
     }
@@ -161,7 +189,7 @@ impl Gateway {
                 &parts.uri,
                 &parts.headers,
             )
-            .map_err(|reply| Stop::Reply(Box::new(bytes_response(reply.to_response()))))?;
+            .map_err(Stop::refused)?;
         ex.admission = Some(admission);
 
         let limit = route.policy.limits.body_limit(self.settings.max_body_bytes);
@@ -178,11 +206,7 @@ impl Gateway {
             .auth
             .admit(&route.auth, &parts.uri, &mut parts.headers)
             .await
-            .map_err(|rejection| {
-                let r = rejection.into_response();
-                let (p, b) = r.into_parts();
-                Stop::Reply(Box::new(Response::from_parts(p, ClientBody::full(b))))
-            })?;
+            .map_err(Stop::rejected)?;
         ex.consumer = identity
             .as_ref()
             .and_then(|i| i.subject.clone().or_else(|| i.consumer.clone()));
@@ -190,13 +214,13 @@ impl Gateway {
         if let Some(admission) = ex.admission.as_mut() {
             self.edge
                 .limit_rate(&route, admission, ex.consumer.as_deref(), &parts.headers)
-                .map_err(|reply| Stop::Reply(Box::new(bytes_response(reply.to_response()))))?;
+                .map_err(Stop::refused)?;
         }
         let caller = identity.as_deref().map(Caller::from).unwrap_or_default();
         let request_id = ex.request_id.to_str().unwrap_or_default();
         self.edge
             .assert_upstream(&route, caller, request_id, &mut parts.headers)
-            .map_err(|reply| Stop::Reply(Box::new(bytes_response(reply.to_response()))))?;
+            .map_err(Stop::refused)?;
 
         let forwarded = self.forwarded(ex, parts, conn, &host);
         let upstream_path = route.upstream_path(&ex.path);
@@ -275,7 +299,7 @@ impl Gateway {
         let deadline = ex.start + Duration::from_millis(spec.timeouts.total_ms);
         let mut active = self.budget.enter();
         let mut tried = Tried::default();
-        let mut last = ProxyError::NoInstance(set.service.clone());
+        let mut last = None;
 
         for attempt in 0..=spec.retry.attempts {
             if attempt > 0 {
@@ -293,7 +317,7 @@ impl Gateway {
             tried.insert(index);
             let endpoint = &set.endpoints[index];
             ex.tries += 1;
-            ex.instance = Some(endpoint.instance.id.clone());
+            ex.instance = Some((set.clone(), index));
             let head = RequestHead {
                 method: &parts.method,
                 uri: &uri,
@@ -321,7 +345,7 @@ impl Gateway {
                         outlier::record_success(stats, &spec.outlier, now_ms);
                     }
                     if retry_status && attempt < spec.retry.attempts && source.replayable() {
-                        last = ProxyError::Upstream(format!("upstream answered {status}"));
+                        last = Some(ProxyError::Upstream(format!("upstream answered {status}")));
                         continue;
                     }
                     ex.in_flight = Some(guard);
@@ -334,29 +358,16 @@ impl Gateway {
                     if overflow.happened() {
                         return Err(ProxyError::BodyTooLarge(limit).into());
                     }
-                    let connect = e.is_connect();
-                    let detail = error_chain(&e);
-                    tracing::debug!(instance = %endpoint.instance.id, error = %detail, connect, "upstream try failed");
-                    metrics::counter!(crate::metrics::UPSTREAM_ERRORS,
-                        "service" => set.service.clone(), "kind" => if connect { "connect" } else { "reset" })
-                    .increment(1);
+                    let (error, connect) = try_failed(set, index, &e);
                     // Nothing reached the upstream on a connect error: safe for any method.
-                    (
-                        ProxyError::Upstream(detail),
-                        connect || idempotent || spec.retry.non_idempotent,
-                    )
+                    (error, connect || idempotent || spec.retry.non_idempotent)
                 }
-                Err(_) => {
-                    metrics::counter!(crate::metrics::UPSTREAM_ERRORS,
-                        "service" => set.service.clone(), "kind" => "timeout")
-                    .increment(1);
-                    (ProxyError::Timeout, idempotent || spec.retry.non_idempotent)
-                }
+                Err(_) => (try_timed_out(set), idempotent || spec.retry.non_idempotent),
             };
             drop(guard);
             outlier::record_failure(set, index, &spec.outlier, now_ms());
             let (error, retryable) = failure;
-            last = error;
+            last = Some(error);
             if !retryable || Instant::now() >= deadline {
                 break;
             }
@@ -364,7 +375,9 @@ impl Gateway {
         if Instant::now() >= deadline {
             return Err(ProxyError::Timeout.into());
         }
-        Err(last.into())
+        Err(last
+            .unwrap_or_else(|| ProxyError::NoInstance(set.service.clone()))
+            .into())
     }
 
     /// Final touches on every response, and the bookkeeping when its body is done.
@@ -435,7 +448,7 @@ impl Finish for Done {
                 status = self.status,
                 route,
                 service,
-                upstream = ex.instance.as_deref().unwrap_or(""),
+                upstream = ex.instance.as_ref().map_or("", |(set, i)| set.endpoints[*i].instance.id.as_str()),
                 tries = ex.tries,
                 bytes,
                 complete,
@@ -445,6 +458,30 @@ impl Finish for Done {
             );
         }
     }
+}
+
+/// Logs and counts a try that failed at the instance; the error, and whether the failure
+/// was connecting. Out of line: the request path's code stays small.
+#[cold]
+#[inline(never)]
+fn try_failed(set: &UpstreamSet, index: usize, e: &SendError) -> (ProxyError, bool) {
+    let connect = e.is_connect();
+    let detail = error_chain(e);
+    let instance = &set.endpoints[index].instance.id;
+    tracing::debug!(%instance, error = %detail, connect, "upstream try failed");
+    metrics::counter!(crate::metrics::UPSTREAM_ERRORS,
+        "service" => set.service.clone(), "kind" => if connect { "connect" } else { "reset" })
+    .increment(1);
+    (ProxyError::Upstream(detail), connect)
+}
+
+#[cold]
+#[inline(never)]
+fn try_timed_out(set: &UpstreamSet) -> ProxyError {
+    metrics::counter!(crate::metrics::UPSTREAM_ERRORS,
+        "service" => set.service.clone(), "kind" => "timeout")
+    .increment(1);
+    ProxyError::Timeout
 }
 
 fn status_class(status: u16) -> &'static str {
