@@ -249,8 +249,7 @@ pub async fn serve(
             })
         };
 
-        let request = Request::from_parts(parts, body);
-        let mut answer = Box::pin(gateway.handle(request, &conn));
+        let mut answer = Box::pin(gateway.handle(parts, body, &conn));
         let mut asked_done = false;
         let mut continued = false;
         let response = match continue_asked {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Method, Response, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
@@ -136,9 +136,9 @@ impl Stop {
 }
 
 impl Gateway {
-    /// Serves one request; never fails (errors become responses).
-    pub async fn handle(&self, req: Request<RequestBody>, conn: &Conn) -> Answer {
-        let (mut parts, body) = req.into_parts();
+    /// Serves one request; never fails (errors become responses). Takes the request in
+    /// parts: a `Request` taken apart here would be held twice in the future.
+    pub async fn handle(&self, mut parts: Parts, body: RequestBody, conn: &Conn) -> Answer {
         let mut ex = Exchange {
             start: Instant::now(),
             method: parts.method.clone(),

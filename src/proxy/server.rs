@@ -208,10 +208,11 @@ async fn serve_http2<I>(
     let service = service_fn(move |req: Request<Incoming>| {
         let gateway = gateway.clone();
         let conn = conn.clone();
-        let req = req.map(RequestBody::H2);
-        Box::pin(
-            async move { Ok::<_, Infallible>(gateway.handle(req, &conn).await.into_response()) },
-        )
+        let (parts, body) = req.into_parts();
+        Box::pin(async move {
+            let answer = gateway.handle(parts, RequestBody::H2(body), &conn).await;
+            Ok::<_, Infallible>(answer.into_response())
+        })
     });
     let mut connection = pin!(builder.serve_connection(TokioIo::new(io), service));
     let result = tokio::select! {
