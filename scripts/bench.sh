@@ -7,7 +7,8 @@
 #
 # Usage: scripts/bench.sh [--quick]       (--quick: 3 s runs, 1 rep; default ~5 min)
 # Env:   BENCH_DIR (default ../shared/bench next to the repo), LAYOUTS (default pinned),
-#        DURATION, REPS, CONNS (passed to the harness), OUT (result file).
+#        DURATION, REPS, CONNS (passed to the harness), OUT (result file), BIN (a built
+#        gateway to measure instead of a fresh release build, e.g. scripts/build-pgo.sh's).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -34,9 +35,14 @@ if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null || ! command -v 
     "$BENCH_DIR/setup.sh" >/dev/null
 fi
 
-say "building switchyard (release)"
-(cd "$ROOT" && cargo build --release --locked --bin switchyard >&2)
-BIN="$ROOT/target/release/switchyard"
+if [[ -n "${BIN:-}" ]]; then
+    [[ -x "$BIN" ]] || die "BIN=$BIN is not an executable"
+    say "measuring $BIN"
+else
+    say "building switchyard (release)"
+    (cd "$ROOT" && cargo build --release --locked --bin switchyard >&2)
+    BIN="$ROOT/target/release/switchyard"
+fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/switchyard-bench.XXXXXX")"
 PIDS=()
