@@ -560,9 +560,7 @@ async fn write_response(write: &mut ClientWrite, answer: Answer, ex: Exchange) -
         dated |= name == header::DATE;
         codec::push_header(&mut buf, name, value);
     }
-    buf.extend_from_slice(b"x-request-id: ");
-    buf.extend_from_slice(answer.request_id.as_bytes());
-    buf.extend_from_slice(b"\r\nvia: 1.1 switchyard\r\n");
+    headers::write_id_and_via(&mut buf, &answer.request_id);
     match out {
         Out::Length(n) => {
             buf.extend_from_slice(b"content-length: ");

@@ -176,24 +176,31 @@ impl Forwarded<'_> {
             out.extend_from_slice(b"\r\nx-forwarded-host: ");
             out.extend_from_slice(self.host.as_bytes());
         }
-        out.extend_from_slice(b"\r\nx-request-id: ");
-        out.extend_from_slice(self.request_id.as_bytes());
-        out.extend_from_slice(b"\r\nvia: 1.1 switchyard\r\n");
+        out.extend_from_slice(b"\r\n");
+        write_id_and_via(out, &self.request_id);
     }
 
     /// Puts the headers into a map, replacing the client's copies.
     pub fn insert_into(&self, headers: &mut HeaderMap) {
         headers.insert(&X_FORWARDED_FOR, self.xff.clone());
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(self.proto));
-        headers.remove(&X_FORWARDED_HOST);
-        if let Ok(v) = HeaderValue::from_str(self.host) {
-            if !self.host.is_empty() {
-                headers.insert(&X_FORWARDED_HOST, v);
-            }
-        }
+        match HeaderValue::from_str(self.host) {
+            Ok(v) if !self.host.is_empty() => headers.insert(&X_FORWARDED_HOST, v),
+            _ => headers.remove(&X_FORWARDED_HOST),
+        };
         headers.insert(&X_REQUEST_ID, self.request_id.clone());
         add_via(headers);
     }
+}
+
+/// Appends `X-Request-Id` and the gateway's `Via` entry to an HTTP/1.1 head being
+/// written: what the gateway adds to every request it forwards and every answer it sends.
+pub fn write_id_and_via(out: &mut Vec<u8>, request_id: &HeaderValue) {
+    out.extend_from_slice(b"x-request-id: ");
+    out.extend_from_slice(request_id.as_bytes());
+    out.extend_from_slice(b"\r\nvia: ");
+    out.extend_from_slice(VIA_VALUE.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The client's `X-Request-Id` when it is sane (1–128 visible characters from a safe
