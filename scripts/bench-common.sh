@@ -1,6 +1,13 @@
 # Shared by the benchmark scripts (sourced): the gateway's benchmark configuration and the
 # dev registry set up with the benchmark service, so every script measures the same setup.
 
+# The benchmark's ports, overridable through the environment; a script that needs others
+# sets them before sourcing this file.
+REGISTRY_PORT="${REGISTRY_PORT:-18500}"
+PROXY_PORT="${PROXY_PORT:-18080}"
+ADMIN_PORT="${ADMIN_PORT:-18901}"
+export UPSTREAM1_PORT="${UPSTREAM1_PORT:-18081}" UPSTREAM2_PORT="${UPSTREAM2_PORT:-18082}"
+
 # bench_gateway_config: the part of the gateway's config every benchmark uses (one worker,
 # a pool large enough for 256 connections, quiet logs, no self-registration).
 bench_gateway_config() {

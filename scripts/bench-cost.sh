@@ -25,10 +25,6 @@ CONNS="${CONNS:-50 256}"
 DURATION="${DURATION:-8}"
 TOP="${TOP:-15}"
 LL="${LL:-2097152,16,64}"
-REGISTRY_PORT="${REGISTRY_PORT:-18500}"
-PROXY_PORT="${PROXY_PORT:-18080}"
-ADMIN_PORT="${ADMIN_PORT:-18901}"
-export UPSTREAM1_PORT="${UPSTREAM1_PORT:-18081}" UPSTREAM2_PORT="${UPSTREAM2_PORT:-18082}"
 
 # shellcheck source=scripts/bench-common.sh
 source "$ROOT/scripts/bench-common.sh"

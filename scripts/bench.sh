@@ -14,11 +14,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BENCH_DIR="${BENCH_DIR:-$ROOT/../shared/bench}"
 OUT="${OUT:-$ROOT/target/bench-result.txt}"
-REGISTRY_PORT="${REGISTRY_PORT:-18500}"
-PROXY_PORT="${PROXY_PORT:-18080}"
-ADMIN_PORT="${ADMIN_PORT:-18901}"
-UPSTREAM1_PORT="${UPSTREAM1_PORT:-18081}"
-UPSTREAM2_PORT="${UPSTREAM2_PORT:-18082}"
 export LAYOUTS="${LAYOUTS:-pinned}"
 if [[ "${1:-}" == "--quick" ]]; then
     export DURATION="${DURATION:-3}" REPS="${REPS:-1}"

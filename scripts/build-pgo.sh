@@ -16,10 +16,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BENCH_DIR="${BENCH_DIR:-$ROOT/../shared/bench}"
 TRAIN_SECONDS="${TRAIN_SECONDS:-10}"
-REGISTRY_PORT="${REGISTRY_PORT:-18500}"
-PROXY_PORT="${PROXY_PORT:-18080}"
-ADMIN_PORT="${ADMIN_PORT:-18901}"
-export UPSTREAM1_PORT="${UPSTREAM1_PORT:-18081}" UPSTREAM2_PORT="${UPSTREAM2_PORT:-18082}"
 
 # shellcheck source=scripts/bench-common.sh
 source "$ROOT/scripts/bench-common.sh"
