@@ -73,3 +73,26 @@ bench_wait_url() {
         sleep 0.1
     done
 }
+
+# bench_floor_config PORT: HAProxy in TCP mode on PORT, one thread, round-robin over the
+# upstreams: each client connection gets its own upstream connection and bytes are copied
+# both ways with no HTTP work, the least a proxy can do per request on this kernel.
+bench_floor_config() {
+    cat <<EOF_FLOOR
+global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend fe
+    bind 127.0.0.1:$1
+    default_backend be
+backend be
+    balance roundrobin
+    server u1 127.0.0.1:$UPSTREAM1_PORT
+    server u2 127.0.0.1:$UPSTREAM2_PORT
+EOF_FLOOR
+}

@@ -15,6 +15,7 @@
 # Env:   CONNS ("50 256"), DURATION (seconds of counted load per case, 8), TOP (functions
 #        listed per case, 15; 0 for none), LL (simulated last level: size,assoc,line),
 #        NGINX (1: also count nginx as a one-worker proxy, the harness's anchor),
+#        FLOOR (1: also count HAProxy in TCP mode, the byte-pipe floor of scripts/bench.sh),
 #        BENCH_DIR (../shared/bench, for the upstreams), ports as in scripts/bench.sh,
 #        DUMPS (a folder to keep the callgrind dumps in, for callgrind_annotate).
 set -euo pipefail
@@ -150,25 +151,22 @@ for bin in "${BINS[@]}"; do
         rm -f "$out" "$out".*
     done
 done
-if [[ "${NGINX:-1}" == 1 ]]; then
-    # The anchor, counted the same way: nginx as a one-worker proxy (no master process, so
-    # valgrind follows the worker), config from the harness. Requests are wrk's count.
-    sed -e "s/@WORKERS@/1/; s/@PORT@/$PROXY_PORT/; s/@UPSTREAM1@/$UPSTREAM1_PORT/; s/@UPSTREAM2@/$UPSTREAM2_PORT/" \
-        -e "s#@RUNDIR@#$WORK#g; s/@NAME@/nginx-proxy/g" \
-        "$BENCH_DIR/conf/proxy.nginx.conf.tmpl" >"$WORK/nginx-proxy.conf"
+# count_anchor LABEL COMMAND...: counts another proxy the same way, listening on PROXY_PORT
+# in the foreground with one worker (valgrind follows it); requests are wrk's count.
+count_anchor() {
+    local label=$1 c out vg n dump
+    shift
     for c in $CONNS; do
         out="$WORK/callgrind.out"
         taskset -c 1 valgrind --tool=callgrind --cache-sim=yes --LL="$LL" \
-            --callgrind-out-file="$out" \
-            nginx -e "$WORK/nginx-proxy.error.log" -c "$WORK/nginx-proxy.conf" \
-            -g 'daemon off; master_process off;' >"$WORK/nginx.log" 2>&1 &
+            --callgrind-out-file="$out" "$@" >"$WORK/$label.log" 2>&1 &
         vg=$!
         PIDS+=("$vg")
         for _ in $(seq 300); do
             curl -sf "http://127.0.0.1:$PROXY_PORT/" >/dev/null && break
             sleep 0.2
         done
-        say "nginx-1w c$c: warm-up, then ${DURATION}s counted"
+        say "$label c$c: warm-up, then ${DURATION}s counted"
         taskset -c 0 wrk -t1 -c"$c" -d3s "http://127.0.0.1:$PROXY_PORT/" >/dev/null
         callgrind_control -z "$vg" >/dev/null 2>&1
         n=$(taskset -c 0 wrk -t1 -c"$c" -d"${DURATION}s" "http://127.0.0.1:$PROXY_PORT/" | awk '/requests in/ { print $1 }')
@@ -176,11 +174,26 @@ if [[ "${NGINX:-1}" == 1 ]]; then
         kill "$vg" 2>/dev/null || true
         wait "$vg" 2>/dev/null || true
         dump=$(ls "$out".* 2>/dev/null | head -n 1)
-        [[ -n "$dump" && "${n:-0}" -gt 0 ]] || die "no callgrind dump or no requests for nginx c$c"
-        report "$dump" "$n" "nginx-1w c$c"
-        keep_dump "$dump" "nginx-1w-c$c"
+        [[ -n "$dump" && "${n:-0}" -gt 0 ]] || die "no callgrind dump or no requests for $label c$c"
+        report "$dump" "$n" "$label c$c"
+        keep_dump "$dump" "$label-c$c"
         rm -f "$out" "$out".*
     done
+}
+
+if [[ "${NGINX:-1}" == 1 ]]; then
+    # The harness's anchor: nginx as a one-worker proxy (no master process), its config.
+    sed -e "s/@WORKERS@/1/; s/@PORT@/$PROXY_PORT/; s/@UPSTREAM1@/$UPSTREAM1_PORT/; s/@UPSTREAM2@/$UPSTREAM2_PORT/" \
+        -e "s#@RUNDIR@#$WORK#g; s/@NAME@/nginx-proxy/g" \
+        "$BENCH_DIR/conf/proxy.nginx.conf.tmpl" >"$WORK/nginx-proxy.conf"
+    count_anchor nginx-1w nginx -e "$WORK/nginx-proxy.error.log" -c "$WORK/nginx-proxy.conf" \
+        -g 'daemon off; master_process off;'
+fi
+if [[ "${FLOOR:-0}" == 1 ]]; then
+    # The floor: HAProxy in TCP mode, a byte pipe per client connection (scripts/bench.sh).
+    command -v haproxy >/dev/null || die "haproxy is missing ($BENCH_DIR/setup.sh)"
+    bench_floor_config "$PROXY_PORT" >"$WORK/l4-floor.cfg"
+    count_anchor l4-floor haproxy -db -f "$WORK/l4-floor.cfg"
 fi
 say "instr/req: instructions the gateway ran per request (user space; the kernel's share is"
 say "about the same for any proxy here). *_miss: simulated misses per request (LL = $LL)."

@@ -8,7 +8,10 @@
 # Usage: scripts/bench.sh [--quick]       (--quick: 3 s runs, 1 rep; default ~5 min)
 # Env:   BENCH_DIR (default ../shared/bench next to the repo), LAYOUTS (default pinned),
 #        DURATION, REPS, CONNS (passed to the harness), OUT (result file), BIN (a built
-#        gateway to measure instead of a fresh release build, e.g. scripts/build-pgo.sh's).
+#        gateway to measure instead of a fresh release build, e.g. scripts/build-pgo.sh's),
+#        FLOOR (1: also measure HAProxy in TCP mode, a byte pipe per client connection that
+#        does no HTTP work: the least CPU any proxy can spend per request on this kernel),
+#        FLOOR_PORT (18095).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -65,9 +68,19 @@ bench_wait_url "http://127.0.0.1:$ADMIN_PORT/ready" 10 || die "gateway not ready
 routes=$( (curl -sf "http://127.0.0.1:$ADMIN_PORT/upstreams" || true) | grep -o "bench-[12]" | sort -u | wc -l)
 [[ "$routes" -ge 2 ]] || say "warning: the gateway does not list both upstreams yet"
 
+targets=("switchyard=127.0.0.1:$PROXY_PORT@$GW_PID")
+if [[ "${FLOOR:-0}" == 1 ]]; then
+    FLOOR_PORT="${FLOOR_PORT:-18095}"
+    bench_floor_config "$FLOOR_PORT" >"$WORK/l4-floor.cfg"
+    say "starting the L4 floor (HAProxy, mode tcp) on 127.0.0.1:$FLOOR_PORT (1 thread, CPU 1)"
+    taskset -c 1 haproxy -f "$WORK/l4-floor.cfg" >"$WORK/l4-floor.log" 2>&1 &
+    PIDS+=($!)
+    targets+=("l4-floor=127.0.0.1:$FLOOR_PORT@$!")
+fi
+
 say "running the harness (LAYOUTS=$LAYOUTS DURATION=${DURATION:-10} REPS=${REPS:-3}); results in $OUT"
 mkdir -p "$(dirname "$OUT")"
-"$BENCH_DIR/anchors.sh" "switchyard=127.0.0.1:$PROXY_PORT@$GW_PID" | tee "$OUT"
+"$BENCH_DIR/anchors.sh" "${targets[@]}" | tee "$OUT"
 if grep -q . "$WORK/switchyard.log"; then
     say "gateway log (warnings and errors):"
     tail -n 20 "$WORK/switchyard.log" >&2
@@ -79,6 +92,8 @@ awk '
     $1 == "switchyard" && $2 ~ /^c[0-9]+$/ { srps[$2] = $3; sp99[$2] = $5; order[++n] = $2 }
     $1 == "nginx-1w" && NF == 4            { ncpu = $4 }
     $1 == "switchyard" && NF == 4          { scpu = $4 }
+    $1 == "l4-floor" && $2 ~ /^c[0-9]+$/   { frps[$2] = $3; fp99[$2] = $5 }
+    $1 == "l4-floor" && NF == 4            { fcpu = $4 }
     END {
         if (n == 0) exit
         print ""
@@ -91,4 +106,12 @@ awk '
             printf "  %-5s req/s %.2fx   p99 %s vs %s ms   %s\n", c, r, sp99[c], np99[c], ok
         }
         if (ncpu > 0) printf "  cpu_us_per_req %.2fx\n", scpu / ncpu
+        if (length(frps) == 0) exit
+        print "l4-floor (a byte pipe, no HTTP work) vs nginx-1w"
+        for (i = 1; i <= n; i++) {
+            c = order[i]
+            if (!(c in nrps) || nrps[c] == 0) continue
+            printf "  %-5s req/s %.2fx   p99 %s vs %s ms\n", c, frps[c] / nrps[c], fp99[c], np99[c]
+        }
+        if (ncpu > 0) printf "  cpu_us_per_req %.2fx\n", fcpu / ncpu
     }' "$OUT" | tee -a "$OUT"
