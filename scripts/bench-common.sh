@@ -8,6 +8,21 @@ PROXY_PORT="${PROXY_PORT:-18080}"
 ADMIN_PORT="${ADMIN_PORT:-18901}"
 export UPSTREAM1_PORT="${UPSTREAM1_PORT:-18081}" UPSTREAM2_PORT="${UPSTREAM2_PORT:-18082}"
 
+# bench_workdir NAME: a fresh temporary folder in $WORK, and $PIDS, whose processes are
+# stopped (and the folder removed) when the script exits, however it exits.
+bench_workdir() {
+    WORK="$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")"
+    PIDS=()
+    trap bench_workdir_cleanup EXIT
+}
+
+bench_workdir_cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+
 # bench_gateway_config: the part of the gateway's config every benchmark uses (one worker,
 # a pool large enough for 256 connections, quiet logs, no self-registration).
 bench_gateway_config() {

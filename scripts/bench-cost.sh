@@ -44,14 +44,7 @@ if [[ ${#BINS[@]} -eq 0 ]]; then
     BINS=("$ROOT/target/release/switchyard")
 fi
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/switchyard-cost.XXXXXX")"
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir switchyard-cost
 
 say "starting the upstreams (CPU 0) and the dev registry"
 CONSUL="http://127.0.0.1:$REGISTRY_PORT"

@@ -42,14 +42,7 @@ else
     BIN="$ROOT/target/release/switchyard"
 fi
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/switchyard-bench.XXXXXX")"
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir switchyard-bench
 
 CONSUL="http://127.0.0.1:$REGISTRY_PORT"
 say "starting the dev registry on $CONSUL (CPU 0)"

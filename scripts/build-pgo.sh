@@ -37,14 +37,7 @@ for tool in wrk nginx curl; do
     command -v "$tool" >/dev/null || die "$tool is missing ($BENCH_DIR/setup.sh installs it)"
 done
 
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/switchyard-pgo.XXXXXX")"
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_workdir switchyard-pgo
 
 say "1/4 instrumented build"
 (cd "$ROOT" && CARGO_TARGET_DIR="$ROOT/target/pgo-gen" \
