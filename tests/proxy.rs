@@ -116,6 +116,21 @@ async fn prefixes_match_on_segment_boundaries_and_paths_are_normalised() {
     );
     let (status, body) = raw_get(&env, "/public/%zz").await;
     assert_eq!(status, 400, "{body}");
+    // What the instance is sent: a normal path as it came, query and all; a normalised one
+    // rebuilt with the query kept; an absolute-form target as its path and query.
+    for (sent, forwarded) in [
+        ("/public/x?a=1&b=%20", "/public/x?a=1&b=%20"),
+        ("/public/./y/../x?a=1", "/public/x?a=1"),
+        ("/public/x/", "/public/x/"),
+        ("http://t/public/x?a=1", "/public/x?a=1"),
+    ] {
+        let (status, text) = raw_get(&env, sent).await;
+        assert_eq!(status, 200, "{sent}: {text}");
+        assert!(
+            text.contains(&format!("\"path\":\"{forwarded}\"")),
+            "{sent} must reach the instance as {forwarded}: {text}"
+        );
+    }
     env.stop().await;
 }
 

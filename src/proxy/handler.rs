@@ -4,6 +4,7 @@
 //! response, the gateway's own included, gets `X-Request-Id`, `Via` and the route's CORS
 //! and rate-limit headers, and is logged once when its body is done.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -60,7 +61,7 @@ impl Conn {
 struct Exchange {
     start: Instant,
     method: Method,
-    path: String,
+    path: NormalPath,
     request_id: HeaderValue,
     client_ip: IpAddr,
     route: Option<Arc<Route>>,
@@ -71,6 +72,41 @@ struct Exchange {
     tries: u32,
     /// The instance that answered, counted in flight until the response is done.
     in_flight: Option<InFlight>,
+}
+
+/// The request's path as routed: the client's own when it was already normal (kept in
+/// the URI it came in, whose clone shares its bytes), else the normalised copy.
+enum NormalPath {
+    AsSent(Uri),
+    Normalised(String),
+}
+
+impl NormalPath {
+    fn as_str(&self) -> &str {
+        match self {
+            NormalPath::AsSent(uri) => uri.path(),
+            NormalPath::Normalised(path) => path,
+        }
+    }
+}
+
+/// Whether the URI's path-and-query text starts with its path (an absolute-form URI with
+/// an empty path, `http://host?q`, does not: `path()` reads `/` there).
+fn starts_with_path(uri: &Uri) -> bool {
+    uri.path_and_query()
+        .is_some_and(|pq| pq.as_str().starts_with('/'))
+}
+
+/// The URI a rewritten or normalised path goes upstream with, the client's query kept.
+fn upstream_uri(path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    let mut text = String::with_capacity(path.len() + query.map_or(0, |q| q.len() + 1));
+    text.push_str(path);
+    if let Some(q) = query {
+        text.push('?');
+        text.push_str(q);
+    }
+    // From the `String`, so the URI keeps its buffer instead of copying it.
+    Uri::try_from(text).map_err(|e| ProxyError::Upstream(e.to_string()))
 }
 
 /// A response and the request id the gateway stamps on it. The server that sends it adds
@@ -142,7 +178,7 @@ impl Gateway {
         let mut ex = Exchange {
             start: Instant::now(),
             method: parts.method.clone(),
-            path: String::new(),
+            path: NormalPath::Normalised(String::new()),
             request_id: headers::request_id(&parts.headers),
             client_ip: self.edge.client_ip(conn.peer_ip.ip(), &parts.headers),
             route: None,
@@ -166,14 +202,15 @@ impl Gateway {
         body: RequestBody,
         conn: &Conn,
     ) -> Result<Response<ClientBody>, Stop> {
-        ex.path = path::normalize(parts.uri.path())
-            .map_err(ProxyError::from)?
-            .into_owned();
+        ex.path = match path::normalize(parts.uri.path()).map_err(ProxyError::from)? {
+            Cow::Borrowed(_) => NormalPath::AsSent(parts.uri.clone()),
+            Cow::Owned(normalised) => NormalPath::Normalised(normalised),
+        };
         let host = request_host(parts).ok_or(ProxyError::BadHost)?;
         let snapshot = self.state.load();
         let routing_method = cors::routing_method(&parts.method, &parts.headers);
         let found = snapshot
-            .lookup(&host, &ex.path, &routing_method, &parts.headers)
+            .lookup(&host, ex.path.as_str(), &routing_method, &parts.headers)
             .ok_or(ProxyError::NoRoute)?;
         let route = found.route.clone();
         let set = found.upstreams.clone();
@@ -223,13 +260,11 @@ impl Gateway {
             .map_err(Stop::refused)?;
 
         let forwarded = self.forwarded(ex, parts, conn, &host);
-        let upstream_path = route.upstream_path(&ex.path);
-        let path_and_query = match parts.uri.query() {
-            Some(q) => format!("{upstream_path}?{q}"),
-            None => upstream_path.into_owned(),
+        let uri = match (&ex.path, route.upstream_path(ex.path.as_str())) {
+            // The client's path, query and all, goes upstream unchanged: no new URI to build.
+            (NormalPath::AsSent(sent), Cow::Borrowed(_)) if starts_with_path(sent) => sent.clone(),
+            (_, upstream_path) => upstream_uri(&upstream_path, parts.uri.query())?,
         };
-        // From the `String`, so the URI keeps its buffer instead of copying it.
-        let uri = Uri::try_from(path_and_query).map_err(|e| ProxyError::Upstream(e.to_string()))?;
         self.forward(
             ex, parts, body, &route, &set, uri, &forwarded, limit, upgrade,
         )
@@ -444,7 +479,7 @@ impl Finish for Done {
             tracing::info!(target: crate::telemetry::ACCESS_TARGET,
                 request_id = ex.request_id.to_str().unwrap_or(""),
                 method = %ex.method,
-                path = %ex.path,
+                path = ex.path.as_str(),
                 status = self.status,
                 route,
                 service,
@@ -615,4 +650,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_uri_goes_upstream_as_is_only_when_its_text_starts_with_the_path() {
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        assert!(starts_with_path(&uri("/a?b=1")));
+        assert!(starts_with_path(&uri("http://h/a?b=1")));
+        assert!(
+            !starts_with_path(&uri("http://h?b=1")),
+            "path() reads / here"
+        );
+        assert_eq!(upstream_uri("/x", Some("a=1&b")).unwrap(), "/x?a=1&b");
+        assert_eq!(upstream_uri("/x", Some("")).unwrap(), "/x?");
+        assert_eq!(upstream_uri("/x/y", None).unwrap(), "/x/y");
+    }
 }
