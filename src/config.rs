@@ -106,6 +106,14 @@ pub struct ProxySection {
     pub max_connections: usize,
     /// Time a client has to send a complete request head (slowloris guard).
     pub header_read_timeout_ms: u64,
+    /// Longest pause allowed between bytes of a request body (a slow-body client holds a
+    /// connection and a request); the request then ends with 408.
+    pub body_read_timeout_ms: u64,
+    /// Forward request headers whose names contain `_` (nginx's
+    /// `underscores_in_headers`). Off: they are dropped, since many backends read
+    /// `X_User_Id` as `X-User-Id`. On, those that fold into a header the gateway sets
+    /// or strips are still dropped.
+    pub underscores_in_headers: bool,
     /// Largest request head accepted; larger gets 431.
     pub max_header_bytes: usize,
     /// Default request body limit; a route may lower or raise it.
@@ -132,6 +140,8 @@ impl Default for ProxySection {
             listen: "0.0.0.0:8080".into(),
             max_connections: 10_000,
             header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            underscores_in_headers: false,
             max_header_bytes: 64 * 1024,
             max_body_bytes: 10 * 1024 * 1024,
             idle_timeout_s: 60,
@@ -388,6 +398,9 @@ impl FileConfig {
         }
         if self.proxy.header_read_timeout_ms == 0 {
             return Err(invalid("proxy.header_read_timeout_ms", "must be positive"));
+        }
+        if self.proxy.body_read_timeout_ms == 0 {
+            return Err(invalid("proxy.body_read_timeout_ms", "must be positive"));
         }
         if self.proxy.retry_budget_percent > 100 {
             return Err(invalid("proxy.retry_budget_percent", "must be 0..=100"));

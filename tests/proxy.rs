@@ -1019,10 +1019,6 @@ async fn the_http1_server_refuses_ambiguous_framing_and_serves_http10() {
             "POST /p/count HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
         ),
         (
-            "a coding other than chunked",
-            "POST /p/count HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n",
-        ),
-        (
             "two lengths",
             "POST /p/count HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         ),

@@ -9,18 +9,29 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::Identity;
 
-/// Removes every copy of `names` and scrubs those names from `Connection`.
+/// Removes every copy of `names`, in any spelling a backend could read as one of them
+/// (`_` for `-`, which many backends fold together), and scrubs those names
+/// from `Connection`.
 pub fn strip_forged(headers: &mut HeaderMap, names: &[HeaderName]) {
     // A pass over the (few) received names is cheaper than a lookup per name.
     let (mut forged, mut connection) = (false, false);
+    let mut folded: Vec<HeaderName> = Vec::new();
     for k in headers.keys() {
         forged |= names.contains(k);
         connection |= k == CONNECTION;
+        if k.as_str().as_bytes().contains(&b'_')
+            && names.iter().any(|n| folds_into(k.as_str(), n.as_str()))
+        {
+            folded.push(k.clone());
+        }
     }
     if forged {
         for name in names {
             headers.remove(name);
         }
+    }
+    for name in &folded {
+        headers.remove(name);
     }
     if !connection {
         return;
@@ -35,7 +46,8 @@ pub fn strip_forged(headers: &mut HeaderMap, names: &[HeaderName]) {
             continue;
         };
         for token in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            if names.iter().any(|n| n.as_str().eq_ignore_ascii_case(token)) {
+            let lower = token.to_ascii_lowercase();
+            if names.iter().any(|n| folds_into(&lower, n.as_str())) {
                 scrubbed = true;
             } else {
                 kept.push(token.to_string());
@@ -51,6 +63,16 @@ pub fn strip_forged(headers: &mut HeaderMap, names: &[HeaderName]) {
             headers.insert(CONNECTION, v);
         }
     }
+}
+
+/// Whether `name` (lower case, as header names are kept) reads as `owned` once `_` is
+/// taken for `-`.
+pub fn folds_into(name: &str, owned: &str) -> bool {
+    name.len() == owned.len()
+        && name
+            .bytes()
+            .zip(owned.bytes())
+            .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
 }
 
 /// Writes the identity's headers (replacing any value) and removes `remove` (the
@@ -87,6 +109,19 @@ mod tests {
         strip_forged(&mut h, &names());
         assert!(!h.contains_key("x-user-id") && !h.contains_key("x-consumer"));
         assert_eq!(h["x-other"], "kept");
+    }
+
+    #[test]
+    fn underscore_spellings_are_removed_with_the_names_they_fold_into() {
+        let mut h = HeaderMap::new();
+        h.append("x_user_id", "root".parse().unwrap());
+        h.append("X-User_Id", "root".parse().unwrap());
+        h.append("x_user_ids", "kept".parse().unwrap());
+        h.append(CONNECTION, "x_consumer, x-a".parse().unwrap());
+        strip_forged(&mut h, &names());
+        let kept: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(kept, ["x_user_ids", "connection"]);
+        assert_eq!(h[CONNECTION], "x-a");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! request's bookkeeping: access log, metrics, in-flight counter.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -28,6 +28,8 @@ pub enum BodyError {
     Hyper(#[from] hyper::Error),
     #[error("client request body: {0}")]
     Client(String),
+    #[error("the client sent no request body bytes for too long")]
+    ClientIdle,
 }
 
 /// A request body as a client sends it: over HTTP/1.1 (read by the gateway's own server)
@@ -80,14 +82,48 @@ impl Body for RequestBody {
     }
 }
 
-/// Set when a streamed request body went over its limit, so the handler answers 413
-/// instead of reporting an upstream failure.
+/// What the client did wrong with a streamed request body, as the handler needs to know
+/// after a failed try: it answers for the client (413, 408, 400) and does not hold the
+/// failure against the instance. Also tells whether the body was read to its end.
 #[derive(Debug, Clone, Default)]
-pub struct Overflow(Arc<AtomicBool>);
+pub struct BodyFault(Arc<AtomicU8>);
 
-impl Overflow {
-    pub fn happened(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+/// The client's part in a failed exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFault {
+    /// More bytes than the route allows.
+    TooLarge,
+    /// Nothing arrived for the body read timeout.
+    Idle,
+    /// Framing the gateway refused (a bad chunk), or the client's stream broke.
+    Broken,
+}
+
+const COMPLETE: u8 = 1 << 7;
+
+impl BodyFault {
+    fn record(&self, error: &BodyError) {
+        let fault = match error {
+            BodyError::TooLarge(_) => ClientFault::TooLarge,
+            BodyError::ClientIdle => ClientFault::Idle,
+            BodyError::Client(_) | BodyError::Hyper(_) => ClientFault::Broken,
+        };
+        self.0.fetch_or(fault as u8 + 1, Ordering::Relaxed);
+    }
+
+    /// The client's fault, if the body failed on its side.
+    pub fn fault(&self) -> Option<ClientFault> {
+        match self.0.load(Ordering::Relaxed) & !COMPLETE {
+            0 => None,
+            1 => Some(ClientFault::TooLarge),
+            2 => Some(ClientFault::Idle),
+            _ => Some(ClientFault::Broken),
+        }
+    }
+
+    /// Whether all of the body came from the client.
+    pub fn is_complete(&self) -> bool {
+        self.0.load(Ordering::Relaxed) & COMPLETE != 0
     }
 }
 
@@ -96,24 +132,31 @@ impl Overflow {
 pub enum UpstreamBody {
     Empty,
     Full(Option<Bytes>),
+    /// The client's body as it arrives, after `prefix` (what had arrived by the time the
+    /// request went upstream). Request trailers are dropped, as nginx and Envoy do by
+    /// default: fields after the body would reach the instance unchecked by the phases
+    /// that cleaned the head.
     Stream {
+        prefix: Option<Bytes>,
         inner: RequestBody,
         seen: u64,
         limit: u64,
-        overflow: Overflow,
+        fault: BodyFault,
     },
 }
 
 impl UpstreamBody {
-    pub fn limited(inner: RequestBody, limit: u64) -> (UpstreamBody, Overflow) {
-        let overflow = Overflow::default();
+    /// `inner` after `prefix`, whose bytes already count against `limit`.
+    pub fn limited(prefix: Bytes, inner: RequestBody, limit: u64) -> (UpstreamBody, BodyFault) {
+        let fault = BodyFault::default();
         let body = UpstreamBody::Stream {
+            seen: prefix.len() as u64,
+            prefix: (!prefix.is_empty()).then_some(prefix),
             inner,
-            seen: 0,
             limit,
-            overflow: overflow.clone(),
+            fault: fault.clone(),
         };
-        (body, overflow)
+        (body, fault)
     }
 }
 
@@ -129,22 +172,38 @@ impl Body for UpstreamBody {
             UpstreamBody::Empty => Poll::Ready(None),
             UpstreamBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             UpstreamBody::Stream {
+                prefix,
                 inner,
                 seen,
                 limit,
-                overflow,
+                fault,
             } => {
-                let frame = ready!(Pin::new(inner).poll_frame(cx));
-                if let Some(Ok(f)) = &frame {
-                    if let Some(d) = f.data_ref() {
-                        *seen += d.len() as u64;
-                        if *seen > *limit {
-                            overflow.0.store(true, Ordering::Relaxed);
-                            return Poll::Ready(Some(Err(BodyError::TooLarge(*limit))));
-                        }
-                    }
+                if let Some(data) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Poll::Ready(frame)
+                loop {
+                    let frame = match ready!(Pin::new(&mut *inner).poll_frame(cx)) {
+                        None => {
+                            fault.0.fetch_or(COMPLETE, Ordering::Relaxed);
+                            return Poll::Ready(None);
+                        }
+                        Some(Err(e)) => {
+                            fault.record(&e);
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                        Some(Ok(frame)) => frame,
+                    };
+                    let Some(data) = frame.data_ref() else {
+                        continue;
+                    };
+                    *seen += data.len() as u64;
+                    if *seen > *limit {
+                        let e = BodyError::TooLarge(*limit);
+                        fault.record(&e);
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
             }
         }
     }
@@ -153,7 +212,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Empty => true,
             UpstreamBody::Full(d) => d.is_none(),
-            UpstreamBody::Stream { inner, .. } => inner.is_end_stream(),
+            UpstreamBody::Stream { prefix, inner, .. } => prefix.is_none() && inner.is_end_stream(),
         }
     }
 
@@ -161,7 +220,16 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Empty => SizeHint::with_exact(0),
             UpstreamBody::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
-            UpstreamBody::Stream { inner, .. } => inner.size_hint(),
+            UpstreamBody::Stream { prefix, inner, .. } => {
+                let early = prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let rest = inner.size_hint();
+                let mut hint = SizeHint::new();
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + early);
+                }
+                hint.set_lower(rest.lower() + early);
+                hint
+            }
         }
     }
 }

@@ -20,6 +20,12 @@ use tokio::io::{AsyncRead, ReadBuf};
 const READ_CHUNK: usize = 32 * 1024;
 /// Trailer sections are bounded like heads.
 const MAX_TRAILERS: usize = 64 * 1024;
+/// The longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Chunk extensions one body may carry in all, as hyper allows.
+const MAX_EXTENSIONS: usize = 16 * 1024;
+/// Hex digits of a chunk size: a `u64`, no more.
+const MAX_SIZE_DIGITS: usize = 16;
 
 thread_local! {
     /// Where every read lands first, and where heads are encoded.
@@ -136,7 +142,9 @@ pub(super) struct Facts {
     pub keep_alive: bool,
     /// `Connection` names other headers, to be removed with it.
     pub named: bool,
-    /// `Transfer-Encoding` present: whether its last coding is `chunked`.
+    /// `Transfer-Encoding` present: whether it names `chunked` alone (one field, one
+    /// coding). Anything else (`gzip, chunked`, `chunked, chunked`, two fields, an empty
+    /// value) is `Some(false)`: a coding the gateway does not speak.
     pub chunked: Option<bool>,
     pub length: Option<u64>,
     pub bad_length: Option<&'static str>,
@@ -186,8 +194,13 @@ impl Facts {
                 self.named |= !close && !keep_alive;
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = tokens().next_back().unwrap_or_default();
-            self.chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+            let mut codings = tokens();
+            let only_chunked = codings
+                .next()
+                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+                && codings.next().is_none()
+                && !value.contains(&b',');
+            self.chunked = Some(only_chunked && self.chunked.is_none());
         } else if name.eq_ignore_ascii_case("content-length") {
             for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 let n =
@@ -218,12 +231,28 @@ impl Facts {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Decoding {
     Length(u64),
-    Chunked(Chunk),
+    Chunked(Chunked),
     /// Until the peer closes (responses only).
     Close,
     /// The connection now speaks another protocol (`101`); no body.
     Upgraded,
     Done,
+}
+
+/// Where a chunked body is, and how many bytes of chunk extensions it has carried (the
+/// gateway ignores them; they are capped like hyper's, so a body cannot be endless
+/// extensions around one-byte chunks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Chunked {
+    pub at: Chunk,
+    pub extensions: usize,
+}
+
+impl Chunked {
+    pub const START: Chunked = Chunked {
+        at: Chunk::Size,
+        extensions: 0,
+    };
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,6 +278,8 @@ pub(super) enum DecodeError {
     Parse(httparse::Error),
     #[error("trailers exceed {MAX_TRAILERS} bytes")]
     TooLarge,
+    #[error("the peer sent nothing for too long")]
+    TimedOut,
 }
 
 /// A connection's read side, as the decoder needs it.
@@ -291,8 +322,8 @@ impl Decoding {
                     let data = std::mem::take(src.buffered());
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Decoding::Chunked(chunk) => {
-                    if let Some(frame) = ready!(self.poll_chunked(src, cx, chunk)) {
+                Decoding::Chunked(chunked) => {
+                    if let Some(frame) = ready!(self.poll_chunked(src, cx, chunked)) {
                         return Poll::Ready(Some(frame));
                     }
                 }
@@ -306,25 +337,39 @@ impl Decoding {
         &mut self,
         src: &mut S,
         cx: &mut Context<'_>,
-        chunk: Chunk,
+        chunked: Chunked,
     ) -> Poll<Option<Result<Frame<Bytes>, DecodeError>>> {
         let read = src.buffered();
-        let need_more = match chunk {
-            Chunk::Size => match httparse::parse_chunk_size(read) {
-                Ok(httparse::Status::Complete((used, size))) => {
-                    read.advance(used);
-                    *self = Decoding::Chunked(if size == 0 {
+        let at = |at| Decoding::Chunked(Chunked { at, ..chunked });
+        let need_more = match chunked.at {
+            Chunk::Size => match parse_chunk_line(read) {
+                Ok(Some(line)) if line.used > MAX_CHUNK_LINE => {
+                    return Poll::Ready(Some(Err(DecodeError::Framing("chunk size line too long"))))
+                }
+                Ok(Some(line)) => {
+                    let extensions = chunked.extensions + line.extension;
+                    if extensions > MAX_EXTENSIONS {
+                        return Poll::Ready(Some(Err(DecodeError::Framing(
+                            "chunk extensions too long",
+                        ))));
+                    }
+                    read.advance(line.used);
+                    let next = if line.size == 0 {
                         Chunk::Trailers
                     } else {
-                        Chunk::Data(size)
+                        Chunk::Data(line.size)
+                    };
+                    *self = Decoding::Chunked(Chunked {
+                        at: next,
+                        extensions,
                     });
                     false
                 }
-                Ok(httparse::Status::Partial) if read.len() > 4096 => {
+                Ok(None) if read.len() > MAX_CHUNK_LINE => {
                     return Poll::Ready(Some(Err(DecodeError::Framing("chunk size line too long"))))
                 }
-                Ok(httparse::Status::Partial) => true,
-                Err(_) => return Poll::Ready(Some(Err(DecodeError::Framing("bad chunk size")))),
+                Ok(None) => true,
+                Err(why) => return Poll::Ready(Some(Err(DecodeError::Framing(why)))),
             },
             Chunk::Data(left) => {
                 if read.is_empty() {
@@ -332,7 +377,7 @@ impl Decoding {
                 } else {
                     let n = (read.len() as u64).min(left);
                     let data = read.split_to(n as usize);
-                    *self = Decoding::Chunked(if n == left {
+                    *self = at(if n == left {
                         Chunk::DataEnd
                     } else {
                         Chunk::Data(left - n)
@@ -345,7 +390,7 @@ impl Decoding {
                     true
                 } else if &read[..2] == b"\r\n" {
                     read.advance(2);
-                    *self = Decoding::Chunked(Chunk::Size);
+                    *self = at(Chunk::Size);
                     false
                 } else {
                     return Poll::Ready(Some(Err(DecodeError::Framing("chunk not ended by CRLF"))));
@@ -360,6 +405,11 @@ impl Decoding {
                 let mut slots = [httparse::EMPTY_HEADER; 32];
                 match httparse::parse_headers(read, &mut slots) {
                     Ok(httparse::Status::Complete((used, fields))) => {
+                        if has_bare_lf(&read[..used]) {
+                            return Poll::Ready(Some(Err(DecodeError::Framing(
+                                "bare LF in the trailers",
+                            ))));
+                        }
                         let mut trailers = HeaderMap::new();
                         for f in fields {
                             if let (Ok(name), Ok(value)) = (
@@ -400,6 +450,83 @@ impl Decoding {
     }
 }
 
+/// A complete chunk-size line.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct ChunkLine {
+    /// Bytes of the line, CRLF included.
+    pub used: usize,
+    pub size: u64,
+    /// Bytes of its extensions.
+    pub extension: usize,
+}
+
+/// Parses `chunk-size [ BWS ";" chunk-ext ] CRLF` (RFC 9112 §7.1) more strictly than the
+/// grammar allows, so that no peer can read the line differently: 1 to 16 hex digits,
+/// white space only before an extension, extensions of visible characters, space and tab
+/// only (no bare CR or LF), and CRLF. `Ok(None)` when the line is not complete yet.
+pub(super) fn parse_chunk_line(buf: &[u8]) -> Result<Option<ChunkLine>, &'static str> {
+    let digits = buf.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits > MAX_SIZE_DIGITS {
+        return Err("chunk size too large");
+    }
+    if digits == buf.len() {
+        return Ok(None);
+    }
+    if digits == 0 {
+        return Err("bad chunk size");
+    }
+    let size = buf[..digits].iter().fold(0u64, |n, &d| {
+        let v = (d as char).to_digit(16).unwrap_or(0) as u64;
+        n << 4 | v
+    });
+    let mut at = digits;
+    let blank = buf[at..]
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
+    at += blank;
+    let Some(&next) = buf.get(at) else {
+        return Ok(None);
+    };
+    let ext_start = at;
+    if next == b';' {
+        let ext = buf[at..]
+            .iter()
+            .take_while(|&&b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
+            .count();
+        at += ext;
+    } else if blank > 0 {
+        return Err("white space in a chunk size line");
+    }
+    match buf.get(at) {
+        None => Ok(None),
+        Some(b'\r') => match buf.get(at + 1) {
+            None => Ok(None),
+            Some(b'\n') => Ok(Some(ChunkLine {
+                used: at + 2,
+                size,
+                extension: at - ext_start,
+            })),
+            Some(_) => Err("bad chunk size line ending"),
+        },
+        Some(_) => Err("bad character in a chunk size line"),
+    }
+}
+
+/// Whether `bytes` hold an LF not preceded by CR: heads and trailers are read with CRLF
+/// line ends only, so that a peer that ends lines differently cannot disagree on them.
+pub(super) fn has_bare_lf(bytes: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(i) = bytes[from..].iter().position(|&b| b == b'\n') {
+        let at = from + i;
+        if at == 0 || bytes[at - 1] != b'\r' {
+            return true;
+        }
+        from = at + 1;
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,5 +542,136 @@ mod tests {
         out.clear();
         push_hex(&mut out, 0x1f4);
         assert_eq!(out, b"1f4");
+    }
+    #[test]
+    fn chunk_size_lines_are_read_strictly() {
+        let line = |text: &str| parse_chunk_line(text.as_bytes());
+        let ok = |text: &str, size: u64| {
+            let got = line(text).unwrap().unwrap();
+            assert_eq!((got.used, got.size), (text.len(), size), "{text:?}");
+        };
+        ok("5\r\n", 5);
+        ok("1F4\r\n", 0x1f4);
+        ok("0\r\n", 0);
+        ok("a;name=value\r\n", 10);
+        ok("a ;x\r\n", 10);
+        ok("ffffffffffffffff\r\n", u64::MAX);
+        assert_eq!(line("5;e=1\r\n").unwrap().unwrap().extension, 4);
+        for partial in ["", "5", "5\r", "5;ext", "5 ", "5 ;x\r"] {
+            assert_eq!(line(partial), Ok(None), "{partial:?}");
+        }
+        for bad in [
+            "\r\n",
+            " \r\n",
+            "   5\r\n",
+            ";ext\r\n",
+            "5 \r\n",
+            "5\n",
+            "5;ext\n",
+            "5;a\nb\r\n",
+            "5;a\rb\r\n",
+            "5\r5",
+            "-5\r\n",
+            "+5\r\n",
+            "0x5\r\n",
+            "5\x00\r\n",
+            "10000000000000000\r\n",
+            "00000000000000005\r\n",
+        ] {
+            assert!(line(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn bare_line_feeds_are_found() {
+        assert!(!has_bare_lf(b"a\r\nb\r\n\r\n"));
+        assert!(has_bare_lf(b"a\nb"));
+        assert!(has_bare_lf(b"\n"));
+        assert!(has_bare_lf(b"a\r\n\n"));
+        assert!(!has_bare_lf(b""));
+    }
+
+    #[test]
+    fn transfer_encoding_is_chunked_only_when_it_says_chunked_alone() {
+        let chunked = |values: &[&str]| {
+            let mut facts = Facts::default();
+            for v in values {
+                facts.note("Transfer-Encoding", v.as_bytes());
+            }
+            facts.chunked
+        };
+        assert_eq!(chunked(&["chunked"]), Some(true));
+        assert_eq!(chunked(&["Chunked"]), Some(true));
+        for other in [
+            &["gzip, chunked"][..],
+            &["chunked, chunked"],
+            &["chunked", "chunked"],
+            &["identity"],
+            &["chunked,"],
+            &[""],
+            &["gzip", "chunked"],
+        ] {
+            assert_eq!(chunked(other), Some(false), "{other:?}");
+        }
+        assert_eq!(chunked(&[]), None);
+    }
+
+    struct Bytesrc(Bytes);
+
+    impl Source for Bytesrc {
+        fn buffered(&mut self) -> &mut Bytes {
+            &mut self.0
+        }
+        fn poll_more(&mut self, _: &mut Context<'_>) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(0))
+        }
+    }
+
+    /// Decodes all of `text` as a chunked body: the data, or the first error.
+    fn dechunk(text: &[u8]) -> Result<(Vec<u8>, Bytes), DecodeError> {
+        let mut src = Bytesrc(Bytes::copy_from_slice(text));
+        let mut state = Decoding::Chunked(Chunked::START);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut data = Vec::new();
+        loop {
+            match state.poll_frame(&mut src, &mut cx) {
+                Poll::Ready(None) => return Ok((data, src.0)),
+                Poll::Ready(Some(Err(e))) => return Err(e),
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(d) = frame.data_ref() {
+                        data.extend_from_slice(d);
+                    }
+                }
+                Poll::Pending => unreachable!("the source never waits"),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_end_exactly_where_their_last_chunk_says() {
+        let (data, rest) = dechunk(b"3\r\nabc\r\n0\r\n\r\nGET / HTTP/1.1").unwrap();
+        assert_eq!(data, b"abc");
+        assert_eq!(&rest[..], b"GET / HTTP/1.1");
+        let (data, rest) = dechunk(b"2;x=y\r\nok\r\n0\r\nx-t: 1\r\n\r\n").unwrap();
+        assert_eq!((&data[..], &rest[..]), (&b"ok"[..], &b""[..]));
+        for smuggled in [
+            &b"\r\n\r\nGET /admin HTTP/1.1\r\n\r\n"[..],
+            b"3\r\nabc\r\n\r\n0\r\n\r\n",
+            b"3\r\nabcd\r\n0\r\n\r\n",
+            b"3\nabc\r\n0\r\n\r\n",
+            b"0\r\nx-t: 1\n\r\n",
+        ] {
+            assert!(
+                dechunk(smuggled).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(smuggled)
+            );
+        }
+        let many = "1;".to_string() + &"e".repeat(1000) + "\r\nx\r\n";
+        let body = many.repeat(20) + "0\r\n\r\n";
+        assert!(
+            matches!(dechunk(body.as_bytes()), Err(DecodeError::Framing(w)) if w.contains("extensions")),
+            "extensions are capped over the whole body"
+        );
     }
 }

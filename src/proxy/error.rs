@@ -13,6 +13,12 @@ pub enum ProxyError {
     BadPath(#[from] PathError),
     #[error("the request has no usable host")]
     BadHost,
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("the path holds an encoded slash or backslash, which this route does not accept")]
+    EscapedSlash,
+    #[error("the client sent no request body bytes for too long")]
+    BodyTimeout,
     #[error("no route matches this request")]
     NoRoute,
     #[error("request body exceeds {0} bytes")]
@@ -30,9 +36,12 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadPath(_) | ProxyError::BadHost | ProxyError::ClientBody(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::BadPath(_)
+            | ProxyError::BadHost
+            | ProxyError::BadRequest(_)
+            | ProxyError::EscapedSlash
+            | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoInstance(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -41,10 +50,27 @@ impl ProxyError {
         }
     }
 
+    /// Whether the client sent something the gateway cannot read as one well-formed
+    /// request (its connection is then closed after the answer).
+    pub fn is_malformed_request(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadPath(_)
+                | ProxyError::BadHost
+                | ProxyError::BadRequest(_)
+                | ProxyError::EscapedSlash
+                | ProxyError::ClientBody(_)
+                | ProxyError::BodyTimeout
+        )
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::BadPath(_) => "bad_path",
             ProxyError::BadHost => "bad_host",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::EscapedSlash => "escaped_slash",
+            ProxyError::BodyTimeout => "body_timeout",
             ProxyError::ClientBody(_) => "bad_body",
             ProxyError::NoRoute => "no_route",
             ProxyError::BodyTooLarge(_) => "body_too_large",

@@ -30,7 +30,7 @@ use tokio::io::AsyncWrite;
 
 use super::body::{BodyError, UpstreamBody};
 use super::codec::{
-    self, push_header, push_hex, Chunk, DecodeError, Decoding, Facts, Source, SCRATCH,
+    self, push_header, push_hex, Chunked, DecodeError, Decoding, Facts, Source, SCRATCH,
 };
 use super::headers::{self, Forwarded};
 use super::pool::Home;
@@ -40,6 +40,8 @@ use super::upstream::UpstreamStream;
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Headers in one response head, as in hyper.
 const MAX_HEADERS: usize = 100;
+/// Interim (`1xx`) answers skipped before a final one; more is a broken instance.
+const MAX_INTERIM: usize = 8;
 /// Buffered request bodies up to this size leave in the same write as their head.
 const INLINE_BODY: usize = 16 * 1024;
 /// Request body frames up to this size are copied next to their chunk framing so they
@@ -72,6 +74,7 @@ impl From<DecodeError> for H1Error {
             DecodeError::Framing(what) => H1Error::Framing(what),
             DecodeError::Parse(e) => H1Error::Parse(e),
             DecodeError::TooLarge => H1Error::HeadTooLarge,
+            DecodeError::TimedOut => H1Error::Io(io::ErrorKind::TimedOut.into()),
         }
     }
 }
@@ -130,6 +133,8 @@ pub struct Connection {
     unflushed: bool,
     /// Requests this connection has carried.
     served: u32,
+    /// Interim answers read for the current request.
+    interim: usize,
     /// The pool it goes back to between requests.
     home: Home,
 }
@@ -144,6 +149,7 @@ impl Connection {
             unsent: Vec::new(),
             unflushed: false,
             served: 0,
+            interim: 0,
             home,
         })
     }
@@ -224,6 +230,13 @@ impl Connection {
                     if !informational {
                         return Poll::Ready(Ok(head));
                     }
+                    // RFC 9110 §15.2: interim answers have no body and precede the final
+                    // one; the gateway asked for none (it never forwards `Expect`), so
+                    // they are read and dropped, a bounded number of them.
+                    self.interim += 1;
+                    if self.interim > MAX_INTERIM {
+                        return Poll::Ready(Err(H1Error::Framing("too many interim responses")));
+                    }
                     continue;
                 }
             }
@@ -259,6 +272,9 @@ impl Connection {
         };
         if len > MAX_HEAD {
             return Err(H1Error::HeadTooLarge);
+        }
+        if codec::has_bare_lf(&buf[..len]) {
+            return Err(H1Error::Framing("bare LF in the response head"));
         }
         let code = parsed.code.unwrap_or_default();
         let status = StatusCode::from_u16(code).map_err(|_| H1Error::Framing("bad status code"))?;
@@ -523,8 +539,8 @@ fn encode_head(
             let framing = Upload::Length(data.len() as u64);
             return Some(Outgoing::new(UpstreamBody::Full(Some(data)), framing));
         }
-        UpstreamBody::Stream { inner, .. } => {
-            let known = inner.size_hint().exact().or(declared);
+        UpstreamBody::Stream { .. } => {
+            let known = body.size_hint().exact().or(declared);
             let framing = match known {
                 Some(n) => {
                     out.extend_from_slice(b"content-length: ");
@@ -594,6 +610,7 @@ pub async fn exchange(
         }
     };
     conn.served += 1;
+    conn.interim = 0;
     let upgraded = head.status == StatusCode::SWITCHING_PROTOCOLS;
     if upgraded && !wants_upgrade {
         return Err((
@@ -616,15 +633,18 @@ pub async fn exchange(
         match framing {
             Framing::Length(0) => Decoding::Done,
             Framing::Length(n) => Decoding::Length(n),
-            Framing::Chunked => Decoding::Chunked(Chunk::Size),
+            Framing::Chunked => Decoding::Chunked(Chunked::START),
             Framing::Close => Decoding::Close,
         }
     };
+    // An instance that answered before it had the whole request body may read the rest
+    // of it as a next request: such a connection is never reused.
+    let upload = upload.filter(|u| !u.is_done());
     let body = ResponseBody {
         conn: Some(conn),
         state,
-        keep_alive: keep_alive && !upgraded,
-        upload: upload.filter(|u| !u.is_done()),
+        keep_alive: keep_alive && !upgraded && upload.is_none(),
+        upload,
     };
     let mut response = Response::new(body);
     *response.status_mut() = head.status;
@@ -659,7 +679,8 @@ fn response_framing(head: &Head, head_request: bool) -> Result<(Framing, bool), 
         if chunked {
             return Ok((Framing::Chunked, keep_alive && !both));
         }
-        return Ok((Framing::Close, false));
+        // Another coding (`gzip, chunked`) would reach the client undecoded and unnamed.
+        return Err(H1Error::Framing("unsupported transfer coding"));
     }
     if let Some(problem) = facts.bad_length {
         return Err(H1Error::Framing(problem));
@@ -676,7 +697,9 @@ pub struct ResponseBody {
     conn: Option<Box<Connection>>,
     state: Decoding,
     keep_alive: bool,
-    /// The rest of a request body the instance answered before receiving all of.
+    /// The rest of a request body the instance answered before receiving all of; sent
+    /// while the answer is read (the instance may be waiting for it), and the connection
+    /// is closed after.
     upload: Option<Box<Outgoing>>,
 }
 
@@ -697,16 +720,15 @@ impl ResponseBody {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
+        // Bytes past the end of the answer belong to no request: the connection's
+        // framing is in doubt.
         if !self.keep_alive || !conn.read.is_empty() {
             return;
         }
         // An empty slice still holds the buffer it was cut from; an idle connection
         // keeps nothing.
         conn.read = Bytes::new();
-        match self.upload.take() {
-            None => Home::recycle(conn),
-            Some(upload) => finish_upload(conn, upload),
-        }
+        Home::recycle(conn);
     }
 
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
@@ -737,24 +759,6 @@ impl Source for Connection {
     fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         self.poll_fill(cx)
     }
-}
-
-/// Sends what is left of an upload whose answer is already complete, then recycles the
-/// connection; closes it instead if that takes longer than the pool's idle timeout, so a
-/// slow uploader never holds a connection another request is waiting for.
-fn finish_upload(mut conn: Box<Connection>, mut upload: Box<Outgoing>) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    let Some(grace) = conn.home().idle_timeout() else {
-        return;
-    };
-    runtime.spawn(async move {
-        let send = std::future::poll_fn(|cx| upload.poll_send(&mut conn.io, cx));
-        if let Ok(Ok(())) = tokio::time::timeout(grace, send).await {
-            Home::recycle(conn);
-        }
-    });
 }
 
 impl Body for ResponseBody {

@@ -82,6 +82,11 @@ pub struct H1Body {
     back: Option<oneshot::Sender<Box<ReadSide>>>,
     /// Asks the connection's loop to send `100 Continue` (the client waits for it).
     expect: Option<oneshot::Sender<()>>,
+    /// The longest the client may leave the body idle between two reads that found
+    /// nothing (a slow-body client holds a connection and a request slot).
+    idle_limit: Duration,
+    /// Armed while a read waits for the client.
+    idle: Option<Pin<Box<Sleep>>>,
 }
 
 impl H1Body {
@@ -113,7 +118,24 @@ impl Body for H1Body {
         let Some(side) = this.side.as_mut() else {
             return Poll::Ready(None);
         };
-        let frame = ready!(side.body.poll_frame(&mut side.reader, cx));
+        let frame = match side.body.poll_frame(&mut side.reader, cx) {
+            Poll::Ready(frame) => {
+                this.idle = None;
+                frame
+            }
+            Poll::Pending => {
+                let limit = this.idle_limit;
+                let idle = this
+                    .idle
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                ready!(idle.as_mut().poll(cx));
+                this.idle = None;
+                Some(Err(DecodeError::TimedOut))
+            }
+        };
+        let Some(side) = this.side.as_mut() else {
+            return Poll::Ready(None);
+        };
         match &frame {
             Some(Err(_)) => {
                 side.broken = true;
@@ -145,6 +167,8 @@ enum HeadError {
     Truncated,
     TooLarge,
     Bad(&'static str),
+    /// A transfer coding other than chunked (RFC 9112 §6.1: 501).
+    Unsupported(&'static str),
 }
 
 /// A request head as the connection's loop needs it.
@@ -216,15 +240,21 @@ pub async fn serve(
         let mut keep_alive = facts.keeps_alive(http10);
         let framing = match request_framing(&facts, http10) {
             Ok(f) => f,
-            Err(why) => {
-                refuse(&mut write, HeadError::Bad(why)).await;
+            Err(e) => {
+                refuse(&mut write, e).await;
                 break;
             }
         };
         let head_request = parts.method == Method::HEAD;
 
         let mut upgrade = None;
-        if facts.named && !http10 && headers::wants_upgrade(&parts.headers) {
+        // Only WebSocket may switch protocols: any other upgrade (`h2c` above all) would
+        // open a raw tunnel to the instance past routing, auth and policy.
+        if facts.named
+            && !http10
+            && parts.method == Method::GET
+            && headers::wants_websocket(&parts.headers)
+        {
             let (tx, on_upgrade) = OnUpgrade::channel();
             parts.extensions.insert(on_upgrade);
             upgrade = Some(tx);
@@ -246,6 +276,8 @@ pub async fn serve(
                 side: side.take(),
                 back: Some(back),
                 expect,
+                idle_limit: settings.body_read_timeout,
+                idle: None,
             })
         };
 
@@ -269,6 +301,9 @@ pub async fn serve(
             },
         };
         drop(answer);
+        if response.close {
+            keep_alive = false;
+        }
         // Answered without asking for the body: the client may still be waiting to send
         // it, so the connection cannot go on.
         if expect_continue && !continued {
@@ -387,6 +422,9 @@ fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Head>, HeadErr
     if len > max_head {
         return Err(HeadError::TooLarge);
     }
+    if codec::has_bare_lf(&buf[..len]) {
+        return Err(HeadError::Bad("bare LF in the request head"));
+    }
     let method = parsed.method.unwrap_or_default();
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Bad("bad method"))?;
     let version = match parsed.version {
@@ -453,18 +491,23 @@ fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Head>, HeadErr
 /// RFC 9112 §6.3 for requests. A request that could be read two ways by two servers
 /// (`Transfer-Encoding` with `Content-Length`, or a coding other than chunked last) is
 /// refused rather than guessed at.
-fn request_framing(facts: &Facts, http10: bool) -> Result<Decoding, &'static str> {
+fn request_framing(facts: &Facts, http10: bool) -> Result<Decoding, HeadError> {
     if let Some(chunked) = facts.chunked {
         if facts.length.is_some() || facts.bad_length.is_some() {
-            return Err("both Transfer-Encoding and Content-Length");
+            return Err(HeadError::Bad("both Transfer-Encoding and Content-Length"));
         }
-        if !chunked || http10 {
-            return Err("unsupported Transfer-Encoding");
+        if http10 {
+            return Err(HeadError::Bad("Transfer-Encoding in an HTTP/1.0 request"));
         }
-        return Ok(Decoding::Chunked(codec::Chunk::Size));
+        if !chunked {
+            return Err(HeadError::Unsupported(
+                "only Transfer-Encoding: chunked is accepted",
+            ));
+        }
+        return Ok(Decoding::Chunked(codec::Chunked::START));
     }
     if let Some(problem) = facts.bad_length {
-        return Err(problem);
+        return Err(HeadError::Bad(problem));
     }
     Ok(match facts.length {
         None | Some(0) => Decoding::Done,
@@ -481,6 +524,7 @@ async fn refuse(write: &mut ClientWrite, error: HeadError) {
             "request head too large",
         ),
         HeadError::Bad(why) => (StatusCode::BAD_REQUEST, "bad_request", why),
+        HeadError::Unsupported(why) => (StatusCode::NOT_IMPLEMENTED, "not_implemented", why),
         HeadError::Io | HeadError::Timeout | HeadError::Truncated => return,
     };
     let request_id = headers::new_request_id();
@@ -639,7 +683,9 @@ async fn write_response(write: &mut ClientWrite, answer: Answer, ex: Exchange) -
         Out::Chunked => {
             buf.extend_from_slice(b"0\r\n");
             for (name, value) in trailers.iter().flatten() {
-                codec::push_header(&mut buf, name, value);
+                if headers::may_trail(name) {
+                    codec::push_header(&mut buf, name, value);
+                }
             }
             buf.extend_from_slice(b"\r\n");
         }
@@ -827,7 +873,10 @@ async fn drain(side: &mut ReadSide) -> bool {
 
 impl From<DecodeError> for BodyError {
     fn from(e: DecodeError) -> BodyError {
-        BodyError::Client(e.to_string())
+        match e {
+            DecodeError::TimedOut => BodyError::ClientIdle,
+            e => BodyError::Client(e.to_string()),
+        }
     }
 }
 
@@ -893,7 +942,7 @@ mod tests {
         let chunked = facts("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(
             request_framing(&chunked, false).unwrap(),
-            Decoding::Chunked(codec::Chunk::Size)
+            Decoding::Chunked(codec::Chunked::START)
         );
         assert!(
             request_framing(&chunked, true).is_err(),

@@ -6,8 +6,10 @@
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,7 +20,9 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 
-use super::body::{ClientBody, Finish, Overflow, RequestBody, UpstreamBody};
+use super::body::{
+    BodyError, BodyFault, ClientBody, ClientFault, Finish, RequestBody, UpstreamBody,
+};
 use super::client_io::OnUpgrade;
 use super::error::ProxyError;
 use super::h1::RequestHead;
@@ -32,7 +36,7 @@ use crate::auth::Rejection;
 use crate::balance::{self, outlier, Tried};
 use crate::discovery::{ms_at, now_ms, EndpointStats, UpstreamSet};
 use crate::policy::{cors, Admission, PeerIp, Reply};
-use crate::routing::spec::UpstreamProtocol;
+use crate::routing::spec::{EscapedSlashes, UpstreamProtocol};
 use crate::routing::Route;
 
 /// Bodies up to this size are buffered when the request may be retried, so a retry can
@@ -114,6 +118,9 @@ fn upstream_uri(path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
 pub struct Answer {
     pub response: Response<ClientBody>,
     pub request_id: HeaderValue,
+    /// The request was malformed: the connection it came on ends with this answer, as
+    /// nginx does after a 400 (what follows on it may not be framed as the client meant).
+    pub close: bool,
 }
 
 impl Answer {
@@ -188,11 +195,17 @@ impl Gateway {
             tries: 0,
             in_flight: None,
         };
+        let mut close = false;
         let response = match self.process(&mut ex, &mut parts, body, conn).await {
             Ok(r) => r,
-            Err(stop) => stop.into_response(&ex.request_id),
+            Err(stop) => {
+                close = matches!(&stop, Stop::Error(e) if e.is_malformed_request());
+                stop.into_response(&ex.request_id)
+            }
         };
-        self.respond(ex, response)
+        let mut answer = self.respond(ex, response);
+        answer.close = close;
+        answer
     }
 
     async fn process(
@@ -202,6 +215,8 @@ impl Gateway {
         body: RequestBody,
         conn: &Conn,
     ) -> Result<Response<ClientBody>, Stop> {
+        check_authority(parts)?;
+        headers::scrub_request(&mut parts.headers, self.settings.underscores_in_headers);
         ex.path = match path::normalize(parts.uri.path()).map_err(ProxyError::from)? {
             Cow::Borrowed(_) => NormalPath::AsSent(parts.uri.clone()),
             Cow::Owned(normalised) => NormalPath::Normalised(normalised),
@@ -209,9 +224,26 @@ impl Gateway {
         let host = request_host(parts).ok_or(ProxyError::BadHost)?;
         let snapshot = self.state.load();
         let routing_method = cors::routing_method(&parts.method, &parts.headers);
-        let found = snapshot
-            .lookup(&host, ex.path.as_str(), &routing_method, &parts.headers)
-            .ok_or(ProxyError::NoRoute)?;
+        let mut found = snapshot.lookup(&host, ex.path.as_str(), &routing_method, &parts.headers);
+        if path::has_escaped_slash(ex.path.as_str()) {
+            // The route that serves must be one that said how it wants such paths, and
+            // the path it was matched on is the path that goes upstream.
+            let keep = found
+                .as_ref()
+                .is_some_and(|f| f.route.spec.escaped_slashes == EscapedSlashes::Keep);
+            if !keep {
+                let decoded =
+                    path::decode_escaped_slashes(ex.path.as_str()).map_err(ProxyError::from)?;
+                found = snapshot
+                    .lookup(&host, &decoded, &routing_method, &parts.headers)
+                    .filter(|f| f.route.spec.escaped_slashes == EscapedSlashes::Decode);
+                if found.is_none() {
+                    return Err(ProxyError::EscapedSlash.into());
+                }
+                ex.path = NormalPath::Normalised(decoded);
+            }
+        }
+        let found = found.ok_or(ProxyError::NoRoute)?;
         let route = found.route.clone();
         let set = found.upstreams.clone();
         drop(snapshot);
@@ -271,30 +303,23 @@ impl Gateway {
         .await
     }
 
-    /// The headers the gateway sets on the forwarded request; `Host` is added to the
-    /// request itself when the client sent none (HTTP/2 has `:authority` instead).
+    /// The headers the gateway sets on the forwarded request.
     fn forwarded<'h>(
         &self,
         ex: &Exchange,
-        parts: &mut Parts,
+        parts: &Parts,
         conn: &Conn,
         host: &'h str,
     ) -> Forwarded<'h> {
-        let h = &mut parts.headers;
-        let forwarded = Forwarded {
-            xff: self.edge.trusted_proxies().forwarded_for(&conn.peer_ip, h),
+        Forwarded {
+            xff: self
+                .edge
+                .trusted_proxies()
+                .forwarded_for(&conn.peer_ip, &parts.headers),
             proto: if conn.tls { "https" } else { "http" },
             host,
             request_id: ex.request_id.clone(),
-        };
-        if !h.contains_key(header::HOST) {
-            if let Some(a) = parts.uri.authority() {
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    h.insert(header::HOST, v);
-                }
-            }
         }
-        forwarded
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -313,7 +338,7 @@ impl Gateway {
         let spec = &route.spec;
         let idempotent = is_idempotent(&parts.method);
         let may_retry = spec.retry.attempts > 0 && (idempotent || spec.retry.non_idempotent);
-        let (mut source, overflow) = BodySource::new(body, limit, may_retry && !upgrade).await?;
+        let (mut source, body_fault) = BodySource::new(body, limit, may_retry && !upgrade).await?;
         let client_upgrade = upgrade
             .then(|| parts.extensions.remove::<OnUpgrade>())
             .flatten();
@@ -390,14 +415,25 @@ impl Gateway {
                     return Ok(response);
                 }
                 Ok(Err(e)) => {
-                    if overflow.happened() {
-                        return Err(ProxyError::BodyTooLarge(limit).into());
+                    // The client's own fault is answered for the client and not held
+                    // against the instance (a few bad uploads must not eject it).
+                    if let Some(fault) = body_fault.fault() {
+                        return Err(client_fault(fault, limit).into());
                     }
                     let (error, connect) = try_failed(set, index, &e);
                     // Nothing reached the upstream on a connect error: safe for any method.
                     (error, connect || idempotent || spec.retry.non_idempotent)
                 }
-                Err(_) => (try_timed_out(set), idempotent || spec.retry.non_idempotent),
+                Err(_) => {
+                    if let Some(fault) = body_fault.fault() {
+                        return Err(client_fault(fault, limit).into());
+                    }
+                    // Still waiting for the client's body: the instance is not to blame.
+                    if !source.replayable() && !body_fault.is_complete() {
+                        return Err(ProxyError::Timeout.into());
+                    }
+                    (try_timed_out(set), idempotent || spec.retry.non_idempotent)
+                }
             };
             drop(guard);
             outlier::record_failure(set, index, &spec.outlier, now_ms());
@@ -433,6 +469,7 @@ impl Gateway {
         Answer {
             response,
             request_id,
+            close: false,
         }
     }
 }
@@ -536,13 +573,16 @@ enum BodySource {
 }
 
 impl BodySource {
+    /// What has arrived of the body already is read before anything goes upstream: a
+    /// body whose framing is bad from the start is refused before the instance sees its
+    /// head, and one that is all there goes with its length (and may be sent again).
     async fn new(
-        body: RequestBody,
+        mut body: RequestBody,
         limit: u64,
         may_retry: bool,
-    ) -> Result<(BodySource, Overflow), ProxyError> {
+    ) -> Result<(BodySource, BodyFault), ProxyError> {
         if body.is_end_stream() {
-            return Ok((BodySource::Empty, Overflow::default()));
+            return Ok((BodySource::Empty, BodyFault::default()));
         }
         let small = body
             .size_hint()
@@ -552,20 +592,37 @@ impl BodySource {
             let collected = http_body_util::Limited::new(body, limit as usize)
                 .collect()
                 .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        ProxyError::BodyTooLarge(limit)
-                    } else {
-                        ProxyError::ClientBody(e.to_string())
-                    }
+                .map_err(|e| match e.downcast_ref::<BodyError>() {
+                    Some(e) => body_error(e, limit),
+                    None => ProxyError::BodyTooLarge(limit),
                 })?;
             return Ok((
                 BodySource::Buffered(collected.to_bytes()),
-                Overflow::default(),
+                BodyFault::default(),
             ));
         }
-        let (body, overflow) = UpstreamBody::limited(body, limit);
-        Ok((BodySource::Stream(Some(body)), overflow))
+        let mut early = bytes::BytesMut::new();
+        while (early.len() as u64) < REPLAYABLE_BODY {
+            let polled =
+                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+            match polled {
+                Poll::Pending => break,
+                Poll::Ready(None) => {
+                    return Ok((BodySource::Buffered(early.freeze()), BodyFault::default()))
+                }
+                Poll::Ready(Some(Err(e))) => return Err(body_error(&e, limit)),
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        if early.len() as u64 + data.len() as u64 > limit {
+                            return Err(ProxyError::BodyTooLarge(limit));
+                        }
+                        early.extend_from_slice(data);
+                    }
+                }
+            }
+        }
+        let (body, fault) = UpstreamBody::limited(early.freeze(), body, limit);
+        Ok((BodySource::Stream(Some(body)), fault))
     }
 
     fn replayable(&self) -> bool {
@@ -578,6 +635,25 @@ impl BodySource {
             BodySource::Buffered(b) => UpstreamBody::Full(Some(b.clone())),
             BodySource::Stream(s) => s.take().unwrap_or(UpstreamBody::Empty),
         }
+    }
+}
+
+/// The answer to a request body the client got wrong.
+#[cold]
+fn client_fault(fault: ClientFault, limit: u64) -> ProxyError {
+    match fault {
+        ClientFault::TooLarge => ProxyError::BodyTooLarge(limit),
+        ClientFault::Idle => ProxyError::BodyTimeout,
+        ClientFault::Broken => ProxyError::ClientBody("the request body is malformed".into()),
+    }
+}
+
+#[cold]
+fn body_error(e: &BodyError, limit: u64) -> ProxyError {
+    match e {
+        BodyError::TooLarge(_) => ProxyError::BodyTooLarge(limit),
+        BodyError::ClientIdle => ProxyError::BodyTimeout,
+        e => ProxyError::ClientBody(e.to_string()),
     }
 }
 
@@ -614,6 +690,47 @@ fn splice_upgrade(
 fn bytes_response(r: Response<Bytes>) -> Response<ClientBody> {
     let (p, b) = r.into_parts();
     Response::from_parts(p, ClientBody::full(b))
+}
+
+/// One host per request, the same for the router and the upstream (RFC 9112 §3.2,
+/// RFC 9113 §8.3.1): HTTP/1.1 needs exactly one `Host`; a target in absolute form (or
+/// HTTP/2's `:authority`) names the host, and the `Host` that goes upstream is set from
+/// it; an HTTP/2 `Host` that names another host is refused. `CONNECT` and user info in
+/// the authority are refused too.
+fn check_authority(parts: &mut Parts) -> Result<(), ProxyError> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    if parts.method == Method::CONNECT {
+        return Err(ProxyError::BadRequest("CONNECT is not served"));
+    }
+    let Some(authority) = parts.uri.authority() else {
+        if host.is_none() && parts.version == http::Version::HTTP_11 {
+            return Err(ProxyError::BadRequest(
+                "an HTTP/1.1 request needs a Host header",
+            ));
+        }
+        return Ok(());
+    };
+    if authority.as_str().contains('@') {
+        return Err(ProxyError::BadRequest("user info in the request target"));
+    }
+    if parts.version == http::Version::HTTP_2 {
+        if let Some(host) = host {
+            if !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+            {
+                return Err(ProxyError::BadRequest("Host differs from :authority"));
+            }
+            return Ok(());
+        }
+    }
+    let value = HeaderValue::from_str(authority.as_str()).map_err(|_| ProxyError::BadHost)?;
+    parts.headers.insert(header::HOST, value);
+    Ok(())
 }
 
 /// The host the client asked for: `:authority` (HTTP/2) or `Host`, lower-case, no port.

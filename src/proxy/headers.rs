@@ -8,6 +8,8 @@
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::auth::identity_headers::folds_into;
+
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -16,9 +18,14 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 switchyard");
 
-/// A request or response that wants a protocol switch (`Connection: upgrade` + `Upgrade`).
-pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_lists(headers, "upgrade")
+/// A request that asks to switch to WebSocket, the one protocol switch the gateway
+/// forwards: one `Upgrade` field naming `websocket` alone, and `Connection: upgrade`.
+pub fn wants_websocket(headers: &HeaderMap) -> bool {
+    let mut upgrades = headers.get_all(header::UPGRADE).iter();
+    let websocket = upgrades
+        .next()
+        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
+    websocket && upgrades.next().is_none() && connection_lists(headers, "upgrade")
 }
 
 fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
@@ -91,7 +98,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             // `close`, `keep-alive` and the other hop-by-hop names are handled below.
             .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .filter(|name| hop_by_hop_bit(name) == 0)
+            // `Connection: host` would send the request upstream without the name the
+            // gateway routed it on.
+            .filter(|name| hop_by_hop_bit(name) == 0 && name != header::HOST)
             .collect();
         for name in named {
             headers.remove(&name);
@@ -122,6 +131,78 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     } else if present & UPGRADE_BIT != 0 {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// Headers a client may not send, whatever their spelling: `Forwarded` and `X-Real-IP`
+/// (the gateway's `X-Forwarded-For` is the one account of the client's address), and,
+/// since many backends fold `_` into `-` (CGI-style environments, PHP, some Node and
+/// Ruby stacks), any name with an underscore: all of them unless `underscores` allows
+/// them (nginx's `underscores_in_headers`), and then still those that fold into a name
+/// the gateway sets, reads or strips. Identity and assertion headers are folded when
+/// they are stripped ([`strip_forged`](crate::auth::identity_headers::strip_forged)).
+pub fn scrub_request(headers: &mut HeaderMap, underscores: bool) {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        let text = name.as_str();
+        let refused = if text.as_bytes().contains(&b'_') {
+            !underscores || GATEWAY_OWNED.iter().any(|owned| folds_into(text, owned))
+        } else {
+            text.len() == 9 && (text == "forwarded" || text == "x-real-ip")
+        };
+        if refused && doomed.last() != Some(name) {
+            doomed.push(name.clone());
+        }
+    }
+    for name in &doomed {
+        headers.remove(name);
+    }
+}
+
+/// Names the gateway sets, reads for framing or routing, or strips.
+static GATEWAY_OWNED: [&str; 18] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "forwarded",
+    "x-real-ip",
+    "x-request-id",
+    "via",
+];
+
+/// Whether a response trailer may go to the client: not a field that frames, routes,
+/// authenticates or describes the content (RFC 9110 §6.5.1), and no `_` spelling.
+pub fn may_trail(name: &HeaderName) -> bool {
+    let text = name.as_str();
+    !(is_hop_by_hop(text)
+        || text.as_bytes().contains(&b'_')
+        || matches!(
+            text,
+            "content-length"
+                | "content-encoding"
+                | "content-type"
+                | "content-range"
+                | "host"
+                | "set-cookie"
+                | "www-authenticate"
+                | "authorization"
+                | "cache-control"
+                | "expires"
+                | "date"
+                | "location"
+                | "retry-after"
+                | "vary"
+        ))
 }
 
 /// The headers the gateway sets on a request it forwards: `X-Forwarded-For/-Proto/-Host`,
@@ -286,13 +367,87 @@ mod tests {
     }
 
     #[test]
+    fn only_websocket_upgrades_are_wanted() {
+        assert!(wants_websocket(&map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+        ])));
+        for refused in [
+            &[("connection", "upgrade"), ("upgrade", "h2c")][..],
+            &[("connection", "upgrade"), ("upgrade", "websocket, h2c")],
+            &[("connection", "upgrade"), ("upgrade", "h2c, websocket")],
+            &[
+                ("connection", "upgrade"),
+                ("upgrade", "websocket"),
+                ("upgrade", "h2c"),
+            ],
+            &[("upgrade", "websocket")],
+        ] {
+            assert!(!wants_websocket(&map(refused)), "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn connection_cannot_take_the_host_away() {
+        let mut h = map(&[("connection", "host, x-a"), ("host", "a"), ("x-a", "1")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h["host"], "a");
+        assert!(!h.contains_key("x-a"));
+    }
+
+    #[test]
+    fn underscored_names_and_forwarding_claims_are_scrubbed() {
+        let sent = [
+            ("x_user_id", "admin"),
+            ("X-User_Id", "admin"),
+            ("transfer_encoding", "chunked"),
+            ("x_forwarded_for", "1.2.3.4"),
+            ("forwarded", "for=1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("x_custom", "1"),
+            ("x-kept", "1"),
+        ];
+        let mut h = map(&sent);
+        scrub_request(&mut h, false);
+        let kept: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(kept, ["x-kept"]);
+        let mut h = map(&sent);
+        scrub_request(&mut h, true);
+        let mut kept: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        kept.sort();
+        assert_eq!(
+            kept,
+            ["x-kept", "x-user_id", "x_custom", "x_user_id"],
+            "allowed underscores stay unless they fold into a name the gateway owns \
+             (identity names are folded where they are stripped)"
+        );
+        assert!(folds_into("x_user_id", "x-user-id"));
+        assert!(!folds_into("x_user_idx", "x-user-id"));
+    }
+
+    #[test]
+    fn framing_and_routing_fields_never_trail() {
+        for name in [
+            "content-length",
+            "transfer-encoding",
+            "host",
+            "connection",
+            "x_a",
+        ] {
+            assert!(!may_trail(&HeaderName::from_static(name)), "{name}");
+        }
+        assert!(may_trail(&HeaderName::from_static("grpc-status")));
+        assert!(may_trail(&HeaderName::from_static("x-checksum")));
+    }
+
+    #[test]
     fn upgrades_and_grpc_trailers_survive() {
         let mut h = map(&[
             ("connection", "Upgrade"),
             ("upgrade", "websocket"),
             ("te", "trailers"),
         ]);
-        assert!(wants_upgrade(&h));
+        assert!(wants_websocket(&h));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");

@@ -5,8 +5,12 @@
 //! Rules (RFC 3986 §6.2.2 plus what Envoy calls `merge_slashes`): percent-encoded
 //! unreserved characters are decoded, other escapes are kept with upper-case hex, empty
 //! segments are merged, `.` and `..` segments are resolved (never above the root). An
-//! encoded `/` (`%2F`) stays encoded and is not a segment boundary. Invalid escapes, NUL,
-//! backslashes and control characters are refused.
+//! encoded `/` or `\` (`%2F`, `%5C`) stays encoded and is not a segment boundary here;
+//! since an upstream may decode it into one, the handler serves such paths only on
+//! routes that say how ([`has_escaped_slash`], [`decode_escaped_slashes`]; Envoy's
+//! `path_with_escaped_slashes_action`). Invalid escapes, NUL, backslashes, control
+//! characters and dot segments with parameters (`..;x`, which Tomcat reads as `..`) are
+//! refused.
 
 use std::borrow::Cow;
 
@@ -18,6 +22,8 @@ pub enum PathError {
     BadEscape,
     #[error("forbidden character in the path")]
     Forbidden,
+    #[error("a dot segment with parameters in the path")]
+    DotParameters,
 }
 
 /// The normalised form of `path` (without query); borrowed when already normal.
@@ -36,6 +42,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
             ".." => {
                 segments.pop();
             }
+            s if is_dot_with_parameters(s) => return Err(PathError::DotParameters),
             s => segments.push(s),
         }
     }
@@ -63,8 +70,8 @@ fn is_normal(bytes: &[u8]) -> Result<bool, PathError> {
             b'.' if prev == b'/' => {
                 let rest = &bytes[i + 1..];
                 if rest.is_empty()
-                    || rest[0] == b'/'
-                    || (rest[0] == b'.' && (rest.len() == 1 || rest[1] == b'/'))
+                    || matches!(rest[0], b'/' | b';')
+                    || (rest[0] == b'.' && (rest.len() == 1 || matches!(rest[1], b'/' | b';')))
                 {
                     normal = false;
                 }
@@ -74,6 +81,26 @@ fn is_normal(bytes: &[u8]) -> Result<bool, PathError> {
         prev = b;
     }
     Ok(normal)
+}
+
+/// `.;x` or `..;x`: a dot segment to servers that drop path parameters.
+fn is_dot_with_parameters(segment: &str) -> bool {
+    matches!(segment.split(';').next(), Some("." | ".."))
+}
+
+/// Whether a normalised path holds an encoded slash or backslash.
+pub fn has_escaped_slash(normal: &str) -> bool {
+    normal
+        .as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && (w[1] == b'2' && w[2] == b'F' || w[1] == b'5' && w[2] == b'C'))
+}
+
+/// The path an upstream that decodes `%2F` and `%5C` would see, as separators, normalised
+/// again (so `/a/..%2Fb` becomes `/b`).
+pub fn decode_escaped_slashes(normal: &str) -> Result<String, PathError> {
+    let decoded = normal.replace("%2F", "/").replace("%5C", "/");
+    normalize(&decoded).map(Cow::into_owned)
 }
 
 fn check_byte(b: u8) -> Result<(), PathError> {
@@ -165,6 +192,35 @@ mod tests {
         assert_eq!(n("/public/..%2fadmin"), "/public/..%2Fadmin");
         assert_eq!(n("/a%2f..%2fb"), "/a%2F..%2Fb");
         assert_eq!(n("/q%20x"), "/q%20x");
+    }
+
+    #[test]
+    fn escaped_slashes_are_found_and_decoded_into_separators() {
+        for p in ["/a%2fb", "/a%2Fb", "/a%5cb", "/public/..%2fprivate/x"] {
+            assert!(has_escaped_slash(&n(p)), "{p}");
+        }
+        for p in ["/a/b", "/a%252fb", "/a%20b", "/%2"] {
+            assert!(!normalize(p).is_ok_and(|n| has_escaped_slash(&n)), "{p}");
+        }
+        let d = |p: &str| decode_escaped_slashes(&n(p)).unwrap();
+        assert_eq!(d("/public/..%2fprivate/x"), "/private/x");
+        assert_eq!(d("/a%2Fb%5Cc"), "/a/b/c");
+        assert_eq!(d("/a%2F%2F..%2F..%2Fetc"), "/etc");
+        assert_eq!(d("/a%252Fb"), "/a%252Fb", "decoded once only");
+    }
+
+    #[test]
+    fn dot_segments_with_parameters_are_refused() {
+        for p in [
+            "/public/..;/admin",
+            "/a/.;x/b",
+            "/a/..;jsessionid=1",
+            "/%2e%2e;/x",
+        ] {
+            assert_eq!(normalize(p), Err(PathError::DotParameters), "{p}");
+        }
+        assert_eq!(n("/a;v=1/b"), "/a;v=1/b");
+        assert_eq!(n("/a/..b;x"), "/a/..b;x");
     }
 
     #[test]

@@ -5,10 +5,10 @@
 //! task) and comes back when the response body has been read to its end, straight from
 //! the body's poll, to the idle list it points to (see [`Home`]). A request thus costs
 //! two short mutex sections and no task, channel or boxed future of its own. Idle
-//! connections are polled by no one: one that the instance closed meanwhile is noticed
-//! when it is next taken (a request that may be sent twice goes again on the next one;
-//! any other checks first), or by the reaper. Connections idle longer than the idle timeout, closed by the instance, or
-//! beyond the per-instance cap are dropped, which closes them.
+//! connections are polled by no one: one that the instance closed, or that received bytes
+//! while idle, is noticed when it is next taken (a non-blocking read), or by the reaper.
+//! Connections idle longer than the idle timeout, closed by the instance, holding stray
+//! bytes, or beyond the per-instance cap are dropped, which closes them.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -124,10 +124,11 @@ impl Http1Pool {
 
     /// Sends `req` on an idle connection to `key`, or on a new one made by `connector`.
     ///
-    /// A request that can be sent twice (idempotent method, body not streamed) goes on
-    /// the most recent idle connection unchecked; if that turns out closed before a byte
-    /// came back, it goes again on the next one. Any other request first checks that its
-    /// connection is still open, so it is never sent on one the instance already closed.
+    /// Every request first checks that its idle connection is still open and has sent
+    /// nothing since its last answer (bytes an instance sent while idle would otherwise be
+    /// read as the next request's answer: nginx and hyper close such connections too).
+    /// A request that can be sent twice (idempotent method, body not streamed) that finds
+    /// its connection closed before a byte came back goes again on the next one.
     pub async fn send(
         &self,
         key: PoolKey,
@@ -136,7 +137,7 @@ impl Http1Pool {
         mut body: UpstreamBody,
     ) -> Result<Response<ResponseBody>, SendError> {
         let replayable = is_idempotent(req.method) && !matches!(body, UpstreamBody::Stream { .. });
-        while let Some(conn) = self.checkout(&key, !replayable) {
+        while let Some(conn) = self.checkout(&key) {
             match h1::exchange(conn, req, body, replayable).await {
                 Ok(response) => return Ok(response),
                 Err((error, true, back)) => {
@@ -154,7 +155,7 @@ impl Http1Pool {
             .map_err(|(error, _, _)| error.into())
     }
 
-    fn checkout(&self, key: &PoolKey, verify: bool) -> Option<Box<Connection>> {
+    fn checkout(&self, key: &PoolKey) -> Option<Box<Connection>> {
         let lists = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
         let mut list = lists
             .get(key)?
@@ -166,7 +167,7 @@ impl Http1Pool {
             if now.duration_since(entry.since) >= self.idle_timeout {
                 continue;
             }
-            if verify && !entry.conn.is_idle_and_open() {
+            if !entry.conn.is_idle_and_open() {
                 continue;
             }
             return Some(entry.conn);
@@ -250,12 +251,6 @@ impl Home {
         if let Some(list) = conn.home().list.upgrade() {
             list.put(conn);
         }
-    }
-
-    /// How long a connection may stay busy finishing an upload before it is closed
-    /// instead; `None` once the pool is gone.
-    pub fn idle_timeout(&self) -> Option<Duration> {
-        self.list.upgrade().map(|l| l.timeout)
     }
 }
 

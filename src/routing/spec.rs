@@ -74,6 +74,24 @@ pub struct RouteSpec {
     /// Present the gateway's client certificate (`[upstream_tls]`) and speak TLS to upstreams.
     #[serde(default)]
     pub upstream_tls: bool,
+    /// Paths with an encoded `/` or `\` (`%2F`, `%5C`): refused by default, since an
+    /// upstream may decode them into a path other than the one routed.
+    #[serde(default)]
+    pub escaped_slashes: EscapedSlashes,
+}
+
+/// What a route does with paths that hold `%2F` or `%5C` (Envoy's
+/// `path_with_escaped_slashes_action`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscapedSlashes {
+    /// 400.
+    #[default]
+    Reject,
+    /// Routed and forwarded as sent, still encoded (for upstreams that never decode them).
+    Keep,
+    /// Decoded into separators; the decoded path is routed again and forwarded.
+    Decode,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
@@ -174,7 +192,7 @@ impl Default for OutlierSpec {
 }
 
 /// `"auth": "none"`, absent, or `{"jwt": [...], "api_key": true, "scopes": [...]}`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct AuthSpec {
     /// Providers any of which may vouch for a bearer token.
     pub jwt: Vec<String>,
@@ -184,6 +202,35 @@ pub struct AuthSpec {
     pub scopes: Vec<String>,
     /// For browsers (`Accept: text/html`) without credentials: 302 here instead of 401.
     pub on_unauthenticated_redirect: Option<String>,
+}
+
+/// Written in the shape it is read in (`on_unauthenticated: {redirect}`), so a serialised
+/// route document is a document the gateway accepts.
+impl Serialize for AuthSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Unauthenticated<'a> {
+            redirect: &'a str,
+        }
+        #[derive(Serialize)]
+        struct Full<'a> {
+            jwt: &'a [String],
+            api_key: bool,
+            scopes: &'a [String],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            on_unauthenticated: Option<Unauthenticated<'a>>,
+        }
+        Full {
+            jwt: &self.jwt,
+            api_key: self.api_key,
+            scopes: &self.scopes,
+            on_unauthenticated: self
+                .on_unauthenticated_redirect
+                .as_deref()
+                .map(|redirect| Unauthenticated { redirect }),
+        }
+        .serialize(s)
+    }
 }
 
 impl<'de> Deserialize<'de> for AuthSpec {
@@ -309,6 +356,7 @@ impl RouteSpec {
             cors: None,
             upstream_assertion: None,
             upstream_tls: false,
+            escaped_slashes: EscapedSlashes::default(),
         }
     }
 
@@ -363,5 +411,17 @@ mod tests {
         assert!(err.contains("strip_prefx"), "{err}");
         let err = RouteSpec::from_json(br#"{"path_prefix":"/"}"#).unwrap_err();
         assert!(err.contains("service"), "{err}");
+    }
+
+    #[test]
+    fn a_serialised_document_parses_back_to_the_same_route() {
+        for doc in [
+            r#"{"service":"a","path_prefix":"/"}"#,
+            r#"{"service":"a","path_prefix":"/","auth":{"jwt":["main"],"api_key":true,"scopes":["x"],"on_unauthenticated":{"redirect":"https://login"}}}"#,
+        ] {
+            let spec = RouteSpec::from_json(doc.as_bytes()).unwrap();
+            let text = serde_json::to_vec(&spec).unwrap();
+            assert_eq!(RouteSpec::from_json(&text), Ok(spec), "{doc}");
+        }
     }
 }
