@@ -202,17 +202,17 @@ impl Facts {
                 && !value.contains(&b',');
             self.chunked = Some(only_chunked && self.chunked.is_none());
         } else if name.eq_ignore_ascii_case("content-length") {
-            for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                let n =
-                    (!part.is_empty() && part.len() <= 19 && part.iter().all(u8::is_ascii_digit))
-                        .then(|| part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
-                match (n, self.length) {
-                    (None, _) => self.bad_length = Some("bad Content-Length"),
-                    (Some(n), Some(l)) if n != l => {
-                        self.bad_length = Some("conflicting Content-Length values")
-                    }
-                    (Some(n), _) => self.length = Some(n),
+            // One decimal number per field. RFC 9110 §8.6 lets a recipient take a list of
+            // equal values; hyper does not, and the gateway is never looser than it.
+            let part = value.trim_ascii();
+            let n = (!part.is_empty() && part.len() <= 19 && part.iter().all(u8::is_ascii_digit))
+                .then(|| part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
+            match (n, self.length) {
+                (None, _) => self.bad_length = Some("bad Content-Length"),
+                (Some(n), Some(l)) if n != l => {
+                    self.bad_length = Some("conflicting Content-Length values")
                 }
+                (Some(n), _) => self.length = Some(n),
             }
         }
     }

@@ -492,7 +492,7 @@ fn advance_queue(queue: &mut VecDeque<Bytes>, mut n: usize) {
 
 /// Writes the request head into the connection's buffer and decides the body's framing:
 /// the gateway sets `Content-Length` or chunking itself, from what the body is.
-fn encode_head(
+pub(super) fn encode_head(
     out: &mut Vec<u8>,
     req: RequestHead<'_>,
     body: &mut UpstreamBody,

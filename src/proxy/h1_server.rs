@@ -160,7 +160,7 @@ impl Body for H1Body {
 
 /// Why no request could be read.
 #[derive(Debug)]
-enum HeadError {
+pub(super) enum HeadError {
     Io,
     Timeout,
     /// The connection closed in the middle of a head.
@@ -172,10 +172,10 @@ enum HeadError {
 }
 
 /// A request head as the connection's loop needs it.
-struct Head {
-    request: http::request::Parts,
-    facts: Facts,
-    expect_continue: bool,
+pub(super) struct Head {
+    pub request: http::request::Parts,
+    pub facts: Facts,
+    pub expect_continue: bool,
 }
 
 /// Serves HTTP/1.1 on one client connection until either side closes it or the gateway
@@ -402,7 +402,7 @@ async fn read_head(
 }
 
 /// A complete head taken off `read`, or `None` when more bytes are needed.
-fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Head>, HeadError> {
+pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Head>, HeadError> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let buf = &read[..];
@@ -491,7 +491,7 @@ fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Head>, HeadErr
 /// RFC 9112 §6.3 for requests. A request that could be read two ways by two servers
 /// (`Transfer-Encoding` with `Content-Length`, or a coding other than chunked last) is
 /// refused rather than guessed at.
-fn request_framing(facts: &Facts, http10: bool) -> Result<Decoding, HeadError> {
+pub(super) fn request_framing(facts: &Facts, http10: bool) -> Result<Decoding, HeadError> {
     if let Some(chunked) = facts.chunked {
         if facts.length.is_some() || facts.bad_length.is_some() {
             return Err(HeadError::Bad("both Transfer-Encoding and Content-Length"));
@@ -959,10 +959,15 @@ mod tests {
                 "{refused}"
             );
         }
-        let same_twice = facts("POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n");
+        let same_twice = facts("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n");
         assert_eq!(
             request_framing(&same_twice, false).unwrap(),
             Decoding::Length(3)
+        );
+        let listed = facts("POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n");
+        assert!(
+            request_framing(&listed, false).is_err(),
+            "stricter than RFC 9110 §8.6, as hyper"
         );
         let none = facts("GET / HTTP/1.1\r\n\r\n");
         assert_eq!(request_framing(&none, false).unwrap(), Decoding::Done);

@@ -7,6 +7,8 @@
 pub mod body;
 pub mod client_io;
 mod codec;
+#[cfg(test)]
+mod differential;
 pub mod error;
 pub mod h1;
 pub mod h1_server;
