@@ -404,6 +404,9 @@ impl Decoding {
                 }
                 let mut slots = [httparse::EMPTY_HEADER; 32];
                 match httparse::parse_headers(read, &mut slots) {
+                    Ok(httparse::Status::Complete((used, _))) if used > MAX_TRAILERS => {
+                        return Poll::Ready(Some(Err(DecodeError::TooLarge)))
+                    }
                     Ok(httparse::Status::Complete((used, fields))) => {
                         if has_bare_lf(&read[..used]) {
                             return Poll::Ready(Some(Err(DecodeError::Framing(

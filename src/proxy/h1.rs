@@ -253,93 +253,95 @@ impl Connection {
 
     /// A complete head taken off the read buffer, or `None` when more bytes are needed.
     fn parse_head(&mut self) -> Result<Option<Head>, H1Error> {
-        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-        let buf = &self.read[..];
-        let base = buf.as_ptr() as usize;
-        let mut parsed = httparse::Response::new(&mut []);
-        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut parsed,
-            buf,
-            &mut slots,
-        ) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-                return Err(H1Error::HeadTooLarge)
-            }
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(e) => return Err(H1Error::Parse(e)),
-        };
-        if len > MAX_HEAD {
-            return Err(H1Error::HeadTooLarge);
-        }
-        if codec::has_bare_lf(&buf[..len]) {
-            return Err(H1Error::Framing("bare LF in the response head"));
-        }
-        let code = parsed.code.unwrap_or_default();
-        let status = StatusCode::from_u16(code).map_err(|_| H1Error::Framing("bad status code"))?;
-        let version = match parsed.version {
-            Some(0) => Version::HTTP_10,
-            _ => Version::HTTP_11,
-        };
-        let count = parsed.headers.len();
-        let mut facts = Facts::default();
-        let mut hop_by_hop = 0u128;
-        for (i, (span, h)) in spans.iter_mut().zip(parsed.headers.iter()).enumerate() {
-            if Facts::may_note(h.name) {
-                facts.note(h.name, h.value);
-            }
-            if headers::is_hop_by_hop(h.name) {
-                hop_by_hop |= 1 << i;
-            }
-            // Offsets into the buffer, so the values can be cut from it once frozen.
-            *span = (
-                (h.name.as_ptr() as usize - base) as u32,
-                h.name.len() as u32,
-                (h.value.as_ptr() as usize - base) as u32,
-                h.value.len() as u32,
-            );
-        }
-        // Hop-by-hop headers never reach the client: left out here rather than removed
-        // later, unless `Connection` names others (then the handler's strip does it all)
-        // or the answer is a protocol switch, which needs them.
-        let skip = if facts.named || status == StatusCode::SWITCHING_PROTOCOLS {
-            0
-        } else {
-            hop_by_hop
-        };
-        let raw = self.read.split_to(len);
-        // A little room for what policy may add (CORS, rate-limit headers); the request id
-        // and `Via` are written by the server, not put in the map.
-        let mut headers = HeaderMap::with_capacity(count + 2);
-        for (i, &(name_at, name_len, value_at, value_len)) in spans[..count].iter().enumerate() {
-            if skip & (1 << i) != 0 {
-                continue;
-            }
-            let name = &raw[name_at as usize..(name_at + name_len) as usize];
-            let name =
-                HeaderName::from_bytes(name).map_err(|_| H1Error::Framing("bad header name"))?;
-            let value = raw.slice(value_at as usize..(value_at + value_len) as usize);
-            // SAFETY: httparse admits in a value only HTAB, SP, visible ASCII and
-            // obs-text, exactly the bytes a `HeaderValue` may hold (hyper relies on the
-            // same); validating them again cost ~4% of a request's instructions.
-            let value = unsafe { HeaderValue::from_maybe_shared_unchecked(value) };
-            headers.append(name, value);
-        }
-        Ok(Some(Head {
-            status,
-            version,
-            headers,
-            facts,
-        }))
+        parse_response_head(&mut self.read)
     }
 }
 
-struct Head {
-    status: StatusCode,
-    version: Version,
-    headers: HeaderMap,
-    facts: Facts,
+/// A complete response head taken off `read`, or `None` when more bytes are needed.
+pub(super) fn parse_response_head(read: &mut Bytes) -> Result<Option<Head>, H1Error> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let buf = &read[..];
+    let base = buf.as_ptr() as usize;
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(H1Error::HeadTooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(H1Error::Parse(e)),
+    };
+    if len > MAX_HEAD {
+        return Err(H1Error::HeadTooLarge);
+    }
+    if codec::has_bare_lf(&buf[..len]) {
+        return Err(H1Error::Framing("bare LF in the response head"));
+    }
+    let code = parsed.code.unwrap_or_default();
+    let status = StatusCode::from_u16(code).map_err(|_| H1Error::Framing("bad status code"))?;
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let count = parsed.headers.len();
+    let mut facts = Facts::default();
+    let mut hop_by_hop = 0u128;
+    for (i, (span, h)) in spans.iter_mut().zip(parsed.headers.iter()).enumerate() {
+        if Facts::may_note(h.name) {
+            facts.note(h.name, h.value);
+        }
+        if headers::is_hop_by_hop(h.name) {
+            hop_by_hop |= 1 << i;
+        }
+        // Offsets into the buffer, so the values can be cut from it once frozen.
+        *span = (
+            (h.name.as_ptr() as usize - base) as u32,
+            h.name.len() as u32,
+            (h.value.as_ptr() as usize - base) as u32,
+            h.value.len() as u32,
+        );
+    }
+    // Hop-by-hop headers never reach the client: left out here rather than removed
+    // later, unless `Connection` names others (then the handler's strip does it all)
+    // or the answer is a protocol switch, which needs them.
+    let skip = if facts.named || status == StatusCode::SWITCHING_PROTOCOLS {
+        0
+    } else {
+        hop_by_hop
+    };
+    let raw = read.split_to(len);
+    // A little room for what policy may add (CORS, rate-limit headers); the request id
+    // and `Via` are written by the server, not put in the map.
+    let mut headers = HeaderMap::with_capacity(count + 2);
+    for (i, &(name_at, name_len, value_at, value_len)) in spans[..count].iter().enumerate() {
+        if skip & (1 << i) != 0 {
+            continue;
+        }
+        let name = &raw[name_at as usize..(name_at + name_len) as usize];
+        let name = HeaderName::from_bytes(name).map_err(|_| H1Error::Framing("bad header name"))?;
+        let value = raw.slice(value_at as usize..(value_at + value_len) as usize);
+        // SAFETY: httparse admits in a value only HTAB, SP, visible ASCII and
+        // obs-text, exactly the bytes a `HeaderValue` may hold (hyper relies on the
+        // same); validating them again cost ~4% of a request's instructions.
+        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(value) };
+        headers.append(name, value);
+    }
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+        facts,
+    }))
+}
+
+pub(super) struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub facts: Facts,
 }
 
 /// How the request body goes out.
@@ -500,7 +502,11 @@ pub(super) fn encode_head(
     out.clear();
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
-    let target = req.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let target = req.uri.path_and_query().map_or("", |pq| pq.as_str());
+    // Origin form always starts with `/` (`http://h?q` has the path-and-query `?q`).
+    if !target.starts_with('/') {
+        out.push(b'/');
+    }
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut declared = None;
@@ -657,7 +663,7 @@ pub async fn exchange(
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(super) enum Framing {
     Length(u64),
     Chunked,
     Close,
@@ -665,7 +671,10 @@ enum Framing {
 
 /// RFC 9112 §6.3: how the response body is delimited, and whether the connection may
 /// carry another request after it.
-fn response_framing(head: &Head, head_request: bool) -> Result<(Framing, bool), H1Error> {
+pub(super) fn response_framing(
+    head: &Head,
+    head_request: bool,
+) -> Result<(Framing, bool), H1Error> {
     let facts = &head.facts;
     let keep_alive = facts.keeps_alive(head.version == Version::HTTP_10);
     let code = head.status.as_u16();

@@ -18,6 +18,8 @@ pub mod path;
 pub mod pool;
 pub mod server;
 pub mod upstream;
+#[doc(hidden)]
+pub mod wire_fuzz;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
