@@ -21,6 +21,9 @@ pub mod control;
 pub mod dev;
 pub mod devregistry;
 pub mod discovery;
+// Entry points of the fuzz targets (fuzz/) and of their corpus replay (tests/fuzz_corpus.rs).
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

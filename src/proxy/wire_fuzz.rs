@@ -41,7 +41,7 @@ impl Source for Pieces {
 }
 
 /// The body, the bytes left after it, or `None` when it is refused.
-fn decode(framing: Decoding, bytes: Bytes, step: usize) -> Option<(Vec<u8>, Bytes)> {
+pub(super) fn decode(framing: Decoding, bytes: Bytes, step: usize) -> Option<(Vec<u8>, Bytes)> {
     let mut src = Pieces {
         buffered: Bytes::new(),
         rest: bytes,
@@ -71,16 +71,23 @@ fn decode(framing: Decoding, bytes: Bytes, step: usize) -> Option<(Vec<u8>, Byte
 
 /// Request heads: parse, frame, write upstream, read back.
 pub fn request_head(data: &[u8]) {
+    read_back(data);
+}
+
+/// Reads the request at the start of `data` and, when the gateway accepts it, writes it
+/// as it would go upstream and checks that it reads back the same; whether it was
+/// accepted.
+pub(super) fn read_back(data: &[u8]) -> bool {
     let mut read = Bytes::copy_from_slice(data);
     let Ok(Some(head)) = parse_head(&mut read, 64 * 1024) else {
-        return;
+        return false;
     };
     let http10 = head.request.version == http::Version::HTTP_10;
     let Ok(framing) = request_framing(&head.facts, http10) else {
-        return;
+        return false;
     };
     let Some((body, _)) = decode(framing, read, 0) else {
-        return;
+        return false;
     };
     let parts = &head.request;
     let mut out = Vec::new();
@@ -112,7 +119,20 @@ pub fn request_head(data: &[u8]) {
         let (body2, left) = decode(framing, again, 0).expect("a whole body");
         assert_eq!(body2, body);
         assert!(left.is_empty());
+        let framing_free = |h: &http::HeaderMap| -> Vec<(String, Vec<u8>)> {
+            h.iter()
+                .filter(|(n, _)| {
+                    *n != http::header::CONTENT_LENGTH && *n != http::header::TRANSFER_ENCODING
+                })
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        assert_eq!(
+            framing_free(&head2.request.headers),
+            framing_free(&parts.headers)
+        );
     }
+    true
 }
 
 /// Response heads: parse and frame (the first byte says whether it answers a HEAD).
