@@ -406,6 +406,8 @@ async fn headers_a_backend_could_fold_into_the_gateways_never_reach_it() {
         ("x_forwarded_for", "1.2.3.4"),
         ("x-real-ip", "1.2.3.4"),
         ("forwarded", "for=1.2.3.4"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x-forwarded-port", "8443"),
         ("transfer_encoding", "chunked"),
         ("x_custom", "1"),
     ];

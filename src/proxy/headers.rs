@@ -8,8 +8,6 @@
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::auth::identity_headers::folds_into;
-
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -133,29 +131,50 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Headers a client may not send, whatever their spelling: `Forwarded` and `X-Real-IP`
-/// (the gateway's `X-Forwarded-For` is the one account of the client's address), and,
+/// Headers a client may not send, whatever their spelling: `Forwarded`, `X-Real-IP` and
+/// `X-Forwarded-*` other than `-For` (the gateway's `X-Forwarded-For`, read from trusted
+/// proxies only, is the one account of the client's address; scheme, host, port and
+/// prefix claims are not the client's to make), `Expect`, and,
 /// since many backends fold `_` into `-` (CGI-style environments, PHP, some Node and
 /// Ruby stacks), any name with an underscore: all of them unless `underscores` allows
 /// them (nginx's `underscores_in_headers`), and then still those that fold into a name
 /// the gateway sets, reads or strips. Identity and assertion headers are folded when
-/// they are stripped ([`strip_forged`](crate::auth::identity_headers::strip_forged)).
+/// they are stripped
+/// ([`strip_forged`](crate::auth::identity_headers::strip_forged)).
 pub fn scrub_request(headers: &mut HeaderMap, underscores: bool) {
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
         let text = name.as_str();
         let refused = if text.as_bytes().contains(&b'_') {
-            !underscores || GATEWAY_OWNED.iter().any(|owned| folds_into(text, owned))
+            !underscores || is_gateway_owned(&text.replace('_', "-"))
         } else {
-            text.len() == 9 && (text == "forwarded" || text == "x-real-ip")
+            is_client_claim(text)
         };
-        if refused && doomed.last() != Some(name) {
+        if refused {
             doomed.push(name.clone());
         }
     }
     for name in &doomed {
         headers.remove(name);
     }
+}
+
+/// A header only a proxy may set, which the gateway does not take from clients: what
+/// the client says of its own address, of the scheme, port or prefix it used, and
+/// `Expect` (the gateway answers expectations itself and never forwards them).
+fn is_client_claim(name: &str) -> bool {
+    match name.len() {
+        6 => name == "expect",
+        9 => name == "forwarded" || name == "x-real-ip",
+        15 => false,
+        n if n > 12 => name.starts_with("x-forwarded-"),
+        _ => false,
+    }
+}
+
+/// Whether a name (with `-` for `_`) is one the gateway sets, reads or strips.
+fn is_gateway_owned(folded: &str) -> bool {
+    GATEWAY_OWNED.contains(&folded) || folded.starts_with("x-forwarded-")
 }
 
 /// Names the gateway sets, reads for framing or routing, or strips.
@@ -322,6 +341,7 @@ pub fn add_via(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::identity_headers::folds_into;
 
     #[test]
     fn every_hop_by_hop_name_gets_its_bit() {
@@ -402,22 +422,37 @@ mod tests {
             ("X-User_Id", "admin"),
             ("transfer_encoding", "chunked"),
             ("x_forwarded_for", "1.2.3.4"),
+            ("x_forwarded_prefix", "/admin"),
+            ("x-forwarded-port", "443"),
+            ("x-forwarded-prefix", "/admin"),
             ("forwarded", "for=1.2.3.4"),
             ("x-real-ip", "1.2.3.4"),
+            ("expect", "100-continue"),
             ("x_custom", "1"),
             ("x-kept", "1"),
+            ("x-forwarded-for", "1.2.3.4"),
         ];
         let mut h = map(&sent);
         scrub_request(&mut h, false);
         let kept: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-        assert_eq!(kept, ["x-kept"]);
+        assert_eq!(
+            kept,
+            ["x-forwarded-for", "x-kept"],
+            "the chain is read from trusted proxies only, and rewritten"
+        );
         let mut h = map(&sent);
         scrub_request(&mut h, true);
         let mut kept: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         kept.sort();
         assert_eq!(
             kept,
-            ["x-kept", "x-user_id", "x_custom", "x_user_id"],
+            [
+                "x-forwarded-for",
+                "x-kept",
+                "x-user_id",
+                "x_custom",
+                "x_user_id"
+            ],
             "allowed underscores stay unless they fold into a name the gateway owns \
              (identity names are folded where they are stripped)"
         );
