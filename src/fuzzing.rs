@@ -20,7 +20,7 @@ use crate::consul::watch::{CatalogServices, Source};
 use crate::consul::{ClientSettings, ConsulClient, KvPair, KvPrefix};
 use crate::discovery::watcher::HealthSource;
 use crate::discovery::UpstreamSet;
-pub use crate::proxy::wire_fuzz::{chunked_body, request_head, response_head};
+pub use crate::http1::fuzz::{chunked_body, request_head, response_head};
 use crate::routing::kv::RouteDocs;
 use crate::routing::{fabio, Route, RouteSpec, RouteTable};
 

@@ -7,8 +7,9 @@
 //! - **Request → upstream.** `proxy` loads the snapshot once per request, matches a route,
 //!   applies `auth` and `policy`, lets `balance` pick an instance and forwards.
 //!
-//! The request path never takes a lock and never waits on Consul. `devregistry` is a
-//! Consul-compatible registry for tests and the quick start; it imports nothing from here.
+//! The request path never takes a lock and never waits on Consul. `http1` speaks HTTP/1.1
+//! on both sides of the proxy and knows nothing of the gateway; `devregistry` is a
+//! Consul-compatible registry for tests and the quick start; neither imports from here.
 
 pub mod admin;
 pub mod app;
@@ -24,6 +25,7 @@ pub mod discovery;
 // Entry points of the fuzz targets (fuzz/) and of their corpus replay (tests/fuzz_corpus.rs).
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod http1;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

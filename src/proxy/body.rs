@@ -16,9 +16,9 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::h1::{H1Error, ResponseBody};
-use super::h1_server::H1Body;
-use super::upstream::UpstreamStream;
+use crate::http1::client::{H1Error, OutboundBody, ResponseBody};
+use crate::http1::io::UpstreamStream;
+use crate::http1::server::{ReceiveError, ReceivedBody};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -32,11 +32,20 @@ pub enum BodyError {
     ClientIdle,
 }
 
+impl From<ReceiveError> for BodyError {
+    fn from(e: ReceiveError) -> BodyError {
+        match e {
+            ReceiveError::Idle => BodyError::ClientIdle,
+            ReceiveError::Malformed(why) => BodyError::Client(why),
+        }
+    }
+}
+
 /// A request body as a client sends it: over HTTP/1.1 (read by the gateway's own server)
 /// or HTTP/2 (hyper's).
 pub enum RequestBody {
     Empty,
-    H1(H1Body),
+    H1(ReceivedBody),
     H2(Incoming),
 }
 
@@ -60,7 +69,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
-            RequestBody::H1(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
             RequestBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
         }
     }
@@ -127,40 +136,40 @@ impl BodyFault {
     }
 }
 
-/// A request body on its way upstream.
+/// A request body on its way upstream: none, buffered (replayable), or the client's
+/// stream under the route's limit.
+pub type UpstreamBody = OutboundBody<LimitedBody>;
+
+/// The client's body as it arrives, after `prefix` (what had arrived by the time the
+/// request went upstream), with the route's size limit enforced as bytes flow (a lying or
+/// absent `Content-Length` cannot get more through). Request trailers are dropped, as
+/// nginx and Envoy do by default: fields after the body would reach the instance
+/// unchecked by the phases that cleaned the head.
 #[derive(Debug)]
-pub enum UpstreamBody {
-    Empty,
-    Full(Option<Bytes>),
-    /// The client's body as it arrives, after `prefix` (what had arrived by the time the
-    /// request went upstream). Request trailers are dropped, as nginx and Envoy do by
-    /// default: fields after the body would reach the instance unchecked by the phases
-    /// that cleaned the head.
-    Stream {
-        prefix: Option<Bytes>,
-        inner: RequestBody,
-        seen: u64,
-        limit: u64,
-        fault: BodyFault,
-    },
+pub struct LimitedBody {
+    prefix: Option<Bytes>,
+    inner: RequestBody,
+    seen: u64,
+    limit: u64,
+    fault: BodyFault,
 }
 
-impl UpstreamBody {
+impl LimitedBody {
     /// `inner` after `prefix`, whose bytes already count against `limit`.
-    pub fn limited(prefix: Bytes, inner: RequestBody, limit: u64) -> (UpstreamBody, BodyFault) {
+    pub fn new(prefix: Bytes, inner: RequestBody, limit: u64) -> (UpstreamBody, BodyFault) {
         let fault = BodyFault::default();
-        let body = UpstreamBody::Stream {
+        let body = LimitedBody {
             seen: prefix.len() as u64,
             prefix: (!prefix.is_empty()).then_some(prefix),
             inner,
             limit,
             fault: fault.clone(),
         };
-        (body, fault)
+        (OutboundBody::Stream(body), fault)
     }
 }
 
-impl Body for UpstreamBody {
+impl Body for LimitedBody {
     type Data = Bytes;
     type Error = BodyError;
 
@@ -168,69 +177,48 @@ impl Body for UpstreamBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            UpstreamBody::Stream {
-                prefix,
-                inner,
-                seen,
-                limit,
-                fault,
-            } => {
-                if let Some(data) = prefix.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
+        let this = self.get_mut();
+        if let Some(data) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        loop {
+            let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                None => {
+                    this.fault.0.fetch_or(COMPLETE, Ordering::Relaxed);
+                    return Poll::Ready(None);
                 }
-                loop {
-                    let frame = match ready!(Pin::new(&mut *inner).poll_frame(cx)) {
-                        None => {
-                            fault.0.fetch_or(COMPLETE, Ordering::Relaxed);
-                            return Poll::Ready(None);
-                        }
-                        Some(Err(e)) => {
-                            fault.record(&e);
-                            return Poll::Ready(Some(Err(e)));
-                        }
-                        Some(Ok(frame)) => frame,
-                    };
-                    let Some(data) = frame.data_ref() else {
-                        continue;
-                    };
-                    *seen += data.len() as u64;
-                    if *seen > *limit {
-                        let e = BodyError::TooLarge(*limit);
-                        fault.record(&e);
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                    return Poll::Ready(Some(Ok(frame)));
+                Some(Err(e)) => {
+                    this.fault.record(&e);
+                    return Poll::Ready(Some(Err(e)));
                 }
+                Some(Ok(frame)) => frame,
+            };
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            this.seen += data.len() as u64;
+            if this.seen > this.limit {
+                let e = BodyError::TooLarge(this.limit);
+                this.fault.record(&e);
+                return Poll::Ready(Some(Err(e)));
             }
+            return Poll::Ready(Some(Ok(frame)));
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Empty => true,
-            UpstreamBody::Full(d) => d.is_none(),
-            UpstreamBody::Stream { prefix, inner, .. } => prefix.is_none() && inner.is_end_stream(),
-        }
+        self.prefix.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Empty => SizeHint::with_exact(0),
-            UpstreamBody::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
-            UpstreamBody::Stream { prefix, inner, .. } => {
-                let early = prefix.as_ref().map_or(0, |p| p.len() as u64);
-                let rest = inner.size_hint();
-                let mut hint = SizeHint::new();
-                if let Some(upper) = rest.upper() {
-                    hint.set_upper(upper + early);
-                }
-                hint.set_lower(rest.lower() + early);
-                hint
-            }
+        let early = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        let rest = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + early);
         }
+        hint.set_lower(rest.lower() + early);
+        hint
     }
 }
 
@@ -258,7 +246,7 @@ pub struct ClientBody {
 
 enum Inner {
     Full(Option<Bytes>),
-    H1(ResponseBody),
+    H1(ResponseBody<LimitedBody>),
     H2(Incoming),
 }
 
@@ -278,7 +266,7 @@ impl ClientBody {
 
     /// An HTTP/1.1 instance's body; its connection goes back to the pool once the body
     /// has been read to its end, and is closed if the body is abandoned before.
-    pub fn h1(body: ResponseBody) -> ClientBody {
+    pub fn h1(body: ResponseBody<LimitedBody>) -> ClientBody {
         ClientBody {
             inner: Inner::H1(body),
             bytes: 0,

@@ -6,6 +6,7 @@ use http::{HeaderValue, Response, StatusCode};
 
 use super::body::ClientBody;
 use super::path::PathError;
+use crate::http1::server::Refusal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -15,6 +16,9 @@ pub enum ProxyError {
     BadHost,
     #[error("{0}")]
     BadRequest(&'static str),
+    /// Refused by the HTTP/1.1 server before the gateway saw the request.
+    #[error("{}", .0.reason())]
+    Refused(Refusal),
     #[error("the path holds an encoded slash or backslash, which this route does not accept")]
     EscapedSlash,
     #[error("the client sent no request body bytes for too long")]
@@ -42,6 +46,7 @@ impl ProxyError {
             | ProxyError::EscapedSlash
             | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Refused(r) => r.status(),
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoInstance(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -61,6 +66,7 @@ impl ProxyError {
                 | ProxyError::EscapedSlash
                 | ProxyError::ClientBody(_)
                 | ProxyError::BodyTimeout
+                | ProxyError::Refused(_)
         )
     }
 
@@ -69,6 +75,9 @@ impl ProxyError {
             ProxyError::BadPath(_) => "bad_path",
             ProxyError::BadHost => "bad_host",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::Refused(Refusal::HeadTooLarge) => "header_too_large",
+            ProxyError::Refused(Refusal::Malformed(_)) => "bad_request",
+            ProxyError::Refused(Refusal::UnsupportedCoding(_)) => "not_implemented",
             ProxyError::EscapedSlash => "escaped_slash",
             ProxyError::BodyTimeout => "body_timeout",
             ProxyError::ClientBody(_) => "bad_body",

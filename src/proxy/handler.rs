@@ -21,20 +21,20 @@ use http_body_util::BodyExt;
 use tokio::io::AsyncWriteExt;
 
 use super::body::{
-    BodyError, BodyFault, ClientBody, ClientFault, Finish, RequestBody, UpstreamBody,
+    BodyError, BodyFault, ClientBody, ClientFault, Finish, LimitedBody, RequestBody, UpstreamBody,
 };
-use super::client_io::OnUpgrade;
 use super::error::ProxyError;
-use super::h1::RequestHead;
 use super::headers::{self, Forwarded, X_REQUEST_ID};
 use super::path;
-use super::pool::SendError;
-use super::upstream::ClientKey;
-use super::{is_idempotent, Gateway};
+use super::upstream::{ClientKey, UpstreamError};
+use super::Gateway;
 use crate::assertion::Caller;
 use crate::auth::Rejection;
 use crate::balance::{self, outlier, Tried};
 use crate::discovery::{ms_at, now_ms, EndpointStats, UpstreamSet};
+use crate::http1::client::RequestHead;
+use crate::http1::fields::{self, is_idempotent};
+use crate::http1::io::OnUpgrade;
 use crate::policy::{cors, Admission, PeerIp, Reply};
 use crate::routing::spec::{EscapedSlashes, UpstreamProtocol};
 use crate::routing::Route;
@@ -269,7 +269,7 @@ impl Gateway {
 
         // The HTTP/1.1 server marks the requests that ask for a protocol switch.
         let upgrade = parts.extensions.get::<OnUpgrade>().is_some();
-        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        fields::strip_hop_by_hop(&mut parts.headers, upgrade);
 
         let identity = self
             .auth
@@ -383,15 +383,19 @@ impl Gateway {
                 uri: &uri,
                 headers: &parts.headers,
                 upgrade,
-                forwarded: Some(forwarded),
+                extra: None,
             };
 
             let guard = InFlight::enter(&endpoint.stats);
             let stats = &endpoint.stats;
             let remaining = deadline.saturating_duration_since(started);
-            let send = self
-                .clients
-                .send(&client_key, &endpoint.authority, head, source.take());
+            let send = self.clients.send(
+                &client_key,
+                &endpoint.authority,
+                head,
+                forwarded,
+                source.take(),
+            );
             let try_deadline = tokio::time::Instant::from_std(started + per_try.min(remaining));
             let outcome = tokio::time::timeout_at(try_deadline, send).await;
             let failure = match outcome {
@@ -455,7 +459,7 @@ impl Gateway {
     fn respond(&self, ex: Exchange, mut response: Response<ClientBody>) -> Answer {
         let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let h = response.headers_mut();
-        headers::strip_hop_by_hop(h, upgraded);
+        fields::strip_hop_by_hop(h, upgraded);
         if let (Some(route), Some(admission)) = (&ex.route, &ex.admission) {
             self.edge.decorate(route, admission, h);
         }
@@ -536,7 +540,7 @@ impl Finish for Done {
 /// was connecting. Out of line: the request path's code stays small.
 #[cold]
 #[inline(never)]
-fn try_failed(set: &UpstreamSet, index: usize, e: &SendError) -> (ProxyError, bool) {
+fn try_failed(set: &UpstreamSet, index: usize, e: &UpstreamError) -> (ProxyError, bool) {
     let connect = e.is_connect();
     let detail = error_chain(e);
     let instance = &set.endpoints[index].instance.id;
@@ -621,7 +625,7 @@ impl BodySource {
                 }
             }
         }
-        let (body, fault) = UpstreamBody::limited(early.freeze(), body, limit);
+        let (body, fault) = LimitedBody::new(early.freeze(), body, limit);
         Ok((BodySource::Stream(Some(body)), fault))
     }
 

@@ -1,6 +1,7 @@
-//! Header hygiene between client and upstream: hop-by-hop headers never cross the proxy
-//! (RFC 9110 §7.6.1), every header a peer lists in `Connection` is dropped with them, and
-//! the gateway adds `X-Forwarded-*`, `X-Request-Id` and `Via`.
+//! The gateway's own header policy between client and upstream: what a client may not
+//! send in any spelling ([`scrub_request`]), and what the gateway adds: `X-Forwarded-*`,
+//! `X-Request-Id` and `Via`. (Hop-by-hop fields are the protocol's:
+//! [`crate::http1::fields`].)
 //!
 //! Order matters for safety: the client's `Connection` list is applied first, before auth
 //! and policy add their headers, so a client can never make the gateway drop a header it set.
@@ -8,128 +9,13 @@
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::http1::fields::ExtraFields;
+
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 switchyard");
-
-/// A request that asks to switch to WebSocket, the one protocol switch the gateway
-/// forwards: one `Upgrade` field naming `websocket` alone, and `Connection: upgrade`.
-pub fn wants_websocket(headers: &HeaderMap) -> bool {
-    let mut upgrades = headers.get_all(header::UPGRADE).iter();
-    let websocket = upgrades
-        .next()
-        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
-    websocket && upgrades.next().is_none() && connection_lists(headers, "upgrade")
-}
-
-fn connection_lists(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-/// The hop-by-hop names (RFC 9110 §7.6.1 and the historical ones), as bits of a mask.
-static HOP_BY_HOP: [&HeaderName; 9] = [
-    &header::CONNECTION,
-    &KEEP_ALIVE,
-    &PROXY_CONNECTION,
-    &header::PROXY_AUTHENTICATE,
-    &header::PROXY_AUTHORIZATION,
-    &header::TRAILER,
-    &header::TRANSFER_ENCODING,
-    &header::TE,
-    &header::UPGRADE,
-];
-const CONNECTION_BIT: u16 = 1;
-const TE_BIT: u16 = 1 << 7;
-const UPGRADE_BIT: u16 = 1 << 8;
-
-/// Whether a hop-by-hop name could have this length: most names are ruled out by one
-/// comparison instead of nine.
-fn may_be_hop_by_hop(len: usize) -> bool {
-    matches!(len, 2 | 7 | 10 | 16..=19)
-}
-
-fn hop_by_hop_bit(name: &HeaderName) -> u16 {
-    if !may_be_hop_by_hop(name.as_str().len()) {
-        return 0;
-    }
-    HOP_BY_HOP
-        .iter()
-        .position(|h| *h == name)
-        .map_or(0, |i| 1 << i)
-}
-
-/// Whether a raw header name (any case) is hop-by-hop.
-pub fn is_hop_by_hop(name: &str) -> bool {
-    may_be_hop_by_hop(name.len())
-        && HOP_BY_HOP
-            .iter()
-            .any(|h| h.as_str().eq_ignore_ascii_case(name))
-}
-
-/// Removes hop-by-hop headers and every header named in `Connection`. With `upgrade`,
-/// `Connection: upgrade` and `Upgrade` are kept so the switch can be forwarded. `TE:
-/// trailers` is kept (gRPC needs it); any other `TE` is dropped.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // One pass over the names finds which are present; only those are looked up again.
-    let present = headers
-        .keys()
-        .fold(0, |mask, name| mask | hop_by_hop_bit(name));
-    if present == 0 && !upgrade {
-        return;
-    }
-    if present & CONNECTION_BIT != 0 {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            // `close`, `keep-alive` and the other hop-by-hop names are handled below.
-            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            // `Connection: host` would send the request upstream without the name the
-            // gateway routed it on.
-            .filter(|name| hop_by_hop_bit(name) == 0 && name != header::HOST)
-            .collect();
-        for name in named {
-            headers.remove(&name);
-        }
-    }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        let bit = 1 << i;
-        if present & bit == 0 || bit == TE_BIT || bit == UPGRADE_BIT {
-            continue;
-        }
-        headers.remove(*name);
-    }
-    if present & TE_BIT != 0 {
-        let trailers_only = headers
-            .get(header::TE)
-            .and_then(|te| te.to_str().ok())
-            .is_some_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            });
-        headers.remove(header::TE);
-        if trailers_only {
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        }
-    }
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else if present & UPGRADE_BIT != 0 {
-        headers.remove(header::UPGRADE);
-    }
-}
 
 /// Headers a client may not send, whatever their spelling: `Forwarded`, `X-Real-IP` and
 /// `X-Forwarded-*` other than `-For` (the gateway's `X-Forwarded-For`, read from trusted
@@ -198,31 +84,6 @@ static GATEWAY_OWNED: [&str; 18] = [
     "x-request-id",
     "via",
 ];
-
-/// Whether a response trailer may go to the client: not a field that frames, routes,
-/// authenticates or describes the content (RFC 9110 §6.5.1), and no `_` spelling.
-pub fn may_trail(name: &HeaderName) -> bool {
-    let text = name.as_str();
-    !(is_hop_by_hop(text)
-        || text.as_bytes().contains(&b'_')
-        || matches!(
-            text,
-            "content-length"
-                | "content-encoding"
-                | "content-type"
-                | "content-range"
-                | "host"
-                | "set-cookie"
-                | "www-authenticate"
-                | "authorization"
-                | "cache-control"
-                | "expires"
-                | "date"
-                | "location"
-                | "retry-after"
-                | "vary"
-        ))
-}
 
 /// The headers the gateway sets on a request it forwards: `X-Forwarded-For/-Proto/-Host`,
 /// `X-Request-Id` and its own `Via` entry. They stay out of the request's map: an HTTP/1.1
@@ -293,6 +154,30 @@ impl Forwarded<'_> {
     }
 }
 
+impl ExtraFields for Forwarded<'_> {
+    fn replaces(&self, name: &HeaderName) -> bool {
+        Forwarded::replaces(name)
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        Forwarded::write(self, out)
+    }
+}
+
+/// What the gateway stamps on every answer it sends over HTTP/1.1: its `X-Request-Id`
+/// (replacing an upstream's) and its `Via` entry, written straight into the head.
+pub struct AnswerStamp(pub HeaderValue);
+
+impl ExtraFields for AnswerStamp {
+    fn replaces(&self, name: &HeaderName) -> bool {
+        name.as_str().len() == X_REQUEST_ID.as_str().len() && name == X_REQUEST_ID
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        write_id_and_via(out, &self.0)
+    }
+}
+
 /// Appends `X-Request-Id` and the gateway's `Via` entry to an HTTP/1.1 head being
 /// written: what the gateway adds to every request it forwards and every answer it sends.
 pub fn write_id_and_via(out: &mut Vec<u8>, request_id: &HeaderValue) {
@@ -343,21 +228,6 @@ mod tests {
     use super::*;
     use crate::auth::identity_headers::folds_into;
 
-    #[test]
-    fn every_hop_by_hop_name_gets_its_bit() {
-        for (i, name) in HOP_BY_HOP.iter().enumerate() {
-            assert_eq!(hop_by_hop_bit(name), 1 << i, "{name}");
-        }
-        assert_eq!(
-            hop_by_hop_bit(&header::USER_AGENT),
-            0,
-            "same length as connection"
-        );
-        assert_eq!(hop_by_hop_bit(&header::CONTENT_LENGTH), 0);
-        assert!(is_hop_by_hop("Transfer-Encoding") && is_hop_by_hop("TE"));
-        assert!(!is_hop_by_hop("User-Agent") && !is_hop_by_hop("x-te"));
-    }
-
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
@@ -367,52 +237,6 @@ mod tests {
             );
         }
         h
-    }
-
-    #[test]
-    fn hop_by_hop_and_connection_listed_headers_go() {
-        let mut h = map(&[
-            ("connection", "keep-alive, X-Secret"),
-            ("x-secret", "1"),
-            ("keep-alive", "timeout=5"),
-            ("transfer-encoding", "chunked"),
-            ("te", "gzip"),
-            ("upgrade", "websocket"),
-            ("proxy-authorization", "Basic x"),
-            ("x-kept", "yes"),
-        ]);
-        strip_hop_by_hop(&mut h, false);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert_eq!(h["x-kept"], "yes");
-    }
-
-    #[test]
-    fn only_websocket_upgrades_are_wanted() {
-        assert!(wants_websocket(&map(&[
-            ("connection", "keep-alive, Upgrade"),
-            ("upgrade", "WebSocket"),
-        ])));
-        for refused in [
-            &[("connection", "upgrade"), ("upgrade", "h2c")][..],
-            &[("connection", "upgrade"), ("upgrade", "websocket, h2c")],
-            &[("connection", "upgrade"), ("upgrade", "h2c, websocket")],
-            &[
-                ("connection", "upgrade"),
-                ("upgrade", "websocket"),
-                ("upgrade", "h2c"),
-            ],
-            &[("upgrade", "websocket")],
-        ] {
-            assert!(!wants_websocket(&map(refused)), "{refused:?}");
-        }
-    }
-
-    #[test]
-    fn connection_cannot_take_the_host_away() {
-        let mut h = map(&[("connection", "host, x-a"), ("host", "a"), ("x-a", "1")]);
-        strip_hop_by_hop(&mut h, false);
-        assert_eq!(h["host"], "a");
-        assert!(!h.contains_key("x-a"));
     }
 
     #[test]
@@ -458,35 +282,6 @@ mod tests {
         );
         assert!(folds_into("x_user_id", "x-user-id"));
         assert!(!folds_into("x_user_idx", "x-user-id"));
-    }
-
-    #[test]
-    fn framing_and_routing_fields_never_trail() {
-        for name in [
-            "content-length",
-            "transfer-encoding",
-            "host",
-            "connection",
-            "x_a",
-        ] {
-            assert!(!may_trail(&HeaderName::from_static(name)), "{name}");
-        }
-        assert!(may_trail(&HeaderName::from_static("grpc-status")));
-        assert!(may_trail(&HeaderName::from_static("x-checksum")));
-    }
-
-    #[test]
-    fn upgrades_and_grpc_trailers_survive() {
-        let mut h = map(&[
-            ("connection", "Upgrade"),
-            ("upgrade", "websocket"),
-            ("te", "trailers"),
-        ]);
-        assert!(wants_websocket(&h));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h["upgrade"], "websocket");
-        assert_eq!(h["connection"], "upgrade");
-        assert_eq!(h["te"], "trailers");
     }
 
     #[test]

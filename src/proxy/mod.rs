@@ -5,21 +5,12 @@
 //! talks to Consul; passive health goes into the instances' atomic counters.
 
 pub mod body;
-pub mod client_io;
-mod codec;
-#[cfg(test)]
-mod differential;
 pub mod error;
-pub mod h1;
-pub mod h1_server;
 pub mod handler;
 pub mod headers;
 pub mod path;
-pub mod pool;
 pub mod server;
 pub mod upstream;
-#[doc(hidden)]
-pub mod wire_fuzz;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,15 +27,6 @@ use crate::upstream_tls::UpstreamTls;
 pub use error::ProxyError;
 pub use handler::Conn;
 pub use server::{serve, serve_tls};
-
-/// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
-fn is_idempotent(method: &http::Method) -> bool {
-    use http::Method;
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
-}
 
 /// How long idle upstream connections stay pooled.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(90);
@@ -63,6 +45,15 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// What the HTTP/1.1 server needs of them.
+    pub fn http1(&self) -> crate::http1::server::ServerSettings {
+        crate::http1::server::ServerSettings {
+            header_timeout: self.header_read_timeout,
+            body_timeout: self.body_read_timeout,
+            max_head: self.max_header_bytes,
+        }
+    }
+
     pub fn from_config(proxy: &ProxySection, access_log: bool) -> Settings {
         Settings {
             max_body_bytes: proxy.max_body_bytes,

@@ -2,7 +2,8 @@
 //! TLS) on one listener, a gateway-wide connection limit, a deadline for the request head
 //! (slowloris), a cap on head size (431), and a graceful drain on shutdown: stop
 //! accepting, let in-flight requests finish up to the drain timeout, then close.
-//! HTTP/1.1 is the gateway's own ([`h1_server`], over [`client_io`](super::client_io)); HTTP/2 is hyper's.
+//! HTTP/1.1 is the gateway's own ([`crate::http1::server`], with the gateway as its
+//! [`Service`](crate::http1::server::Service)); HTTP/2 is hyper's.
 
 use std::convert::Infallible;
 use std::io;
@@ -22,10 +23,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::body::RequestBody;
-use super::client_io::{ClientRead, ClientWrite, Rewind};
-use super::h1_server;
+use super::body::{ClientBody, ResponseError};
+use super::error::ProxyError;
 use super::handler::Conn;
+use super::headers::{self, AnswerStamp};
 use super::Gateway;
+use crate::http1::io::{ClientRead, ClientWrite, Rewind};
+use crate::http1::server::{self as h1, ReceivedBody, Refusal, Reply};
 use crate::shutdown::Shutdown;
 use crate::tls::Tls;
 
@@ -147,7 +151,16 @@ async fn serve_plain(
     }
     let (read, write) = stream.into_split();
     let (read, write) = (ClientRead::Tcp(read), ClientWrite::Tcp(write));
-    h1_server::serve(read, write, first, conn, gateway, finish).await;
+    let settings = gateway.settings.http1();
+    h1::serve(
+        read,
+        write,
+        first,
+        Http1Service { gateway, conn },
+        settings,
+        finish,
+    )
+    .await;
 }
 
 /// The first bytes of a connection: enough to tell the HTTP/2 preface from an HTTP/1.1
@@ -192,7 +205,9 @@ async fn serve_tls_stream(
     }
     let (read, write) = tokio::io::split(stream);
     let (read, write) = (ClientRead::Tls(read), ClientWrite::Tls(write));
-    h1_server::serve(read, write, Bytes::new(), conn, gateway, finish).await;
+    let settings = gateway.settings.http1();
+    let service = Http1Service { gateway, conn };
+    h1::serve(read, write, Bytes::new(), service, settings, finish).await;
 }
 
 async fn serve_http2<I>(
@@ -224,6 +239,41 @@ async fn serve_http2<I>(
     };
     if let Err(e) = result {
         trace_connection_error(peer, &e);
+    }
+}
+
+/// The gateway as the HTTP/1.1 server's service, for one client connection.
+struct Http1Service {
+    gateway: Arc<Gateway>,
+    conn: Conn,
+}
+
+impl h1::Service for Http1Service {
+    type Body = ClientBody;
+    type BodyError = ResponseError;
+    type Fields = AnswerStamp;
+
+    async fn call(
+        &self,
+        request: http::request::Parts,
+        body: Option<ReceivedBody>,
+    ) -> Reply<ClientBody, AnswerStamp> {
+        let body = body.map_or(RequestBody::Empty, RequestBody::H1);
+        let answer = self.gateway.handle(request, body, &self.conn).await;
+        Reply {
+            response: answer.response,
+            fields: AnswerStamp(answer.request_id),
+            close: answer.close,
+        }
+    }
+
+    fn refused(&self, refusal: Refusal) -> Reply<ClientBody, AnswerStamp> {
+        let request_id = headers::new_request_id();
+        Reply {
+            response: ProxyError::Refused(refusal).to_response(&request_id),
+            fields: AnswerStamp(request_id),
+            close: true,
+        }
     }
 }
 

@@ -18,14 +18,40 @@ use http::{Request, Response, Uri, Version};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
 use super::body::{ClientBody, UpstreamBody};
-use super::h1::RequestHead;
-use super::pool::{Http1Pool, PoolKey, SendError};
+use super::headers::Forwarded;
+use crate::http1::client::RequestHead;
+use crate::http1::io::UpstreamStream;
+use crate::http1::pool::{Http1Pool, PoolKey, SendError};
 use crate::upstream_tls::UpstreamTls;
+
+/// Why an exchange with an instance failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Over HTTP/1.1 (the gateway's own client).
+    #[error(transparent)]
+    Http1(#[from] SendError),
+    /// Over HTTP/2 (hyper-util's client).
+    #[error(transparent)]
+    Http2(#[from] hyper_util::client::legacy::Error),
+    /// The request could not be addressed to the instance; nothing was sent.
+    #[error("cannot address the instance: {0}")]
+    Address(#[from] http::Error),
+}
+
+impl UpstreamError {
+    /// Whether the failure happened before anything reached the instance.
+    pub fn is_connect(&self) -> bool {
+        match self {
+            UpstreamError::Http1(e) => e.is_connect(),
+            UpstreamError::Http2(e) => e.is_connect(),
+            UpstreamError::Address(_) => false,
+        }
+    }
+}
 
 /// Why a connection could not be made; always safe to retry elsewhere (nothing was sent).
 #[derive(Debug, thiserror::Error)]
@@ -81,15 +107,17 @@ impl Clients {
         }
     }
 
-    /// Sends a request (origin-form URI, `Host` set) to the instance at `authority`. An
-    /// HTTP/1.1 connection goes back to its pool with the response body's end.
+    /// Sends a request (origin-form URI, `Host` set) with the gateway's forwarding
+    /// headers to the instance at `authority`. An HTTP/1.1 connection goes back to its
+    /// pool with the response body's end.
     pub async fn send(
         &self,
         key: &ClientKey,
         authority: &Authority,
         head: RequestHead<'_>,
+        forwarded: &Forwarded<'_>,
         body: UpstreamBody,
-    ) -> Result<Response<ClientBody>, SendError> {
+    ) -> Result<Response<ClientBody>, UpstreamError> {
         if key.http2 {
             let mut uri = Uri::builder().scheme("http").authority(authority.clone());
             if let Some(pq) = head.uri.path_and_query() {
@@ -100,9 +128,7 @@ impl Clients {
             *req.uri_mut() = uri.build()?;
             *req.version_mut() = Version::HTTP_2;
             *req.headers_mut() = head.headers.clone();
-            if let Some(forwarded) = head.forwarded {
-                forwarded.insert_into(req.headers_mut());
-            }
+            forwarded.insert_into(req.headers_mut());
             let response = Box::pin(self.get(key).request(req)).await?;
             return Ok(response.map(ClientBody::h2));
         }
@@ -110,10 +136,20 @@ impl Clients {
             authority: authority.clone(),
             tls_service: key.tls_service.clone(),
         };
-        let response = self
-            .h1
-            .send(pool_key, || self.connector(key), head, body)
-            .await?;
+        let head = RequestHead {
+            extra: Some(forwarded),
+            ..head
+        };
+        let dial = || {
+            let connector = self.connector(key);
+            let authority = authority.clone();
+            async move {
+                let stream = connector.dial(&authority).await?;
+                metrics::counter!(crate::metrics::UPSTREAM_CONNECTS).increment(1);
+                Ok::<_, ConnectError>(stream)
+            }
+        };
+        let response = self.h1.send(pool_key, dial, head, body).await?;
         Ok(response.map(ClientBody::h1))
     }
 
@@ -219,12 +255,6 @@ impl Connector {
     }
 }
 
-/// A connection to an upstream, plain or TLS.
-pub enum UpstreamStream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
 impl Connection for UpstreamStream {
     fn connected(&self) -> Connected {
         match self {
@@ -236,64 +266,6 @@ impl Connection for UpstreamStream {
                     Connected::new()
                 }
             }
-        }
-    }
-}
-
-impl AsyncRead for UpstreamStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamStream::Plain(s) => s.is_write_vectored(),
-            UpstreamStream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! HTTP/1.1 to instances, spoken by the gateway itself.
+//! HTTP/1.1 to instances.
 //!
 //! A proxy's client side is a narrow slice of HTTP/1.1: write one request head (plus its
 //! body), read one response head, frame the response body, and know when the connection
@@ -28,13 +28,65 @@ use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
-use super::body::{BodyError, UpstreamBody};
 use super::codec::{
     self, push_header, push_hex, Chunked, DecodeError, Decoding, Facts, Source, SCRATCH,
 };
-use super::headers::{self, Forwarded};
+use super::fields::{self, ExtraFields};
+use super::io::UpstreamStream;
 use super::pool::Home;
-use super::upstream::UpstreamStream;
+
+/// Errors of the bodies the client sends.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body as it goes to an instance: none, held whole in memory (sent with its
+/// length; the sender keeps it for another try), or a stream `S` (sent with its length
+/// when it knows it, chunked otherwise, with its trailers).
+#[derive(Debug)]
+pub enum OutboundBody<S> {
+    Empty,
+    Full(Option<Bytes>),
+    Stream(S),
+}
+
+impl<S> Body for OutboundBody<S>
+where
+    S: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = S::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, S::Error>>> {
+        match self.get_mut() {
+            OutboundBody::Empty => Poll::Ready(None),
+            OutboundBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            OutboundBody::Stream(stream) => Pin::new(stream).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OutboundBody::Empty => true,
+            OutboundBody::Full(d) => d.is_none(),
+            OutboundBody::Stream(stream) => stream.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            OutboundBody::Empty => SizeHint::with_exact(0),
+            OutboundBody::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            OutboundBody::Stream(stream) => stream.size_hint(),
+        }
+    }
+}
+
+/// What a streamed request body must be.
+pub trait Stream: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
+
+impl<S> Stream for S where S: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
 
 /// The largest response head (status line and headers) accepted from an instance.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -63,7 +115,7 @@ pub enum H1Error {
     #[error("upstream closed the connection in the middle of the response body")]
     Truncated,
     #[error("request body: {0}")]
-    Body(#[source] BodyError),
+    Body(#[source] BoxError),
 }
 
 impl From<DecodeError> for H1Error {
@@ -106,8 +158,9 @@ pub struct RequestHead<'a> {
     pub headers: &'a HeaderMap,
     /// Asks for a protocol switch (`Upgrade` kept in `headers`).
     pub upgrade: bool,
-    /// The headers the gateway sets, written after `headers`.
-    pub forwarded: Option<&'a Forwarded<'a>>,
+    /// Fields a layer above sets, written after `headers` (which lose the fields these
+    /// replace).
+    pub extra: Option<&'a dyn ExtraFields>,
 }
 
 impl<'a> RequestHead<'a> {
@@ -117,7 +170,7 @@ impl<'a> RequestHead<'a> {
             uri: &parts.uri,
             headers: &parts.headers,
             upgrade: parts.headers.contains_key(header::UPGRADE),
-            forwarded: None,
+            extra: None,
         }
     }
 }
@@ -192,12 +245,12 @@ impl Connection {
 
     /// Encodes `req`'s head and writes as much of it as the socket takes now, keeping
     /// the rest for [`Connection::poll_unsent`]. Returns the body still to send.
-    fn start(
+    fn start<S: Stream>(
         &mut self,
         cx: &mut Context<'_>,
         req: RequestHead<'_>,
-        body: &mut UpstreamBody,
-    ) -> io::Result<Option<Box<Outgoing>>> {
+        body: &mut OutboundBody<S>,
+    ) -> io::Result<Option<Box<Outgoing<S>>>> {
         SCRATCH.with_borrow_mut(|scratch| {
             let upload = encode_head(&mut scratch.head, req, body);
             let head = &scratch.head[..];
@@ -293,7 +346,7 @@ pub(super) fn parse_response_head(read: &mut Bytes) -> Result<Option<Head>, H1Er
         if Facts::may_note(h.name) {
             facts.note(h.name, h.value);
         }
-        if headers::is_hop_by_hop(h.name) {
+        if fields::is_hop_by_hop(h.name) {
             hop_by_hop |= 1 << i;
         }
         // Offsets into the buffer, so the values can be cut from it once frozen.
@@ -351,8 +404,8 @@ enum Upload {
 }
 
 /// A request body still being sent, with the bytes queued for the socket.
-pub struct Outgoing {
-    body: UpstreamBody,
+pub struct Outgoing<S> {
+    body: OutboundBody<S>,
     framing: Upload,
     queue: VecDeque<Bytes>,
     finished: bool,
@@ -360,8 +413,8 @@ pub struct Outgoing {
     sent: bool,
 }
 
-impl Outgoing {
-    fn new(body: UpstreamBody, framing: Upload) -> Box<Outgoing> {
+impl<S: Stream> Outgoing<S> {
+    fn new(body: OutboundBody<S>, framing: Upload) -> Box<Outgoing<S>> {
         Box::new(Outgoing {
             body,
             framing,
@@ -397,7 +450,7 @@ impl Outgoing {
             }
             match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
                 None => self.end(None)?,
-                Some(Err(e)) => return Poll::Ready(Err(H1Error::Body(e))),
+                Some(Err(e)) => return Poll::Ready(Err(H1Error::Body(e.into()))),
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => self.push(data)?,
                     Err(frame) => {
@@ -494,11 +547,11 @@ fn advance_queue(queue: &mut VecDeque<Bytes>, mut n: usize) {
 
 /// Writes the request head into the connection's buffer and decides the body's framing:
 /// the gateway sets `Content-Length` or chunking itself, from what the body is.
-pub(super) fn encode_head(
+pub(super) fn encode_head<S: Stream>(
     out: &mut Vec<u8>,
     req: RequestHead<'_>,
-    body: &mut UpstreamBody,
-) -> Option<Box<Outgoing>> {
+    body: &mut OutboundBody<S>,
+) -> Option<Box<Outgoing<S>>> {
     out.clear();
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
@@ -515,24 +568,23 @@ pub(super) fn encode_head(
             declared = declared.or_else(|| value.to_str().ok()?.trim().parse::<u64>().ok());
             continue;
         }
-        if name == header::TRANSFER_ENCODING
-            || (req.forwarded.is_some() && Forwarded::replaces(name))
+        if name == header::TRANSFER_ENCODING || req.extra.is_some_and(|extra| extra.replaces(name))
         {
             continue;
         }
         push_header(out, name, value);
     }
-    if let Some(forwarded) = req.forwarded {
-        forwarded.write(out);
+    if let Some(extra) = req.extra {
+        extra.write(out);
     }
     let upload = match body {
-        UpstreamBody::Empty => {
+        OutboundBody::Empty => {
             if declared.is_some() || method_has_body(req.method) {
                 out.extend_from_slice(b"content-length: 0\r\n");
             }
             None
         }
-        UpstreamBody::Full(data) => {
+        OutboundBody::Full(data) => {
             let data = data.clone().unwrap_or_default();
             out.extend_from_slice(b"content-length: ");
             codec::push_decimal(out, data.len() as u64);
@@ -543,9 +595,9 @@ pub(super) fn encode_head(
             }
             // Sent from its own buffer; the request keeps its copy for a retry.
             let framing = Upload::Length(data.len() as u64);
-            return Some(Outgoing::new(UpstreamBody::Full(Some(data)), framing));
+            return Some(Outgoing::new(OutboundBody::Full(Some(data)), framing));
         }
-        UpstreamBody::Stream { .. } => {
+        OutboundBody::Stream(_) => {
             let known = body.size_hint().exact().or(declared);
             let framing = match known {
                 Some(n) => {
@@ -564,7 +616,7 @@ pub(super) fn encode_head(
     };
     out.extend_from_slice(b"\r\n");
     // A live stream can be sent once only: it moves to the upload.
-    upload.map(|framing| Outgoing::new(std::mem::replace(body, UpstreamBody::Empty), framing))
+    upload.map(|framing| Outgoing::new(std::mem::replace(body, OutboundBody::Empty), framing))
 }
 
 /// Methods whose requests carry a body by meaning; an empty one is sent as
@@ -575,16 +627,16 @@ fn method_has_body(method: &Method) -> bool {
 
 /// Sends `req` on `conn` and reads the answer's head. `replayable` says whether the
 /// request could be sent again (a body that is not a live stream, an idempotent method).
-pub async fn exchange(
+pub async fn exchange<S: Stream>(
     mut conn: Box<Connection>,
     req: RequestHead<'_>,
-    mut body: UpstreamBody,
+    mut body: OutboundBody<S>,
     replayable: bool,
-) -> Result<Response<ResponseBody>, (H1Error, bool, UpstreamBody)> {
+) -> Result<Response<ResponseBody<S>>, (H1Error, bool, OutboundBody<S>)> {
     let reused = conn.is_reused();
     let head_request = *req.method == Method::HEAD;
     let wants_upgrade = req.upgrade;
-    let mut upload: Option<Box<Outgoing>> = None;
+    let mut upload: Option<Box<Outgoing<S>>> = None;
     let mut started = false;
     let result = std::future::poll_fn(|cx| {
         if !started {
@@ -702,17 +754,17 @@ pub(super) fn response_framing(
 
 /// A response body read from its connection, which goes back to the pool (through
 /// its [`Home`]) when the body has ended cleanly and the connection can be reused.
-pub struct ResponseBody {
+pub struct ResponseBody<S> {
     conn: Option<Box<Connection>>,
     state: Decoding,
     keep_alive: bool,
     /// The rest of a request body the instance answered before receiving all of; sent
     /// while the answer is read (the instance may be waiting for it), and the connection
     /// is closed after.
-    upload: Option<Box<Outgoing>>,
+    upload: Option<Box<Outgoing<S>>>,
 }
 
-impl ResponseBody {
+impl<S: Stream> ResponseBody<S> {
     /// For a `101` answer: the connection and the bytes that came after the head, which
     /// already belong to the upgraded protocol.
     pub fn into_upgraded(mut self) -> Option<(UpstreamStream, Bytes)> {
@@ -770,7 +822,7 @@ impl Source for Connection {
     }
 }
 
-impl Body for ResponseBody {
+impl<S: Stream> Body for ResponseBody<S> {
     type Data = Bytes;
     type Error = H1Error;
 
@@ -813,8 +865,15 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::proxy::pool::{Http1Pool, PoolKey, SendError};
-    use crate::proxy::upstream::Connector;
+    use crate::http1::pool::{Http1Pool, PoolKey, SendError};
+
+    /// The request bodies of these tests: none or in memory.
+    type TestBody = OutboundBody<http_body_util::Empty<Bytes>>;
+
+    async fn dial(authority: Authority) -> io::Result<UpstreamStream> {
+        let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
+        Ok(UpstreamStream::Plain(tcp))
+    }
 
     /// What the scripted server does with the next request it reads.
     enum Reply {
@@ -900,8 +959,8 @@ mod tests {
             &self,
             pool: &Http1Pool,
             method: Method,
-            body: UpstreamBody,
-        ) -> Result<Response<ResponseBody>, SendError> {
+            body: TestBody,
+        ) -> Result<Response<ResponseBody<http_body_util::Empty<Bytes>>>, SendError> {
             let (parts, ()) = http::Request::builder()
                 .method(method)
                 .uri("/x?y=1")
@@ -909,15 +968,21 @@ mod tests {
                 .body(())
                 .unwrap()
                 .into_parts();
-            let connector = || Connector::plain(Duration::from_secs(2));
-            pool.send(self.key.clone(), connector, RequestHead::of(&parts), body)
-                .await
+            let authority = self.key.authority.clone();
+            pool.send(
+                self.key.clone(),
+                || dial(authority),
+                RequestHead::of(&parts),
+                body,
+            )
+            .await
         }
 
-        async fn get(&self, pool: &Http1Pool) -> Response<ResponseBody> {
-            self.send(pool, Method::GET, UpstreamBody::Empty)
-                .await
-                .unwrap()
+        async fn get(
+            &self,
+            pool: &Http1Pool,
+        ) -> Response<ResponseBody<http_body_util::Empty<Bytes>>> {
+            self.send(pool, Method::GET, TestBody::Empty).await.unwrap()
         }
 
         fn received(&self) -> String {
@@ -925,7 +990,7 @@ mod tests {
         }
     }
 
-    async fn body(response: Response<ResponseBody>) -> Bytes {
+    async fn body(response: Response<ResponseBody<http_body_util::Empty<Bytes>>>) -> Bytes {
         response.into_body().collect().await.unwrap().to_bytes()
     }
 
@@ -987,7 +1052,7 @@ mod tests {
         let pool = pool();
         for expected in ["conflicting", "bad Content-Length", "invalid", "invalid"] {
             let err = server
-                .send(&pool, Method::GET, UpstreamBody::Empty)
+                .send(&pool, Method::GET, TestBody::Empty)
                 .await
                 .err()
                 .expect("refused");
@@ -1027,14 +1092,14 @@ mod tests {
         assert_eq!(response.status(), 200);
         assert_eq!(&body(response).await[..], b"ok");
         let response = server
-            .send(&pool, Method::HEAD, UpstreamBody::Empty)
+            .send(&pool, Method::HEAD, TestBody::Empty)
             .await
             .unwrap();
         assert_eq!(response.headers()[header::CONTENT_LENGTH], "10");
         assert!(response.body().is_end_stream());
         drop(response);
         let response = server
-            .send(&pool, Method::DELETE, UpstreamBody::Empty)
+            .send(&pool, Method::DELETE, TestBody::Empty)
             .await
             .unwrap();
         assert_eq!(response.status(), 204);
@@ -1071,17 +1136,20 @@ mod tests {
             "a body short of its length cannot end cleanly"
         );
         let err = server
-            .send(&pool, Method::GET, UpstreamBody::Empty)
+            .send(&pool, Method::GET, TestBody::Empty)
             .await
             .err()
             .expect("refused");
-        assert!(matches!(err, SendError::H1(H1Error::Closed)), "{err}");
+        assert!(matches!(err, SendError::Exchange(H1Error::Closed)), "{err}");
         let err = server
-            .send(&pool, Method::GET, UpstreamBody::Empty)
+            .send(&pool, Method::GET, TestBody::Empty)
             .await
             .err()
             .expect("refused");
-        assert!(matches!(err, SendError::H1(H1Error::HeadTooLarge)), "{err}");
+        assert!(
+            matches!(err, SendError::Exchange(H1Error::HeadTooLarge)),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -1095,11 +1163,11 @@ mod tests {
         let pool = pool();
         let big = Bytes::from(vec![b'z'; INLINE_BODY + 5]);
         for body in [
-            UpstreamBody::Full(Some(Bytes::from_static(b"payload"))),
-            UpstreamBody::Full(Some(big.clone())),
-            UpstreamBody::Empty,
+            TestBody::Full(Some(Bytes::from_static(b"payload"))),
+            TestBody::Full(Some(big.clone())),
+            TestBody::Empty,
         ] {
-            let method = if matches!(body, UpstreamBody::Empty) {
+            let method = if matches!(body, TestBody::Empty) {
                 Method::POST
             } else {
                 Method::PUT

@@ -9,10 +9,11 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
-use super::body::UpstreamBody;
+use super::client::{
+    encode_head, parse_response_head, response_framing, Framing, OutboundBody, RequestHead,
+};
 use super::codec::{Chunked, Decoding, Source};
-use super::h1::{encode_head, parse_response_head, response_framing, Framing, RequestHead};
-use super::h1_server::{parse_head, request_framing};
+use super::server::{parse_head, request_framing};
 
 /// Bytes handed to the decoder `step` at a time (all at once when `step` is 0).
 struct Pieces {
@@ -91,13 +92,14 @@ pub(super) fn read_back(data: &[u8]) -> bool {
     };
     let parts = &head.request;
     let mut out = Vec::new();
-    let mut upstream = UpstreamBody::Full(Some(Bytes::from(body.clone())));
+    let mut upstream =
+        OutboundBody::<http_body_util::Empty<Bytes>>::Full(Some(Bytes::from(body.clone())));
     let req = RequestHead {
         method: &parts.method,
         uri: &parts.uri,
         headers: &parts.headers,
         upgrade: false,
-        forwarded: None,
+        extra: None,
     };
     let rest = encode_head(&mut out, req, &mut upstream);
     let mut again = Bytes::from(out);

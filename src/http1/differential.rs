@@ -18,8 +18,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::h1_server::{parse_head, request_framing};
-use super::wire_fuzz::{decode, read_back};
+use super::fuzz::{decode, read_back};
+use super::server::{parse_head, request_framing};
 
 /// One request as read: method, target, body.
 type Read = (String, String, Vec<u8>);

@@ -1,7 +1,7 @@
 //! HTTP/1.1 keep-alive connections to instances, pooled per instance address and TLS
 //! identity and reused most-recent first.
 //!
-//! A connection is taken out for one exchange ([`super::h1`], run in the request's own
+//! A connection is taken out for one exchange ([`super::client`], run in the request's own
 //! task) and comes back when the response body has been read to its end, straight from
 //! the body's poll, to the idle list it points to (see [`Home`]). A request thus costs
 //! two short mutex sections and no task, channel or boxed future of its own. Idle
@@ -11,22 +11,24 @@
 //! bytes, or beyond the per-instance cap are dropped, which closes them.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 use http::Response;
 
-use super::body::UpstreamBody;
-use super::h1::{self, Connection, H1Error, RequestHead, ResponseBody};
-use super::is_idempotent;
-use super::upstream::{ConnectError, Connector};
+use super::client::{
+    self, BoxError, Connection, H1Error, OutboundBody, RequestHead, ResponseBody, Stream,
+};
+use super::fields::is_idempotent;
+use super::io::UpstreamStream;
 
 /// Which connections are interchangeable: same instance address, same TLS identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolKey {
     pub authority: Authority,
-    /// The service whose name the upstream certificate carries, for TLS connections.
+    /// The name the instance's certificate must carry, for TLS connections.
     pub tls_service: Option<String>,
 }
 
@@ -50,26 +52,16 @@ impl std::hash::Hash for PoolKey {
 pub enum SendError {
     /// No connection could be made; nothing was sent.
     #[error(transparent)]
-    Connect(#[from] ConnectError),
+    Connect(BoxError),
     /// The connection failed during the exchange; the request may have been sent.
     #[error(transparent)]
-    H1(#[from] H1Error),
-    /// An HTTP/2 exchange through hyper-util's client.
-    #[error(transparent)]
-    Client(#[from] hyper_util::client::legacy::Error),
-    /// The request could not be addressed to the instance; nothing was sent.
-    #[error("cannot address the instance: {0}")]
-    Address(#[from] http::Error),
+    Exchange(#[from] H1Error),
 }
 
 impl SendError {
     /// Whether the failure happened before anything reached the instance.
     pub fn is_connect(&self) -> bool {
-        match self {
-            SendError::Connect(_) => true,
-            SendError::H1(_) | SendError::Address(_) => false,
-            SendError::Client(e) => e.is_connect(),
-        }
+        matches!(self, SendError::Connect(_))
     }
 }
 
@@ -122,23 +114,28 @@ impl Http1Pool {
         })
     }
 
-    /// Sends `req` on an idle connection to `key`, or on a new one made by `connector`.
+    /// Sends `req` on an idle connection to `key`, or on a new one that `dial` opens.
     ///
     /// Every request first checks that its idle connection is still open and has sent
     /// nothing since its last answer (bytes an instance sent while idle would otherwise be
     /// read as the next request's answer: nginx and hyper close such connections too).
     /// A request that can be sent twice (idempotent method, body not streamed) that finds
     /// its connection closed before a byte came back goes again on the next one.
-    pub async fn send(
+    pub async fn send<S, D, E>(
         &self,
         key: PoolKey,
-        connector: impl FnOnce() -> Connector,
+        dial: impl FnOnce() -> D,
         req: RequestHead<'_>,
-        mut body: UpstreamBody,
-    ) -> Result<Response<ResponseBody>, SendError> {
-        let replayable = is_idempotent(req.method) && !matches!(body, UpstreamBody::Stream { .. });
+        mut body: OutboundBody<S>,
+    ) -> Result<Response<ResponseBody<S>>, SendError>
+    where
+        S: Stream,
+        D: Future<Output = Result<UpstreamStream, E>>,
+        E: Into<BoxError>,
+    {
+        let replayable = is_idempotent(req.method) && !matches!(body, OutboundBody::Stream(_));
         while let Some(conn) = self.checkout(&key) {
-            match h1::exchange(conn, req, body, replayable).await {
+            match client::exchange(conn, req, body, replayable).await {
                 Ok(response) => return Ok(response),
                 Err((error, true, back)) => {
                     tracing::debug!(error = %error, "pooled upstream connection was closed; trying the next");
@@ -149,8 +146,8 @@ impl Http1Pool {
         }
         // Boxed: dialing (TLS included) is the cold path, and its state would otherwise
         // enlarge every request's future, which stays in memory while the request is out.
-        let conn = Box::pin(self.connect(&key, connector())).await?;
-        h1::exchange(conn, req, body, false)
+        let conn = Box::pin(self.connect(&key, dial())).await?;
+        client::exchange(conn, req, body, false)
             .await
             .map_err(|(error, _, _)| error.into())
     }
@@ -175,13 +172,12 @@ impl Http1Pool {
         None
     }
 
-    async fn connect(
+    async fn connect<E: Into<BoxError>>(
         &self,
         key: &PoolKey,
-        connector: Connector,
+        dial: impl Future<Output = Result<UpstreamStream, E>>,
     ) -> Result<Box<Connection>, SendError> {
-        let stream = connector.dial(&key.authority).await?;
-        metrics::counter!(crate::metrics::UPSTREAM_CONNECTS).increment(1);
+        let stream = dial.await.map_err(|e| SendError::Connect(e.into()))?;
         self.start_reaper();
         let list = {
             let mut lists = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
@@ -311,19 +307,27 @@ mod tests {
             .0
     }
 
-    async fn get(pool: &Http1Pool, key: &PoolKey) -> Result<Response<ResponseBody>, SendError> {
+    /// The request bodies of these tests: none.
+    type NoBody = http_body_util::Empty<bytes::Bytes>;
+
+    async fn get(
+        pool: &Http1Pool,
+        key: &PoolKey,
+    ) -> Result<Response<ResponseBody<NoBody>>, SendError> {
         let parts = request(&key.authority, Method::GET);
         pool.send(
             key.clone(),
-            connector,
+            || dial(key.authority.clone()),
             RequestHead::of(&parts),
-            UpstreamBody::Empty,
+            OutboundBody::<NoBody>::Empty,
         )
         .await
     }
 
-    fn connector() -> Connector {
-        Connector::plain(Duration::from_secs(2))
+    /// Plain TCP to `authority`.
+    pub(crate) async fn dial(authority: Authority) -> std::io::Result<UpstreamStream> {
+        let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
+        Ok(UpstreamStream::Plain(tcp))
     }
 
     async fn exchange(pool: &Http1Pool, key: &PoolKey) -> Result<(), SendError> {
@@ -383,9 +387,9 @@ mod tests {
             let response = pool
                 .send(
                     key.clone(),
-                    connector,
+                    || dial(key.authority.clone()),
                     RequestHead::of(&parts),
-                    UpstreamBody::Empty,
+                    OutboundBody::<NoBody>::Empty,
                 )
                 .await
                 .unwrap();

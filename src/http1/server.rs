@@ -1,7 +1,7 @@
-//! HTTP/1.1 from clients, spoken by the gateway itself.
+//! HTTP/1.1 from clients.
 //!
 //! A connection is one loop in its own task: read a head, hand the request to the
-//! handler, write the answer, again. Compared with a general server this drops a
+//! [`Service`], write the answer, again. Compared with a general server this drops a
 //! dispatcher between the connection and the request, and a second buffered codec layer;
 //! request heads become `http` types straight from the bytes received (header values are
 //! slices of them), and a small answer leaves in one write with its head.
@@ -12,15 +12,15 @@
 //! answered when the body is first read, `Upgrade` handed over with the bytes read past
 //! the head, one deadline for a head to arrive (slowloris; it also bounds idle keep-alive
 //! connections), heads over the size cap answered 431, messages that could be smuggled
-//! (`Transfer-Encoding` with `Content-Length`, codings other than chunked) refused with
-//! 400, and on shutdown the in-flight request finishes and the connection then closes.
+//! (`Transfer-Encoding` with `Content-Length`, bare LF, codings other than chunked)
+//! refused with 400 or 501 (the service renders the answer: [`Refusal`]), and on shutdown
+//! the in-flight request finishes and the connection then closes.
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -33,12 +33,95 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Sleep;
 
-use super::body::{BodyError, RequestBody};
-use super::client_io::{ClientRead, ClientWrite, OnUpgrade, Rewind, Upgraded};
 use super::codec::{self, DecodeError, Decoding, Facts, OutBuf, Source};
-use super::handler::{Answer, Conn};
-use super::headers::{self, X_REQUEST_ID};
-use super::Gateway;
+use super::fields::{self, ExtraFields};
+use super::io::{ClientRead, ClientWrite, OnUpgrade, Rewind, Upgraded};
+
+/// What the server hands requests to: the gateway.
+pub trait Service: Send + Sync {
+    /// Response bodies.
+    type Body: Body<Data = Bytes, Error = Self::BodyError> + Send + Unpin;
+    type BodyError: std::error::Error + Send + Sync + 'static;
+    /// Header fields written into every answer's head.
+    type Fields: ExtraFields + Send;
+
+    /// Answers a request; `body` is `None` when the request has none.
+    fn call(
+        &self,
+        request: http::request::Parts,
+        body: Option<ReceivedBody>,
+    ) -> impl Future<Output = Reply<Self::Body, Self::Fields>> + Send;
+
+    /// The answer to a request the server could not read; the connection closes after it.
+    fn refused(&self, refusal: Refusal) -> Reply<Self::Body, Self::Fields>;
+}
+
+/// A service's answer.
+pub struct Reply<B, F> {
+    pub response: http::Response<B>,
+    /// Written into the head after the response's own fields.
+    pub fields: F,
+    /// The connection ends with this answer (the request was malformed).
+    pub close: bool,
+}
+
+/// Why a request was refused before a service saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 431: the head is over the size cap or has too many fields.
+    HeadTooLarge,
+    /// 400: what two servers could read differently, or not HTTP/1.1 at all.
+    Malformed(&'static str),
+    /// 501: a transfer coding other than `chunked` (RFC 9112 §6.1).
+    UnsupportedCoding(&'static str),
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Refusal::Malformed(_) => StatusCode::BAD_REQUEST,
+            Refusal::UnsupportedCoding(_) => StatusCode::NOT_IMPLEMENTED,
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::HeadTooLarge => "request head too large",
+            Refusal::Malformed(why) | Refusal::UnsupportedCoding(why) => why,
+        }
+    }
+}
+
+/// The server's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerSettings {
+    /// Time a client has to send a whole head (also how long a keep-alive connection may
+    /// stay idle).
+    pub header_timeout: Duration,
+    /// The longest pause between bytes of a request body.
+    pub body_timeout: Duration,
+    /// The largest head.
+    pub max_head: usize,
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("request body: {0}")]
+    Malformed(String),
+    #[error("the client sent no request body bytes for too long")]
+    Idle,
+}
+
+impl From<DecodeError> for ReceiveError {
+    fn from(e: DecodeError) -> ReceiveError {
+        match e {
+            DecodeError::TimedOut => ReceiveError::Idle,
+            e => ReceiveError::Malformed(e.to_string()),
+        }
+    }
+}
 
 /// Headers in one request head, as in hyper.
 const MAX_HEADERS: usize = 100;
@@ -77,7 +160,7 @@ struct ReadSide {
 
 /// A request body read from the client's connection, which goes back to the
 /// connection's loop when the body is done or dropped.
-pub struct H1Body {
+pub struct ReceivedBody {
     side: Option<Box<ReadSide>>,
     back: Option<oneshot::Sender<Box<ReadSide>>>,
     /// Asks the connection's loop to send `100 Continue` (the client waits for it).
@@ -89,7 +172,7 @@ pub struct H1Body {
     idle: Option<Pin<Box<Sleep>>>,
 }
 
-impl H1Body {
+impl ReceivedBody {
     fn give_back(&mut self) {
         if let (Some(side), Some(back)) = (self.side.take(), self.back.take()) {
             let _ = back.send(side);
@@ -97,20 +180,20 @@ impl H1Body {
     }
 }
 
-impl Drop for H1Body {
+impl Drop for ReceivedBody {
     fn drop(&mut self) {
         self.give_back();
     }
 }
 
-impl Body for H1Body {
+impl Body for ReceivedBody {
     type Data = Bytes;
-    type Error = BodyError;
+    type Error = ReceiveError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ReceiveError>>> {
         let this = self.get_mut();
         if let Some(expect) = this.expect.take() {
             let _ = expect.send(());
@@ -144,7 +227,7 @@ impl Body for H1Body {
             _ if side.body.is_end() => this.give_back(),
             _ => {}
         }
-        Poll::Ready(frame.map(|r| r.map_err(BodyError::from)))
+        Poll::Ready(frame.map(|r| r.map_err(ReceiveError::from)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -178,14 +261,14 @@ pub(super) struct Head {
     pub expect_continue: bool,
 }
 
-/// Serves HTTP/1.1 on one client connection until either side closes it or the gateway
-/// shuts down. `first` holds bytes already read from it.
-pub async fn serve(
+/// Serves HTTP/1.1 on one client connection until either side closes it or `shutdown`
+/// changes. `first` holds bytes already read from it.
+pub async fn serve<S: Service>(
     read: ClientRead,
     mut write: ClientWrite,
     first: Bytes,
-    conn: Conn,
-    gateway: Arc<Gateway>,
+    service: S,
+    settings: ServerSettings,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // Between requests the signal is only looked at; while idle, the connection waits for
@@ -195,9 +278,8 @@ pub async fn serve(
         let _ = shutdown.changed().await;
     });
     let mut stopping = false;
-    let settings = &gateway.settings;
-    let head_timeout = settings.header_read_timeout;
-    let max_head = settings.max_header_bytes;
+    let head_timeout = settings.header_timeout;
+    let max_head = settings.max_head;
     let mut side = Some(Box::new(ReadSide {
         reader: Reader {
             io: read,
@@ -227,7 +309,7 @@ pub async fn serve(
             Ok(Some(head)) => head,
             Ok(None) => break,
             Err(e) => {
-                refuse(&mut write, e).await;
+                refuse(&mut write, &service, e).await;
                 break;
             }
         };
@@ -241,7 +323,7 @@ pub async fn serve(
         let framing = match request_framing(&facts, http10) {
             Ok(f) => f,
             Err(e) => {
-                refuse(&mut write, e).await;
+                refuse(&mut write, &service, e).await;
                 break;
             }
         };
@@ -253,7 +335,7 @@ pub async fn serve(
         if facts.named
             && !http10
             && parts.method == Method::GET
-            && headers::wants_websocket(&parts.headers)
+            && fields::wants_websocket(&parts.headers)
         {
             let (tx, on_upgrade) = OnUpgrade::channel();
             parts.extensions.insert(on_upgrade);
@@ -262,7 +344,7 @@ pub async fn serve(
         let mut lent = None;
         let mut continue_asked = None;
         let body = if framing == Decoding::Done {
-            RequestBody::Empty
+            None
         } else {
             home.body = framing;
             let (back, returned) = oneshot::channel();
@@ -272,16 +354,16 @@ pub async fn serve(
                 continue_asked = Some(rx);
                 tx
             });
-            RequestBody::H1(H1Body {
+            Some(ReceivedBody {
                 side: side.take(),
                 back: Some(back),
                 expect,
-                idle_limit: settings.body_read_timeout,
+                idle_limit: settings.body_timeout,
                 idle: None,
             })
         };
 
-        let mut answer = Box::pin(gateway.handle(parts, body, &conn));
+        let mut answer = Box::pin(service.call(parts, body));
         let mut asked_done = false;
         let mut continued = false;
         let response = match continue_asked {
@@ -516,35 +598,19 @@ pub(super) fn request_framing(facts: &Facts, http10: bool) -> Result<Decoding, H
 }
 
 /// Answers a head that cannot be served, before closing the connection.
-async fn refuse(write: &mut ClientWrite, error: HeadError) {
-    let (status, code, message) = match error {
-        HeadError::TooLarge => (
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "header_too_large",
-            "request head too large",
-        ),
-        HeadError::Bad(why) => (StatusCode::BAD_REQUEST, "bad_request", why),
-        HeadError::Unsupported(why) => (StatusCode::NOT_IMPLEMENTED, "not_implemented", why),
+async fn refuse<S: Service>(write: &mut ClientWrite, service: &S, error: HeadError) {
+    let refusal = match error {
+        HeadError::TooLarge => Refusal::HeadTooLarge,
+        HeadError::Bad(why) => Refusal::Malformed(why),
+        HeadError::Unsupported(why) => Refusal::UnsupportedCoding(why),
         HeadError::Io | HeadError::Timeout | HeadError::Truncated => return,
     };
-    let request_id = headers::new_request_id();
-    let body = serde_json::json!({
-        "error": code,
-        "message": message,
-        "request_id": request_id.to_str().unwrap_or(""),
-    })
-    .to_string();
-    let mut out = Vec::with_capacity(256 + body.len());
-    push_status_line(&mut out, status);
-    out.extend_from_slice(b"content-type: application/json\r\ncontent-length: ");
-    codec::push_decimal(&mut out, body.len() as u64);
-    out.extend_from_slice(b"\r\nconnection: close\r\nx-request-id: ");
-    out.extend_from_slice(request_id.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    push_date(&mut out);
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body.as_bytes());
-    let _ = write_flushed(write, &out).await;
+    let exchange = Exchange {
+        head_request: false,
+        http10: false,
+        keep_alive: false,
+    };
+    let _ = write_response(write, service.refused(refusal), exchange).await;
 }
 
 async fn write_flushed(write: &mut ClientWrite, bytes: &[u8]) -> io::Result<()> {
@@ -571,7 +637,16 @@ enum Out {
 }
 
 /// Writes the response; `Ok(true)` when the connection can carry another request.
-async fn write_response(write: &mut ClientWrite, answer: Answer, ex: Exchange) -> io::Result<bool> {
+async fn write_response<B, F>(
+    write: &mut ClientWrite,
+    answer: Reply<B, F>,
+    ex: Exchange,
+) -> io::Result<bool>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+    F: ExtraFields,
+{
     let (parts, mut body) = answer.response.into_parts();
     let status = parts.status;
     let code = status.as_u16();
@@ -597,14 +672,13 @@ async fn write_response(write: &mut ClientWrite, answer: Answer, ex: Exchange) -
         {
             continue;
         }
-        // The gateway's own request id replaces an upstream's.
-        if name.as_str().len() == X_REQUEST_ID.as_str().len() && name == X_REQUEST_ID {
+        if answer.fields.replaces(name) {
             continue;
         }
         dated |= name == header::DATE;
         codec::push_header(&mut buf, name, value);
     }
-    headers::write_id_and_via(&mut buf, &answer.request_id);
+    answer.fields.write(&mut buf);
     match out {
         Out::Length(n) => {
             buf.extend_from_slice(b"content-length: ");
@@ -683,7 +757,7 @@ async fn write_response(write: &mut ClientWrite, answer: Answer, ex: Exchange) -
         Out::Chunked => {
             buf.extend_from_slice(b"0\r\n");
             for (name, value) in trailers.iter().flatten() {
-                if headers::may_trail(name) {
+                if fields::may_trail(name) {
                     codec::push_header(&mut buf, name, value);
                 }
             }
@@ -869,15 +943,6 @@ async fn drain(side: &mut ReadSide) -> bool {
     })
     .await;
     matches!(drained, Ok(true))
-}
-
-impl From<DecodeError> for BodyError {
-    fn from(e: DecodeError) -> BodyError {
-        match e {
-            DecodeError::TimedOut => BodyError::ClientIdle,
-            e => BodyError::Client(e.to_string()),
-        }
-    }
 }
 
 #[cfg(test)]
