@@ -26,6 +26,7 @@ use super::body::{
 use super::error::ProxyError;
 use super::headers::{self, Forwarded, X_REQUEST_ID};
 use super::path;
+use super::retry::Retries;
 use super::upstream::{ClientKey, UpstreamError};
 use super::Gateway;
 use crate::assertion::Caller;
@@ -33,7 +34,7 @@ use crate::auth::Rejection;
 use crate::balance::{self, outlier, Tried};
 use crate::discovery::{ms_at, now_ms, EndpointStats, UpstreamSet};
 use crate::http1::client::RequestHead;
-use crate::http1::fields::{self, is_idempotent};
+use crate::http1::fields;
 use crate::http1::io::OnUpgrade;
 use crate::policy::{cors, Admission, PeerIp, Reply};
 use crate::routing::spec::{EscapedSlashes, UpstreamProtocol};
@@ -336,9 +337,9 @@ impl Gateway {
         upgrade: bool,
     ) -> Result<Response<ClientBody>, Stop> {
         let spec = &route.spec;
-        let idempotent = is_idempotent(&parts.method);
-        let may_retry = spec.retry.attempts > 0 && (idempotent || spec.retry.non_idempotent);
-        let (mut source, body_fault) = BodySource::new(body, limit, may_retry && !upgrade).await?;
+        let mut retries = Retries::new(&spec.retry, &parts.method, &self.budget, &route.name);
+        let (mut source, body_fault) =
+            BodySource::new(body, limit, retries.may_retry() && !upgrade).await?;
         let client_upgrade = upgrade
             .then(|| parts.extensions.remove::<OnUpgrade>())
             .flatten();
@@ -357,18 +358,10 @@ impl Gateway {
         });
         let per_try = Duration::from_millis(spec.timeouts.per_try_ms);
         let deadline = ex.start + Duration::from_millis(spec.timeouts.total_ms);
-        let mut active = self.budget.enter();
         let mut tried = Tried::default();
         let mut last = None;
 
-        for attempt in 0..=spec.retry.attempts {
-            if attempt > 0 {
-                if !source.replayable() || !self.budget.try_retry(&mut active) {
-                    break;
-                }
-                metrics::counter!(crate::metrics::RETRIES, "route" => route.name.clone())
-                    .increment(1);
-            }
+        while retries.start_try(source.replayable()) {
             let started = Instant::now();
             let now = ms_at(started);
             let Some(index) = balance::pick(set, spec.lb, hash, tried, &spec.outlier, now) else {
@@ -401,14 +394,13 @@ impl Gateway {
             let failure = match outcome {
                 Ok(Ok(mut response)) => {
                     let status = response.status();
-                    let retry_status = spec.retry.on_status.contains(&status.as_u16());
                     let bad = matches!(status.as_u16(), 502..=504);
-                    if bad || retry_status {
+                    if bad || retries.names_status(status) {
                         outlier::record_failure(set, index, &spec.outlier, now_ms());
                     } else {
                         outlier::record_success(stats, &spec.outlier, now_ms);
                     }
-                    if retry_status && attempt < spec.retry.attempts && source.replayable() {
+                    if retries.retries_status(status, source.replayable()) {
                         last = Some(ProxyError::Upstream(format!("upstream answered {status}")));
                         continue;
                     }
@@ -425,8 +417,7 @@ impl Gateway {
                         return Err(client_fault(fault, limit).into());
                     }
                     let (error, connect) = try_failed(set, index, &e);
-                    // Nothing reached the upstream on a connect error: safe for any method.
-                    (error, connect || idempotent || spec.retry.non_idempotent)
+                    (error, retries.retries_failure(connect))
                 }
                 Err(_) => {
                     if let Some(fault) = body_fault.fault() {
@@ -436,7 +427,7 @@ impl Gateway {
                     if !source.replayable() && !body_fault.is_complete() {
                         return Err(ProxyError::Timeout.into());
                     }
-                    (try_timed_out(set), idempotent || spec.retry.non_idempotent)
+                    (try_timed_out(set), retries.retries_failure(false))
                 }
             };
             drop(guard);

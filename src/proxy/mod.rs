@@ -9,10 +9,10 @@ pub mod error;
 pub mod handler;
 pub mod headers;
 pub mod path;
+pub mod retry;
 pub mod server;
 pub mod upstream;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,7 +76,7 @@ pub struct Gateway {
     edge: Arc<Edge>,
     clients: upstream::Clients,
     settings: Settings,
-    budget: RetryBudget,
+    budget: retry::RetryBudget,
     connections: Arc<Semaphore>,
 }
 
@@ -99,97 +99,12 @@ impl Gateway {
                 UPSTREAM_IDLE,
             ),
             settings: Settings::from_config(proxy, access_log),
-            budget: RetryBudget::new(proxy.retry_budget_percent),
+            budget: retry::RetryBudget::new(proxy.retry_budget_percent),
             connections: Arc::new(Semaphore::new(proxy.max_connections.max(1))),
         }
     }
 
     pub fn settings(&self) -> &Settings {
         &self.settings
-    }
-}
-
-/// Retries may be at most `percent` of the requests in flight (but always at least
-/// [`RetryBudget::MIN_RETRIES`] concurrent ones), so a failing service sees at most that
-/// much extra load from retries instead of a multiple of it.
-#[derive(Debug)]
-pub struct RetryBudget {
-    percent: u64,
-    active: AtomicU64,
-    retries: Arc<AtomicU64>,
-}
-
-/// Counts one request as active while held.
-pub struct Active<'a>(&'a RetryBudget, u64);
-
-impl Drop for Active<'_> {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-        if self.1 > 0 {
-            self.0.retries.fetch_sub(self.1, Ordering::Relaxed);
-        }
-    }
-}
-
-impl RetryBudget {
-    pub const MIN_RETRIES: u64 = 10;
-
-    pub fn new(percent: u32) -> RetryBudget {
-        RetryBudget {
-            percent: percent as u64,
-            active: AtomicU64::new(0),
-            retries: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    pub fn enter(&self) -> Active<'_> {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        Active(self, 0)
-    }
-
-    /// Takes a retry from the budget; false when the budget is spent.
-    pub fn try_retry(&self, active: &mut Active<'_>) -> bool {
-        let allowed =
-            (self.active.load(Ordering::Relaxed) * self.percent / 100).max(Self::MIN_RETRIES);
-        let now = self.retries.fetch_add(1, Ordering::Relaxed);
-        if now >= allowed {
-            self.retries.fetch_sub(1, Ordering::Relaxed);
-            metrics::counter!(crate::metrics::RETRY_BUDGET_EXHAUSTED).increment(1);
-            return false;
-        }
-        active.1 += 1;
-        true
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_retry_budget_caps_concurrent_retries() {
-        let budget = RetryBudget::new(20);
-        let mut guards: Vec<Active<'_>> = (0..10).map(|_| budget.enter()).collect();
-        let granted = guards
-            .iter_mut()
-            .map(|g| budget.try_retry(g))
-            .filter(|ok| *ok)
-            .count();
-        assert_eq!(granted, 10, "the minimum of 10 with 10 active at 20%");
-        drop(guards);
-        let mut guards: Vec<Active<'_>> = (0..100).map(|_| budget.enter()).collect();
-        // 20% of 100 active.
-        let granted = guards
-            .iter_mut()
-            .map(|g| budget.try_retry(g))
-            .filter(|ok| *ok)
-            .count();
-        assert_eq!(granted, 20);
-        drop(guards);
-        assert_eq!(
-            budget.retries.load(Ordering::Relaxed),
-            0,
-            "released with requests"
-        );
     }
 }
