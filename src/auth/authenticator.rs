@@ -7,9 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use http::header::{
-    ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE,
-};
+use http::header::{ACCEPT, AUTHORIZATION, CACHE_CONTROL, LOCATION, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 
 use super::api_key::{ApiKeyRecord, ApiKeyStore, APIKEYS_DIR};
@@ -74,21 +72,26 @@ pub struct Grant {
     pub remove: Option<HeaderName>,
 }
 
-/// A refusal, ready to be sent. Nothing of the request reaches an upstream.
+/// A refusal: its status, the headers it needs (`WWW-Authenticate` challenges, or the
+/// login redirect's `Location`) and why. Nothing of the request reaches an upstream; the
+/// proxy renders the answer (`crate::proxy::error`, the one error shape).
 #[derive(Debug, Clone)]
 pub struct Rejection {
     pub status: StatusCode,
     pub headers: HeaderMap,
-    pub body: String,
     pub error: AuthError,
 }
 
 impl Rejection {
-    pub fn into_response(self) -> http::Response<String> {
-        let mut resp = http::Response::new(self.body);
-        *resp.status_mut() = self.status;
-        *resp.headers_mut() = self.headers;
-        resp
+    /// The machine-readable reason: the RFC 6750 code, or `unauthorized` when no
+    /// credential was presented.
+    pub fn code(&self) -> &'static str {
+        self.error.oauth_code().unwrap_or("unauthorized")
+    }
+
+    /// A redirect to a login page answers with no body.
+    pub fn is_redirect(&self) -> bool {
+        self.status.is_redirection()
     }
 }
 
@@ -366,7 +369,6 @@ impl Authenticator {
                 return Rejection {
                     status: StatusCode::FOUND,
                     headers,
-                    body: String::new(),
                     error,
                 };
             }
@@ -396,16 +398,9 @@ impl Authenticator {
                 headers.append(WWW_AUTHENTICATE, v);
             }
         }
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let body = serde_json::json!({
-            "error": code.unwrap_or("unauthorized"),
-            "error_description": description,
-        })
-        .to_string();
         Rejection {
             status: error.status(),
             headers,
-            body,
             error,
         }
     }

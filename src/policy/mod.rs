@@ -24,9 +24,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, StatusCode, Uri};
 use ipnet::IpNet;
 use tokio::task::JoinHandle;
 
@@ -222,33 +221,23 @@ impl Reply {
         }
     }
 
-    /// The response: an empty 204 for a preflight, otherwise a JSON body
-    /// `{"error", "error_description"}` like auth's refusals. The internal detail of an
-    /// assertion failure is logged, never sent.
-    pub fn to_response(&self) -> Response<Bytes> {
-        let mut resp = Response::new(Bytes::new());
-        *resp.status_mut() = self.status();
+    /// What the client is told (the internal detail of an assertion failure is logged,
+    /// never sent).
+    pub fn description(&self) -> String {
         match self {
-            Reply::Preflight(headers) => {
-                *resp.headers_mut() = headers.clone();
-                return resp;
-            }
-            Reply::RateLimited(d) => d.apply(resp.headers_mut()),
-            _ => {}
-        }
-        let description = match self {
             Reply::AssertionUnavailable(_) => "the gateway cannot serve this route".to_string(),
             other => other.to_string(),
-        };
-        let body = serde_json::json!({"error": self.reason(), "error_description": description});
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        *resp.body_mut() = Bytes::from(body.to_string());
-        resp
+        }
+    }
+
+    /// The headers the answer carries: a preflight's CORS headers, a refusal's
+    /// `Retry-After` and `RateLimit-*`.
+    pub fn add_headers(&self, headers: &mut HeaderMap) {
+        match self {
+            Reply::Preflight(h) => headers.extend(h.clone()),
+            Reply::RateLimited(d) => d.apply(headers),
+            _ => {}
+        }
     }
 }
 
@@ -566,11 +555,12 @@ mod tests {
         let reply = edge
             .limit_rate(&r, &mut adm, Some("alice"), &h)
             .unwrap_err();
-        let resp = reply.to_response();
-        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(resp.headers()["retry-after"], "100");
-        assert_eq!(resp.headers()["ratelimit-remaining"], "0");
-        assert!(String::from_utf8_lossy(resp.body()).contains("rate_limited"));
+        let mut headers = HeaderMap::new();
+        reply.add_headers(&mut headers);
+        assert_eq!(reply.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(headers["retry-after"], "100");
+        assert_eq!(headers["ratelimit-remaining"], "0");
+        assert_eq!(reply.reason(), "rate_limited");
         // Another consumer has its own bucket; the response carries its headers.
         assert!(edge.limit_rate(&r, &mut adm, Some("bob"), &h).is_ok());
         let mut out = HeaderMap::new();
@@ -602,7 +592,7 @@ mod tests {
             .assert_upstream(&wants, Caller::default(), "r1", &mut h)
             .unwrap_err();
         assert_eq!(reply.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        assert!(!String::from_utf8_lossy(reply.to_response().body()).contains("[assertion]"));
+        assert!(!reply.description().contains("[assertion]"));
         assert!(h.is_empty());
 
         let pem = include_str!("../../tests/fixtures/ed-private.pem");

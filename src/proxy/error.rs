@@ -1,12 +1,16 @@
-//! The one place a proxy failure becomes a response: status, a short machine-readable
-//! `error`, a human `message` and the request id, as JSON.
+//! The one place a request the gateway does not forward becomes a response, whatever
+//! stopped it (the HTTP/1.1 server, routing, edge policy, auth, the upstream): its status,
+//! the headers its phase needs, and one JSON body shape:
+//! `{"error": <short machine-readable code>, "message": <for humans>, "request_id": ...}`.
 
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderValue, Response, StatusCode};
 
 use super::body::ClientBody;
 use super::path::PathError;
+use crate::auth::Rejection;
 use crate::http1::server::Refusal;
+use crate::policy::Reply;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -35,6 +39,12 @@ pub enum ProxyError {
     Upstream(String),
     #[error("upstream did not answer in time")]
     Timeout,
+    /// Auth refused the request (401, 403, or a redirect to a login page).
+    #[error("{}", .0.error)]
+    Auth(Box<Rejection>),
+    /// Edge policy refused the request (IP rules, CORS, limits, rate limit, assertion).
+    #[error("{}", .0.description())]
+    Policy(Box<Reply>),
 }
 
 impl ProxyError {
@@ -47,6 +57,8 @@ impl ProxyError {
             | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Refused(r) => r.status(),
+            ProxyError::Auth(r) => r.status,
+            ProxyError::Policy(r) => r.status(),
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoInstance(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -86,24 +98,39 @@ impl ProxyError {
             ProxyError::NoInstance(_) => "no_instance",
             ProxyError::Upstream(_) => "upstream_error",
             ProxyError::Timeout => "upstream_timeout",
+            ProxyError::Auth(r) => r.code(),
+            ProxyError::Policy(r) => r.reason(),
         }
     }
 
     /// The response; upstream details stay in the log, the client gets the category.
     pub fn to_response(&self, request_id: &HeaderValue) -> Response<ClientBody> {
-        let message = match self {
-            ProxyError::Upstream(_) => "the upstream failed to answer".to_string(),
-            other => other.to_string(),
+        let redirect = matches!(self, ProxyError::Auth(r) if r.is_redirect());
+        let body = if redirect {
+            ClientBody::empty()
+        } else {
+            let message = match self {
+                ProxyError::Upstream(_) => "the upstream failed to answer".to_string(),
+                other => other.to_string(),
+            };
+            let body = serde_json::json!({
+                "error": self.code(),
+                "message": message,
+                "request_id": request_id.to_str().unwrap_or(""),
+            });
+            ClientBody::full(body.to_string())
         };
-        let body = serde_json::json!({
-            "error": self.code(),
-            "message": message,
-            "request_id": request_id.to_str().unwrap_or(""),
-        });
-        let mut resp = Response::new(ClientBody::full(body.to_string()));
+        let mut resp = Response::new(body);
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        match self {
+            ProxyError::Auth(r) => h.extend(r.headers.clone()),
+            ProxyError::Policy(r) => r.add_headers(h),
+            _ => {}
+        }
+        if !redirect {
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
         h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         resp
     }
@@ -131,5 +158,37 @@ mod tests {
             !String::from_utf8_lossy(&body).contains("10.0.0.1"),
             "no internals leak"
         );
+    }
+
+    #[tokio::test]
+    async fn every_phase_refuses_in_the_one_shape() {
+        use crate::auth::AuthError;
+        let mut challenge = http::HeaderMap::new();
+        challenge.insert(
+            http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"x\""),
+        );
+        let errors = [
+            ProxyError::Refused(Refusal::Malformed("bare LF in the request head")),
+            ProxyError::NoRoute,
+            ProxyError::Policy(Box::new(Reply::IpDenied)),
+            ProxyError::Auth(Box::new(Rejection {
+                status: StatusCode::UNAUTHORIZED,
+                headers: challenge,
+                error: AuthError::Missing,
+            })),
+            ProxyError::Timeout,
+        ];
+        for e in errors {
+            let resp = e.to_response(&HeaderValue::from_static("rid-9"));
+            assert_eq!(resp.status(), e.status());
+            assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+            assert_eq!(keys, ["error", "message", "request_id"], "{e}");
+            assert_eq!(v["error"], e.code());
+            assert_eq!(v["request_id"], "rid-9");
+        }
     }
 }

@@ -150,17 +150,23 @@ impl From<ProxyError> for Stop {
 
 // Out of line and cold: refusals are rare, and the request path's code stays small.
 impl Stop {
+    /// Edge policy answered: a CORS preflight (204 with its headers), or a refusal.
     #[cold]
     #[inline(never)]
     fn refused(reply: Reply) -> Stop {
-        Stop::Reply(Box::new(bytes_response(reply.to_response())))
+        if let Reply::Preflight(_) = &reply {
+            let mut response = Response::new(ClientBody::empty());
+            *response.status_mut() = reply.status();
+            reply.add_headers(response.headers_mut());
+            return Stop::Reply(Box::new(response));
+        }
+        Stop::Error(ProxyError::Policy(Box::new(reply)))
     }
 
     #[cold]
     #[inline(never)]
     fn rejected(rejection: Rejection) -> Stop {
-        let (p, b) = rejection.into_response().into_parts();
-        Stop::Reply(Box::new(Response::from_parts(p, ClientBody::full(b))))
+        Stop::Error(ProxyError::Auth(Box::new(rejection)))
     }
 
     /// The response for a request that stopped here.
@@ -680,11 +686,6 @@ fn splice_upgrade(
     *out.status_mut() = response.status();
     *out.headers_mut() = std::mem::take(response.headers_mut());
     out
-}
-
-fn bytes_response(r: Response<Bytes>) -> Response<ClientBody> {
-    let (p, b) = r.into_parts();
-    Response::from_parts(p, ClientBody::full(b))
 }
 
 /// One host per request, the same for the router and the upstream (RFC 9112 §3.2,
