@@ -5,7 +5,7 @@
 //! can take the next request. Doing that in the request's own task removes what a general
 //! client needs and a proxy does not: a task per connection, the channel hop to it and
 //! back, and a second buffered codec layer (`scripts/bench-cost.sh` measures the
-//! difference; see the README).
+//! difference; docs/benchmarks.md).
 //!
 //! Memory that requests touch stays hot with hundreds of connections: reads land in one
 //! per-thread buffer, and a connection keeps only the bytes it has not consumed (usually

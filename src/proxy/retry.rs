@@ -74,9 +74,13 @@ impl<'a> Retries<'a> {
     }
 
     /// Whether an answer with a status the route names is dropped for another try rather
-    /// than returned: not on the last try, and only with a body that can be sent again.
+    /// than returned: not on the last try, only with a body that can be sent again, and
+    /// only if the request may be sent twice (the instance answered: it may have acted).
     pub fn retries_status(&self, status: StatusCode, replayable: bool) -> bool {
-        self.names_status(status) && self.tries <= self.spec.attempts && replayable
+        self.names_status(status)
+            && self.may_resend
+            && self.tries <= self.spec.attempts
+            && replayable
     }
 
     /// Whether a try that failed may be followed by another: after a failed connect
@@ -163,6 +167,10 @@ mod tests {
         assert!(
             !post.retries_failure(false),
             "a POST may have been acted on"
+        );
+        assert!(
+            !post.retries_status(StatusCode::SERVICE_UNAVAILABLE, true),
+            "an answered POST was acted on, whatever its status"
         );
 
         let mut get = Retries::new(&spec, &Method::GET, &budget, "r");
