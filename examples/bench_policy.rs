@@ -63,15 +63,21 @@ fn main() {
     ] {
         let start = Instant::now();
         for _ in 0..iterations {
-            std::hint::black_box(edge.admit(r, ip, &Method::GET, &uri, &headers).unwrap());
+            std::hint::black_box(
+                edge.admit(&r.policy, ip, &Method::GET, &uri, &headers)
+                    .unwrap(),
+            );
         }
         println!("{name:<36} {}", per_op(start.elapsed(), iterations));
     }
 
-    let mut adm = edge.admit(&full, ip, &Method::GET, &uri, &headers).unwrap();
+    let mut adm = edge
+        .admit(&full.policy, ip, &Method::GET, &uri, &headers)
+        .unwrap();
     let start = Instant::now();
     for _ in 0..iterations {
-        edge.limit_rate(&full, &mut adm, None, &headers).unwrap();
+        edge.limit_rate(&full.policy, &mut adm, None, &headers)
+            .unwrap();
     }
     println!(
         "{:<36} {}",
@@ -84,7 +90,8 @@ fn main() {
     for i in 0..keys {
         let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
         adm.client_ip = Some(ip);
-        edge.limit_rate(&full, &mut adm, None, &headers).unwrap();
+        edge.limit_rate(&full.policy, &mut adm, None, &headers)
+            .unwrap();
     }
     let took = start.elapsed();
     let after = rss_mb();

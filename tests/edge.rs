@@ -577,6 +577,47 @@ async fn broken_client_bodies_are_the_clients_fault_not_the_instances() {
 }
 
 #[tokio::test]
+async fn a_streamed_body_goes_to_another_instance_when_the_first_cannot_be_reached() {
+    let env = Env::start("edge-dial", 1, |_| {}).await;
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let dead_id = format!("{}-dead", env.service);
+    env.consul
+        .register(&Svc::new(&env.service, &dead_id, dead_port))
+        .await;
+    env.consul
+        .put_kv(
+            &env.gw.route_key("up"),
+            &support::route(
+                &env.service,
+                "/up",
+                json!({"outlier": {"consecutive_failures": 0}, "retry": {"attempts": 1}}),
+            ),
+        )
+        .await;
+    let live = format!("{}-0", env.service);
+    env.gw
+        .wait_upstreams("/up", &[live.as_str(), dead_id.as_str()])
+        .await;
+    // Over the replay buffer, so the body streams: it can be sent once, and it is when
+    // the first instance picked refuses the connection (nothing of it was read).
+    let body = vec![b'z'; 200 * 1024];
+    for i in 0..6 {
+        let resp = env
+            .http
+            .put(env.url("/up/count"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "try {i}");
+        assert_eq!(resp.text().await.unwrap(), body.len().to_string());
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn a_client_that_stalls_its_body_gets_408() {
     let env = echo_env().await;
     let mut s = TcpStream::connect(env.gw.app.proxy_addr()).await.unwrap();

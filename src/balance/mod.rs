@@ -7,6 +7,7 @@
 //! failing every request.
 
 pub mod outlier;
+pub mod spec;
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
@@ -15,7 +16,7 @@ use http::{HeaderMap, HeaderName};
 use rand::Rng;
 
 use crate::discovery::UpstreamSet;
-use crate::routing::spec::{LbPolicy, OutlierSpec};
+pub use spec::{LbPolicy, OutlierSpec};
 
 /// What a `consistent_hash` route hashes on.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,8 +4,8 @@
 
 use std::sync::atomic::Ordering;
 
+use super::spec::OutlierSpec;
 use crate::discovery::{EndpointStats, UpstreamSet};
-use crate::routing::spec::OutlierSpec;
 
 /// Records a successful try: the failure streak ends, and an instance that has served
 /// well for a base ejection time since its last ejection starts from the base time again.

@@ -14,7 +14,16 @@ use std::time::Instant;
 use http::uri::Authority;
 use serde::{Deserialize, Serialize};
 
-pub use crate::routing::spec::HealthPolicy;
+/// Which instances of a service may serve a route (a route document's `health`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthPolicy {
+    /// Every check, node checks included, is passing.
+    #[default]
+    Passing,
+    /// Passing or warning; warning instances take `Weights.Warning`.
+    PassingOrWarning,
+}
 
 /// Health of an instance that may serve (critical and maintenance never reach a set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -973,7 +973,7 @@ mod tests {
                 self.key.clone(),
                 || dial(authority),
                 RequestHead::of(&parts),
-                body,
+                &mut Some(body),
             )
             .await
         }

@@ -121,25 +121,31 @@ impl Http1Pool {
     /// read as the next request's answer: nginx and hyper close such connections too).
     /// A request that can be sent twice (idempotent method, body not streamed) that finds
     /// its connection closed before a byte came back goes again on the next one.
+    ///
+    /// `body` is taken when the request goes out on a connection, and left in place when
+    /// no connection could be made, so the caller may send it elsewhere (a streamed body
+    /// too: nothing of it was read).
     pub async fn send<S, D, E>(
         &self,
         key: PoolKey,
         dial: impl FnOnce() -> D,
         req: RequestHead<'_>,
-        mut body: OutboundBody<S>,
+        body: &mut Option<OutboundBody<S>>,
     ) -> Result<Response<ResponseBody<S>>, SendError>
     where
         S: Stream,
         D: Future<Output = Result<UpstreamStream, E>>,
         E: Into<BoxError>,
     {
-        let replayable = is_idempotent(req.method) && !matches!(body, OutboundBody::Stream(_));
+        let replayable =
+            is_idempotent(req.method) && !matches!(body, Some(OutboundBody::Stream(_)));
         while let Some(conn) = self.checkout(&key) {
-            match client::exchange(conn, req, body, replayable).await {
+            let going = body.take().unwrap_or(OutboundBody::Empty);
+            match client::exchange(conn, req, going, replayable).await {
                 Ok(response) => return Ok(response),
                 Err((error, true, back)) => {
                     tracing::debug!(error = %error, "pooled upstream connection was closed; trying the next");
-                    body = back;
+                    *body = Some(back);
                 }
                 Err((error, false, _)) => return Err(error.into()),
             }
@@ -147,7 +153,8 @@ impl Http1Pool {
         // Boxed: dialing (TLS included) is the cold path, and its state would otherwise
         // enlarge every request's future, which stays in memory while the request is out.
         let conn = Box::pin(self.connect(&key, dial())).await?;
-        client::exchange(conn, req, body, false)
+        let going = body.take().unwrap_or(OutboundBody::Empty);
+        client::exchange(conn, req, going, false)
             .await
             .map_err(|(error, _, _)| error.into())
     }
@@ -319,7 +326,7 @@ mod tests {
             key.clone(),
             || dial(key.authority.clone()),
             RequestHead::of(&parts),
-            OutboundBody::<NoBody>::Empty,
+            &mut Some(OutboundBody::<NoBody>::Empty),
         )
         .await
     }
@@ -389,7 +396,7 @@ mod tests {
                     key.clone(),
                     || dial(key.authority.clone()),
                     RequestHead::of(&parts),
-                    OutboundBody::<NoBody>::Empty,
+                    &mut Some(OutboundBody::<NoBody>::Empty),
                 )
                 .await
                 .unwrap();

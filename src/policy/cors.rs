@@ -5,8 +5,8 @@
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method};
 
+use super::spec::CorsSpec;
 use super::PolicyError;
-use crate::routing::spec::CorsSpec;
 
 /// Methods allowed when neither `cors.methods` nor the route's `methods` name any.
 const DEFAULT_METHODS: [Method; 6] = [

@@ -4,8 +4,8 @@
 
 use http::{HeaderMap, Uri};
 
+use super::spec::PolicyFields;
 use super::PolicyError;
-use crate::routing::RouteSpec;
 
 /// Why a request head is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -25,7 +25,7 @@ pub struct RequestLimits {
 }
 
 impl RequestLimits {
-    pub fn compile(spec: &RouteSpec) -> Result<RequestLimits, PolicyError> {
+    pub fn compile(spec: &PolicyFields<'_>) -> Result<RequestLimits, PolicyError> {
         if spec.max_headers == Some(0) {
             return Err(PolicyError::at("max_headers", "must be at least 1"));
         }
@@ -78,7 +78,8 @@ mod tests {
     use http::HeaderValue;
 
     fn limits(json: &str) -> Result<RequestLimits, PolicyError> {
-        RequestLimits::compile(&RouteSpec::from_json(json.as_bytes()).unwrap())
+        let spec = crate::routing::RouteSpec::from_json(json.as_bytes()).unwrap();
+        RequestLimits::compile(&spec.policy_fields("r"))
     }
 
     fn headers(n: usize) -> HeaderMap {

@@ -19,6 +19,7 @@ pub mod cors;
 pub mod ip_rules;
 pub mod limits;
 pub mod ratelimit;
+pub mod spec;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -31,9 +32,8 @@ use tokio::task::JoinHandle;
 
 use crate::assertion::{AssertionError, Caller, Signer};
 use crate::config::FileConfig;
-use crate::routing::spec::AssertionSpec;
-use crate::routing::{Route, RouteSpec};
 use crate::shutdown::Shutdown;
+use spec::{AssertionSpec, PolicyFields};
 
 pub use client_ip::{PeerIp, TrustedProxies};
 pub use cors::{Cors, CorsRefusal};
@@ -140,6 +140,8 @@ impl AssertionRule {
 /// Everything a route's document says about edge policy, validated.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RoutePolicy {
+    /// The route's name, for metrics and logs.
+    pub route: String,
     pub ip_rules: IpRules,
     pub cors: Option<Cors>,
     pub limits: RequestLimits,
@@ -150,24 +152,19 @@ pub struct RoutePolicy {
 }
 
 impl RoutePolicy {
-    pub fn compile(spec: &RouteSpec) -> Result<RoutePolicy, PolicyError> {
+    pub fn compile(spec: &PolicyFields<'_>) -> Result<RoutePolicy, PolicyError> {
         Ok(RoutePolicy {
-            ip_rules: IpRules::new(&spec.ip_allow, &spec.ip_deny),
+            route: spec.route.to_string(),
+            ip_rules: IpRules::new(spec.ip_allow, spec.ip_deny),
             cors: spec
                 .cors
-                .as_ref()
-                .map(|c| Cors::compile(c, &spec.methods))
+                .map(|c| Cors::compile(c, spec.methods))
                 .transpose()?,
             limits: RequestLimits::compile(spec)?,
-            rate_limit: spec
-                .rate_limit
-                .as_ref()
-                .map(RateRule::compile)
-                .transpose()?,
+            rate_limit: spec.rate_limit.map(RateRule::compile).transpose()?,
             assertion: spec
                 .upstream_assertion
-                .as_ref()
-                .map(|a| AssertionRule::compile(a, &spec.service))
+                .map(|a| AssertionRule::compile(a, spec.service))
                 .transpose()?,
             upstream_tls: spec.upstream_tls,
         })
@@ -302,15 +299,14 @@ impl Edge {
     /// [`cors::routing_method`] so preflights find their route.
     pub fn admit(
         &self,
-        route: &Route,
+        policy: &RoutePolicy,
         client_ip: IpAddr,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
     ) -> Result<Admission, Reply> {
-        let policy = &route.policy;
         if !policy.ip_rules.is_empty() && !policy.ip_rules.permits(client_ip) {
-            metrics::counter!(crate::metrics::IP_DENIED, "route" => route.name.clone())
+            metrics::counter!(crate::metrics::IP_DENIED, "route" => policy.route.clone())
                 .increment(1);
             return Err(Reply::IpDenied);
         }
@@ -338,24 +334,25 @@ impl Edge {
     /// API-key consumer), client IP or a header. 429 with `Retry-After` when exceeded.
     pub fn limit_rate(
         &self,
-        route: &Route,
+        policy: &RoutePolicy,
         admission: &mut Admission,
         consumer: Option<&str>,
         headers: &HeaderMap,
     ) -> Result<(), Reply> {
-        let Some(rule) = &route.policy.rate_limit else {
+        let Some(rule) = &policy.rate_limit else {
             return Ok(());
         };
         let ip = admission
             .client_ip
             .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         let key = ratelimit::LimitKey::pick(&rule.key, ip, consumer, headers);
-        let decision = self.limiters.get(&route.name, rule).check(key);
+        let decision = self.limiters.get(&policy.route, rule).check(key);
         admission.rate = Some(decision);
         if decision.allowed {
             return Ok(());
         }
-        metrics::counter!(crate::metrics::RATE_LIMITED, "route" => route.name.clone()).increment(1);
+        metrics::counter!(crate::metrics::RATE_LIMITED, "route" => policy.route.clone())
+            .increment(1);
         Err(Reply::RateLimited(decision))
     }
 
@@ -364,12 +361,12 @@ impl Edge {
     /// asks for it. Call on every route.
     pub fn assert_upstream(
         &self,
-        route: &Route,
+        policy: &RoutePolicy,
         caller: Caller<'_>,
         request_id: &str,
         headers: &mut HeaderMap,
     ) -> Result<(), Reply> {
-        let rule = route.policy.assertion.as_ref();
+        let rule = policy.assertion.as_ref();
         match rule {
             Some(r) if r.header != DEFAULT_ASSERTION_HEADER => {
                 crate::auth::identity_headers::strip_forged(
@@ -386,14 +383,14 @@ impl Edge {
             return Ok(());
         };
         let Some(signer) = &self.signer else {
-            tracing::error!(route = %route.name,
+            tracing::error!(route = %policy.route,
                 "route has upstream_assertion but the gateway has no [assertion] key; refusing");
             return Err(Reply::AssertionUnavailable("no [assertion] key".into()));
         };
         let token = signer
             .sign(&rule.audience, rule.ttl_s, caller, request_id)
             .map_err(|e| {
-                tracing::error!(route = %route.name, error = %e, "cannot sign an upstream assertion");
+                tracing::error!(route = %policy.route, error = %e, "cannot sign an upstream assertion");
                 Reply::AssertionUnavailable(e.to_string())
             })?;
         let value = HeaderValue::from_str(&token)
@@ -405,8 +402,8 @@ impl Edge {
     /// Response phase: CORS headers and `Vary: Origin` (routes with `cors`), and the
     /// `RateLimit-*` headers (routes with `rate_limit`). Call on every response of an
     /// admitted request, the gateway's own refusals included, so browsers can read them.
-    pub fn decorate(&self, route: &Route, admission: &Admission, response: &mut HeaderMap) {
-        if let Some(cors) = &route.policy.cors {
+    pub fn decorate(&self, policy: &RoutePolicy, admission: &Admission, response: &mut HeaderMap) {
+        if let Some(cors) = &policy.cors {
             cors.decorate(admission.origin.as_ref(), response);
         }
         if let Some(d) = &admission.rate {
@@ -444,13 +441,18 @@ impl Edge {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::{Route, RouteSpec};
 
     fn route(json: &str) -> Route {
         Route::compile("r", RouteSpec::from_json(json.as_bytes()).unwrap()).unwrap()
     }
 
     fn compile(json: &str) -> Result<RoutePolicy, PolicyError> {
-        RoutePolicy::compile(&RouteSpec::from_json(json.as_bytes()).unwrap())
+        RoutePolicy::compile(
+            &RouteSpec::from_json(json.as_bytes())
+                .unwrap()
+                .policy_fields("r"),
+        )
     }
 
     const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
@@ -497,7 +499,13 @@ mod tests {
     #[test]
     fn a_route_without_policy_compiles_to_nothing_to_do() {
         let p = compile(r#"{"service":"a","path_prefix":"/"}"#).unwrap();
-        assert_eq!(p, RoutePolicy::default());
+        assert_eq!(
+            p,
+            RoutePolicy {
+                route: "r".into(),
+                ..RoutePolicy::default()
+            }
+        );
         let a = compile(r#"{"service":"orders","path_prefix":"/","upstream_assertion":{}}"#)
             .unwrap()
             .assertion
@@ -524,19 +532,21 @@ mod tests {
         );
         let denied = "10.1.1.1".parse().unwrap();
         assert_eq!(
-            edge.admit(&r, denied, &Method::OPTIONS, &uri, &pre)
+            edge.admit(&r.policy, denied, &Method::OPTIONS, &uri, &pre)
                 .unwrap_err(),
             Reply::IpDenied
         );
         let reply = edge
-            .admit(&r, LOCAL, &Method::OPTIONS, &long, &pre)
+            .admit(&r.policy, LOCAL, &Method::OPTIONS, &long, &pre)
             .unwrap_err();
         assert_eq!(reply.status(), StatusCode::NO_CONTENT);
         let reply = edge
-            .admit(&r, LOCAL, &Method::GET, &long, &HeaderMap::new())
+            .admit(&r.policy, LOCAL, &Method::GET, &long, &HeaderMap::new())
             .unwrap_err();
         assert_eq!(reply.status(), StatusCode::URI_TOO_LONG);
-        let admitted = edge.admit(&r, LOCAL, &Method::PUT, &uri, &pre).unwrap();
+        let admitted = edge
+            .admit(&r.policy, LOCAL, &Method::PUT, &uri, &pre)
+            .unwrap();
         assert_eq!(admitted.origin.unwrap(), "https://app.test");
     }
 
@@ -548,12 +558,16 @@ mod tests {
         );
         let h = HeaderMap::new();
         let mut adm = edge
-            .admit(&r, LOCAL, &Method::GET, &"/".parse().unwrap(), &h)
+            .admit(&r.policy, LOCAL, &Method::GET, &"/".parse().unwrap(), &h)
             .unwrap();
-        assert!(edge.limit_rate(&r, &mut adm, Some("alice"), &h).is_ok());
-        assert!(edge.limit_rate(&r, &mut adm, Some("alice"), &h).is_ok());
+        assert!(edge
+            .limit_rate(&r.policy, &mut adm, Some("alice"), &h)
+            .is_ok());
+        assert!(edge
+            .limit_rate(&r.policy, &mut adm, Some("alice"), &h)
+            .is_ok());
         let reply = edge
-            .limit_rate(&r, &mut adm, Some("alice"), &h)
+            .limit_rate(&r.policy, &mut adm, Some("alice"), &h)
             .unwrap_err();
         let mut headers = HeaderMap::new();
         reply.add_headers(&mut headers);
@@ -562,9 +576,11 @@ mod tests {
         assert_eq!(headers["ratelimit-remaining"], "0");
         assert_eq!(reply.reason(), "rate_limited");
         // Another consumer has its own bucket; the response carries its headers.
-        assert!(edge.limit_rate(&r, &mut adm, Some("bob"), &h).is_ok());
+        assert!(edge
+            .limit_rate(&r.policy, &mut adm, Some("bob"), &h)
+            .is_ok());
         let mut out = HeaderMap::new();
-        edge.decorate(&r, &adm, &mut out);
+        edge.decorate(&r.policy, &adm, &mut out);
         assert_eq!(out["ratelimit-remaining"], "1");
         assert!(!out.contains_key("retry-after"));
     }
@@ -579,7 +595,7 @@ mod tests {
             header::CONNECTION,
             HeaderValue::from_static("x-gateway-assertion"),
         );
-        edge.assert_upstream(&plain, Caller::default(), "r1", &mut h)
+        edge.assert_upstream(&plain.policy, Caller::default(), "r1", &mut h)
             .unwrap();
         assert!(h.is_empty(), "{h:?}");
 
@@ -589,7 +605,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-internal", HeaderValue::from_static("forged"));
         let reply = edge
-            .assert_upstream(&wants, Caller::default(), "r1", &mut h)
+            .assert_upstream(&wants.policy, Caller::default(), "r1", &mut h)
             .unwrap_err();
         assert_eq!(reply.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert!(!reply.description().contains("[assertion]"));
@@ -600,7 +616,7 @@ mod tests {
         let edge = Edge::new(&[], Some(signer));
         let mut h = HeaderMap::new();
         h.insert("x-internal", HeaderValue::from_static("forged"));
-        edge.assert_upstream(&wants, Caller::default(), "r1", &mut h)
+        edge.assert_upstream(&wants.policy, Caller::default(), "r1", &mut h)
             .unwrap();
         assert_ne!(h["x-internal"], "forged");
         assert_eq!(h["x-internal"].to_str().unwrap().split('.').count(), 3);

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use super::spec::RateLimitSpec;
 use super::PolicyError;
-use crate::routing::spec::RateLimitSpec;
 
 /// Keys a route's limiter may hold when the document does not say.
 pub const DEFAULT_MAX_KEYS: usize = 1_000_000;

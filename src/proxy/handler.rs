@@ -259,7 +259,7 @@ impl Gateway {
         let admission = self
             .edge
             .admit(
-                &route,
+                &route.policy,
                 ex.client_ip,
                 &parts.method,
                 &parts.uri,
@@ -289,13 +289,18 @@ impl Gateway {
 
         if let Some(admission) = ex.admission.as_mut() {
             self.edge
-                .limit_rate(&route, admission, ex.consumer.as_deref(), &parts.headers)
+                .limit_rate(
+                    &route.policy,
+                    admission,
+                    ex.consumer.as_deref(),
+                    &parts.headers,
+                )
                 .map_err(Stop::refused)?;
         }
         let caller = identity.as_deref().map(Caller::from).unwrap_or_default();
         let request_id = ex.request_id.to_str().unwrap_or_default();
         self.edge
-            .assert_upstream(&route, caller, request_id, &mut parts.headers)
+            .assert_upstream(&route.policy, caller, request_id, &mut parts.headers)
             .map_err(Stop::refused)?;
 
         let forwarded = self.forwarded(ex, parts, conn, &host);
@@ -388,15 +393,18 @@ impl Gateway {
             let guard = InFlight::enter(&endpoint.stats);
             let stats = &endpoint.stats;
             let remaining = deadline.saturating_duration_since(started);
+            let mut going = Some(source.take());
             let send = self.clients.send(
                 &client_key,
                 &endpoint.authority,
                 head,
                 forwarded,
-                source.take(),
+                &mut going,
             );
             let try_deadline = tokio::time::Instant::from_std(started + per_try.min(remaining));
             let outcome = tokio::time::timeout_at(try_deadline, send).await;
+            // A body that never left (no connection could be made) can go elsewhere.
+            let unsent = going.take().map(|body| source.put_back(body)).is_some();
             let failure = match outcome {
                 Ok(Ok(mut response)) => {
                     let status = response.status();
@@ -433,7 +441,7 @@ impl Gateway {
                     if !source.replayable() && !body_fault.is_complete() {
                         return Err(ProxyError::Timeout.into());
                     }
-                    (try_timed_out(set), retries.retries_failure(false))
+                    (try_timed_out(set), retries.retries_failure(unsent))
                 }
             };
             drop(guard);
@@ -458,7 +466,7 @@ impl Gateway {
         let h = response.headers_mut();
         fields::strip_hop_by_hop(h, upgraded);
         if let (Some(route), Some(admission)) = (&ex.route, &ex.admission) {
-            self.edge.decorate(route, admission, h);
+            self.edge.decorate(&route.policy, admission, h);
         }
         let request_id = ex.request_id.clone();
         let done = Done {
@@ -626,8 +634,10 @@ impl BodySource {
         Ok((BodySource::Stream(Some(body)), fault))
     }
 
+    /// Whether the body can be sent (again): always when buffered, and a stream only
+    /// while none of it has been read.
     fn replayable(&self) -> bool {
-        !matches!(self, BodySource::Stream(_))
+        !matches!(self, BodySource::Stream(None))
     }
 
     fn take(&mut self) -> UpstreamBody {
@@ -635,6 +645,13 @@ impl BodySource {
             BodySource::Empty => UpstreamBody::Empty,
             BodySource::Buffered(b) => UpstreamBody::Full(Some(b.clone())),
             BodySource::Stream(s) => s.take().unwrap_or(UpstreamBody::Empty),
+        }
+    }
+
+    /// A streamed body back from a try that never sent it.
+    fn put_back(&mut self, unsent: UpstreamBody) {
+        if let BodySource::Stream(slot @ None) = self {
+            *slot = Some(unsent);
         }
     }
 }

@@ -109,21 +109,22 @@ impl Clients {
 
     /// Sends a request (origin-form URI, `Host` set) with the gateway's forwarding
     /// headers to the instance at `authority`. An HTTP/1.1 connection goes back to its
-    /// pool with the response body's end.
+    /// pool with the response body's end. Over HTTP/1.1, `body` is left in place when no
+    /// connection could be made.
     pub async fn send(
         &self,
         key: &ClientKey,
         authority: &Authority,
         head: RequestHead<'_>,
         forwarded: &Forwarded<'_>,
-        body: UpstreamBody,
+        body: &mut Option<UpstreamBody>,
     ) -> Result<Response<ClientBody>, UpstreamError> {
         if key.http2 {
             let mut uri = Uri::builder().scheme("http").authority(authority.clone());
             if let Some(pq) = head.uri.path_and_query() {
                 uri = uri.path_and_query(pq.clone());
             }
-            let mut req = Request::new(body);
+            let mut req = Request::new(body.take().unwrap_or(UpstreamBody::Empty));
             *req.method_mut() = head.method.clone();
             *req.uri_mut() = uri.build()?;
             *req.version_mut() = Version::HTTP_2;

@@ -127,11 +127,13 @@ impl Route {
             spec.auth.on_unauthenticated_redirect.clone(),
         )
         .map_err(|e| field("auth", e.to_string()))?;
-        let policy = crate::policy::RoutePolicy::compile(&spec).map_err(|e| match e {
-            crate::policy::PolicyError::Field { field, message } => {
-                RouteError::Field { field, message }
-            }
-        })?;
+        let policy = crate::policy::RoutePolicy::compile(&spec.policy_fields(name)).map_err(
+            |e| match e {
+                crate::policy::PolicyError::Field { field, message } => {
+                    RouteError::Field { field, message }
+                }
+            },
+        )?;
         Ok(Route {
             metrics: crate::metrics::RouteMetrics::new(name, &spec.service),
             policy,

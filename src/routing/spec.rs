@@ -7,6 +7,11 @@ use std::collections::BTreeMap;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+// Each concern owns the shape of its part of the document; the route document composes them.
+pub use crate::balance::spec::{LbPolicy, OutlierSpec};
+pub use crate::discovery::HealthPolicy;
+pub use crate::policy::spec::{AssertionSpec, CorsSpec, RateLimitSpec};
+
 /// One route document. `service` and `path_prefix` are required; everything else has a default.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -94,26 +99,6 @@ pub enum EscapedSlashes {
     Decode,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HealthPolicy {
-    /// Every check, node checks included, is passing.
-    #[default]
-    Passing,
-    /// Passing or warning; warning instances take `Weights.Warning`.
-    PassingOrWarning,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LbPolicy {
-    #[default]
-    RoundRobin,
-    Random,
-    LeastRequest,
-    ConsistentHash,
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UpstreamProtocol {
@@ -161,32 +146,6 @@ impl Default for RetrySpec {
             attempts: 2,
             on_status: Vec::new(),
             non_idempotent: false,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct OutlierSpec {
-    /// Consecutive failures that eject an instance (0 = never eject).
-    pub consecutive_failures: u32,
-    /// First ejection time; doubles with each repeated ejection.
-    pub base_ejection_ms: u64,
-    pub max_ejection_ms: u64,
-    /// At most this share of a pool is ejected at once.
-    pub max_ejected_percent: u32,
-    /// Below this share of usable instances, use all of them (panic mode).
-    pub panic_threshold_percent: u32,
-}
-
-impl Default for OutlierSpec {
-    fn default() -> Self {
-        Self {
-            consecutive_failures: 5,
-            base_ejection_ms: 30_000,
-            max_ejection_ms: 300_000,
-            max_ejected_percent: 50,
-            panic_threshold_percent: 50,
         }
     }
 }
@@ -273,61 +232,26 @@ impl<'de> Deserialize<'de> for AuthSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimitSpec {
-    pub per_second: f64,
-    pub burst: u32,
-    /// `client_ip` (default), `consumer`, or `header:<name>`.
-    #[serde(default = "default_rate_key")]
-    pub key: String,
-    /// Distinct keys remembered at most (default 1,000,000, about 40 MB at worst).
-    #[serde(default)]
-    pub max_keys: Option<usize>,
-}
-
-fn default_rate_key() -> String {
-    "client_ip".into()
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CorsSpec {
-    /// Exact origins or `https://*.example.com`; `*` allows any (not with credentials).
-    pub origins: Vec<String>,
-    #[serde(default)]
-    pub methods: Vec<String>,
-    #[serde(default)]
-    pub headers: Vec<String>,
-    #[serde(default)]
-    pub expose_headers: Vec<String>,
-    #[serde(default)]
-    pub credentials: bool,
-    #[serde(default)]
-    pub max_age_s: Option<u64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct AssertionSpec {
-    #[serde(default = "default_assertion_header")]
-    pub header: String,
-    #[serde(default = "default_assertion_ttl")]
-    pub ttl_s: u64,
-    /// `aud` of the assertion; defaults to the route's service name.
-    #[serde(default)]
-    pub audience: Option<String>,
-}
-
-fn default_assertion_header() -> String {
-    "X-Gateway-Assertion".into()
-}
-
-fn default_assertion_ttl() -> u64 {
-    30
-}
-
 impl RouteSpec {
+    /// What edge policy reads of the document.
+    pub fn policy_fields<'a>(&'a self, route: &'a str) -> crate::policy::spec::PolicyFields<'a> {
+        crate::policy::spec::PolicyFields {
+            route,
+            service: &self.service,
+            path_prefix: &self.path_prefix,
+            methods: &self.methods,
+            ip_allow: &self.ip_allow,
+            ip_deny: &self.ip_deny,
+            cors: self.cors.as_ref(),
+            max_headers: self.max_headers,
+            max_url_bytes: self.max_url_bytes,
+            max_body_bytes: self.max_body_bytes,
+            rate_limit: self.rate_limit.as_ref(),
+            upstream_assertion: self.upstream_assertion.as_ref(),
+            upstream_tls: self.upstream_tls,
+        }
+    }
+
     /// A route with only the required fields set and every other field at its default.
     pub fn minimal(service: &str, path_prefix: &str) -> Self {
         RouteSpec {

@@ -1,0 +1,39 @@
+//! The balancing part of a route document: how an instance is picked, and when one is
+//! ejected for failing.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    Random,
+    LeastRequest,
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierSpec {
+    /// Consecutive failures that eject an instance (0 = never eject).
+    pub consecutive_failures: u32,
+    /// First ejection time; doubles with each repeated ejection.
+    pub base_ejection_ms: u64,
+    pub max_ejection_ms: u64,
+    /// At most this share of a pool is ejected at once.
+    pub max_ejected_percent: u32,
+    /// Below this share of usable instances, use all of them (panic mode).
+    pub panic_threshold_percent: u32,
+}
+impl Default for OutlierSpec {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection_ms: 30_000,
+            max_ejection_ms: 300_000,
+            max_ejected_percent: 50,
+            panic_threshold_percent: 50,
+        }
+    }
+}
