@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use support::{eventually, json_of, route, Env, DEADLINE};
+use support::upstream::Upstream;
+use support::{eventually, json_of, route, unique, Env, Svc, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An env with `n` upstreams and the default config.
@@ -216,6 +217,78 @@ async fn hosts_methods_and_rewrites_pick_the_route() {
 }
 
 #[tokio::test]
+async fn a_header_route_wins_at_its_prefix_only_with_that_exact_header_value() {
+    let env = env(1).await;
+    let canary_service = unique("canary");
+    let canary = Upstream::start("canary").await;
+    env.consul
+        .register(&Svc::new(
+            &canary_service,
+            &format!("{canary_service}-0"),
+            canary.port(),
+        ))
+        .await;
+    // Named to sort after the stable route: the header route must win by being more
+    // specific, not by its name.
+    env.route("a-stable", "/app", json!({})).await;
+    for (name, prefix) in [("z-canary", "/app"), ("z-beta", "/app/beta")] {
+        env.consul
+            .put_kv(
+                &env.gw.route_key(name),
+                &route(
+                    &canary_service,
+                    prefix,
+                    json!({"headers": {"X-Canary": "1"}}),
+                ),
+            )
+            .await;
+    }
+    let served_by = |path: &'static str, canary: Option<&'static str>| {
+        let mut req = env.http.get(env.url(path));
+        if let Some(value) = canary {
+            req = req.header("x-canary", value);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 200, "{path} {canary:?}");
+            resp.headers()["x-upstream"].to_str().unwrap().to_string()
+        }
+    };
+    eventually(DEADLINE, "both header routes serve", || async {
+        let app = served_by("/app/x", Some("1")).await;
+        let beta = served_by("/app/beta/x", Some("1")).await;
+        (app == "canary" && beta == "canary").then_some(())
+    })
+    .await;
+
+    for path in ["/app", "/app/x", "/app/beta", "/app/beta/deep/x"] {
+        assert_eq!(served_by(path, Some("1")).await, "canary", "{path}");
+        // Any other value, or none, falls through to the route without the condition:
+        // at the same prefix, or at the parent prefix for `/app/beta`.
+        for other in [None, Some("0"), Some("11"), Some("1 1"), Some("true")] {
+            assert_eq!(served_by(path, other).await, "u0", "{path} {other:?}");
+        }
+    }
+    // Header names match in any spelling; the value must be exact.
+    let mut raw = Raw::connect(&env).await;
+    raw.send("GET /app/x HTTP/1.1\r\nHost: t\r\nX-CANARY: 1\r\n\r\n")
+        .await;
+    let answer = raw.answer(false).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("x-upstream"), Some("canary"));
+    // The header routes nothing outside the header routes' prefixes.
+    let before = canary.hits();
+    let resp = env
+        .get_with("/other", "x-canary", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(canary.hits(), before);
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn killing_an_instance_during_two_thousand_gets_fails_none() {
     let env = env(3).await;
     env.route(
@@ -301,6 +374,28 @@ async fn a_post_is_not_retried_but_a_get_is() {
 }
 
 #[tokio::test]
+async fn a_post_answered_with_a_retry_status_is_not_sent_again() {
+    let env = env(2).await;
+    let retry = |non_idempotent: bool| {
+        json!({"retry": {"attempts": 1, "on_status": [503], "non_idempotent": non_idempotent},
+               "outlier": {"consecutive_failures": 0}})
+    };
+    env.route("once", "/once", retry(false)).await;
+    env.route("again", "/again", retry(true)).await;
+    for u in &env.upstreams {
+        u.set_failing(true);
+    }
+    let post = |path: &str| env.http.post(env.url(path)).body("x").send();
+    let resp = post("/once/x").await.unwrap();
+    assert_eq!(resp.status(), 503, "the instance's answer is passed on");
+    assert_eq!(env.hits(), 1, "the POST reached one instance once");
+    let resp = post("/again/x").await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(env.hits(), 3, "with non_idempotent the POST is tried twice");
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn a_slow_upstream_gets_a_504_and_a_failing_one_is_retried_on_configured_statuses() {
     let env = env(2).await;
     env.route(
@@ -335,26 +430,44 @@ async fn a_slow_upstream_gets_a_504_and_a_failing_one_is_retried_on_configured_s
 #[tokio::test]
 async fn a_failing_instance_is_ejected_and_comes_back() {
     let env = env(2).await;
+    // The ejection lasts long enough that the 20 requests below cannot outlive it on a
+    // loaded machine (checked below), and short enough to wait out.
     env.route(
         "api",
         "/api",
         json!({"retry": {"attempts": 1, "on_status": [503]},
-               "outlier": {"consecutive_failures": 3, "base_ejection_ms": 700, "max_ejected_percent": 50}}),
+               "outlier": {"consecutive_failures": 3, "base_ejection_ms": 2000, "max_ejected_percent": 50}}),
     )
     .await;
+    let ids = env.ids();
+    let (bad, good) = (ids[0].as_str(), ids[1].as_str());
+    assert!(!env.gw.is_ejected(&env.service, bad).await);
     env.upstreams[0].set_failing(true);
-    for _ in 0..10 {
+    // Every answer is a 200 (the 503 is retried on the healthy instance) until the
+    // failing instance has failed three times in a row and is ejected.
+    eventually(DEADLINE, "the failing instance is ejected", || async {
         assert_eq!(env.get("/api/x").await.status(), 200);
-    }
+        env.gw.is_ejected(&env.service, bad).await.then_some(())
+    })
+    .await;
+    assert!(
+        !env.gw.is_ejected(&env.service, good).await,
+        "only the failing instance is ejected"
+    );
     let bad_before = env.upstreams[0].hits();
     for _ in 0..20 {
         assert_eq!(env.get("/api/x").await.status(), 200);
     }
+    assert!(
+        env.gw.is_ejected(&env.service, bad).await,
+        "still ejected after the 20 requests, so it was out for all of them"
+    );
     assert_eq!(env.upstreams[0].hits(), bad_before, "ejected: no traffic");
-    let (_, upstreams) = env.gw.admin("/upstreams").await;
-    assert!(upstreams.to_string().contains("ejected"), "{upstreams}");
     env.upstreams[0].set_failing(false);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    eventually(DEADLINE, "the ejection time runs out", || async {
+        (!env.gw.is_ejected(&env.service, bad).await).then_some(())
+    })
+    .await;
     for _ in 0..10 {
         assert_eq!(env.get("/api/x").await.status(), 200);
     }
@@ -689,25 +802,51 @@ async fn oversized_heads_get_431_and_slow_heads_are_cut_off() {
 async fn shutdown_drains_in_flight_requests() {
     let env = env(1).await;
     env.route("api", "/api", json!({})).await;
-    let url = env.url("/api/slow?ms=600");
+    // Held at the instance until the test releases it: in flight for as long as needed.
+    let url = env.url("/api/hold");
     let http = env.http.clone();
-    let slow = tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) });
+    let held = tokio::spawn(async move { http.get(url).send().await.map(|r| r.status()) });
     // A keep-alive connection with nothing in flight.
     let mut idle = Raw::connect(&env).await;
     idle.send("GET /api/x HTTP/1.1\r\nHost: t\r\n\r\n").await;
     assert_eq!(idle.answer(false).await.status, 200);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(DEADLINE, "the held request reaches the instance", || {
+        let n = env.upstreams[0].hits();
+        async move { (n == 2).then_some(()) }
+    })
+    .await;
     let addr = env.gw.app.proxy_addr();
-    let Env { gw, consul, .. } = env;
-    let stopping = Instant::now();
+    let Env {
+        gw,
+        consul,
+        upstreams,
+        ..
+    } = env;
     let stop = tokio::spawn(gw.stop());
     assert!(idle.closed().await, "an idle connection is closed at once");
-    assert!(stopping.elapsed() < Duration::from_millis(500));
-    assert_eq!(
-        slow.await.unwrap().unwrap(),
-        200,
-        "in-flight request finished"
+    eventually(DEADLINE, "the listener closes while draining", || async {
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // Both happened while the held request was unanswered: nothing waited for the drain.
+    assert!(!held.is_finished(), "the held request was cut off");
+    // And the drain waits for the request: the gateway does not stop while it is held.
+    // (A negative needs a window; half a second is plenty for everything else to stop,
+    // and a slow machine can only make this pass more easily, never fail.)
+    let mut stop = stop;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut stop)
+            .await
+            .is_err(),
+        "the gateway stopped with a request in flight"
     );
+    assert!(!held.is_finished(), "the held request was cut off");
+    upstreams[0].release();
+    let status = tokio::time::timeout(DEADLINE, held).await.unwrap().unwrap();
+    assert_eq!(status.unwrap(), 200, "in-flight request finished");
     tokio::time::timeout(DEADLINE, stop).await.unwrap().unwrap();
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err(),

@@ -12,11 +12,17 @@ use std::time::{Duration, SystemTime};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use serde_json::json;
 use support::upstream::Upstream;
-use support::{eventually, json_of, route, start_upstreams, test_config, unique, Consul, DEADLINE};
+use support::{
+    eventually, json_of, metric, route, start_upstreams, test_config, unique, Consul, DEADLINE,
+};
 use switchyard::app::{self, AppHandle, Listeners};
 use switchyard::config::{CertificateSection, FileConfig, TlsSection};
 use switchyard::shutdown::Shutdown;
 use tokio::net::TcpListener;
+
+/// The certificate-reload counter, by `result` (`ok`, `error`); only the reload test of
+/// this file changes certificate files, so its counts are its own.
+const TLS_RELOADS: &str = "switchyard_tls_reloads_total";
 
 struct Ca {
     cert: rcgen::Certificate,
@@ -245,6 +251,7 @@ async fn new_certificates_serve_new_handshakes_while_open_connections_keep_worki
     assert_eq!(peer_der(&resp), first.der);
 
     let second = ca.leaf(&["a.test"]);
+    let ok_before = metric(env.app.admin_addr(), TLS_RELOADS, &[("result", "ok")]).await;
     write_leaf(dir.path(), "a", &second, 5);
     eventually(DEADLINE, "a new handshake gets the new certificate", || {
         let client = env.client(&ca, "a.test");
@@ -256,6 +263,10 @@ async fn new_certificates_serve_new_handshakes_while_open_connections_keep_worki
         }
     })
     .await;
+    assert!(
+        metric(env.app.admin_addr(), TLS_RELOADS, &[("result", "ok")]).await > ok_before,
+        "the new certificate came from a reload counted as ok"
+    );
 
     // The open connection was not dropped: same handshake (old certificate), still serving.
     for i in 0..3 {
@@ -272,9 +283,22 @@ async fn new_certificates_serve_new_handshakes_while_open_connections_keep_worki
         );
     }
 
-    // Broken files are refused and the current certificate keeps serving.
-    std::fs::write(dir.path().join("a.crt"), "not a certificate").unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Broken files are refused and the current certificate keeps serving. Failed reloads
+    // are counted from here: one above may have caught the pair half written, but only
+    // before the new certificate served.
+    let admin = env.app.admin_addr();
+    let reloads = |result: &'static str| async move {
+        metric(admin, TLS_RELOADS, &[("result", result)]).await
+    };
+    let errors_before = reloads("error").await;
+    // Put in place with one rename: the reloader sees one change, never a half-written file.
+    let broken = dir.path().join("a.crt.new");
+    std::fs::write(&broken, "not a certificate").unwrap();
+    std::fs::rename(&broken, dir.path().join("a.crt")).unwrap();
+    eventually(DEADLINE, "the reloader tries the broken file", || async {
+        (reloads("error").await > errors_before).then_some(())
+    })
+    .await;
     let resp = env
         .client(&ca, "a.test")
         .get(env.url("a.test", "/api/3"))
@@ -282,7 +306,16 @@ async fn new_certificates_serve_new_handshakes_while_open_connections_keep_worki
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(peer_der(&resp), second.der);
+    assert_eq!(
+        peer_der(&resp),
+        second.der,
+        "the last good certificate serves"
+    );
+    assert_eq!(
+        reloads("error").await,
+        errors_before + 1.0,
+        "one refused reload"
+    );
     env.stop().await;
 }
 

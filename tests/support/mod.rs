@@ -3,6 +3,7 @@
 //! listeners, and [`eventually`] for every wait.
 #![allow(dead_code)]
 
+pub mod prometheus;
 pub mod tokens;
 pub mod upstream;
 
@@ -339,6 +340,47 @@ impl Gateway {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// The sum of the samples of metric `name` whose labels include `with`, as scraped
+    /// from this gateway's `/metrics` (the recorder is process-wide: every gateway of the
+    /// test process renders the same counters).
+    pub async fn metric(&self, name: &str, with: &[(&str, &str)]) -> f64 {
+        metric(self.admin_addr(), name, with).await
+    }
+
+    /// The `/upstreams` entry of instance `service_id` of `service` (its JSON: `ejected`,
+    /// `ejected_for_ms`, `in_flight`, ...), `None` while the admin does not list it.
+    pub async fn instance(&self, service: &str, service_id: &str) -> Option<Value> {
+        let (status, body) = self.admin("/upstreams").await;
+        assert_eq!(status, 200, "/upstreams: {body}");
+        let suffix = format!("/{service_id}");
+        body["services"]
+            .as_array()?
+            .iter()
+            .find(|s| s["service"] == service)?["instances"]
+            .as_array()?
+            .iter()
+            .find(|i| i["id"].as_str().is_some_and(|id| id.ends_with(&suffix)))
+            .cloned()
+    }
+
+    /// Whether the admin shows instance `service_id` of `service` as ejected now.
+    pub async fn is_ejected(&self, service: &str, service_id: &str) -> bool {
+        let instance = self
+            .instance(service, service_id)
+            .await
+            .unwrap_or_else(|| panic!("{service_id} is not in /upstreams"));
+        let ejected = instance["ejected"]
+            .as_bool()
+            .unwrap_or_else(|| panic!("no `ejected` in {instance}"));
+        let for_ms = instance["ejected_for_ms"].as_u64().unwrap_or(0);
+        assert_eq!(
+            ejected,
+            for_ms > 0,
+            "inconsistent ejection state: {instance}"
+        );
+        ejected
+    }
+
     /// Ids of the instances the route matching `GET path` (any host) would use, sorted;
     /// `None` when no route matches.
     pub fn upstreams_for(&self, path: &str) -> Option<Vec<String>> {
@@ -392,6 +434,23 @@ impl Gateway {
     pub async fn stop(self) {
         self.app.stop().await;
     }
+}
+
+/// The sum of the samples of metric `name` whose labels include `with`, scraped from the
+/// admin listener at `admin` (no admin token).
+pub async fn metric(admin: SocketAddr, name: &str, with: &[(&str, &str)]) -> f64 {
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .expect("the admin listener answers /metrics");
+    assert_eq!(resp.status(), 200, "/metrics");
+    let text = resp.text().await.expect("a /metrics body");
+    prometheus::total(&prometheus::parse(&text), name, with)
 }
 
 /// A route document for `service` at `prefix` with extra JSON fields merged in.

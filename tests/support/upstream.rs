@@ -3,6 +3,8 @@
 //! one server covers every proxy test.
 //!
 //! - `/slow?ms=N`: answers after N ms.
+//! - `/hold`: answers once [`Upstream::release`] is called (at once after that), so a test
+//!   holds requests in flight for exactly as long as it needs.
 //! - `/status/N`: answers status N.
 //! - `/count`: reads the whole body and answers its length (nothing is kept).
 //! - `/bytes?n=N`: streams N bytes back in 64 KiB chunks.
@@ -30,6 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -39,6 +42,7 @@ pub struct Upstream {
     pub addr: SocketAddr,
     hits: Arc<AtomicU64>,
     failing: Arc<AtomicBool>,
+    gate: Arc<watch::Sender<bool>>,
     tasks: Arc<Mutex<JoinSet<()>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -49,12 +53,14 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
         let failing = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(watch::channel(false).0);
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
         let accept = {
-            let (name, hits, failing, tasks) = (
+            let (name, hits, failing, gate, tasks) = (
                 name.to_string(),
                 hits.clone(),
                 failing.clone(),
+                gate.clone(),
                 tasks.clone(),
             );
             tokio::spawn(async move {
@@ -62,10 +68,17 @@ impl Upstream {
                     let Ok((stream, _)) = listener.accept().await else {
                         continue;
                     };
-                    let (name, hits, failing) = (name.clone(), hits.clone(), failing.clone());
+                    let (name, hits, failing, gate) =
+                        (name.clone(), hits.clone(), failing.clone(), gate.clone());
                     let conn = async move {
                         let service = service_fn(move |req| {
-                            handle(req, name.clone(), hits.clone(), failing.clone())
+                            handle(
+                                req,
+                                name.clone(),
+                                hits.clone(),
+                                failing.clone(),
+                                gate.clone(),
+                            )
                         });
                         let _ = auto::Builder::new(TokioExecutor::new())
                             .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -80,6 +93,7 @@ impl Upstream {
             addr,
             hits,
             failing,
+            gate,
             tasks,
             accept,
         }
@@ -96,6 +110,11 @@ impl Upstream {
 
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Answers every `/hold` request waiting now, and every later one at once.
+    pub fn release(&self) {
+        self.gate.send_replace(true);
     }
 
     /// Stops accepting and drops every connection, mid-request or not.
@@ -116,6 +135,7 @@ async fn handle(
     name: String,
     hits: Arc<AtomicU64>,
     failing: Arc<AtomicBool>,
+    gate: Arc<watch::Sender<bool>>,
 ) -> Result<Response<Body>, std::io::Error> {
     hits.fetch_add(1, Ordering::SeqCst);
     // Behaviours key on the last path segments, so any route prefix can be in front.
@@ -137,6 +157,9 @@ async fn handle(
     } else if path == "/slow" {
         tokio::time::sleep(Duration::from_millis(param("ms").unwrap_or(1000))).await;
         text(StatusCode::OK, "slow")
+    } else if path == "/hold" {
+        let _ = gate.subscribe().wait_for(|open| *open).await;
+        text(StatusCode::OK, "held")
     } else if let Some(code) = path.strip_prefix("/status/") {
         let code = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
         text(code.unwrap_or(StatusCode::BAD_REQUEST), "status")
