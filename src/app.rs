@@ -31,7 +31,7 @@ use crate::policy::Edge;
 use crate::proxy::{self, Gateway};
 use crate::registration::{self, Registered};
 use crate::routing::fabio;
-use crate::routing::kv::{self, Rejection, RouteDocs};
+use crate::routing::kv::{self, RouteDocs, RouteRejection};
 use crate::routing::Route;
 use crate::shutdown::Shutdown;
 use crate::state::{Snapshot, State};
@@ -577,10 +577,10 @@ impl Writer {
     }
 
     /// Rejected KV documents and, with fabio routing, tags that make no valid route.
-    fn rejections(&self) -> Vec<Rejection> {
+    fn rejections(&self) -> Vec<RouteRejection> {
         let mut rejected = self.docs.rejections();
         if let Some(fabio) = &self.fabio {
-            rejected.extend(fabio.errors.iter().map(|e| Rejection {
+            rejected.extend(fabio.errors.iter().map(|e| RouteRejection {
                 name: format!("{}{}", fabio::NAME_PREFIX, e.service),
                 key: format!("tag `{}` on service {}", e.tag, e.service),
                 error: e.message.clone(),

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::consul::WatchStatus;
 use crate::discovery::Instance;
-use crate::routing::kv::Rejection;
+use crate::routing::kv::RouteRejection;
 
 /// Where the serving state came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -45,7 +45,7 @@ pub struct WarmStart {
 pub struct ControlView {
     pub consul_address: String,
     pub source: DataSource,
-    pub rejected: Vec<Rejection>,
+    pub rejected: Vec<RouteRejection>,
     pub routes_watch: Option<Arc<WatchStatus>>,
     /// The `catalog/services` watch behind fabio tag routes (`[fabio] enabled`).
     pub tags_watch: Option<Arc<WatchStatus>>,

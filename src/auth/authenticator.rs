@@ -76,13 +76,13 @@ pub struct Grant {
 /// login redirect's `Location`) and why. Nothing of the request reaches an upstream; the
 /// proxy renders the answer (`crate::proxy::error`, the one error shape).
 #[derive(Debug, Clone)]
-pub struct Rejection {
+pub struct AuthRejection {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub error: AuthError,
 }
 
-impl Rejection {
+impl AuthRejection {
     /// The machine-readable reason: the RFC 6750 code, or `unauthorized` when no
     /// credential was presented.
     pub fn code(&self) -> &'static str {
@@ -337,7 +337,7 @@ impl Authenticator {
         requirement: &Requirement,
         uri: &Uri,
         headers: &mut HeaderMap,
-    ) -> Result<Option<Arc<Identity>>, Rejection> {
+    ) -> Result<Option<Arc<Identity>>, AuthRejection> {
         self.strip_forged(headers);
         match self.authenticate(uri, headers, requirement).await {
             Ok(None) => Ok(None),
@@ -360,13 +360,13 @@ impl Authenticator {
         error: AuthError,
         requirement: &Requirement,
         request: &HeaderMap,
-    ) -> Rejection {
+    ) -> AuthRejection {
         let mut headers = HeaderMap::new();
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if error.status() == StatusCode::UNAUTHORIZED && accepts_html(request) {
             if let Some(location) = &requirement.redirect {
                 headers.insert(LOCATION, location.clone());
-                return Rejection {
+                return AuthRejection {
                     status: StatusCode::FOUND,
                     headers,
                     error,
@@ -398,7 +398,7 @@ impl Authenticator {
                 headers.append(WWW_AUTHENTICATE, v);
             }
         }
-        Rejection {
+        AuthRejection {
             status: error.status(),
             headers,
             error,

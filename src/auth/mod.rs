@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, StatusCode};
 
-pub use authenticator::{AuthSettings, Authenticator, Grant, Rejection};
+pub use authenticator::{AuthRejection, AuthSettings, Authenticator, Grant};
 
 /// How a caller proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

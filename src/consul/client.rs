@@ -71,7 +71,7 @@ impl ClientSettings {
 
 /// One answer to a read: the body (absent for a KV miss) and the metadata headers.
 #[derive(Debug, Clone)]
-pub struct Answer {
+pub struct QueryAnswer {
     /// `None` when a KV key or prefix does not exist (404 with an index: not an error).
     pub body: Option<Bytes>,
     /// `X-Consul-Index` as sent; the watch applies the reset rules.
@@ -195,7 +195,7 @@ impl ConsulClient {
         path: &str,
         query: &[(&str, &str)],
         index: Index,
-    ) -> Result<Answer, ConsulError> {
+    ) -> Result<QueryAnswer, ConsulError> {
         let url = format!("{}{}", self.base, path);
         let wait = format!("{}ms", self.wait.as_millis().max(1));
         let index_s = index.get().to_string();
@@ -233,7 +233,7 @@ impl ConsulClient {
             });
         }
         let index = header_u64(&headers, "x-consul-index").ok_or(ConsulError::NoIndex)?;
-        Ok(Answer {
+        Ok(QueryAnswer {
             body: if absent { None } else { Some(body) },
             index,
             known_leader: headers

@@ -11,7 +11,7 @@ pub mod index;
 pub mod types;
 pub mod watch;
 
-pub use client::{Answer, ClientSettings, ConsulClient};
+pub use client::{ClientSettings, ConsulClient, QueryAnswer};
 pub use index::Index;
 pub use types::{KvPair, ServiceCheck, ServiceEntry, ServiceRegistration};
 pub use watch::{KvPrefix, WatchHandle, WatchOptions, WatchStatus};

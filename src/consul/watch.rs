@@ -46,7 +46,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::client::{kv_path, Answer, ConsulClient};
+use super::client::{kv_path, ConsulClient, QueryAnswer};
 use super::index::{Index, Step};
 use super::types::KvPair;
 use super::ConsulError;
@@ -57,7 +57,10 @@ pub trait Source: Send + 'static {
     type Output: PartialEq + Send + Sync + 'static;
 
     /// One read, blocking past `index` (`Index::ZERO`: answer at once).
-    fn fetch(&mut self, index: Index) -> impl Future<Output = Result<Answer, ConsulError>> + Send;
+    fn fetch(
+        &mut self,
+        index: Index,
+    ) -> impl Future<Output = Result<QueryAnswer, ConsulError>> + Send;
 
     /// Turns an answer with a new index into the value to compare and deliver. This is the
     /// place to drop what must not count as a change (e.g. a check's `Output` text).
@@ -285,7 +288,10 @@ impl KvPrefix {
 impl Source for KvPrefix {
     type Output = Vec<KvPair>;
 
-    fn fetch(&mut self, index: Index) -> impl Future<Output = Result<Answer, ConsulError>> + Send {
+    fn fetch(
+        &mut self,
+        index: Index,
+    ) -> impl Future<Output = Result<QueryAnswer, ConsulError>> + Send {
         let client = self.client.clone();
         let path = self.path.clone();
         async move { client.blocking_get(&path, &[("recurse", "")], index).await }
@@ -317,7 +323,10 @@ impl CatalogServices {
 impl Source for CatalogServices {
     type Output = std::collections::BTreeMap<String, Vec<String>>;
 
-    fn fetch(&mut self, index: Index) -> impl Future<Output = Result<Answer, ConsulError>> + Send {
+    fn fetch(
+        &mut self,
+        index: Index,
+    ) -> impl Future<Output = Result<QueryAnswer, ConsulError>> + Send {
         let client = self.client.clone();
         async move {
             client
@@ -493,12 +502,12 @@ mod tests {
         fn fetch(
             &mut self,
             index: Index,
-        ) -> impl Future<Output = Result<Answer, ConsulError>> + Send {
+        ) -> impl Future<Output = Result<QueryAnswer, ConsulError>> + Send {
             self.asked.lock().unwrap().push(index.get());
             let next = self.script.lock().unwrap().pop_front();
             async move {
                 match next {
-                    Some(Reply::Ok(i, body)) => Ok(Answer {
+                    Some(Reply::Ok(i, body)) => Ok(QueryAnswer {
                         body: Some(Bytes::from_static(body.as_bytes())),
                         index: i,
                         known_leader: true,

@@ -9,7 +9,9 @@ use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 use super::checks::{self, Probers, Report};
-use super::store::{Check, CheckDefinition, Registration, Service, Status, Store, StoreError};
+use super::store::{
+    Check, CheckDefinition, Registration, RegistryService, Status, Store, StoreError,
+};
 
 pub const SERF_CHECK_ID: &str = "serfHealth";
 pub const NODE_MAINT_ID: &str = "_node_maintenance";
@@ -21,7 +23,7 @@ const DEFAULT_SERVICE_MAINT_REASON: &str =
 
 /// The agent's own node.
 #[derive(Clone, Debug)]
-pub struct Identity {
+pub struct AgentIdentity {
     pub node_name: String,
     pub node_id: String,
     pub address: String,
@@ -72,7 +74,7 @@ struct Runner {
 }
 
 pub struct Agent {
-    pub identity: Identity,
+    pub identity: AgentIdentity,
     store: Arc<Store>,
     probers: Probers,
     runners: Mutex<HashMap<String, Runner>>,
@@ -86,7 +88,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Agent {
     /// Registers the agent's node (with `serfHealth`) and the `consul` service a server agent has.
-    pub fn new(identity: Identity, store: Arc<Store>, reap: ReapSettings) -> Agent {
+    pub fn new(identity: AgentIdentity, store: Arc<Store>, reap: ReapSettings) -> Agent {
         let mut tagged = BTreeMap::new();
         for k in ["lan", "lan_ipv4", "wan", "wan_ipv4"] {
             tagged.insert(k.to_string(), identity.address.clone());
@@ -98,11 +100,11 @@ impl Agent {
             datacenter: identity.datacenter.clone(),
             tagged_addresses: tagged,
             node_meta: BTreeMap::from([("consul-network-segment".to_string(), String::new())]),
-            service: Some(Service {
+            service: Some(RegistryService {
                 id: "consul".into(),
                 name: "consul".into(),
                 port: 8300,
-                ..Service::default()
+                ..RegistryService::default()
             }),
             checks: vec![Check {
                 node: identity.node_name.clone(),
@@ -150,7 +152,7 @@ impl Agent {
     fn build_check(
         spec: &CheckSpec,
         default_id: String,
-        service: Option<&Service>,
+        service: Option<&RegistryService>,
     ) -> Result<Check, AgentError> {
         if let Some(kind) = spec.unsupported {
             return Err(AgentError::InvalidCheck(format!(
@@ -214,7 +216,7 @@ impl Agent {
     /// `:1`, `:2`, ... when there are several) and start critical unless `Status` says otherwise.
     pub fn register_service(
         self: &Arc<Self>,
-        mut service: Service,
+        mut service: RegistryService,
         specs: Vec<CheckSpec>,
         replace_existing_checks: bool,
     ) -> Result<(), AgentError> {

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use super::agent::{Agent, AgentError};
 use super::faults::Faults;
 use super::params::{self, parse_go_bool, Blocking, Consistency, Query};
-use super::store::{Answer, State, Status, Store, StoreError};
+use super::store::{IndexedAnswer, RegistryState, Status, Store, StoreError};
 use super::watch::WatchKey;
 use super::wire;
 
@@ -90,7 +90,7 @@ impl From<StoreError> for ApiError {
 
 /// Settings the handlers need.
 #[derive(Clone, Debug)]
-pub struct Settings {
+pub struct ApiSettings {
     pub token: Option<String>,
     pub datacenter: String,
     pub jitter: bool,
@@ -101,7 +101,7 @@ pub struct Ctx {
     pub store: Arc<Store>,
     pub agent: Arc<Agent>,
     pub faults: Faults,
-    pub settings: Settings,
+    pub settings: ApiSettings,
 }
 
 /// The routes, each with its allowed methods.
@@ -483,7 +483,10 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    async fn run<T>(&self, query: impl Fn(&State) -> Answer<T>) -> Result<(T, u64), ApiError> {
+    async fn run<T>(
+        &self,
+        query: impl Fn(&RegistryState) -> IndexedAnswer<T>,
+    ) -> Result<(T, u64), ApiError> {
         self.require_leader()?;
         let r = self
             .ctx
@@ -577,7 +580,7 @@ async fn kv_get(r: &Reader<'_>, key: &str) -> Result<Resp, ApiError> {
         .unwrap_or("")
         .to_string();
     let raw = q.has("raw");
-    let prefix_watch = |s: &State| {
+    let prefix_watch = |s: &RegistryState| {
         let mut w = vec![WatchKey::KvPrefix(key.to_string())];
         if s.kv_under(key).next().is_none() {
             w.push(WatchKey::KvTable);
@@ -603,7 +606,7 @@ async fn kv_get(r: &Reader<'_>, key: &str) -> Result<Resp, ApiError> {
                 } else {
                     KvRead::Keys(out)
                 };
-                Answer {
+                IndexedAnswer {
                     value: v,
                     index: s.kv_prefix_index(key),
                     watch: prefix_watch(s),
@@ -615,14 +618,14 @@ async fn kv_get(r: &Reader<'_>, key: &str) -> Result<Resp, ApiError> {
                 } else {
                     KvRead::Entries(entries)
                 };
-                Answer {
+                IndexedAnswer {
                     value: v,
                     index: s.kv_prefix_index(key),
                     watch: prefix_watch(s),
                 }
             } else {
                 match s.kv.get(key) {
-                    Some(e) => Answer {
+                    Some(e) => IndexedAnswer {
                         value: if raw {
                             KvRead::Raw(e.value.clone())
                         } else {
@@ -631,7 +634,7 @@ async fn kv_get(r: &Reader<'_>, key: &str) -> Result<Resp, ApiError> {
                         index: e.modify_index,
                         watch: vec![WatchKey::KvKey(key.to_string())],
                     },
-                    None => Answer {
+                    None => IndexedAnswer {
                         value: KvRead::Missing,
                         index: s.kv_index,
                         watch: vec![WatchKey::KvTable],
@@ -801,7 +804,7 @@ async fn catalog_services(r: &Reader<'_>) -> Result<Resp, ApiError> {
                     }
                 }
             }
-            Answer {
+            IndexedAnswer {
                 value: json!(out),
                 index: s.services_index,
                 watch: vec![WatchKey::Services],
@@ -841,7 +844,7 @@ async fn catalog_service(r: &Reader<'_>, name: &str) -> Result<Resp, ApiError> {
                 .filter(|e| node_matches(s, &e.node, &meta))
                 .map(|e| wire::catalog_service_json(s.nodes.get(&e.node), e))
                 .collect();
-            Answer {
+            IndexedAnswer {
                 value: Value::Array(out),
                 index: s.service_index_of(name),
                 watch: vec![WatchKey::Service(name.to_string())],
@@ -851,7 +854,7 @@ async fn catalog_service(r: &Reader<'_>, name: &str) -> Result<Resp, ApiError> {
     Ok(r.indexed_json(v, index))
 }
 
-fn node_matches(s: &State, node: &str, meta: &[(String, String)]) -> bool {
+fn node_matches(s: &RegistryState, node: &str, meta: &[(String, String)]) -> bool {
     meta.is_empty()
         || s.nodes
             .get(node)
@@ -861,7 +864,7 @@ fn node_matches(s: &State, node: &str, meta: &[(String, String)]) -> bool {
 async fn catalog_nodes(r: &Reader<'_>) -> Result<Resp, ApiError> {
     let meta = node_meta_filter(r.q);
     let (v, index) = r
-        .run(|s| Answer {
+        .run(|s| IndexedAnswer {
             value: Value::Array(
                 s.nodes
                     .values()
@@ -906,7 +909,7 @@ async fn health_service(r: &Reader<'_>, name: &str) -> Result<Resp, ApiError> {
                     )
                 })
                 .collect();
-            Answer {
+            IndexedAnswer {
                 value: out,
                 index: s.service_index_of(name),
                 watch: vec![WatchKey::Service(name.to_string())],
@@ -933,7 +936,7 @@ async fn health_state(r: &Reader<'_>, state: &str) -> Result<Resp, ApiError> {
         ),
     };
     let (v, index) = r
-        .run(|s| Answer {
+        .run(|s| IndexedAnswer {
             value: Value::Array(
                 s.checks
                     .values()
@@ -951,7 +954,7 @@ async fn health_state(r: &Reader<'_>, state: &str) -> Result<Resp, ApiError> {
 async fn health_checks(r: &Reader<'_>, name: &str) -> Result<Resp, ApiError> {
     missing_name(name)?;
     let (v, index) = r
-        .run(|s| Answer {
+        .run(|s| IndexedAnswer {
             value: Value::Array(
                 s.checks
                     .values()
@@ -971,7 +974,7 @@ async fn health_node(r: &Reader<'_>, node: &str) -> Result<Resp, ApiError> {
         return Err(ApiError::bad_request("Missing node name"));
     }
     let (v, index) = r
-        .run(|s| Answer {
+        .run(|s| IndexedAnswer {
             value: Value::Array(
                 s.checks
                     .values()
@@ -1026,7 +1029,7 @@ async fn agent_service(r: &Reader<'_>, id: &str) -> Result<Resp, ApiError> {
     let ctx = r.ctx;
     let node = ctx.agent.identity.node_name.clone();
     let want = r.q.get("hash").filter(|h| !h.is_empty()).map(String::from);
-    let lookup = |s: &State| {
+    let lookup = |s: &RegistryState| {
         s.services
             .get(&(node.clone(), id.to_string()))
             .filter(|e| e.agent_local)
@@ -1045,7 +1048,7 @@ async fn agent_service(r: &Reader<'_>, id: &str) -> Result<Resp, ApiError> {
             |s| {
                 let found = lookup(s);
                 let same = matches!((&found, &want), (Some((_, h)), Some(w)) if h == w);
-                Answer {
+                IndexedAnswer {
                     value: found,
                     index: if same { 1 } else { 2 },
                     watch: vec![WatchKey::Services],

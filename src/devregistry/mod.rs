@@ -123,7 +123,7 @@ impl Registry {
         let listener = server::bind(addr)?;
         let addr = listener.local_addr()?;
         let store = Arc::new(store::Store::new());
-        let identity = agent::Identity {
+        let identity = agent::AgentIdentity {
             node_name: opts.node_name.clone(),
             node_id: uuid::Uuid::new_v4().to_string(),
             address: opts.node_address.clone(),
@@ -142,7 +142,7 @@ impl Registry {
             faults: Faults::new(store.clone()),
             store,
             agent,
-            settings: api::Settings {
+            settings: api::ApiSettings {
                 token: opts.token,
                 datacenter: opts.datacenter,
                 jitter: opts.jitter,

@@ -39,7 +39,7 @@ impl Status {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Node {
+pub struct RegistryNode {
     pub id: String,
     pub name: String,
     pub address: String,
@@ -57,14 +57,14 @@ pub struct TaggedAddress {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Weights {
+pub struct RegistryWeights {
     pub passing: i64,
     pub warning: i64,
 }
 
-impl Default for Weights {
+impl Default for RegistryWeights {
     fn default() -> Self {
-        Weights {
+        RegistryWeights {
             passing: 1,
             warning: 1,
         }
@@ -73,7 +73,7 @@ impl Default for Weights {
 
 /// One service instance as registered (without indices).
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub struct Service {
+pub struct RegistryService {
     pub id: String,
     pub name: String,
     pub kind: String,
@@ -82,14 +82,14 @@ pub struct Service {
     pub tagged_addresses: BTreeMap<String, TaggedAddress>,
     pub meta: BTreeMap<String, String>,
     pub port: i64,
-    pub weights: Weights,
+    pub weights: RegistryWeights,
     pub enable_tag_override: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceEntry {
+pub struct RegistryServiceEntry {
     pub node: String,
-    pub service: Service,
+    pub service: RegistryService,
     /// Registered through this agent's `agent/` API (listed by `agent/services`).
     pub agent_local: bool,
     pub create_index: u64,
@@ -155,7 +155,7 @@ pub struct Registration {
     pub tagged_addresses: BTreeMap<String, String>,
     pub node_meta: BTreeMap<String, String>,
     pub skip_node_update: bool,
-    pub service: Option<Service>,
+    pub service: Option<RegistryService>,
     pub agent_local: bool,
     pub checks: Vec<Check>,
 }
@@ -174,13 +174,13 @@ pub enum StoreError {
     UnknownNode(String),
 }
 
-/// The whole state. Readers get `&State` under the lock; fields are read directly.
+/// The whole state. Readers get `&RegistryState` under the lock; fields are read directly.
 #[derive(Debug, Default)]
-pub struct State {
+pub struct RegistryState {
     pub index: u64,
-    pub nodes: BTreeMap<String, Node>,
+    pub nodes: BTreeMap<String, RegistryNode>,
     /// Keyed by (node, service ID).
-    pub services: BTreeMap<(String, String), ServiceEntry>,
+    pub services: BTreeMap<(String, String), RegistryServiceEntry>,
     /// Service name → keys of `services`, so a health query does not scan the catalog.
     by_name: HashMap<String, BTreeSet<(String, String)>>,
     /// (node, service ID, "" for node-level checks) → check IDs, so one instance's checks
@@ -209,7 +209,7 @@ fn clamp(x: &mut u64, to: u64) {
     }
 }
 
-impl State {
+impl RegistryState {
     /// Index of everything about one service name (instances, checks, nodes); for an
     /// absent name, the last extinction index, so watching a not-yet-existing service works.
     pub fn service_index_of(&self, name: &str) -> u64 {
@@ -227,7 +227,7 @@ impl State {
     pub fn instances_of<'a>(
         &'a self,
         name: &'a str,
-    ) -> impl Iterator<Item = &'a ServiceEntry> + 'a {
+    ) -> impl Iterator<Item = &'a RegistryServiceEntry> + 'a {
         self.by_name
             .get(name)
             .into_iter()
@@ -236,7 +236,10 @@ impl State {
     }
 
     /// Instances on one node, in service ID order.
-    pub fn services_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a ServiceEntry> + 'a {
+    pub fn services_on<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = &'a RegistryServiceEntry> + 'a {
         self.services
             .range((node.to_string(), String::new())..)
             .take_while(move |((n, _), _)| n == node)
@@ -280,7 +283,7 @@ impl State {
     }
 
     /// Inserts or replaces an instance, keeping `by_name` in step.
-    fn put_service(&mut self, entry: ServiceEntry) {
+    fn put_service(&mut self, entry: RegistryServiceEntry) {
         let key = (entry.node.clone(), entry.service.id.clone());
         self.take_service(&key);
         self.by_name
@@ -290,7 +293,7 @@ impl State {
         self.services.insert(key, entry);
     }
 
-    fn take_service(&mut self, key: &(String, String)) -> Option<ServiceEntry> {
+    fn take_service(&mut self, key: &(String, String)) -> Option<RegistryServiceEntry> {
         let old = self.services.remove(key)?;
         if let Some(keys) = self.by_name.get_mut(&old.service.name) {
             keys.remove(key);
@@ -367,7 +370,7 @@ impl State {
 
 /// One write in progress: the index it will commit at and what it touched.
 struct Tx<'a> {
-    state: &'a mut State,
+    state: &'a mut RegistryState,
     idx: u64,
     touched: BTreeSet<TouchKey>,
 }
@@ -415,7 +418,7 @@ impl Tx<'_> {
 
     fn upsert_node(&mut self, reg: &Registration) {
         let existing = self.state.nodes.get(&reg.node);
-        let mut node = Node {
+        let mut node = RegistryNode {
             id: reg.node_id.clone(),
             name: reg.node.clone(),
             address: reg.address.clone(),
@@ -443,7 +446,7 @@ impl Tx<'_> {
         self.touch_services_on_node(&node_name);
     }
 
-    fn upsert_service(&mut self, node: &str, svc: &Service, agent_local: bool) {
+    fn upsert_service(&mut self, node: &str, svc: &RegistryService, agent_local: bool) {
         let key = (node.to_string(), svc.id.clone());
         let old = self.state.services.get(&key).cloned();
         if let Some(old) = &old {
@@ -452,7 +455,7 @@ impl Tx<'_> {
             }
         }
         let create_index = old.as_ref().map_or(self.idx, |o| o.create_index);
-        self.state.put_service(ServiceEntry {
+        self.state.put_service(RegistryServiceEntry {
             node: node.to_string(),
             service: svc.clone(),
             agent_local,
@@ -577,7 +580,7 @@ impl Tx<'_> {
 }
 
 struct Inner {
-    state: State,
+    state: RegistryState,
     watchers: Watchers,
 }
 
@@ -594,7 +597,7 @@ pub struct Read<T> {
 }
 
 /// What a read computes: its value, result index, and the keys a change of which may change it.
-pub struct Answer<T> {
+pub struct IndexedAnswer<T> {
     pub value: T,
     pub index: u64,
     pub watch: Vec<WatchKey>,
@@ -610,9 +613,9 @@ impl Store {
     pub fn new() -> Store {
         Store {
             inner: Mutex::new(Inner {
-                state: State {
+                state: RegistryState {
                     index: 1,
-                    ..State::default()
+                    ..RegistryState::default()
                 },
                 watchers: Watchers::default(),
             }),
@@ -645,7 +648,7 @@ impl Store {
     }
 
     /// A non-blocking look at the state.
-    pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+    pub fn read<R>(&self, f: impl FnOnce(&RegistryState) -> R) -> R {
         f(&self.lock().state)
     }
 
@@ -660,7 +663,7 @@ impl Store {
         &self,
         min_index: u64,
         timeout: Duration,
-        query: impl Fn(&State) -> Answer<T>,
+        query: impl Fn(&RegistryState) -> IndexedAnswer<T>,
     ) -> Read<T> {
         let deadline = Instant::now() + timeout;
         let mut start_epoch = None;
@@ -807,7 +810,7 @@ impl Store {
         })
     }
 
-    pub fn service(&self, node: &str, service_id: &str) -> Option<ServiceEntry> {
+    pub fn service(&self, node: &str, service_id: &str) -> Option<RegistryServiceEntry> {
         self.read(|s| {
             s.services
                 .get(&(node.to_string(), service_id.to_string()))
@@ -916,10 +919,10 @@ mod tests {
             node: node.into(),
             address: "127.0.0.1".into(),
             datacenter: "dc1".into(),
-            service: svc.map(|(id, name)| Service {
+            service: svc.map(|(id, name)| RegistryService {
                 id: id.into(),
                 name: name.into(),
-                ..Service::default()
+                ..RegistryService::default()
             }),
             ..Registration::default()
         }
@@ -941,7 +944,7 @@ mod tests {
         }
     }
 
-    fn ids(s: &Store, f: impl FnOnce(&State) -> Vec<String>) -> Vec<String> {
+    fn ids(s: &Store, f: impl FnOnce(&RegistryState) -> Vec<String>) -> Vec<String> {
         s.read(f)
     }
 

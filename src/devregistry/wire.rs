@@ -12,8 +12,8 @@ use serde_json::{json, Map, Value};
 use super::agent::CheckSpec;
 use super::params::{format_go_duration, parse_go_duration};
 use super::store::{
-    Check, CheckDefinition, CheckEntry, KvEntry, Node, Registration, Service, ServiceEntry, State,
-    Status, TaggedAddress, Weights,
+    Check, CheckDefinition, CheckEntry, KvEntry, Registration, RegistryNode, RegistryService,
+    RegistryServiceEntry, RegistryState, RegistryWeights, Status, TaggedAddress,
 };
 
 /// Field names whose object values are user data (keys kept verbatim).
@@ -133,16 +133,16 @@ pub struct ServiceIn {
 }
 
 impl ServiceIn {
-    pub fn into_service(self) -> Result<(Service, Vec<CheckSpec>), String> {
+    pub fn into_service(self) -> Result<(RegistryService, Vec<CheckSpec>), String> {
         let name = self.name.or(self.service).unwrap_or_default();
         let weights = match self.weights {
-            Some(w) => Weights {
+            Some(w) => RegistryWeights {
                 passing: w.passing,
                 warning: w.warning,
             },
-            None => Weights::default(),
+            None => RegistryWeights::default(),
         };
-        let svc = Service {
+        let svc = RegistryService {
             id: self.id.unwrap_or_default(),
             name,
             kind: self.kind.unwrap_or_default(),
@@ -415,7 +415,7 @@ pub struct CatalogDeregisterIn {
 
 // === responses ===
 
-pub fn node_json(n: &Node) -> Value {
+pub fn node_json(n: &RegistryNode) -> Value {
     json!({
         "ID": n.id,
         "Node": n.name,
@@ -435,12 +435,12 @@ fn tagged_json(t: &BTreeMap<String, TaggedAddress>) -> Value {
         .into()
 }
 
-fn weights_json(w: Weights) -> Value {
+fn weights_json(w: RegistryWeights) -> Value {
     json!({"Passing": w.passing, "Warning": w.warning})
 }
 
 /// The `Service` of a health entry (a `NodeService`).
-pub fn node_service_json(e: &ServiceEntry) -> Value {
+pub fn node_service_json(e: &RegistryServiceEntry) -> Value {
     let s = &e.service;
     let mut v = json!({
         "ID": s.id,
@@ -467,7 +467,7 @@ pub fn node_service_json(e: &ServiceEntry) -> Value {
 }
 
 /// One element of `catalog/service/:name` (a flat `CatalogService`).
-pub fn catalog_service_json(n: Option<&Node>, e: &ServiceEntry) -> Value {
+pub fn catalog_service_json(n: Option<&RegistryNode>, e: &RegistryServiceEntry) -> Value {
     let s = &e.service;
     let empty = BTreeMap::new();
     json!({
@@ -495,7 +495,7 @@ pub fn catalog_service_json(n: Option<&Node>, e: &ServiceEntry) -> Value {
 }
 
 /// `AgentService` (for `agent/services` and `agent/service/:id`).
-pub fn agent_service_json(e: &ServiceEntry, datacenter: &str) -> Value {
+pub fn agent_service_json(e: &RegistryServiceEntry, datacenter: &str) -> Value {
     let s = &e.service;
     let mut v = json!({
         "ID": s.id,
@@ -545,7 +545,7 @@ fn definition_json(d: &CheckDefinition) -> Value {
 }
 
 /// A `HealthCheck`, with `ServiceTags` from the instance it belongs to.
-pub fn check_json(state: &State, c: &CheckEntry) -> Value {
+pub fn check_json(state: &RegistryState, c: &CheckEntry) -> Value {
     let k: &Check = &c.check;
     let tags = if k.service_id.is_empty() {
         Vec::new()

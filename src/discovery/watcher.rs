@@ -16,7 +16,7 @@ use crate::consul::client::health_service_path;
 use crate::consul::types::ServiceEntry;
 use crate::consul::watch::{self, Source};
 use crate::consul::{
-    Answer, ConsulClient, ConsulError, Index, WatchHandle, WatchOptions, WatchStatus,
+    ConsulClient, ConsulError, Index, QueryAnswer, WatchHandle, WatchOptions, WatchStatus,
 };
 
 use super::{passing, Instance};
@@ -47,7 +47,10 @@ impl HealthSource {
 impl Source for HealthSource {
     type Output = Vec<Instance>;
 
-    fn fetch(&mut self, index: Index) -> impl Future<Output = Result<Answer, ConsulError>> + Send {
+    fn fetch(
+        &mut self,
+        index: Index,
+    ) -> impl Future<Output = Result<QueryAnswer, ConsulError>> + Send {
         let client = self.client.clone();
         let path = self.path.clone();
         async move { client.blocking_get(&path, &[], index).await }

@@ -29,11 +29,11 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
 use super::codec::{
-    self, push_header, push_hex, Chunked, DecodeError, Decoding, Facts, Source, SCRATCH,
+    self, push_header, push_hex, Chunked, DecodeError, Decoding, FramingFacts, Source, SCRATCH,
 };
 use super::fields::{self, ExtraFields};
 use super::io::UpstreamStream;
-use super::pool::Home;
+use super::pool::IdleHome;
 
 /// Errors of the bodies the client sends.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -189,13 +189,13 @@ pub struct Connection {
     /// Interim answers read for the current request.
     interim: usize,
     /// The pool it goes back to between requests.
-    home: Home,
+    home: IdleHome,
 }
 
 impl Connection {
     /// Boxed: a connection moves between the pool and the requests it serves, and a
     /// pointer moves cheaper than its state.
-    pub fn new(io: UpstreamStream, home: Home) -> Box<Connection> {
+    pub fn new(io: UpstreamStream, home: IdleHome) -> Box<Connection> {
         Box::new(Connection {
             io,
             read: Bytes::new(),
@@ -207,7 +207,7 @@ impl Connection {
         })
     }
 
-    pub fn home(&self) -> &Home {
+    pub fn home(&self) -> &IdleHome {
         &self.home
     }
 
@@ -340,10 +340,10 @@ pub(super) fn parse_response_head(read: &mut Bytes) -> Result<Option<Head>, H1Er
         _ => Version::HTTP_11,
     };
     let count = parsed.headers.len();
-    let mut facts = Facts::default();
+    let mut facts = FramingFacts::default();
     let mut hop_by_hop = 0u128;
     for (i, (span, h)) in spans.iter_mut().zip(parsed.headers.iter()).enumerate() {
-        if Facts::may_note(h.name) {
+        if FramingFacts::may_note(h.name) {
             facts.note(h.name, h.value);
         }
         if fields::is_hop_by_hop(h.name) {
@@ -394,7 +394,7 @@ pub(super) struct Head {
     pub status: StatusCode,
     pub version: Version,
     pub headers: HeaderMap,
-    pub facts: Facts,
+    pub facts: FramingFacts,
 }
 
 /// How the request body goes out.
@@ -563,12 +563,15 @@ pub(super) fn encode_head<S: Stream>(
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut declared = None;
+    let replaced = req.extra.map_or(0, |extra| extra.replaced_lengths());
     for (name, value) in req.headers {
         if name == header::CONTENT_LENGTH {
             declared = declared.or_else(|| value.to_str().ok()?.trim().parse::<u64>().ok());
             continue;
         }
-        if name == header::TRANSFER_ENCODING || req.extra.is_some_and(|extra| extra.replaces(name))
+        let maybe_replaced = replaced & 1 << name.as_str().len().min(63) != 0;
+        if name == header::TRANSFER_ENCODING
+            || (maybe_replaced && req.extra.is_some_and(|extra| extra.replaces(name)))
         {
             continue;
         }
@@ -753,7 +756,7 @@ pub(super) fn response_framing(
 }
 
 /// A response body read from its connection, which goes back to the pool (through
-/// its [`Home`]) when the body has ended cleanly and the connection can be reused.
+/// its [`IdleHome`]) when the body has ended cleanly and the connection can be reused.
 pub struct ResponseBody<S> {
     conn: Option<Box<Connection>>,
     state: Decoding,
@@ -789,7 +792,7 @@ impl<S: Stream> ResponseBody<S> {
         // An empty slice still holds the buffer it was cut from; an idle connection
         // keeps nothing.
         conn.read = Bytes::new();
-        Home::recycle(conn);
+        IdleHome::recycle(conn);
     }
 
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {

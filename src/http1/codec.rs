@@ -135,7 +135,7 @@ pub(super) fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
 /// What a head says about its framing and its connection, gathered while its headers are
 /// read (only names of the lengths below can matter).
 #[derive(Debug, Default)]
-pub(super) struct Facts {
+pub(super) struct FramingFacts {
     /// `Connection: close`.
     pub close: bool,
     /// `Connection: keep-alive` (meaningful for HTTP/1.0).
@@ -150,8 +150,8 @@ pub(super) struct Facts {
     pub bad_length: Option<&'static str>,
 }
 
-impl Facts {
-    /// Whether a header name of this length may be one [`Facts::note`] looks at.
+impl FramingFacts {
+    /// Whether a header name of this length may be one [`FramingFacts::note`] looks at.
     pub fn may_note(name: &str) -> bool {
         matches!(name.len(), 10 | 14 | 17)
     }
@@ -519,15 +519,7 @@ pub(super) fn parse_chunk_line(buf: &[u8]) -> Result<Option<ChunkLine>, &'static
 /// Whether `bytes` hold an LF not preceded by CR: heads and trailers are read with CRLF
 /// line ends only, so that a peer that ends lines differently cannot disagree on them.
 pub(super) fn has_bare_lf(bytes: &[u8]) -> bool {
-    let mut from = 0;
-    while let Some(i) = bytes[from..].iter().position(|&b| b == b'\n') {
-        let at = from + i;
-        if at == 0 || bytes[at - 1] != b'\r' {
-            return true;
-        }
-        from = at + 1;
-    }
-    false
+    memchr::memchr_iter(b'\n', bytes).any(|at| at == 0 || bytes[at - 1] != b'\r')
 }
 
 #[cfg(test)]
@@ -597,7 +589,7 @@ mod tests {
     #[test]
     fn transfer_encoding_is_chunked_only_when_it_says_chunked_alone() {
         let chunked = |values: &[&str]| {
-            let mut facts = Facts::default();
+            let mut facts = FramingFacts::default();
             for v in values {
                 facts.note("Transfer-Encoding", v.as_bytes());
             }

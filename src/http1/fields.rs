@@ -45,6 +45,7 @@ const UPGRADE_BIT: u16 = 1 << 8;
 
 /// Whether a hop-by-hop name could have this length: most names are ruled out by one
 /// comparison instead of nine.
+#[inline]
 fn may_be_hop_by_hop(len: usize) -> bool {
     matches!(len, 2 | 7 | 10 | 16..=19)
 }
@@ -60,6 +61,7 @@ fn hop_by_hop_bit(name: &HeaderName) -> u16 {
 }
 
 /// Whether a raw header name (any case) is hop-by-hop.
+#[inline]
 pub fn is_hop_by_hop(name: &str) -> bool {
     may_be_hop_by_hop(name.len())
         && HOP_BY_HOP
@@ -161,6 +163,12 @@ pub fn is_idempotent(method: &Method) -> bool {
 pub trait ExtraFields: Sync {
     /// Whether the message's own field of this name is left out (this one replaces it).
     fn replaces(&self, name: &HeaderName) -> bool;
+    /// The lengths of the names [`ExtraFields::replaces`] may say yes to, as bits (bit
+    /// `n` for length `n`, bit 63 for 63 and over), so most fields are passed over
+    /// without asking.
+    fn replaced_lengths(&self) -> u64 {
+        u64::MAX
+    }
     /// Appends the fields, each ending in CRLF.
     fn write(&self, out: &mut Vec<u8>);
 }

@@ -3,7 +3,7 @@
 //!
 //! A connection is taken out for one exchange ([`super::client`], run in the request's own
 //! task) and comes back when the response body has been read to its end, straight from
-//! the body's poll, to the idle list it points to (see [`Home`]). A request thus costs
+//! the body's poll, to the idle list it points to (see [`IdleHome`]). A request thus costs
 //! two short mutex sections and no task, channel or boxed future of its own. Idle
 //! connections are polled by no one: one that the instance closed, or that received bytes
 //! while idle, is noticed when it is next taken (a non-blocking read), or by the reaper.
@@ -197,7 +197,7 @@ impl Http1Pool {
             });
             Arc::downgrade(list)
         };
-        Ok(Connection::new(stream, Home { list }))
+        Ok(Connection::new(stream, IdleHome { list }))
     }
 
     /// Drops expired and closed connections of every instance, and forgets instances
@@ -244,11 +244,11 @@ impl Http1Pool {
 
 /// The idle list a connection returns to; gone with its pool, or once the reaper found
 /// it empty with no connection of it out.
-pub struct Home {
+pub struct IdleHome {
     list: Weak<IdleList>,
 }
 
-impl Home {
+impl IdleHome {
     /// Pools a connection that can carry another request.
     pub fn recycle(conn: Box<Connection>) {
         if let Some(list) = conn.home().list.upgrade() {

@@ -33,7 +33,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Sleep;
 
-use super::codec::{self, DecodeError, Decoding, Facts, OutBuf, Source};
+use super::codec::{self, DecodeError, Decoding, FramingFacts, OutBuf, Source};
 use super::fields::{self, ExtraFields};
 use super::io::{ClientRead, ClientWrite, OnUpgrade, Rewind, Upgraded};
 
@@ -257,7 +257,7 @@ pub(super) enum HeadError {
 /// A request head as the connection's loop needs it.
 pub(super) struct Head {
     pub request: http::request::Parts,
-    pub facts: Facts,
+    pub facts: FramingFacts,
     pub expect_continue: bool,
 }
 
@@ -408,7 +408,7 @@ pub async fn serve<S: Service>(
         if switching && (upgrade.is_none() || lent.is_some()) {
             break;
         }
-        let exchange = Exchange {
+        let exchange = AnswerFraming {
             head_request,
             http10,
             keep_alive: keep_alive && !switching,
@@ -516,10 +516,10 @@ pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Hea
     let target = parsed.path.unwrap_or_default();
     let target_at = (target.as_ptr() as usize - base, target.len());
     let count = parsed.headers.len();
-    let mut facts = Facts::default();
+    let mut facts = FramingFacts::default();
     let mut expect = None;
     for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
-        if Facts::may_note(h.name) {
+        if FramingFacts::may_note(h.name) {
             facts.note(h.name, h.value);
         } else if h.name.len() == 6 && h.name.eq_ignore_ascii_case("expect") {
             expect = Some(h.value.eq_ignore_ascii_case(b"100-continue"));
@@ -573,7 +573,7 @@ pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Hea
 /// RFC 9112 §6.3 for requests. A request that could be read two ways by two servers
 /// (`Transfer-Encoding` with `Content-Length`, or a coding other than chunked last) is
 /// refused rather than guessed at.
-pub(super) fn request_framing(facts: &Facts, http10: bool) -> Result<Decoding, HeadError> {
+pub(super) fn request_framing(facts: &FramingFacts, http10: bool) -> Result<Decoding, HeadError> {
     if let Some(chunked) = facts.chunked {
         if facts.length.is_some() || facts.bad_length.is_some() {
             return Err(HeadError::Bad("both Transfer-Encoding and Content-Length"));
@@ -605,7 +605,7 @@ async fn refuse<S: Service>(write: &mut ClientWrite, service: &S, error: HeadErr
         HeadError::Unsupported(why) => Refusal::UnsupportedCoding(why),
         HeadError::Io | HeadError::Timeout | HeadError::Truncated => return,
     };
-    let exchange = Exchange {
+    let exchange = AnswerFraming {
         head_request: false,
         http10: false,
         keep_alive: false,
@@ -619,7 +619,7 @@ async fn write_flushed(write: &mut ClientWrite, bytes: &[u8]) -> io::Result<()> 
 }
 
 /// What the response's framing depends on in the request.
-struct Exchange {
+struct AnswerFraming {
     head_request: bool,
     http10: bool,
     keep_alive: bool,
@@ -640,7 +640,7 @@ enum Out {
 async fn write_response<B, F>(
     write: &mut ClientWrite,
     answer: Reply<B, F>,
-    ex: Exchange,
+    ex: AnswerFraming,
 ) -> io::Result<bool>
 where
     B: Body<Data = Bytes> + Unpin,

@@ -6,7 +6,7 @@
 //! The proxy handler calls the phases in this order, each a short function:
 //! client IP ([`Edge::client_ip`]) → [`Edge::admit`] (IP rules, CORS preflight, request
 //! limits) → auth → [`Edge::limit_rate`] → [`Edge::assert_upstream`] → upstream →
-//! [`Edge::decorate`] on the response. A phase that stops the request returns a [`Reply`].
+//! [`Edge::decorate`] on the response. A phase that stops the request returns a [`PolicyReply`].
 //!
 //! - [`client_ip`]: `X-Forwarded-For` believed only from trusted proxies.
 //! - [`ip_rules`]: allow and deny networks.
@@ -173,7 +173,7 @@ impl RoutePolicy {
 
 /// The gateway answers itself; the request goes no further.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Reply {
+pub enum PolicyReply {
     /// An allowed CORS preflight: 204 with these headers.
     #[error("CORS preflight answered")]
     Preflight(HeaderMap),
@@ -191,30 +191,30 @@ pub enum Reply {
     AssertionUnavailable(String),
 }
 
-impl Reply {
+impl PolicyReply {
     pub fn status(&self) -> StatusCode {
         match self {
-            Reply::Preflight(_) => StatusCode::NO_CONTENT,
-            Reply::PreflightRefused(_) | Reply::IpDenied => StatusCode::FORBIDDEN,
-            Reply::TooLarge(LimitExceeded::Headers { .. }) => {
+            PolicyReply::Preflight(_) => StatusCode::NO_CONTENT,
+            PolicyReply::PreflightRefused(_) | PolicyReply::IpDenied => StatusCode::FORBIDDEN,
+            PolicyReply::TooLarge(LimitExceeded::Headers { .. }) => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
-            Reply::TooLarge(LimitExceeded::Url { .. }) => StatusCode::URI_TOO_LONG,
-            Reply::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Reply::AssertionUnavailable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            PolicyReply::TooLarge(LimitExceeded::Url { .. }) => StatusCode::URI_TOO_LONG,
+            PolicyReply::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            PolicyReply::AssertionUnavailable(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     /// A short machine-readable reason, as in the JSON body's `error`.
     pub fn reason(&self) -> &'static str {
         match self {
-            Reply::Preflight(_) => "preflight",
-            Reply::PreflightRefused(_) => "cors_refused",
-            Reply::IpDenied => "ip_denied",
-            Reply::TooLarge(LimitExceeded::Headers { .. }) => "too_many_headers",
-            Reply::TooLarge(LimitExceeded::Url { .. }) => "url_too_long",
-            Reply::RateLimited(_) => "rate_limited",
-            Reply::AssertionUnavailable(_) => "internal",
+            PolicyReply::Preflight(_) => "preflight",
+            PolicyReply::PreflightRefused(_) => "cors_refused",
+            PolicyReply::IpDenied => "ip_denied",
+            PolicyReply::TooLarge(LimitExceeded::Headers { .. }) => "too_many_headers",
+            PolicyReply::TooLarge(LimitExceeded::Url { .. }) => "url_too_long",
+            PolicyReply::RateLimited(_) => "rate_limited",
+            PolicyReply::AssertionUnavailable(_) => "internal",
         }
     }
 
@@ -222,7 +222,9 @@ impl Reply {
     /// never sent).
     pub fn description(&self) -> String {
         match self {
-            Reply::AssertionUnavailable(_) => "the gateway cannot serve this route".to_string(),
+            PolicyReply::AssertionUnavailable(_) => {
+                "the gateway cannot serve this route".to_string()
+            }
             other => other.to_string(),
         }
     }
@@ -231,8 +233,8 @@ impl Reply {
     /// `Retry-After` and `RateLimit-*`.
     pub fn add_headers(&self, headers: &mut HeaderMap) {
         match self {
-            Reply::Preflight(h) => headers.extend(h.clone()),
-            Reply::RateLimited(d) => d.apply(headers),
+            PolicyReply::Preflight(h) => headers.extend(h.clone()),
+            PolicyReply::RateLimited(d) => d.apply(headers),
             _ => {}
         }
     }
@@ -304,11 +306,11 @@ impl Edge {
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
-    ) -> Result<Admission, Reply> {
+    ) -> Result<Admission, PolicyReply> {
         if !policy.ip_rules.is_empty() && !policy.ip_rules.permits(client_ip) {
             metrics::counter!(crate::metrics::IP_DENIED, "route" => policy.route.clone())
                 .increment(1);
-            return Err(Reply::IpDenied);
+            return Err(PolicyReply::IpDenied);
         }
         let mut admission = Admission {
             client_ip: Some(client_ip),
@@ -320,13 +322,16 @@ impl Edge {
                 let result = if answer.is_ok() { "allowed" } else { "refused" };
                 metrics::counter!(crate::metrics::CORS_PREFLIGHTS, "result" => result).increment(1);
                 return Err(match answer {
-                    Ok(h) => Reply::Preflight(h),
-                    Err(e) => Reply::PreflightRefused(e),
+                    Ok(h) => PolicyReply::Preflight(h),
+                    Err(e) => PolicyReply::PreflightRefused(e),
                 });
             }
             admission.origin = headers.get(header::ORIGIN).cloned();
         }
-        policy.limits.check(uri, headers).map_err(Reply::TooLarge)?;
+        policy
+            .limits
+            .check(uri, headers)
+            .map_err(PolicyReply::TooLarge)?;
         Ok(admission)
     }
 
@@ -338,7 +343,7 @@ impl Edge {
         admission: &mut Admission,
         consumer: Option<&str>,
         headers: &HeaderMap,
-    ) -> Result<(), Reply> {
+    ) -> Result<(), PolicyReply> {
         let Some(rule) = &policy.rate_limit else {
             return Ok(());
         };
@@ -353,7 +358,7 @@ impl Edge {
         }
         metrics::counter!(crate::metrics::RATE_LIMITED, "route" => policy.route.clone())
             .increment(1);
-        Err(Reply::RateLimited(decision))
+        Err(PolicyReply::RateLimited(decision))
     }
 
     /// Phase 4, on the request about to go upstream: removes any client-sent assertion
@@ -365,7 +370,7 @@ impl Edge {
         caller: Caller<'_>,
         request_id: &str,
         headers: &mut HeaderMap,
-    ) -> Result<(), Reply> {
+    ) -> Result<(), PolicyReply> {
         let rule = policy.assertion.as_ref();
         match rule {
             Some(r) if r.header != DEFAULT_ASSERTION_HEADER => {
@@ -385,16 +390,18 @@ impl Edge {
         let Some(signer) = &self.signer else {
             tracing::error!(route = %policy.route,
                 "route has upstream_assertion but the gateway has no [assertion] key; refusing");
-            return Err(Reply::AssertionUnavailable("no [assertion] key".into()));
+            return Err(PolicyReply::AssertionUnavailable(
+                "no [assertion] key".into(),
+            ));
         };
         let token = signer
             .sign(&rule.audience, rule.ttl_s, caller, request_id)
             .map_err(|e| {
                 tracing::error!(route = %policy.route, error = %e, "cannot sign an upstream assertion");
-                Reply::AssertionUnavailable(e.to_string())
+                PolicyReply::AssertionUnavailable(e.to_string())
             })?;
         let value = HeaderValue::from_str(&token)
-            .map_err(|e| Reply::AssertionUnavailable(e.to_string()))?;
+            .map_err(|e| PolicyReply::AssertionUnavailable(e.to_string()))?;
         headers.insert(rule.header.clone(), value);
         Ok(())
     }
@@ -534,7 +541,7 @@ mod tests {
         assert_eq!(
             edge.admit(&r.policy, denied, &Method::OPTIONS, &uri, &pre)
                 .unwrap_err(),
-            Reply::IpDenied
+            PolicyReply::IpDenied
         );
         let reply = edge
             .admit(&r.policy, LOCAL, &Method::OPTIONS, &long, &pre)

@@ -8,9 +8,9 @@ use http::{HeaderValue, Response, StatusCode};
 
 use super::body::ClientBody;
 use super::path::PathError;
-use crate::auth::Rejection;
+use crate::auth::AuthRejection;
 use crate::http1::server::Refusal;
-use crate::policy::Reply;
+use crate::policy::PolicyReply;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -41,10 +41,10 @@ pub enum ProxyError {
     Timeout,
     /// Auth refused the request (401, 403, or a redirect to a login page).
     #[error("{}", .0.error)]
-    Auth(Box<Rejection>),
+    Auth(Box<AuthRejection>),
     /// Edge policy refused the request (IP rules, CORS, limits, rate limit, assertion).
     #[error("{}", .0.description())]
-    Policy(Box<Reply>),
+    Policy(Box<PolicyReply>),
 }
 
 impl ProxyError {
@@ -171,8 +171,8 @@ mod tests {
         let errors = [
             ProxyError::Refused(Refusal::Malformed("bare LF in the request head")),
             ProxyError::NoRoute,
-            ProxyError::Policy(Box::new(Reply::IpDenied)),
-            ProxyError::Auth(Box::new(Rejection {
+            ProxyError::Policy(Box::new(PolicyReply::IpDenied)),
+            ProxyError::Auth(Box::new(AuthRejection {
                 status: StatusCode::UNAUTHORIZED,
                 headers: challenge,
                 error: AuthError::Missing,

@@ -30,13 +30,13 @@ use super::retry::Retries;
 use super::upstream::{ClientKey, UpstreamError};
 use super::Gateway;
 use crate::assertion::Caller;
-use crate::auth::Rejection;
+use crate::auth::AuthRejection;
 use crate::balance::{self, outlier, Tried};
 use crate::discovery::{ms_at, now_ms, EndpointStats, UpstreamSet};
 use crate::http1::client::RequestHead;
 use crate::http1::fields;
 use crate::http1::io::OnUpgrade;
-use crate::policy::{cors, Admission, PeerIp, Reply};
+use crate::policy::{cors, Admission, PeerIp, PolicyReply};
 use crate::routing::spec::{EscapedSlashes, UpstreamProtocol};
 use crate::routing::Route;
 
@@ -46,15 +46,15 @@ const REPLAYABLE_BODY: u64 = 64 * 1024;
 
 /// Where a request came in.
 #[derive(Debug, Clone)]
-pub struct Conn {
+pub struct ClientConn {
     pub peer: SocketAddr,
     pub tls: bool,
     pub peer_ip: PeerIp,
 }
 
-impl Conn {
-    pub fn new(peer: SocketAddr, tls: bool) -> Conn {
-        Conn {
+impl ClientConn {
+    pub fn new(peer: SocketAddr, tls: bool) -> ClientConn {
+        ClientConn {
             peer,
             tls,
             peer_ip: PeerIp::new(peer.ip()),
@@ -63,7 +63,7 @@ impl Conn {
 }
 
 /// What the request phases learned, for the response phase and the access log.
-struct Exchange {
+struct RequestRecord {
     start: Instant,
     method: Method,
     path: NormalPath,
@@ -116,7 +116,7 @@ fn upstream_uri(path: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
 
 /// A response and the request id the gateway stamps on it. The server that sends it adds
 /// `X-Request-Id` and `Via`: the HTTP/1.1 server writes them straight into the head.
-pub struct Answer {
+pub struct GatewayAnswer {
     pub response: Response<ClientBody>,
     pub request_id: HeaderValue,
     /// The request was malformed: the connection it came on ends with this answer, as
@@ -124,7 +124,7 @@ pub struct Answer {
     pub close: bool,
 }
 
-impl Answer {
+impl GatewayAnswer {
     /// The response with the gateway's headers in its map (replacing an upstream's
     /// `X-Request-Id`, appended to its `Via`).
     pub fn into_response(self) -> Response<ClientBody> {
@@ -137,36 +137,36 @@ impl Answer {
 }
 
 /// A request stopped before or at the upstream: a ready response or an error to render.
-enum Stop {
+enum Stopped {
     Reply(Box<Response<ClientBody>>),
     Error(ProxyError),
 }
 
-impl From<ProxyError> for Stop {
-    fn from(e: ProxyError) -> Stop {
-        Stop::Error(e)
+impl From<ProxyError> for Stopped {
+    fn from(e: ProxyError) -> Stopped {
+        Stopped::Error(e)
     }
 }
 
 // Out of line and cold: refusals are rare, and the request path's code stays small.
-impl Stop {
+impl Stopped {
     /// Edge policy answered: a CORS preflight (204 with its headers), or a refusal.
     #[cold]
     #[inline(never)]
-    fn refused(reply: Reply) -> Stop {
-        if let Reply::Preflight(_) = &reply {
+    fn refused(reply: PolicyReply) -> Stopped {
+        if let PolicyReply::Preflight(_) = &reply {
             let mut response = Response::new(ClientBody::empty());
             *response.status_mut() = reply.status();
             reply.add_headers(response.headers_mut());
-            return Stop::Reply(Box::new(response));
+            return Stopped::Reply(Box::new(response));
         }
-        Stop::Error(ProxyError::Policy(Box::new(reply)))
+        Stopped::Error(ProxyError::Policy(Box::new(reply)))
     }
 
     #[cold]
     #[inline(never)]
-    fn rejected(rejection: Rejection) -> Stop {
-        Stop::Error(ProxyError::Auth(Box::new(rejection)))
+    fn rejected(rejection: AuthRejection) -> Stopped {
+        Stopped::Error(ProxyError::Auth(Box::new(rejection)))
     }
 
     /// The response for a request that stopped here.
@@ -174,8 +174,8 @@ impl Stop {
     #[inline(never)]
     fn into_response(self, request_id: &HeaderValue) -> Response<ClientBody> {
         match self {
-            Stop::Reply(r) => *r,
-            Stop::Error(e) => {
+            Stopped::Reply(r) => *r,
+            Stopped::Error(e) => {
                 if e.status().is_server_error() {
                     tracing::debug!(?request_id, error = %e, "request failed");
                 }
@@ -188,8 +188,13 @@ impl Stop {
 impl Gateway {
     /// Serves one request; never fails (errors become responses). Takes the request in
     /// parts: a `Request` taken apart here would be held twice in the future.
-    pub async fn handle(&self, mut parts: Parts, body: RequestBody, conn: &Conn) -> Answer {
-        let mut ex = Exchange {
+    pub async fn handle(
+        &self,
+        mut parts: Parts,
+        body: RequestBody,
+        conn: &ClientConn,
+    ) -> GatewayAnswer {
+        let mut ex = RequestRecord {
             start: Instant::now(),
             method: parts.method.clone(),
             path: NormalPath::Normalised(String::new()),
@@ -206,7 +211,7 @@ impl Gateway {
         let response = match self.process(&mut ex, &mut parts, body, conn).await {
             Ok(r) => r,
             Err(stop) => {
-                close = matches!(&stop, Stop::Error(e) if e.is_malformed_request());
+                close = matches!(&stop, Stopped::Error(e) if e.is_malformed_request());
                 stop.into_response(&ex.request_id)
             }
         };
@@ -217,11 +222,11 @@ impl Gateway {
 
     async fn process(
         &self,
-        ex: &mut Exchange,
+        ex: &mut RequestRecord,
         parts: &mut Parts,
         body: RequestBody,
-        conn: &Conn,
-    ) -> Result<Response<ClientBody>, Stop> {
+        conn: &ClientConn,
+    ) -> Result<Response<ClientBody>, Stopped> {
         check_authority(parts)?;
         headers::scrub_request(&mut parts.headers, self.settings.underscores_in_headers);
         ex.path = match path::normalize(parts.uri.path()).map_err(ProxyError::from)? {
@@ -265,7 +270,7 @@ impl Gateway {
                 &parts.uri,
                 &parts.headers,
             )
-            .map_err(Stop::refused)?;
+            .map_err(Stopped::refused)?;
         ex.admission = Some(admission);
 
         let limit = route.policy.limits.body_limit(self.settings.max_body_bytes);
@@ -282,7 +287,7 @@ impl Gateway {
             .auth
             .admit(&route.auth, &parts.uri, &mut parts.headers)
             .await
-            .map_err(Stop::rejected)?;
+            .map_err(Stopped::rejected)?;
         ex.consumer = identity
             .as_ref()
             .and_then(|i| i.subject.clone().or_else(|| i.consumer.clone()));
@@ -295,13 +300,13 @@ impl Gateway {
                     ex.consumer.as_deref(),
                     &parts.headers,
                 )
-                .map_err(Stop::refused)?;
+                .map_err(Stopped::refused)?;
         }
         let caller = identity.as_deref().map(Caller::from).unwrap_or_default();
         let request_id = ex.request_id.to_str().unwrap_or_default();
         self.edge
             .assert_upstream(&route.policy, caller, request_id, &mut parts.headers)
-            .map_err(Stop::refused)?;
+            .map_err(Stopped::refused)?;
 
         let forwarded = self.forwarded(ex, parts, conn, &host);
         let uri = match (&ex.path, route.upstream_path(ex.path.as_str())) {
@@ -318,9 +323,9 @@ impl Gateway {
     /// The headers the gateway sets on the forwarded request.
     fn forwarded<'h>(
         &self,
-        ex: &Exchange,
+        ex: &RequestRecord,
         parts: &Parts,
-        conn: &Conn,
+        conn: &ClientConn,
         host: &'h str,
     ) -> Forwarded<'h> {
         Forwarded {
@@ -337,7 +342,7 @@ impl Gateway {
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
-        ex: &mut Exchange,
+        ex: &mut RequestRecord,
         parts: &mut Parts,
         body: RequestBody,
         route: &Arc<Route>,
@@ -346,7 +351,7 @@ impl Gateway {
         forwarded: &Forwarded<'_>,
         limit: u64,
         upgrade: bool,
-    ) -> Result<Response<ClientBody>, Stop> {
+    ) -> Result<Response<ClientBody>, Stopped> {
         let spec = &route.spec;
         let mut retries = Retries::new(&spec.retry, &parts.method, &self.budget, &route.name);
         let (mut source, body_fault) =
@@ -461,7 +466,7 @@ impl Gateway {
     }
 
     /// Final touches on every response, and the bookkeeping when its body is done.
-    fn respond(&self, ex: Exchange, mut response: Response<ClientBody>) -> Answer {
+    fn respond(&self, ex: RequestRecord, mut response: Response<ClientBody>) -> GatewayAnswer {
         let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let h = response.headers_mut();
         fields::strip_hop_by_hop(h, upgraded);
@@ -475,7 +480,7 @@ impl Gateway {
             ex,
         };
         response.body_mut().on_finish(Box::new(done));
-        Answer {
+        GatewayAnswer {
             response,
             request_id,
             close: false,
@@ -503,7 +508,7 @@ impl Drop for InFlight {
 
 /// The request's bookkeeping, run when its response body is done.
 struct Done {
-    ex: Exchange,
+    ex: RequestRecord,
     status: u16,
     access_log: bool,
 }
@@ -680,7 +685,7 @@ fn body_error(e: &BodyError, limit: u64) -> ProxyError {
 fn splice_upgrade(
     client: Option<OnUpgrade>,
     response: &mut Response<ClientBody>,
-    ex: &Exchange,
+    ex: &RequestRecord,
 ) -> Response<ClientBody> {
     let upstream = response.body_mut().take_upgraded();
     let request_id = ex.request_id.clone();

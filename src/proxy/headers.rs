@@ -159,6 +159,10 @@ impl ExtraFields for Forwarded<'_> {
         Forwarded::replaces(name)
     }
 
+    fn replaced_lengths(&self) -> u64 {
+        1 << 12 | 1 << 15 | 1 << 16 | 1 << 17
+    }
+
     fn write(&self, out: &mut Vec<u8>) {
         Forwarded::write(self, out)
     }
@@ -171,6 +175,10 @@ pub struct AnswerStamp(pub HeaderValue);
 impl ExtraFields for AnswerStamp {
     fn replaces(&self, name: &HeaderName) -> bool {
         name.as_str().len() == X_REQUEST_ID.as_str().len() && name == X_REQUEST_ID
+    }
+
+    fn replaced_lengths(&self) -> u64 {
+        1 << 12
     }
 
     fn write(&self, out: &mut Vec<u8>) {

@@ -25,7 +25,7 @@ use crate::state::State;
 use crate::upstream_tls::UpstreamTls;
 
 pub use error::ProxyError;
-pub use handler::Conn;
+pub use handler::ClientConn;
 pub use server::{serve, serve_tls};
 
 /// How long idle upstream connections stay pooled.
@@ -33,7 +33,7 @@ const UPSTREAM_IDLE: Duration = Duration::from_secs(90);
 
 /// Data-plane settings from `[proxy]` and `[log]`.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub struct ProxySettings {
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
@@ -44,7 +44,7 @@ pub struct Settings {
     pub access_log: bool,
 }
 
-impl Settings {
+impl ProxySettings {
     /// What the HTTP/1.1 server needs of them.
     pub fn http1(&self) -> crate::http1::server::ServerSettings {
         crate::http1::server::ServerSettings {
@@ -54,8 +54,8 @@ impl Settings {
         }
     }
 
-    pub fn from_config(proxy: &ProxySection, access_log: bool) -> Settings {
-        Settings {
+    pub fn from_config(proxy: &ProxySection, access_log: bool) -> ProxySettings {
+        ProxySettings {
             max_body_bytes: proxy.max_body_bytes,
             max_header_bytes: proxy.max_header_bytes,
             header_read_timeout: Duration::from_millis(proxy.header_read_timeout_ms),
@@ -75,7 +75,7 @@ pub struct Gateway {
     auth: Arc<Authenticator>,
     edge: Arc<Edge>,
     clients: upstream::Clients,
-    settings: Settings,
+    settings: ProxySettings,
     budget: retry::RetryBudget,
     connections: Arc<Semaphore>,
 }
@@ -98,13 +98,13 @@ impl Gateway {
                 proxy.pool_max_idle_per_host,
                 UPSTREAM_IDLE,
             ),
-            settings: Settings::from_config(proxy, access_log),
+            settings: ProxySettings::from_config(proxy, access_log),
             budget: retry::RetryBudget::new(proxy.retry_budget_percent),
             connections: Arc::new(Semaphore::new(proxy.max_connections.max(1))),
         }
     }
 
-    pub fn settings(&self) -> &Settings {
+    pub fn settings(&self) -> &ProxySettings {
         &self.settings
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use super::body::RequestBody;
 use super::body::{ClientBody, ResponseError};
 use super::error::ProxyError;
-use super::handler::Conn;
+use super::handler::ClientConn;
 use super::headers::{self, AnswerStamp};
 use super::Gateway;
 use crate::http1::io::{ClientRead, ClientWrite, Rewind};
@@ -92,7 +92,7 @@ async fn accept_loop(
         let tls = tls.clone();
         tokio::spawn(async move {
             metrics::gauge!(crate::metrics::CONNECTIONS).increment(1.0);
-            let conn = Conn::new(peer, tls.is_some());
+            let conn = ClientConn::new(peer, tls.is_some());
             match tls {
                 None => serve_plain(stream, conn, gateway, &h2, finish).await,
                 Some(tls) => serve_tls_stream(stream, &tls, conn, gateway, &h2, finish).await,
@@ -131,7 +131,7 @@ fn http2_builder(gateway: &Gateway) -> http2::Builder<TokioExecutor> {
 /// else HTTP/1.1.
 async fn serve_plain(
     mut stream: TcpStream,
-    conn: Conn,
+    conn: ClientConn,
     gateway: Arc<Gateway>,
     h2: &http2::Builder<TokioExecutor>,
     mut finish: watch::Receiver<bool>,
@@ -181,7 +181,7 @@ async fn read_opening(stream: &mut TcpStream) -> io::Result<Bytes> {
 async fn serve_tls_stream(
     stream: TcpStream,
     tls: &Tls,
-    conn: Conn,
+    conn: ClientConn,
     gateway: Arc<Gateway>,
     h2: &http2::Builder<TokioExecutor>,
     finish: watch::Receiver<bool>,
@@ -212,7 +212,7 @@ async fn serve_tls_stream(
 
 async fn serve_http2<I>(
     io: I,
-    conn: Conn,
+    conn: ClientConn,
     gateway: Arc<Gateway>,
     builder: &http2::Builder<TokioExecutor>,
     mut finish: watch::Receiver<bool>,
@@ -245,7 +245,7 @@ async fn serve_http2<I>(
 /// The gateway as the HTTP/1.1 server's service, for one client connection.
 struct Http1Service {
     gateway: Arc<Gateway>,
-    conn: Conn,
+    conn: ClientConn,
 }
 
 impl h1::Service for Http1Service {

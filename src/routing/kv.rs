@@ -19,7 +19,7 @@ pub const ROUTES_DIR: &str = "routes/";
 
 /// A document that did not compile.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Rejection {
+pub struct RouteRejection {
     /// Route name: the key below `<kv-prefix>routes/`.
     pub name: String,
     /// The full KV key.
@@ -37,7 +37,7 @@ struct Doc {
     seen: Option<Vec<u8>>,
     /// The last value that compiled, and its route.
     good: Option<(String, Arc<Route>)>,
-    rejection: Option<Rejection>,
+    rejection: Option<RouteRejection>,
 }
 
 /// What one KV listing changed.
@@ -125,7 +125,7 @@ impl RouteDocs {
                         "route document rejected");
                     metrics::counter!(crate::metrics::ROUTE_REJECTED, "key" => pair.key.clone())
                         .increment(1);
-                    doc.rejection = Some(Rejection {
+                    doc.rejection = Some(RouteRejection {
                         name: name.to_string(),
                         key: pair.key.clone(),
                         error: e.to_string(),
@@ -161,7 +161,7 @@ impl RouteDocs {
     }
 
     /// Every key whose current value is rejected, by name.
-    pub fn rejections(&self) -> Vec<Rejection> {
+    pub fn rejections(&self) -> Vec<RouteRejection> {
         self.docs
             .values()
             .filter_map(|d| d.rejection.clone())
