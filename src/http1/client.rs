@@ -330,9 +330,6 @@ pub(super) fn parse_response_head(read: &mut Bytes) -> Result<Option<Head>, H1Er
     if len > MAX_HEAD {
         return Err(H1Error::HeadTooLarge);
     }
-    if codec::has_bare_lf(&buf[..len]) {
-        return Err(H1Error::Framing("bare LF in the response head"));
-    }
     let code = parsed.code.unwrap_or_default();
     let status = StatusCode::from_u16(code).map_err(|_| H1Error::Framing("bad status code"))?;
     let version = match parsed.version {
@@ -365,6 +362,9 @@ pub(super) fn parse_response_head(read: &mut Bytes) -> Result<Option<Head>, H1Er
     } else {
         hop_by_hop
     };
+    if !codec::head_lines_end_in_crlf(&read[..len], &spans[..count]) {
+        return Err(H1Error::Framing("bare LF in the response head"));
+    }
     let raw = read.split_to(len);
     // A little room for what policy may add (CORS, rate-limit headers); the request id
     // and `Via` are written by the server, not put in the map.

@@ -522,6 +522,35 @@ pub(super) fn has_bare_lf(bytes: &[u8]) -> bool {
     memchr::memchr_iter(b'\n', bytes).any(|at| at == 0 || bytes[at - 1] != b'\r')
 }
 
+/// Whether a head that httparse parsed ends every line with CRLF, checked where lines can
+/// end rather than by scanning it all (a head's cost per request matters): `fields` are
+/// the (name offset, name length, value offset, value length) of its fields, `head` its
+/// bytes up to and including the empty line. httparse admits no LF inside a start line,
+/// name or value, so a bare LF can only end a line (or an empty line before the start
+/// line).
+pub(super) fn head_lines_end_in_crlf(head: &[u8], fields: &[(u32, u32, u32, u32)]) -> bool {
+    let start = head
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    if has_bare_lf(&head[..start]) || !head.ends_with(b"\r\n\r\n") {
+        return false;
+    }
+    // The start line ends right before the first field (or the empty line).
+    let first_field = fields.first().map_or(head.len() - 2, |f| f.0 as usize);
+    if first_field < 2 || &head[first_field - 2..first_field] != b"\r\n" {
+        return false;
+    }
+    fields.iter().all(|&(_, _, value_at, value_len)| {
+        let end = (value_at + value_len) as usize;
+        let blank = head[end..]
+            .iter()
+            .take_while(|&&b| b == b' ' || b == b'\t')
+            .count();
+        head.get(end + blank) == Some(&b'\r')
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -574,6 +603,48 @@ mod tests {
             "00000000000000005\r\n",
         ] {
             assert!(line(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn heads_are_checked_for_crlf_where_lines_end() {
+        let check = |head: &str| {
+            let mut slots = [httparse::EMPTY_HEADER; 16];
+            let mut req = httparse::Request::new(&mut slots);
+            let len = match req.parse(head.as_bytes()) {
+                Ok(httparse::Status::Complete(len)) => len,
+                other => panic!("{head:?}: {other:?}"),
+            };
+            let base = head.as_ptr() as usize;
+            let fields: Vec<_> = req
+                .headers
+                .iter()
+                .map(|h| {
+                    let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+                    (
+                        at(h.name.as_bytes()),
+                        h.name.len() as u32,
+                        at(h.value),
+                        h.value.len() as u32,
+                    )
+                })
+                .collect();
+            let fast = head_lines_end_in_crlf(&head.as_bytes()[..len], &fields);
+            assert_eq!(fast, !has_bare_lf(&head.as_bytes()[..len]), "{head:?}");
+            fast
+        };
+        assert!(check("GET / HTTP/1.1\r\nHost: a\r\nX: b  \r\n\r\n"));
+        assert!(check("GET / HTTP/1.1\r\n\r\n"));
+        assert!(check("\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        for bare in [
+            "GET / HTTP/1.1\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a \nX: b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n\n",
+            "GET / HTTP/1.1\n\n",
+            "\nGET / HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(!check(bare), "{bare:?}");
         }
     }
 

@@ -504,9 +504,6 @@ pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Hea
     if len > max_head {
         return Err(HeadError::TooLarge);
     }
-    if codec::has_bare_lf(&buf[..len]) {
-        return Err(HeadError::Bad("bare LF in the request head"));
-    }
     let method = parsed.method.unwrap_or_default();
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Bad("bad method"))?;
     let version = match parsed.version {
@@ -531,6 +528,9 @@ pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Hea
             (h.value.as_ptr() as usize - base) as u32,
             h.value.len() as u32,
         );
+    }
+    if !codec::head_lines_end_in_crlf(&read[..len], &spans[..count]) {
+        return Err(HeadError::Bad("bare LF in the request head"));
     }
     let raw = read.split_to(len);
     if read.is_empty() {
