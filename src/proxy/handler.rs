@@ -314,10 +314,15 @@ impl Gateway {
             (NormalPath::AsSent(sent), Cow::Borrowed(_)) if starts_with_path(sent) => sent.clone(),
             (_, upstream_path) => upstream_uri(&upstream_path, parts.uri.query())?,
         };
-        self.forward(
-            ex, parts, body, &route, &set, uri, &forwarded, limit, upgrade,
-        )
-        .await
+        let target = Upstream {
+            route: &route,
+            set: &set,
+            uri,
+            forwarded: &forwarded,
+            limit,
+            upgrade,
+        };
+        self.forward(ex, parts, body, target).await
     }
 
     /// The headers the gateway sets on the forwarded request.
@@ -339,19 +344,21 @@ impl Gateway {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         ex: &mut RequestRecord,
         parts: &mut Parts,
         body: RequestBody,
-        route: &Arc<Route>,
-        set: &Arc<UpstreamSet>,
-        uri: Uri,
-        forwarded: &Forwarded<'_>,
-        limit: u64,
-        upgrade: bool,
+        target: Upstream<'_>,
     ) -> Result<Response<ClientBody>, Stopped> {
+        let Upstream {
+            route,
+            set,
+            uri,
+            forwarded,
+            limit,
+            upgrade,
+        } = target;
         let spec = &route.spec;
         let mut retries = Retries::new(&spec.retry, &parts.method, &self.budget, &route.name);
         let (mut source, body_fault) =
@@ -486,6 +493,19 @@ impl Gateway {
             close: false,
         }
     }
+}
+
+/// Where and how a request goes upstream, as the phases before forwarding decided.
+struct Upstream<'a> {
+    route: &'a Arc<Route>,
+    set: &'a Arc<UpstreamSet>,
+    /// The URI it goes with (origin form, rewritten as the route says).
+    uri: Uri,
+    forwarded: &'a Forwarded<'a>,
+    /// The body limit of the route.
+    limit: u64,
+    /// A WebSocket upgrade.
+    upgrade: bool,
 }
 
 /// One request in flight on an instance (for `least_request`), however the request ends:
