@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http::{Method, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -313,7 +313,7 @@ impl Connection {
 /// A complete response head taken off `read`, or `None` when more bytes are needed.
 pub(super) fn parse_response_head(read: &mut Bytes) -> Result<Option<Head>, H1Error> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let mut spans: [codec::FieldSpan; MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
     let buf = &read[..];
     let base = buf.as_ptr() as usize;
     let mut parsed = httparse::Response::new(&mut []);
@@ -346,13 +346,7 @@ pub(super) fn parse_response_head(read: &mut Bytes) -> Result<Option<Head>, H1Er
         if fields::is_hop_by_hop(h.name) {
             hop_by_hop |= 1 << i;
         }
-        // Offsets into the buffer, so the values can be cut from it once frozen.
-        *span = (
-            (h.name.as_ptr() as usize - base) as u32,
-            h.name.len() as u32,
-            (h.value.as_ptr() as usize - base) as u32,
-            h.value.len() as u32,
-        );
+        *span = codec::field_span(h, base);
     }
     // Hop-by-hop headers never reach the client: left out here rather than removed
     // later, unless `Connection` names others (then the handler's strip does it all)
@@ -368,20 +362,8 @@ pub(super) fn parse_response_head(read: &mut Bytes) -> Result<Option<Head>, H1Er
     let raw = read.split_to(len);
     // A little room for what policy may add (CORS, rate-limit headers); the request id
     // and `Via` are written by the server, not put in the map.
-    let mut headers = HeaderMap::with_capacity(count + 2);
-    for (i, &(name_at, name_len, value_at, value_len)) in spans[..count].iter().enumerate() {
-        if skip & (1 << i) != 0 {
-            continue;
-        }
-        let name = &raw[name_at as usize..(name_at + name_len) as usize];
-        let name = HeaderName::from_bytes(name).map_err(|_| H1Error::Framing("bad header name"))?;
-        let value = raw.slice(value_at as usize..(value_at + value_len) as usize);
-        // SAFETY: httparse admits in a value only HTAB, SP, visible ASCII and
-        // obs-text, exactly the bytes a `HeaderValue` may hold (hyper relies on the
-        // same); validating them again cost ~4% of a request's instructions.
-        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(value) };
-        headers.append(name, value);
-    }
+    let headers = codec::field_map(&raw, &spans[..count], skip, 2)
+        .map_err(|_| H1Error::Framing("bad header name"))?;
     Ok(Some(Head {
         status,
         version,

@@ -25,7 +25,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -486,7 +486,7 @@ async fn read_head(
 /// A complete head taken off `read`, or `None` when more bytes are needed.
 pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Head>, HeadError> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let mut spans: [codec::FieldSpan; MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
     let buf = &read[..];
     let base = buf.as_ptr() as usize;
     let mut parsed = httparse::Request::new(&mut []);
@@ -521,13 +521,7 @@ pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Hea
         } else if h.name.len() == 6 && h.name.eq_ignore_ascii_case("expect") {
             expect = Some(h.value.eq_ignore_ascii_case(b"100-continue"));
         }
-        // Offsets into the buffer, so the values can be cut from it once frozen.
-        *span = (
-            (h.name.as_ptr() as usize - base) as u32,
-            h.name.len() as u32,
-            (h.value.as_ptr() as usize - base) as u32,
-            h.value.len() as u32,
-        );
+        *span = codec::field_span(h, base);
     }
     if !codec::head_lines_end_in_crlf(&read[..len], &spans[..count]) {
         return Err(HeadError::Bad("bare LF in the request head"));
@@ -542,17 +536,8 @@ pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Hea
         .map_err(|_| HeadError::Bad("bad request target"))?;
     // A little room for what auth and policy may add (identity, assertion); the
     // forwarding headers are written into the upstream head, not put in the map.
-    let mut headers = HeaderMap::with_capacity(count + 2);
-    for &(name_at, name_len, value_at, value_len) in &spans[..count] {
-        let name = &raw[name_at as usize..(name_at + name_len) as usize];
-        let name = HeaderName::from_bytes(name).map_err(|_| HeadError::Bad("bad header name"))?;
-        let value = raw.slice(value_at as usize..(value_at + value_len) as usize);
-        // SAFETY: httparse admits in a value only HTAB, SP, visible ASCII and obs-text,
-        // exactly the bytes a `HeaderValue` may hold (the same holds for the client side
-        // in `h1`, and hyper relies on it).
-        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(value) };
-        headers.append(name, value);
-    }
+    let mut headers = codec::field_map(&raw, &spans[..count], 0, 2)
+        .map_err(|_| HeadError::Bad("bad header name"))?;
     // The gateway answers the expectation itself; the instance gets the body at once.
     if expect.is_some() {
         headers.remove(header::EXPECT);
