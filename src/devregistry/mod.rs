@@ -6,8 +6,9 @@
 //!
 //! Parts: `store` (state, indices, blocking reads), `watch` (per-key wake-ups), `agent`
 //! (local services/checks, maintenance, reaper), `checks` (TTL/HTTP/TCP runners), `api`
-//! (routes and handlers), `params` (query parsing), `wire` (JSON shapes), `faults`, `server`,
-//! and `demo` (echo upstreams for `switchyard dev`).
+//! (routing, then one handler module per endpoint family), `error` (the plain-text error
+//! answer), `params` (query parsing), `wire` (JSON shapes), `faults`, `server`, and `demo`
+//! (echo upstreams for `switchyard dev`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -30,6 +31,7 @@ mod agent;
 mod api;
 mod checks;
 pub mod demo;
+mod error;
 mod faults;
 mod params;
 mod server;
@@ -110,7 +112,7 @@ impl RegistryOptions {
 /// A running registry. Dropping it stops everything (listener, connections, check tasks).
 pub struct Registry {
     addr: SocketAddr,
-    ctx: Arc<api::Ctx>,
+    ctx: Arc<api::ApiContext>,
     server: tokio::sync::Mutex<Option<server::Server>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     reaper: AbortHandle,
@@ -138,7 +140,7 @@ impl Registry {
             },
         ));
         let reaper = tokio::spawn(agent.clone().run_reaper()).abort_handle();
-        let ctx = Arc::new(api::Ctx {
+        let ctx = Arc::new(api::ApiContext {
             faults: Faults::new(store.clone()),
             store,
             agent,

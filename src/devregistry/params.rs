@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::api::ApiError;
+use super::error::ApiError;
 
 /// Consul's default and maximum blocking wait, and its jitter fraction.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(5 * 60);

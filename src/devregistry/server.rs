@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
-use super::api::{self, Ctx};
+use super::api::{self, ApiContext};
 
 /// Binds with `SO_REUSEADDR` (so a restart can take the same port back at once) and a
 /// backlog large enough for thousands of watchers connecting together.
@@ -37,7 +37,7 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn spawn(listener: TcpListener, ctx: Arc<Ctx>, tls: Option<TlsAcceptor>) -> Server {
+    pub fn spawn(listener: TcpListener, ctx: Arc<ApiContext>, tls: Option<TlsAcceptor>) -> Server {
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, ctx, tls, stopped));
         Server { stop, task }
@@ -55,7 +55,7 @@ impl Server {
     }
 }
 
-async fn serve<I>(io: I, ctx: Arc<Ctx>)
+async fn serve<I>(io: I, ctx: Arc<ApiContext>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -71,7 +71,7 @@ where
 
 async fn accept_loop(
     listener: TcpListener,
-    ctx: Arc<Ctx>,
+    ctx: Arc<ApiContext>,
     tls: Option<TlsAcceptor>,
     mut stopped: oneshot::Receiver<()>,
 ) {
