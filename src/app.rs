@@ -616,7 +616,7 @@ impl Writer {
         let wanted: BTreeSet<String> = self
             .all_routes()
             .iter()
-            .map(|r| r.spec.service.clone())
+            .filter_map(|r| r.service().map(str::to_string))
             .collect();
         let report = self.health.sync(&wanted);
         let now = Instant::now();
@@ -745,7 +745,9 @@ impl Writer {
             .all_routes()
             .into_iter()
             .filter(|r| {
-                let s = &r.spec.service;
+                let Some(s) = r.service() else {
+                    return true;
+                };
                 let pending = !self.services.contains_key(s)
                     && self
                         .wanted_since

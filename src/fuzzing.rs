@@ -70,6 +70,49 @@ pub fn route_document(data: &[u8]) {
         compiled.is_ok(),
         "round trip changed whether the route compiles"
     );
+    if let Ok(route) = compiled {
+        apply_rewrites(&route);
+    }
+}
+
+/// A compiled route's header rules never touch a header the gateway owns, and its
+/// redirect never sends a browser to a host `to` did not name.
+fn apply_rewrites(route: &Route) {
+    let owned = [
+        "host",
+        "x-forwarded-for",
+        "x-request-id",
+        "content-length",
+        "x-user-id",
+    ];
+    let mut headers = HeaderMap::new();
+    for name in owned {
+        headers.insert(name, http::HeaderValue::from_static("gateway"));
+    }
+    let vars = crate::rewrite::RuleVars {
+        client_ip: std::net::IpAddr::from([10, 0, 0, 1]),
+        route: "r",
+        request_id: "id",
+        host: "api.example.com",
+    };
+    for rules in [&route.request_headers, &route.response_headers]
+        .into_iter()
+        .flatten()
+    {
+        let mut h = headers.clone();
+        rules.apply(&mut h, &vars, &|_| false);
+        for name in ["x-forwarded-for", "x-request-id", "content-length"] {
+            assert_eq!(h.get_all(name).iter().count(), 1, "rules reached {name}");
+        }
+    }
+    if let Some(redirect) = &route.redirect {
+        for path in ["/", "//evil.example/x", "/a/../b"] {
+            if let Some(location) = redirect.location(path, Some("q=1")) {
+                let text = location.to_str().unwrap_or_default();
+                assert!(!text.starts_with("//"), "protocol-relative redirect {text}");
+            }
+        }
+    }
 }
 
 /// Equal, but for `rate_limit.per_second`, which serde_json's default float parser may read

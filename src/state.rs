@@ -91,6 +91,17 @@ impl Snapshot {
                 continue;
             }
             let (service, health, tags) = &key;
+            if route.service().is_none() {
+                // A redirect: no instances, and nothing of it in the maps of services.
+                let set = Arc::new(UpstreamSet::build(
+                    service,
+                    Vec::new(),
+                    &ServiceStats::new(),
+                ));
+                sets.insert(key, set.clone());
+                upstreams.push(set);
+                continue;
+            }
             let list = services.get(service).unwrap_or(&empty);
             let unchanged = previous
                 .and_then(|p| p.instances.get(service))

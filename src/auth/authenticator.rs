@@ -266,6 +266,16 @@ impl Authenticator {
         identity_headers::strip_forged(headers, &self.live.load().strip);
     }
 
+    /// Whether the gateway writes `name` as an identity header (in any `_` spelling), so
+    /// nothing else may set or remove it.
+    pub fn writes(&self, name: &HeaderName) -> bool {
+        self.live
+            .load()
+            .strip
+            .iter()
+            .any(|owned| identity_headers::folds_into(name.as_str(), owned.as_str()))
+    }
+
     /// Checks a request against a requirement. `Ok(None)`: the route is open.
     pub async fn authenticate(
         &self,

@@ -37,6 +37,7 @@ use crate::http1::client::RequestHead;
 use crate::http1::fields;
 use crate::http1::io::OnUpgrade;
 use crate::policy::{cors, Admission, PeerIp, PolicyReply};
+use crate::rewrite::{Redirect, RuleVars};
 use crate::routing::spec::{EscapedSlashes, UpstreamProtocol};
 use crate::routing::Route;
 
@@ -75,6 +76,8 @@ struct RequestRecord {
     /// The instance of the last try: its set and index there.
     instance: Option<(Arc<UpstreamSet>, usize)>,
     tries: u32,
+    /// The host asked for, kept when the route's answer rules may name it.
+    host: Option<Box<str>>,
     /// The instance that answered, counted in flight until the response is done.
     in_flight: Option<InFlight>,
 }
@@ -205,6 +208,7 @@ impl Gateway {
             consumer: None,
             instance: None,
             tries: 0,
+            host: None,
             in_flight: None,
         };
         let mut close = false;
@@ -260,6 +264,9 @@ impl Gateway {
         let set = found.upstreams.clone();
         drop(snapshot);
         ex.route = Some(route.clone());
+        if route.response_headers.is_some() {
+            ex.host = Some(host.as_str().into());
+        }
 
         let admission = self
             .edge
@@ -307,6 +314,23 @@ impl Gateway {
         self.edge
             .assert_upstream(&route.policy, caller, request_id, &mut parts.headers)
             .map_err(Stopped::refused)?;
+
+        if let Some(redirect) = &route.redirect {
+            let path = route.upstream_path(ex.path.as_str());
+            return Ok(redirect_response(redirect, &path, parts.uri.query())?);
+        }
+        if let Some(rules) = &route.request_headers {
+            let vars = RuleVars {
+                client_ip: ex.client_ip,
+                route: &route.name,
+                request_id,
+                host: &host,
+            };
+            rules.apply(&mut parts.headers, &vars, &|name| self.auth.writes(name));
+        }
+        if let Some(upstream_host) = &route.host_rewrite {
+            parts.headers.insert(header::HOST, upstream_host.clone());
+        }
 
         let forwarded = self.forwarded(ex, parts, conn, &host);
         let uri = match (&ex.path, route.upstream_path(ex.path.as_str())) {
@@ -477,6 +501,17 @@ impl Gateway {
         let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let h = response.headers_mut();
         fields::strip_hop_by_hop(h, upgraded);
+        if let Some(route) = &ex.route {
+            if let Some(rules) = &route.response_headers {
+                let vars = RuleVars {
+                    client_ip: ex.client_ip,
+                    route: &route.name,
+                    request_id: ex.request_id.to_str().unwrap_or_default(),
+                    host: ex.host.as_deref().unwrap_or_default(),
+                };
+                rules.apply(h, &vars, &|_| false);
+            }
+        }
         if let (Some(route), Some(admission)) = (&ex.route, &ex.admission) {
             self.edge.decorate(&route.policy, admission, h);
         }
@@ -698,6 +733,22 @@ fn body_error(e: &BodyError, limit: u64) -> ProxyError {
         BodyError::ClientIdle => ProxyError::BodyTimeout,
         e => ProxyError::ClientBody(e.to_string()),
     }
+}
+
+/// A route's redirect, answered here.
+#[cold]
+fn redirect_response(
+    redirect: &Redirect,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Response<ClientBody>, ProxyError> {
+    let location = redirect
+        .location(path, query)
+        .ok_or(ProxyError::BadRequest("the path cannot be redirected"))?;
+    let mut response = Response::new(ClientBody::empty());
+    *response.status_mut() = redirect.status();
+    response.headers_mut().insert(header::LOCATION, location);
+    Ok(response)
 }
 
 /// Joins the client's and the upstream's upgraded connections and copies both ways until

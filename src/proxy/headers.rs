@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::http1::fields::ExtraFields;
+use crate::owned_headers::is_gateway_owned;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -57,33 +58,6 @@ fn is_client_claim(name: &str) -> bool {
         _ => false,
     }
 }
-
-/// Whether a name (with `-` for `_`) is one the gateway sets, reads or strips.
-fn is_gateway_owned(folded: &str) -> bool {
-    GATEWAY_OWNED.contains(&folded) || folded.starts_with("x-forwarded-")
-}
-
-/// Names the gateway sets, reads for framing or routing, or strips.
-static GATEWAY_OWNED: [&str; 18] = [
-    "host",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "upgrade",
-    "te",
-    "trailer",
-    "expect",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-forwarded-port",
-    "forwarded",
-    "x-real-ip",
-    "x-request-id",
-    "via",
-];
 
 /// The headers the gateway sets on a request it forwards: `X-Forwarded-For/-Proto/-Host`,
 /// `X-Request-Id` and its own `Via` entry. They stay out of the request's map: an HTTP/1.1

@@ -64,14 +64,24 @@ pub struct Route {
     pub hash_on: Option<crate::balance::HashOn>,
     /// Request counters and latency of this route.
     pub metrics: crate::metrics::RouteMetrics,
+    /// Header rules for the request that goes upstream, and for every answer.
+    pub request_headers: Option<crate::rewrite::HeaderRules>,
+    pub response_headers: Option<crate::rewrite::HeaderRules>,
+    /// The `Host` sent upstream instead of the client's.
+    pub host_rewrite: Option<HeaderValue>,
+    /// Answered at the gateway; no upstream is involved.
+    pub redirect: Option<crate::rewrite::Redirect>,
 }
 
 impl Route {
     /// Validates the routing part of a document. Other concerns (auth, policy, balancing)
     /// validate their own fields through their modules' compile functions.
     pub fn compile(name: &str, spec: RouteSpec) -> Result<Route, RouteError> {
-        if spec.service.trim().is_empty() {
-            return Err(field("service", "must not be empty"));
+        if spec.service.trim().is_empty() && spec.redirect.is_none() {
+            return Err(field(
+                "service",
+                "must not be empty (only a route with a redirect has none)",
+            ));
         }
         if spec.service.contains('/') || spec.service.chars().any(|c| c.is_whitespace()) {
             return Err(field("service", "must be a Consul service name"));
@@ -134,7 +144,39 @@ impl Route {
                 }
             },
         )?;
+        let writes = crate::rewrite::RouteWrites {
+            assertion_header: policy.assertion.as_ref().map(|a| &a.header),
+            cors: policy.cors.is_some(),
+            rate_limit: policy.rate_limit.is_some(),
+        };
+        let no_rules = crate::rewrite::HeaderRulesSpec::default();
+        let request_headers = crate::rewrite::HeaderRules::for_requests(
+            spec.request_headers.as_ref().unwrap_or(&no_rules),
+            writes,
+        )
+        .map_err(|e| field("request_headers", e.to_string()))?;
+        let response_headers = crate::rewrite::HeaderRules::for_responses(
+            spec.response_headers.as_ref().unwrap_or(&no_rules),
+            writes,
+        )
+        .map_err(|e| field("response_headers", e.to_string()))?;
+        let host_rewrite = spec
+            .host_rewrite
+            .as_deref()
+            .map(crate::rewrite::compile_host)
+            .transpose()
+            .map_err(|e| field("host_rewrite", e.to_string()))?;
+        let redirect = spec
+            .redirect
+            .as_ref()
+            .map(crate::rewrite::Redirect::compile)
+            .transpose()
+            .map_err(|e| field("redirect", e.to_string()))?;
         Ok(Route {
+            request_headers,
+            response_headers,
+            host_rewrite,
+            redirect,
             metrics: crate::metrics::RouteMetrics::new(name, &spec.service),
             policy,
             hash_on,
@@ -147,6 +189,11 @@ impl Route {
             headers,
             rewrite,
         })
+    }
+
+    /// The Consul service the route sends traffic to; `None` for a redirect-only route.
+    pub fn service(&self) -> Option<&str> {
+        Some(self.spec.service.as_str()).filter(|s| !s.is_empty())
     }
 
     /// Does the request (path already normalised) match everything but the prefix?
@@ -330,11 +377,46 @@ mod tests {
             ),
             (r#""retry":{"on_status":[404]}"#, "retry"),
             (r#""outlier":{"max_ejected_percent":150}"#, "outlier"),
+            (
+                r#""request_headers":{"set":{"x-forwarded-for":"1"}}"#,
+                "request_headers",
+            ),
+            (
+                r#""response_headers":{"remove":["content-length"]}"#,
+                "response_headers",
+            ),
+            (
+                r#""cors":{"origins":["https://a"]},"response_headers":{"set":{"access-control-allow-origin":"*"}}"#,
+                "response_headers",
+            ),
+            (
+                r#""upstream_assertion":{"header":"x-proof"},"request_headers":{"remove":["x-proof"]}"#,
+                "request_headers",
+            ),
+            (r#""host_rewrite":"a b""#, "host_rewrite"),
+            (r#""redirect":{"to":"//evil"}"#, "redirect"),
         ] {
             let s = spec(&format!(r#"{{"service":"a","path_prefix":"/",{bad}}}"#));
             let err = Route::compile("r", s).unwrap_err().to_string();
             assert!(err.contains(what), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn only_a_redirect_route_may_name_no_service() {
+        let err = Route::compile("r", spec(r#"{"path_prefix":"/"}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("service"), "{err}");
+        let r = Route::compile(
+            "r",
+            spec(r#"{"path_prefix":"/old","redirect":{"to":"/new","keep_path":true}}"#),
+        )
+        .unwrap();
+        assert_eq!(r.service(), None);
+        assert!(r.redirect.is_some());
+        let r = Route::compile("r", spec(r#"{"service":"a","path_prefix":"/"}"#)).unwrap();
+        assert_eq!(r.service(), Some("a"));
     }
 
     #[test]

@@ -11,12 +11,15 @@ use serde::{Deserialize, Serialize};
 pub use crate::balance::spec::{LbPolicy, OutlierSpec};
 pub use crate::discovery::HealthPolicy;
 pub use crate::policy::spec::{AssertionSpec, CorsSpec, RateLimitSpec};
+pub use crate::rewrite::{HeaderRulesSpec, RedirectSpec};
 
-/// One route document. `service` and `path_prefix` are required; everything else has a default.
+/// One route document. `path_prefix` is required, and `service` unless the route
+/// answers with a `redirect`; everything else has a default.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
     /// Consul service the route sends traffic to.
+    #[serde(default)]
     pub service: String,
     /// Matches this path and everything below it, on segment boundaries.
     pub path_prefix: String,
@@ -83,6 +86,18 @@ pub struct RouteSpec {
     /// upstream may decode them into a path other than the one routed.
     #[serde(default)]
     pub escaped_slashes: EscapedSlashes,
+    /// Headers set, added or removed on the request that goes upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderRulesSpec>,
+    /// Headers set, added or removed on every answer the route gives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderRulesSpec>,
+    /// The `Host` sent upstream (`X-Forwarded-Host` keeps the client's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_rewrite: Option<String>,
+    /// Answer with a redirect at the gateway instead of going upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<RedirectSpec>,
 }
 
 /// What a route does with paths that hold `%2F` or `%5C` (Envoy's
@@ -281,6 +296,10 @@ impl RouteSpec {
             upstream_assertion: None,
             upstream_tls: false,
             escaped_slashes: EscapedSlashes::default(),
+            request_headers: None,
+            response_headers: None,
+            host_rewrite: None,
+            redirect: None,
         }
     }
 
@@ -333,8 +352,8 @@ mod tests {
         let err = RouteSpec::from_json(br#"{"service":"a","path_prefix":"/","strip_prefx":true}"#)
             .unwrap_err();
         assert!(err.contains("strip_prefx"), "{err}");
-        let err = RouteSpec::from_json(br#"{"path_prefix":"/"}"#).unwrap_err();
-        assert!(err.contains("service"), "{err}");
+        let err = RouteSpec::from_json(br#"{"service":"a"}"#).unwrap_err();
+        assert!(err.contains("path_prefix"), "{err}");
     }
 
     #[test]
@@ -342,6 +361,8 @@ mod tests {
         for doc in [
             r#"{"service":"a","path_prefix":"/"}"#,
             r#"{"service":"a","path_prefix":"/","auth":{"jwt":["main"],"api_key":true,"scopes":["x"],"on_unauthenticated":{"redirect":"https://login"}}}"#,
+            r#"{"service":"a","path_prefix":"/","request_headers":{"set":{"x-a":"${route}"},"remove":["cookie"]},"response_headers":{"add":{"x-b":"1"}},"host_rewrite":"b.internal"}"#,
+            r#"{"path_prefix":"/old","redirect":{"to":"https://new.example.com","status":308,"keep_path":true}}"#,
         ] {
             let spec = RouteSpec::from_json(doc.as_bytes()).unwrap();
             let text = serde_json::to_vec(&spec).unwrap();

@@ -1,0 +1,68 @@
+//! Header names only the gateway writes on a forwarded request: framing and hop-by-hop
+//! fields, the forwarding account of the client (`X-Forwarded-*`, `Forwarded`,
+//! `X-Real-IP`), `X-Request-Id` and `Via`. A client never gets them through in any
+//! spelling ([`crate::proxy::headers::scrub_request`]), and an operator's header rules may
+//! not set or remove them ([`crate::rewrite`]): one list, so the two cannot drift apart.
+
+/// Whether `name` (lower case, `-` for `_`) is one the gateway sets, reads for framing or
+/// routing, or strips.
+pub fn is_gateway_owned(name: &str) -> bool {
+    GATEWAY_OWNED.contains(&name) || name.starts_with("x-forwarded-")
+}
+
+/// Whether `name` (lower case) frames an answer or belongs to one hop, or is one the
+/// gateway stamps on every answer (`X-Request-Id`, `Via`).
+pub fn is_answer_owned(name: &str) -> bool {
+    ANSWER_OWNED.contains(&name)
+}
+
+static GATEWAY_OWNED: [&str; 18] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "forwarded",
+    "x-real-ip",
+    "x-request-id",
+    "via",
+];
+
+static ANSWER_OWNED: [&str; 10] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "x-request-id",
+    "via",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_framing_and_stamped_names_are_owned() {
+        for name in ["host", "x-forwarded-prefix", "forwarded", "via", "te"] {
+            assert!(is_gateway_owned(name), "{name}");
+        }
+        for name in ["x-tenant", "authorization", "cookie", "x-forwarded"] {
+            assert!(!is_gateway_owned(name), "{name}");
+        }
+        assert!(is_answer_owned("transfer-encoding"));
+        assert!(!is_answer_owned("cache-control"));
+    }
+}
