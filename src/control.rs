@@ -1,6 +1,6 @@
 //! What the control plane knows beyond the snapshot: how fresh each Consul watch is, which
 //! route documents were rejected, the instances of every watched service, and whether the
-//! gateway is ready. Written by the single writer in `app`, read by `admin` (and by anyone
+//! gateway is ready. Written by the single writer (`snapshot_writer`), read by `admin` (and by anyone
 //! who needs the readiness policy). Nothing here is on the request path.
 
 use std::collections::BTreeMap;

@@ -2,8 +2,9 @@
 //!
 //! Two flows, pointing one way:
 //! - **Consul → snapshot.** `consul` watches blocking queries; `discovery` turns health
-//!   entries into upstream sets, `routing` turns KV documents into a route table; `app`
-//!   (the single writer) combines them into one immutable [`state::Snapshot`] and swaps it in.
+//!   entries into upstream sets, `routing` turns KV documents into a route table;
+//!   `snapshot_writer` (the single writer) combines them into one immutable
+//!   [`state::Snapshot`] and swaps it in.
 //! - **Request → upstream.** `proxy` loads the snapshot once per request, matches a route,
 //!   applies `auth` and `policy`, lets `balance` pick an instance and forwards.
 //!
@@ -34,6 +35,7 @@ pub mod registration;
 pub mod rewrite;
 pub mod routing;
 pub mod shutdown;
+pub mod snapshot_writer;
 pub mod state;
 pub mod state_file;
 pub mod telemetry;

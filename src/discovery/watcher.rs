@@ -1,5 +1,5 @@
 //! One blocking watch on `/v1/health/service/<name>` per service that some route names.
-//! The caller (the single writer in `app`) says which services are wanted; watch cost grows
+//! The caller (the single writer, `snapshot_writer`) says which services are wanted; watch cost grows
 //! with what is routed, not with the size of the catalog.
 //!
 //! Each answer is reduced to the sorted `Vec<Instance>` that may serve before it is compared
