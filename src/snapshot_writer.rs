@@ -156,6 +156,11 @@ async fn persist_loop(path: PathBuf, mut rx: watch::Receiver<Option<Arc<Persiste
     }
 }
 
+/// The same route as far as serving goes (tag routes are recompiled on every catalog answer).
+fn same_route(a: &Arc<Route>, b: &Arc<Route>) -> bool {
+    Arc::ptr_eq(a, b) || (a.name == b.name && a.spec == b.spec)
+}
+
 /// Routes made from fabio's `urlprefix-` tags, from the `catalog/services` watch.
 #[derive(Default)]
 struct FabioRoutes {
@@ -188,6 +193,10 @@ pub struct SnapshotWriter {
     wanted_since: HashMap<String, Instant>,
     /// Routes left out of the last snapshot because their service had not answered yet.
     held_back: BTreeSet<String>,
+    /// The routes of the last published snapshot.
+    last_routes: Vec<Arc<Route>>,
+    /// `build_input` changed since the last published snapshot.
+    instances_changed: bool,
     /// Consul has answered the route watch at least once.
     routes_seen: bool,
     warm: Option<WarmStart>,
@@ -224,6 +233,8 @@ impl SnapshotWriter {
             build_input: HashMap::new(),
             wanted_since: HashMap::new(),
             held_back: BTreeSet::new(),
+            last_routes: Vec::new(),
+            instances_changed: false,
             routes_seen: false,
             warm: None,
             warm_tried: false,
@@ -375,6 +386,7 @@ impl SnapshotWriter {
         self.build_input
             .insert(update.service.clone(), update.instances.clone());
         self.services.insert(update.service, update.instances);
+        self.instances_changed = true;
         self.dirty = true;
     }
 
@@ -394,6 +406,7 @@ impl SnapshotWriter {
             self.wanted_since.remove(s);
             self.services.remove(s);
             self.build_input.remove(s);
+            self.instances_changed = true;
             self.dirty = true;
         }
         if !report.started.is_empty() || !report.stopped.is_empty() {
@@ -564,6 +577,27 @@ impl SnapshotWriter {
         self.dirty = false;
         self.view_dirty = true;
         let (routes, held) = self.effective_routes();
+        if held != self.held_back && !held.is_empty() {
+            tracing::debug!(?held, "routes held back until their service answers");
+        }
+        self.held_back = held;
+        // E.g. a new route held back until its service answers: nothing serves differently.
+        let unchanged = self.published
+            && !self.instances_changed
+            && routes.len() == self.last_routes.len()
+            && routes
+                .iter()
+                .zip(&self.last_routes)
+                .all(|(a, b)| same_route(a, b));
+        if !unchanged {
+            self.instances_changed = false;
+            self.last_routes = routes.clone();
+            self.publish_snapshot(routes, started);
+        }
+        self.persist();
+    }
+
+    fn publish_snapshot(&mut self, routes: Vec<Arc<Route>>, started: std::time::Instant) {
         let previous = self.state.load();
         let version = previous.version + 1;
         let t_build = std::time::Instant::now();
@@ -575,10 +609,6 @@ impl SnapshotWriter {
                     "route conflicts with another; the one whose name sorts first wins");
             }
         }
-        if held != self.held_back && !held.is_empty() {
-            tracing::debug!(?held, "routes held back until their service answers");
-        }
-        self.held_back = held;
         let routes_n = snapshot.table.len();
         let empty_sets = snapshot.upstreams.iter().filter(|u| u.is_empty()).count();
         self.state.publish(snapshot);
@@ -604,7 +634,10 @@ impl SnapshotWriter {
                 "snapshot published"
             );
         }
-        // Only data Consul confirmed goes to the state file.
+    }
+
+    /// Hands the state to the state-file writer; only data Consul confirmed goes there.
+    fn persist(&self) {
         if let (Some(tx), true) = (&self.persist, self.routes_seen) {
             let mut persisted =
                 PersistedState::new(self.docs.good_documents(), self.services.clone());
@@ -632,3 +665,6 @@ impl SnapshotWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
