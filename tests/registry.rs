@@ -265,6 +265,191 @@ async fn a_value_over_512_kib_is_refused_with_413() {
     .await
 }
 
+/// What one raw HTTP/1.1 exchange returned: status, headers (lower-cased names) and body.
+struct RawAnswer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawAnswer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one response (head, then a `Content-Length` body) off `stream`.
+async fn read_raw_answer(stream: &mut tokio::net::TcpStream) -> std::io::Result<RawAnswer> {
+    use tokio::io::AsyncReadExt;
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(bad("connection closed before a whole response head"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("no status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < len {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(bad("connection closed inside a response body"));
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(len);
+    Ok(RawAnswer {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Writes a whole PUT of `len` bytes (with `Content-Length`, or chunked) before reading
+/// anything, as the simplest clients do, then reads the answer.
+async fn raw_put(
+    stream: &mut tokio::net::TcpStream,
+    path: &str,
+    len: usize,
+    chunked: bool,
+) -> std::io::Result<RawAnswer> {
+    use tokio::io::AsyncWriteExt;
+    let framing = if chunked {
+        "Transfer-Encoding: chunked".to_string()
+    } else {
+        format!("Content-Length: {len}")
+    };
+    let head = format!("PUT {path} HTTP/1.1\r\nHost: registry\r\n{framing}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    let block = vec![b'x'; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(block.len());
+        if chunked {
+            stream.write_all(format!("{n:x}\r\n").as_bytes()).await?;
+            stream.write_all(&block[..n]).await?;
+            stream.write_all(b"\r\n").await?;
+        } else {
+            stream.write_all(&block[..n]).await?;
+        }
+        left -= n;
+    }
+    if chunked {
+        stream.write_all(b"0\r\n\r\n").await?;
+    }
+    read_raw_answer(stream).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_oversized_puts_each_get_a_413_and_never_a_reset() {
+    within(async {
+        let reg = start();
+        let addr = reg.addr();
+        const MIB: usize = 1024 * 1024;
+        // Just over the limit, far over it (more than the registry reads before it stops
+        // and closes), and chunked (no length to judge by).
+        let mut cases = Vec::new();
+        cases.extend((0..32).map(|i| (format!("/v1/kv/big/{i}"), MIB, false)));
+        cases.extend((0..8).map(|i| (format!("/v1/kv/huge/{i}"), 24 * MIB, false)));
+        cases.extend((0..8).map(|i| (format!("/v1/kv/chunked/{i}"), 2 * MIB, true)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (path, len, chunked) in cases {
+            tasks.spawn(async move {
+                let mut stream = tokio::net::TcpStream::connect(addr).await?;
+                let answer = raw_put(&mut stream, &path, len, chunked).await?;
+                Ok::<_, std::io::Error>((path, answer))
+            });
+        }
+        let mut refused = 0;
+        while let Some(joined) = tasks.join_next().await {
+            let (path, answer) = joined
+                .unwrap()
+                .unwrap_or_else(|e| panic!("an oversized PUT got no answer: {e}"));
+            assert_eq!(answer.status, 413, "{path}");
+            let body = String::from_utf8_lossy(&answer.body);
+            assert!(body.starts_with("Request body("), "{path}: {body}");
+            assert!(
+                body.contains("too large, max size: 524288 bytes."),
+                "{path}: {body}"
+            );
+            refused += 1;
+        }
+        assert_eq!(refused, 48);
+        let stored = reg
+            .kv_get("big/0")
+            .or(reg.kv_get("huge/0"))
+            .or(reg.kv_get("chunked/0"));
+        assert!(stored.is_none(), "a refused value was stored");
+        // The registry still serves a good request on a fresh connection.
+        let ok = put(&reg, "/v1/kv/small", "fine").await;
+        assert_eq!(ok.status, 200);
+        assert_eq!(reg.kv_get("small").as_deref(), Some(&b"fine"[..]));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_refused_body_the_registry_read_to_its_end_leaves_the_connection_usable() {
+    within(async {
+        let reg = start();
+        let mut stream = tokio::net::TcpStream::connect(reg.addr()).await.unwrap();
+        let refused = raw_put(&mut stream, "/v1/kv/big", 600 * 1024, false)
+            .await
+            .unwrap();
+        assert_eq!(refused.status, 413);
+        assert_ne!(refused.header("connection"), Some("close"));
+        let ok = raw_put(&mut stream, "/v1/kv/next", 5, false).await.unwrap();
+        assert_eq!(ok.status, 200);
+        assert_eq!(reg.kv_get("next").as_deref(), Some(&b"xxxxx"[..]));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_oversized_put_that_expects_100_continue_is_refused_before_its_body_is_sent() {
+    use tokio::io::AsyncWriteExt;
+    within(async {
+        let reg = start();
+        let mut stream = tokio::net::TcpStream::connect(reg.addr()).await.unwrap();
+        let head = format!(
+            "PUT /v1/kv/big HTTP/1.1\r\nHost: registry\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+            8 * 1024 * 1024
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let answer = read_raw_answer(&mut stream).await.unwrap();
+        assert_eq!(answer.status, 413, "no 100 Continue first: the body is not wanted");
+        assert!(String::from_utf8_lossy(&answer.body)
+            .starts_with("Request body(8388608 bytes) too large, max size: 524288 bytes."));
+        assert!(reg.kv_get("big").is_none());
+    })
+    .await
+}
+
 #[tokio::test]
 async fn concurrent_cas_writers_have_exactly_one_winner() {
     within(async {

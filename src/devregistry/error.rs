@@ -15,6 +15,9 @@ pub struct ApiError {
     pub status: StatusCode,
     pub body: String,
     pub allow: Option<&'static str>,
+    /// Ask the client to close the connection (`Connection: close`): the request was not
+    /// read to its end.
+    pub close: bool,
 }
 
 impl ApiError {
@@ -23,6 +26,7 @@ impl ApiError {
             status,
             body: body.into(),
             allow: None,
+            close: false,
         }
     }
 
@@ -36,6 +40,18 @@ impl ApiError {
 
     pub fn no_leader() -> ApiError {
         ApiError::internal(NO_LEADER)
+    }
+
+    /// 413 for a body over `max` bytes, in Consul's words; `drained` says whether the
+    /// body was read to its end, else the connection closes after the answer.
+    pub fn too_large(size: u64, max: u64, drained: bool) -> ApiError {
+        ApiError {
+            close: !drained,
+            ..ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("Request body({size} bytes) too large, max size: {max} bytes."),
+            )
+        }
     }
 
     /// 405 naming the methods the endpoint takes.

@@ -7,8 +7,8 @@
 //! Parts: `store` (state, indices, blocking reads), `watch` (per-key wake-ups), `agent`
 //! (local services/checks, maintenance, reaper), `checks` (TTL/HTTP/TCP runners), `api`
 //! (routing, then one handler module per endpoint family), `error` (the plain-text error
-//! answer), `params` (query parsing), `wire` (JSON shapes), `faults`, `server`, and `demo`
-//! (echo upstreams for `switchyard dev`).
+//! answer), `params` (query parsing), `wire` (JSON shapes), `faults`, `server`, `linger`
+//! (closing without a reset), and `demo` (echo upstreams for `switchyard dev`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -33,6 +33,7 @@ mod checks;
 pub mod demo;
 mod error;
 mod faults;
+mod linger;
 mod params;
 mod server;
 mod store;

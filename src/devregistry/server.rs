@@ -1,5 +1,6 @@
 //! The listener: accepts connections, applies connection-level faults, serves HTTP/1.1 and
-//! h2c (or HTTPS, when configured) with hyper-util, and on stop closes the listener and every open connection at once.
+//! h2c (or HTTPS, when configured) with hyper-util, closes each connection it ends with a
+//! lingering close (`linger`), and on stop closes the listener and every open connection at once.
 
 use std::convert::Infallible;
 use std::io;
@@ -16,6 +17,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
 use super::api::{self, ApiContext};
+use super::linger::LingeringStream;
 
 /// Binds with `SO_REUSEADDR` (so a restart can take the same port back at once) and a
 /// backlog large enough for thousands of watchers connecting together.
@@ -88,6 +90,7 @@ async fn accept_loop(
                     let _ = stream.set_nodelay(true);
                     let ctx = ctx.clone();
                     let tls = tls.clone();
+                    let stream = LingeringStream::new(stream);
                     conns.spawn(async move {
                         match tls {
                             None => serve(stream, ctx).await,

@@ -2,12 +2,13 @@
 //! with `flags`/`cas` and Consul's 512 KiB value limit, and deletes (`recurse`, `cas`).
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Request, Response};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
+use super::body::{read_limited, LimitedBody};
 use super::context::ApiContext;
 use super::reply::{bool_ok, header, Reader, Resp};
 use crate::devregistry::error::ApiError;
@@ -154,30 +155,17 @@ pub async fn put(
     conflicting(q, &["cas", "acquire", "release"])?;
     let flags = parse_u64(q, "flags")?.unwrap_or(0);
     let cas = parse_u64(q, "cas")?;
-    let too_large = |n: u64| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "Request body({n} bytes) too large, max size: {KV_MAX_VALUE_SIZE} bytes. See https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size."
-            ),
-        )
-    };
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if let Some(n) = declared {
-        if n > KV_MAX_VALUE_SIZE {
-            return Err(too_large(n));
+    let body = match read_limited(req, KV_MAX_VALUE_SIZE).await {
+        Ok(LimitedBody::Whole(b)) => b,
+        Ok(LimitedBody::TooLarge(o)) => {
+            let mut e = ApiError::too_large(o.size, KV_MAX_VALUE_SIZE, o.drained);
+            e.body.push_str(
+                " See https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size.",
+            );
+            return Err(e);
         }
-    }
-    let body = match Limited::new(req.into_body(), KV_MAX_VALUE_SIZE as usize)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return Err(too_large(KV_MAX_VALUE_SIZE + 1)),
+        // Consul returns the copy error itself, with a 500.
+        Err(e) => return Err(ApiError::internal(e.to_string())),
     };
     if ctx.faults.no_leader() {
         return Err(ApiError::no_leader());

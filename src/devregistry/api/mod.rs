@@ -5,6 +5,7 @@
 //! `reply`; errors are `error::ApiError`, plain text as Consul's are.
 
 mod agent;
+mod body;
 mod catalog;
 mod context;
 mod health;

@@ -3,19 +3,20 @@
 //! and consistency headers, `true`/`false`, empty 200s, plain-text errors).
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, ALLOW, CONTENT_TYPE};
+use http::header::{HeaderName, HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::Value;
 
+use super::body::{read_limited, LimitedBody};
 use super::context::ApiContext;
 use crate::devregistry::error::ApiError;
 use crate::devregistry::params::{self, Blocking, Consistency, Query};
 use crate::devregistry::store::{IndexedAnswer, RegistryState};
 
 /// Cap for JSON request bodies (Consul has none; this keeps a runaway client bounded).
-const JSON_BODY_MAX: usize = 8 * 1024 * 1024;
+const JSON_BODY_MAX: u64 = 8 * 1024 * 1024;
 
 pub type Resp = Response<Full<Bytes>>;
 
@@ -26,6 +27,10 @@ pub fn error_response(e: ApiError) -> Resp {
     if let Some(allow) = e.allow {
         r.headers_mut()
             .insert(ALLOW, HeaderValue::from_static(allow));
+    }
+    if e.close {
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
     }
     if has_body {
         r.headers_mut().insert(
@@ -54,13 +59,12 @@ pub fn bool_ok(b: bool) -> Resp {
     r
 }
 
+/// A JSON request body, whole; over [`JSON_BODY_MAX`] it is refused with 413.
 pub async fn read_json_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    match Limited::new(req.into_body(), JSON_BODY_MAX).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) => Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("Request body too large or unreadable: {e}"),
-        )),
+    match read_limited(req, JSON_BODY_MAX).await {
+        Ok(LimitedBody::Whole(b)) => Ok(b),
+        Ok(LimitedBody::TooLarge(o)) => Err(ApiError::too_large(o.size, JSON_BODY_MAX, o.drained)),
+        Err(e) => Err(ApiError::bad_request(format!("Request decode failed: {e}"))),
     }
 }
 
