@@ -147,7 +147,8 @@ pub fn routes(admin: &Admin) -> Value {
         .routes()
         .iter()
         .zip(&snap.upstreams)
-        .map(|(r, set)| {
+        .zip(&snap.splits)
+        .map(|((r, set), split)| {
             let host = match &r.host {
                 HostMatch::Any => None,
                 HostMatch::Exact(h) => Some(h.clone()),
@@ -163,6 +164,8 @@ pub fn routes(admin: &Admin) -> Value {
                 "health": r.spec.health,
                 "tags": r.spec.tags,
                 "upstreams": set.len(),
+                "split": split.as_ref().map(|w| split_view(r, w)),
+                "redirect": r.spec.redirect,
             })
         })
         .collect();
@@ -173,6 +176,27 @@ pub fn routes(admin: &Admin) -> Value {
         "rejected": view.rejected,
         "conflicts": snap.table.conflicts(),
     })
+}
+
+/// A split route's shares: what each selects, its weight, how many instances it has now,
+/// and the share of traffic it gets now (per mille; a share without instances gets 0).
+fn split_view(route: &crate::routing::Route, split: &crate::balance::split::WeightedSets) -> Value {
+    let now = split.effective_per_mille();
+    route
+        .backends
+        .iter()
+        .zip(split.shares())
+        .zip(now)
+        .map(|((b, share), per_mille)| {
+            json!({
+                "service": b.service,
+                "tags": b.tags,
+                "weight": b.weight,
+                "instances": share.set.len(),
+                "share_per_mille": per_mille,
+            })
+        })
+        .collect()
 }
 
 /// Per routed service: its instances with health, weight and passive-health state, and

@@ -395,7 +395,7 @@ impl SnapshotWriter {
         let wanted: BTreeSet<String> = self
             .all_routes()
             .iter()
-            .filter_map(|r| r.service().map(str::to_string))
+            .flat_map(|r| r.services().map(str::to_string).collect::<Vec<_>>())
             .collect();
         let report = self.watches.sync_health(&wanted);
         let now = Instant::now();
@@ -526,14 +526,13 @@ impl SnapshotWriter {
             .all_routes()
             .into_iter()
             .filter(|r| {
-                let Some(s) = r.service() else {
-                    return true;
-                };
-                let pending = !self.services.contains_key(s)
-                    && self
-                        .wanted_since
-                        .get(s)
-                        .is_some_and(|t| now.duration_since(*t) < SERVICE_GRACE);
+                let pending = r.services().any(|s| {
+                    !self.services.contains_key(s)
+                        && self
+                            .wanted_since
+                            .get(s)
+                            .is_some_and(|t| now.duration_since(*t) < SERVICE_GRACE)
+                });
                 if pending && self.published {
                     held.insert(r.name.clone());
                 }

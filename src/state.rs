@@ -8,6 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::{HeaderMap, Method};
 
+use crate::balance::split::{SplitShare, WeightedSets};
 use crate::discovery::{self, EndpointStats, HealthPolicy, Instance, UpstreamSet};
 use crate::routing::{Route, RouteTable};
 
@@ -20,8 +21,11 @@ pub struct Snapshot {
     /// Bumped on every publish; visible in `/routes` and logs.
     pub version: u64,
     pub table: RouteTable,
-    /// The upstream set of each route, by route id in `table`.
+    /// The upstream set of each route, by route id in `table` (a split route's first
+    /// share; an empty set for a redirect).
     pub upstreams: Vec<Arc<UpstreamSet>>,
+    /// The shares of each split route, by route id.
+    pub splits: Vec<Option<Arc<WeightedSets>>>,
     /// Endpoint stats by service, then instance id: shared by every set containing the
     /// instance and carried into the next snapshot.
     pub stats: HashMap<String, Arc<ServiceStats>>,
@@ -33,16 +37,19 @@ pub struct Snapshot {
 pub struct Match<'a> {
     pub route: &'a Arc<Route>,
     pub upstreams: &'a Arc<UpstreamSet>,
+    /// The shares, when the route splits its traffic.
+    pub split: Option<&'a Arc<WeightedSets>>,
 }
 
 /// Routes that share service, health policy and (sorted) tags share one upstream set.
 type SetKey = (String, HealthPolicy, Vec<String>);
 
-fn set_key(route: &Route) -> SetKey {
-    let spec = &route.spec;
-    let mut tags = spec.tags.clone();
-    tags.sort();
-    (spec.service.clone(), spec.health, tags)
+/// The key of each of the route's sets, in the order of its backends.
+fn set_keys(route: &Route) -> impl Iterator<Item = SetKey> + '_ {
+    route
+        .backends
+        .iter()
+        .map(|b| (b.service.clone(), route.spec.health, b.tags.clone()))
 }
 
 impl Snapshot {
@@ -75,70 +82,85 @@ impl Snapshot {
         let table = RouteTable::build(routes);
         let mut previous_sets: HashMap<SetKey, &Arc<UpstreamSet>> = HashMap::new();
         if let Some(p) = previous {
-            for (route, set) in p.table.routes().iter().zip(&p.upstreams) {
-                previous_sets.entry(set_key(route)).or_insert(set);
+            for (id, route) in p.table.routes().iter().enumerate() {
+                for (i, key) in set_keys(route).enumerate() {
+                    let set = match p.splits.get(id).and_then(Option::as_ref) {
+                        Some(split) => split.shares().get(i).map(|s| &s.set),
+                        None => p.upstreams.get(id),
+                    };
+                    if let Some(set) = set {
+                        previous_sets.entry(key).or_insert(set);
+                    }
+                }
             }
         }
         let empty = Arc::new(Vec::new());
+        let no_set = Arc::new(UpstreamSet::build("", Vec::new(), &ServiceStats::new()));
         let mut stats: HashMap<String, Arc<ServiceStats>> = HashMap::new();
         let mut instances: HashMap<String, Arc<Vec<Instance>>> = HashMap::new();
         let mut sets: HashMap<SetKey, Arc<UpstreamSet>> = HashMap::new();
         let mut upstreams = Vec::with_capacity(table.len());
+        let mut splits = Vec::with_capacity(table.len());
         for route in table.routes() {
-            let key = set_key(route);
-            if let Some(set) = sets.get(&key) {
-                upstreams.push(set.clone());
-                continue;
-            }
-            let (service, health, tags) = &key;
-            if route.service().is_none() {
-                // A redirect: no instances, and nothing of it in the maps of services.
-                let set = Arc::new(UpstreamSet::build(
-                    service,
-                    Vec::new(),
-                    &ServiceStats::new(),
-                ));
+            let mut route_sets = Vec::with_capacity(route.backends.len());
+            for key in set_keys(route) {
+                if let Some(set) = sets.get(&key) {
+                    route_sets.push(set.clone());
+                    continue;
+                }
+                let (service, health, tags) = &key;
+                let list = services.get(service).unwrap_or(&empty);
+                let unchanged = previous
+                    .and_then(|p| p.instances.get(service))
+                    .is_some_and(|prev| Arc::ptr_eq(prev, list));
+                instances
+                    .entry(service.clone())
+                    .or_insert_with(|| list.clone());
+                let service_stats = stats
+                    .entry(service.clone())
+                    .or_insert_with(|| {
+                        let prev = previous.and_then(|p| p.stats.get(service));
+                        match prev {
+                            Some(prev) if unchanged => prev.clone(),
+                            _ => carry_stats(list, prev),
+                        }
+                    })
+                    .clone();
+                let chosen = || {
+                    list.iter()
+                        .filter(move |i| discovery::selected(i, *health, tags))
+                };
+                let set = match previous_sets.get(&key) {
+                    Some(prev) if unchanged => (*prev).clone(),
+                    Some(prev) if same_members(prev, chosen(), &service_stats) => (*prev).clone(),
+                    _ => Arc::new(UpstreamSet::build(
+                        service,
+                        chosen().cloned().collect(),
+                        &service_stats,
+                    )),
+                };
                 sets.insert(key, set.clone());
-                upstreams.push(set);
-                continue;
+                route_sets.push(set);
             }
-            let list = services.get(service).unwrap_or(&empty);
-            let unchanged = previous
-                .and_then(|p| p.instances.get(service))
-                .is_some_and(|prev| Arc::ptr_eq(prev, list));
-            instances
-                .entry(service.clone())
-                .or_insert_with(|| list.clone());
-            let service_stats = stats
-                .entry(service.clone())
-                .or_insert_with(|| {
-                    let prev = previous.and_then(|p| p.stats.get(service));
-                    match prev {
-                        Some(prev) if unchanged => prev.clone(),
-                        _ => carry_stats(list, prev),
-                    }
-                })
-                .clone();
-            let chosen = || {
-                list.iter()
-                    .filter(move |i| discovery::selected(i, *health, tags))
-            };
-            let set = match previous_sets.get(&key) {
-                Some(prev) if unchanged => (*prev).clone(),
-                Some(prev) if same_members(prev, chosen(), &service_stats) => (*prev).clone(),
-                _ => Arc::new(UpstreamSet::build(
-                    service,
-                    chosen().cloned().collect(),
-                    &service_stats,
-                )),
-            };
-            sets.insert(key, set.clone());
-            upstreams.push(set);
+            // A redirect has no set; its routes still get an (empty) one to keep ids aligned.
+            upstreams.push(route_sets.first().unwrap_or(&no_set).clone());
+            splits.push(route.is_split().then(|| {
+                let shares = route_sets
+                    .into_iter()
+                    .zip(&route.backends)
+                    .map(|(set, b)| SplitShare {
+                        set,
+                        weight: b.weight,
+                    })
+                    .collect();
+                Arc::new(WeightedSets::new(shares))
+            }));
         }
         Snapshot {
             version,
             table,
             upstreams,
+            splits,
             stats,
             instances,
         }
@@ -156,6 +178,7 @@ impl Snapshot {
         Some(Match {
             route: self.table.get(id)?,
             upstreams: self.upstreams.get(id)?,
+            split: self.splits.get(id).and_then(Option::as_ref),
         })
     }
 }

@@ -4,8 +4,181 @@
 
 mod support;
 
-use serde_json::json;
-use support::{eventually, route, seen_headers, Env, DEADLINE};
+use futures_util::{stream, StreamExt};
+use serde_json::{json, Value};
+use support::upstream::Upstream;
+use support::{
+    eventually, json_of, route, seen_headers, unique, Consul, Env, Gateway, Svc, DEADLINE,
+};
+
+/// Sends `n` GETs to `url`, `width` at a time; the statuses that were not 200.
+async fn hammer(http: &reqwest::Client, url: &str, n: usize, width: usize) -> Vec<u16> {
+    stream::iter(0..n)
+        .map(|_| async move {
+            match http.get(url).send().await {
+                Ok(r) => r.status().as_u16(),
+                Err(_) => 0,
+            }
+        })
+        .buffer_unordered(width)
+        .filter(|s| std::future::ready(*s != 200))
+        .collect()
+        .await
+}
+
+/// The admin view of route `name`'s split, once `ready` holds for it.
+async fn split_when(gw: &Gateway, name: &str, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    eventually(DEADLINE, &format!("split of {name}"), || async {
+        let (_, v) = gw.admin("/routes").await;
+        let routes = v["routes"].as_array().cloned().unwrap_or_default();
+        let split = routes
+            .iter()
+            .find(|r| r["name"] == name)
+            .and_then(|r| r["split"].as_array().cloned())?;
+        ready(&split).then_some(split)
+    })
+    .await
+}
+
+fn instances(split: &[Value]) -> Vec<u64> {
+    split
+        .iter()
+        .map(|s| s["instances"].as_u64().unwrap_or(99))
+        .collect()
+}
+
+fn shares(split: &[Value]) -> Vec<u64> {
+    split
+        .iter()
+        .map(|s| s["share_per_mille"].as_u64().unwrap_or(9999))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_canary_split_deals_ten_thousand_requests_by_weight_and_a_dead_canary_gives_up_its_share()
+{
+    let consul = Consul::start().await;
+    let gw = Gateway::start(&consul, &format!("{}/", unique("split")), |_| {}).await;
+    let service = unique("shop");
+    let (stable, canary) = (Upstream::start("v1").await, Upstream::start("v2").await);
+    let mut v1 = Svc::new(&service, &format!("{service}-v1"), stable.port());
+    v1.tags = vec!["v1".into()];
+    let mut v2 = Svc::new(&service, &format!("{service}-v2"), canary.port());
+    v2.tags = vec!["v2".into()];
+    consul.register(&v1).await;
+    consul.register(&v2).await;
+    let split = json!({"split": [{"tags": ["v1"], "weight": 90}, {"tags": ["v2"], "weight": 10}]});
+    consul
+        .put_kv(&gw.route_key("shop"), &route(&service, "/shop", split))
+        .await;
+    split_when(&gw, "shop", |s| instances(s) == [1, 1]).await;
+
+    let http = support::client();
+    let url = format!("http://{}/shop/item", gw.app.proxy_addr());
+    let failed = hammer(&http, &url, 10_000, 32).await;
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(10)]
+    );
+    let (a, b) = (stable.hits(), canary.hits());
+    assert_eq!(a + b, 10_000);
+    let canary_share = b as f64 / 10_000.0;
+    support::note(&format!("split 90/10 over 10,000 requests: {a} / {b}"));
+    assert!(
+        (canary_share - 0.10).abs() <= 0.01,
+        "canary got {canary_share}"
+    );
+
+    // The canary's check fails: its share goes to the stable version, no request fails.
+    consul.check(&v2.check_id(), "fail", "canary broke").await;
+    let now = split_when(&gw, "shop", |s| instances(s) == [1, 0]).await;
+    assert_eq!(shares(&now), [1000, 0]);
+    let before = canary.hits();
+    let failed = hammer(&http, &url, 1_000, 16).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(canary.hits(), before, "no request went to the dead canary");
+
+    consul.check(&v2.check_id(), "pass", "fixed").await;
+    let now = split_when(&gw, "shop", |s| instances(s) == [1, 1]).await;
+    assert_eq!(shares(&now), [900, 100]);
+    let before = canary.hits();
+    assert!(hammer(&http, &url, 100, 8).await.is_empty());
+    let back = canary.hits() - before;
+    assert!(
+        (8..=12).contains(&back),
+        "the canary has its share back: {back} of 100"
+    );
+    gw.stop().await;
+    consul.cleanup().await;
+}
+
+#[tokio::test]
+async fn blue_green_across_services_keeps_each_user_on_one_colour() {
+    let consul = Consul::start().await;
+    let gw = Gateway::start(&consul, &format!("{}/", unique("split")), |_| {}).await;
+    let (blue, green) = (unique("blue"), unique("green"));
+    let (b, g) = (
+        Upstream::start("blue").await,
+        Upstream::start("green").await,
+    );
+    consul
+        .register(&Svc::new(&blue, &format!("{blue}-0"), b.port()))
+        .await;
+    consul
+        .register(&Svc::new(&green, &format!("{green}-0"), g.port()))
+        .await;
+    let doc = json!({
+        "path_prefix": "/app",
+        "hash_on": "header:x-user",
+        "split": [{"service": blue, "weight": 50}, {"service": green, "weight": 50}]
+    });
+    consul.put_kv(&gw.route_key("app"), &doc.to_string()).await;
+    split_when(&gw, "app", |s| instances(s) == [1, 1]).await;
+    let http = support::client();
+    let url = format!("http://{}/app/", gw.app.proxy_addr());
+    let mut colours = std::collections::BTreeSet::new();
+    for user in 0..40 {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..5 {
+            let resp = http
+                .get(&url)
+                .header("x-user", format!("user-{user}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            seen.insert(
+                json_of(resp).await["server"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            );
+        }
+        assert_eq!(seen.len(), 1, "user-{user} moved between colours: {seen:?}");
+        colours.extend(seen);
+    }
+    assert_eq!(
+        colours.len(),
+        2,
+        "both colours serve some users: {colours:?}"
+    );
+    // Green goes away entirely: everyone is on blue, without errors.
+    consul.deregister(&format!("{green}-0")).await;
+    split_when(&gw, "app", |s| instances(s) == [1, 0]).await;
+    for user in 0..10 {
+        let resp = http
+            .get(&url)
+            .header("x-user", format!("user-{user}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(json_of(resp).await["server"], "blue");
+    }
+    gw.stop().await;
+    consul.cleanup().await;
+}
 
 #[tokio::test]
 async fn header_rules_and_host_rewrite_shape_what_the_upstream_sees_and_what_the_client_gets() {

@@ -8,6 +8,7 @@
 
 pub mod outlier;
 pub mod spec;
+pub mod split;
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
@@ -16,7 +17,7 @@ use http::{HeaderMap, HeaderName};
 use rand::Rng;
 
 use crate::discovery::UpstreamSet;
-pub use spec::{LbPolicy, OutlierSpec};
+pub use spec::{LbPolicy, OutlierSpec, SplitEntry};
 
 /// What a `consistent_hash` route hashes on.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -37,3 +37,16 @@ impl Default for OutlierSpec {
         }
     }
 }
+
+/// One share of a `split` route: instances of `service` (the route's when absent)
+/// carrying `tags` (besides the route's own), taking `weight` of the traffic relative to
+/// the other entries.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitEntry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub weight: u32,
+}

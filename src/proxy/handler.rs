@@ -261,7 +261,8 @@ impl Gateway {
         }
         let found = found.ok_or(ProxyError::NoRoute)?;
         let route = found.route.clone();
-        let set = found.upstreams.clone();
+        let mut set = found.upstreams.clone();
+        let split = found.split.cloned();
         drop(snapshot);
         ex.route = Some(route.clone());
         if route.response_headers.is_some() {
@@ -333,6 +334,16 @@ impl Gateway {
         }
 
         let forwarded = self.forwarded(ex, parts, conn, &host);
+        // A header the gateway sets is hashed as it goes upstream.
+        let hash = route.hash_on.as_ref().and_then(|h| {
+            match h.header().and_then(|name| forwarded.get(name)) {
+                Some(sent) => Some(balance::hash_bytes(sent)),
+                None => h.key(&parts.headers, ex.client_ip),
+            }
+        });
+        if let Some(chosen) = split.as_ref().and_then(|s| s.choose(hash)) {
+            set = chosen.clone();
+        }
         let uri = match (&ex.path, route.upstream_path(ex.path.as_str())) {
             // The client's path, query and all, goes upstream unchanged: no new URI to build.
             (NormalPath::AsSent(sent), Cow::Borrowed(_)) if starts_with_path(sent) => sent.clone(),
@@ -345,6 +356,7 @@ impl Gateway {
             forwarded: &forwarded,
             limit,
             upgrade,
+            hash,
         };
         self.forward(ex, parts, body, target).await
     }
@@ -382,6 +394,7 @@ impl Gateway {
             forwarded,
             limit,
             upgrade,
+            hash,
         } = target;
         let spec = &route.spec;
         let mut retries = Retries::new(&spec.retry, &parts.method, &self.budget, &route.name);
@@ -396,13 +409,6 @@ impl Gateway {
             connect_ms: spec.timeouts.connect_ms,
             tls_service: route.policy.upstream_tls.then(|| spec.service.clone()),
         };
-        // A header the gateway sets is hashed as it goes upstream.
-        let hash = route.hash_on.as_ref().and_then(|h| {
-            match h.header().and_then(|name| forwarded.get(name)) {
-                Some(sent) => Some(balance::hash_bytes(sent)),
-                None => h.key(&parts.headers, ex.client_ip),
-            }
-        });
         let per_try = Duration::from_millis(spec.timeouts.per_try_ms);
         let deadline = ex.start + Duration::from_millis(spec.timeouts.total_ms);
         let mut tried = Tried::default();
@@ -541,6 +547,8 @@ struct Upstream<'a> {
     limit: u64,
     /// A WebSocket upgrade.
     upgrade: bool,
+    /// The client's hash for `consistent_hash` (and a sticky split).
+    hash: Option<u64>,
 }
 
 /// One request in flight on an instance (for `least_request`), however the request ends:
@@ -574,7 +582,11 @@ impl Finish for Done {
         let ex = &self.ex;
         let elapsed = ex.start.elapsed();
         let route = ex.route.as_ref().map_or("", |r| r.name.as_str());
-        let service = ex.route.as_ref().map_or("", |r| r.spec.service.as_str());
+        let service = match (&ex.instance, &ex.route) {
+            (Some((set, _)), _) => set.service.as_str(),
+            (None, Some(r)) => r.service().unwrap_or(""),
+            (None, None) => "",
+        };
         match &ex.route {
             Some(r) => r.metrics.record(self.status, elapsed.as_secs_f64()),
             None => metrics::counter!(crate::metrics::REQUESTS,

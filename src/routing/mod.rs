@@ -71,21 +71,26 @@ pub struct Route {
     pub host_rewrite: Option<HeaderValue>,
     /// Answered at the gateway; no upstream is involved.
     pub redirect: Option<crate::rewrite::Redirect>,
+    /// The upstream sets the route sends to: one, the shares of a `split`, or none for a
+    /// redirect.
+    pub backends: Vec<Backend>,
+}
+
+/// One upstream set of a route: instances of `service` carrying every tag in `tags`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub service: String,
+    /// The route's tags and the split entry's, sorted, without repeats.
+    pub tags: Vec<String>,
+    /// Relative share of the traffic (1 when the route has no split).
+    pub weight: u32,
 }
 
 impl Route {
     /// Validates the routing part of a document. Other concerns (auth, policy, balancing)
     /// validate their own fields through their modules' compile functions.
     pub fn compile(name: &str, spec: RouteSpec) -> Result<Route, RouteError> {
-        if spec.service.trim().is_empty() && spec.redirect.is_none() {
-            return Err(field(
-                "service",
-                "must not be empty (only a route with a redirect has none)",
-            ));
-        }
-        if spec.service.contains('/') || spec.service.chars().any(|c| c.is_whitespace()) {
-            return Err(field("service", "must be a Consul service name"));
-        }
+        let backends = backends(&spec)?;
         let path_prefix =
             normalize_prefix(&spec.path_prefix).map_err(|m| field("path_prefix", m))?;
         let host = match spec.host.as_deref().map(str::trim) {
@@ -172,12 +177,17 @@ impl Route {
             .map(crate::rewrite::Redirect::compile)
             .transpose()
             .map_err(|e| field("redirect", e.to_string()))?;
+        let metrics = crate::metrics::RouteMetrics::new(
+            name,
+            backends.first().map_or("", |b| b.service.as_str()),
+        );
         Ok(Route {
+            backends,
             request_headers,
             response_headers,
             host_rewrite,
             redirect,
-            metrics: crate::metrics::RouteMetrics::new(name, &spec.service),
+            metrics,
             policy,
             hash_on,
             name: name.to_string(),
@@ -191,9 +201,20 @@ impl Route {
         })
     }
 
-    /// The Consul service the route sends traffic to; `None` for a redirect-only route.
+    /// The Consul service the route is known by (its first backend's); `None` for a
+    /// redirect.
     pub fn service(&self) -> Option<&str> {
-        Some(self.spec.service.as_str()).filter(|s| !s.is_empty())
+        self.backends.first().map(|b| b.service.as_str())
+    }
+
+    /// Every Consul service the route sends traffic to.
+    pub fn services(&self) -> impl Iterator<Item = &str> {
+        self.backends.iter().map(|b| b.service.as_str())
+    }
+
+    /// Whether the route deals its traffic out by weight.
+    pub fn is_split(&self) -> bool {
+        !self.spec.split.is_empty()
     }
 
     /// Does the request (path already normalised) match everything but the prefix?
@@ -224,6 +245,98 @@ impl Route {
             std::borrow::Cow::Owned(joined)
         }
     }
+}
+
+/// Most shares a split may have.
+const MAX_SPLIT_ENTRIES: usize = 32;
+const MAX_SPLIT_WEIGHT: u32 = 1_000_000;
+
+/// The route's upstream sets: its `service` and `tags`, or one per `split` entry.
+fn backends(spec: &RouteSpec) -> Result<Vec<Backend>, RouteError> {
+    let service_name = |name: &str, f: &'static str| -> Result<(), RouteError> {
+        if name.contains('/') || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(field(f, format!("`{name}` is not a Consul service name")));
+        }
+        Ok(())
+    };
+    let own = spec.service.trim();
+    if !own.is_empty() {
+        service_name(&spec.service, "service")?;
+    }
+    let tags_with = |extra: &[String]| {
+        let mut tags: Vec<String> = spec.tags.iter().chain(extra).cloned().collect();
+        tags.sort();
+        tags.dedup();
+        tags
+    };
+    if spec.redirect.is_some() {
+        if !spec.split.is_empty() {
+            return Err(field("split", "a redirect route sends nothing upstream"));
+        }
+        return Ok(Vec::new());
+    }
+    if spec.split.is_empty() {
+        if own.is_empty() {
+            return Err(field(
+                "service",
+                "must not be empty (only a redirect, or a split whose entries all name a \
+                 service, may go without)",
+            ));
+        }
+        return Ok(vec![Backend {
+            service: spec.service.clone(),
+            tags: tags_with(&[]),
+            weight: 1,
+        }]);
+    }
+    if spec.split.len() > MAX_SPLIT_ENTRIES {
+        return Err(field(
+            "split",
+            format!("at most {MAX_SPLIT_ENTRIES} entries"),
+        ));
+    }
+    let mut backends: Vec<Backend> = Vec::with_capacity(spec.split.len());
+    for (i, entry) in spec.split.iter().enumerate() {
+        let service = match entry.service.as_deref().map(str::trim) {
+            Some("") => return Err(field("split", format!("entry {i}: empty service"))),
+            Some(s) => {
+                service_name(s, "split")?;
+                s.to_string()
+            }
+            None if own.is_empty() => {
+                return Err(field(
+                    "split",
+                    format!("entry {i} names no service and the route has none"),
+                ))
+            }
+            None => spec.service.clone(),
+        };
+        if entry.weight > MAX_SPLIT_WEIGHT {
+            return Err(field(
+                "split",
+                format!("entry {i}: weight must be at most {MAX_SPLIT_WEIGHT}"),
+            ));
+        }
+        let backend = Backend {
+            service,
+            tags: tags_with(&entry.tags),
+            weight: entry.weight,
+        };
+        if backends
+            .iter()
+            .any(|b| b.service == backend.service && b.tags == backend.tags)
+        {
+            return Err(field(
+                "split",
+                format!("entry {i} selects the same instances as an earlier one"),
+            ));
+        }
+        backends.push(backend);
+    }
+    if backends.iter().all(|b| b.weight == 0) {
+        return Err(field("split", "at least one entry needs a weight above 0"));
+    }
+    Ok(backends)
 }
 
 /// Timeouts, retries and outlier detection must make sense together.
@@ -395,6 +508,11 @@ mod tests {
             ),
             (r#""host_rewrite":"a b""#, "host_rewrite"),
             (r#""redirect":{"to":"//evil"}"#, "redirect"),
+            (r#""split":[{"weight":0}]"#, "split"),
+            (r#""split":[{"weight":1},{"tags":[],"weight":2}]"#, "split"),
+            (r#""split":[{"service":"a b","weight":1}]"#, "split"),
+            (r#""split":[{"weight":2000000}]"#, "split"),
+            (r#""split":[{"weight":1}],"redirect":{"to":"/x"}"#, "split"),
         ] {
             let s = spec(&format!(r#"{{"service":"a","path_prefix":"/",{bad}}}"#));
             let err = Route::compile("r", s).unwrap_err().to_string();
@@ -417,6 +535,42 @@ mod tests {
         assert!(r.redirect.is_some());
         let r = Route::compile("r", spec(r#"{"service":"a","path_prefix":"/"}"#)).unwrap();
         assert_eq!(r.service(), Some("a"));
+    }
+
+    #[test]
+    fn a_split_has_one_backend_per_entry_with_the_route_tags_added() {
+        let r = Route::compile(
+            "r",
+            spec(r#"{"service":"a","path_prefix":"/","tags":["eu"],"split":[{"tags":["v1"],"weight":90},{"service":"b","tags":["eu"],"weight":10}]}"#),
+        )
+        .unwrap();
+        let got: Vec<(&str, Vec<&str>, u32)> = r
+            .backends
+            .iter()
+            .map(|b| {
+                (
+                    b.service.as_str(),
+                    b.tags.iter().map(String::as_str).collect(),
+                    b.weight,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![("a", vec!["eu", "v1"], 90), ("b", vec!["eu"], 10)]
+        );
+        assert_eq!(r.services().collect::<Vec<_>>(), ["a", "b"]);
+        // Blue/green across services needs no route-level service.
+        let r = Route::compile(
+            "r",
+            spec(r#"{"path_prefix":"/","split":[{"service":"blue","weight":1},{"service":"green","weight":0}]}"#),
+        )
+        .unwrap();
+        assert_eq!(r.service(), Some("blue"));
+        let err = Route::compile("r", spec(r#"{"path_prefix":"/","split":[{"weight":1}]}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("names no service"), "{err}");
     }
 
     #[test]

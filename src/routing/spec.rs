@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 // Each concern owns the shape of its part of the document; the route document composes them.
-pub use crate::balance::spec::{LbPolicy, OutlierSpec};
+pub use crate::balance::spec::{LbPolicy, OutlierSpec, SplitEntry};
 pub use crate::discovery::HealthPolicy;
 pub use crate::policy::spec::{AssertionSpec, CorsSpec, RateLimitSpec};
 pub use crate::rewrite::{HeaderRulesSpec, RedirectSpec};
@@ -95,6 +95,9 @@ pub struct RouteSpec {
     /// The `Host` sent upstream (`X-Forwarded-Host` keeps the client's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_rewrite: Option<String>,
+    /// Weighted shares of the traffic across tags or services (canary, blue/green).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub split: Vec<SplitEntry>,
     /// Answer with a redirect at the gateway instead of going upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect: Option<RedirectSpec>,
@@ -299,6 +302,7 @@ impl RouteSpec {
             request_headers: None,
             response_headers: None,
             host_rewrite: None,
+            split: Vec::new(),
             redirect: None,
         }
     }
@@ -363,6 +367,7 @@ mod tests {
             r#"{"service":"a","path_prefix":"/","auth":{"jwt":["main"],"api_key":true,"scopes":["x"],"on_unauthenticated":{"redirect":"https://login"}}}"#,
             r#"{"service":"a","path_prefix":"/","request_headers":{"set":{"x-a":"${route}"},"remove":["cookie"]},"response_headers":{"add":{"x-b":"1"}},"host_rewrite":"b.internal"}"#,
             r#"{"path_prefix":"/old","redirect":{"to":"https://new.example.com","status":308,"keep_path":true}}"#,
+            r#"{"service":"a","path_prefix":"/","split":[{"tags":["v1"],"weight":90},{"service":"b","weight":10}]}"#,
         ] {
             let spec = RouteSpec::from_json(doc.as_bytes()).unwrap();
             let text = serde_json::to_vec(&spec).unwrap();
