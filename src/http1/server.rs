@@ -265,7 +265,7 @@ pub(super) struct Head {
 /// changes. `first` holds bytes already read from it.
 pub async fn serve<S: Service>(
     read: ClientRead,
-    mut write: ClientWrite,
+    write: ClientWrite,
     first: Bytes,
     service: S,
     settings: ServerSettings,
@@ -277,170 +277,274 @@ pub async fn serve<S: Service>(
     let mut draining = Box::pin(async move {
         let _ = shutdown.changed().await;
     });
-    let mut stopping = false;
-    let head_timeout = settings.header_timeout;
-    let max_head = settings.max_head;
-    let mut side = Some(Box::new(ReadSide {
-        reader: Reader {
-            io: read,
-            read: first,
-        },
-        body: Decoding::Done,
-        broken: false,
-    }));
+    let mut conn = Connection {
+        write,
+        service,
+        settings,
+        side: Some(Box::new(ReadSide {
+            reader: Reader {
+                io: read,
+                read: first,
+            },
+            body: Decoding::Done,
+            broken: false,
+        })),
+    };
     // One timer for the connection, moved only when it fires early: arming a timer per
     // request costs more than the check.
-    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(head_timeout));
-    // The read side is away only while a request body holds it.
-    while let Some(home) = side.as_mut() {
-        if stopping || signalled(&signal) {
-            break;
-        }
-        let deadline = Instant::now() + head_timeout;
-        let head = match read_head(
-            &mut home.reader,
-            &mut timer,
-            deadline,
-            max_head,
-            &mut draining,
-        )
-        .await
-        {
-            Ok(Some(head)) => head,
+    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(settings.header_timeout));
+    while !signalled(&signal) {
+        let request = match conn.read_request(&mut timer, &mut draining).await {
+            Ok(Some(request)) => request,
             Ok(None) => break,
             Err(e) => {
-                refuse(&mut write, &service, e).await;
+                refuse(&mut conn.write, &conn.service, e).await;
                 break;
             }
         };
+        let mut answered = conn.dispatch(request).await;
+        let back = decide_keep_alive(&mut answered, signalled(&signal));
+        // A switch needs the upgrade asked for, and the whole read side at hand.
+        let may_switch = answered.upgrade.is_some() && answered.lent.is_none();
+        let written = conn.write_answer(answered.reply, answered.answer_framing, may_switch);
+        match written.await {
+            AfterAnswer::NextRequest => {}
+            AfterAnswer::Close => break,
+            AfterAnswer::Switch => {
+                conn.hand_over(answered.upgrade);
+                return;
+            }
+        }
+        if !conn.take_back(answered.lent, back).await {
+            break;
+        }
+    }
+    let _ = conn.write.shutdown().await;
+}
+
+/// One client connection between requests.
+struct Connection<S> {
+    write: ClientWrite,
+    service: S,
+    settings: ServerSettings,
+    /// The read side; away only while a request body holds it.
+    side: Option<Box<ReadSide>>,
+}
+
+/// A request head read off the connection, with what its body and answer depend on.
+struct Incoming {
+    parts: http::request::Parts,
+    /// How its body is framed (`Done`: it has none).
+    body_framing: Decoding,
+    expect_continue: bool,
+    /// It asks to switch to WebSocket, the one protocol a connection may switch to.
+    websocket: bool,
+    /// `keep_alive` as the head asks; the answer may still close.
+    answer_framing: AnswerFraming,
+}
+
+/// What a connection does once an answer is out.
+enum AfterAnswer {
+    NextRequest,
+    Close,
+    /// The answer was a `101`: the connection is WebSocket's now.
+    Switch,
+}
+
+/// A request the service answered, with what the connection lent it.
+struct Answered<B, F> {
+    reply: Reply<B, F>,
+    answer_framing: AnswerFraming,
+    /// The read side, lent to the request body and on its way back.
+    lent: Option<oneshot::Receiver<Box<ReadSide>>>,
+    /// Where the connection goes if the answer switches protocols.
+    upgrade: Option<oneshot::Sender<Upgraded>>,
+    /// The client asked for `100 Continue` and the service answered without it being sent.
+    continue_unsent: bool,
+}
+
+impl<S: Service> Connection<S> {
+    /// The next request head, and how its body is framed. `Ok(None)`: the client closed
+    /// the connection between requests, or shutdown came while it was idle (or the read
+    /// side is away).
+    async fn read_request(
+        &mut self,
+        timer: &mut Pin<Box<Sleep>>,
+        draining: &mut Pin<Box<impl Future<Output = ()>>>,
+    ) -> Result<Option<Incoming>, HeadError> {
+        let Some(home) = self.side.as_mut() else {
+            return Ok(None);
+        };
+        let deadline = Instant::now() + self.settings.header_timeout;
+        let max_head = self.settings.max_head;
+        let Some(head) = read_head(&mut home.reader, timer, deadline, max_head, draining).await?
+        else {
+            return Ok(None);
+        };
         let Head {
-            request: mut parts,
+            request: parts,
             facts,
             expect_continue,
         } = head;
         let http10 = parts.version == Version::HTTP_10;
-        let mut keep_alive = facts.keeps_alive(http10);
-        let framing = match request_framing(&facts, http10) {
-            Ok(f) => f,
-            Err(e) => {
-                refuse(&mut write, &service, e).await;
-                break;
-            }
-        };
-        let head_request = parts.method == Method::HEAD;
-
-        let mut upgrade = None;
+        let keep_alive = facts.keeps_alive(http10);
+        let body_framing = request_framing(&facts, http10)?;
         // Only WebSocket may switch protocols: any other upgrade (`h2c` above all) would
         // open a raw tunnel to the instance past routing, auth and policy.
-        if facts.named
+        let websocket = facts.named
             && !http10
             && parts.method == Method::GET
-            && fields::wants_websocket(&parts.headers)
-        {
+            && fields::wants_websocket(&parts.headers);
+        Ok(Some(Incoming {
+            answer_framing: AnswerFraming {
+                head_request: parts.method == Method::HEAD,
+                http10,
+                keep_alive,
+            },
+            parts,
+            body_framing,
+            expect_continue,
+            websocket,
+        }))
+    }
+
+    /// Hands the request to the service, lending it the read side when it has a body, and
+    /// sends `100 Continue` when the service first reads a body the client holds back.
+    async fn dispatch(&mut self, request: Incoming) -> Answered<S::Body, S::Fields> {
+        let Incoming {
+            mut parts,
+            body_framing,
+            expect_continue,
+            websocket,
+            answer_framing,
+        } = request;
+        let mut upgrade = None;
+        if websocket {
             let (tx, on_upgrade) = OnUpgrade::channel();
             parts.extensions.insert(on_upgrade);
             upgrade = Some(tx);
         }
         let mut lent = None;
         let mut continue_asked = None;
-        let body = if framing == Decoding::Done {
-            None
-        } else {
-            home.body = framing;
-            let (back, returned) = oneshot::channel();
-            lent = Some(returned);
-            let expect = expect_continue.then(|| {
-                let (tx, rx) = oneshot::channel();
-                continue_asked = Some(rx);
-                tx
-            });
-            Some(ReceivedBody {
-                side: side.take(),
-                back: Some(back),
-                expect,
-                idle_limit: settings.body_timeout,
-                idle: None,
-            })
+        let body = match self.side.as_mut() {
+            Some(home) if body_framing != Decoding::Done => {
+                home.body = body_framing;
+                let (back, returned) = oneshot::channel();
+                lent = Some(returned);
+                let expect = expect_continue.then(|| {
+                    let (tx, rx) = oneshot::channel();
+                    continue_asked = Some(rx);
+                    tx
+                });
+                Some(ReceivedBody {
+                    side: self.side.take(),
+                    back: Some(back),
+                    expect,
+                    idle_limit: self.settings.body_timeout,
+                    idle: None,
+                })
+            }
+            _ => None,
         };
 
-        let mut answer = Box::pin(service.call(parts, body));
+        let mut answer = Box::pin(self.service.call(parts, body));
         let mut asked_done = false;
         let mut continued = false;
-        let response = match continue_asked {
+        let reply = match continue_asked {
             None => (&mut answer).await,
             Some(mut asked) => loop {
                 tokio::select! {
                     biased;
-                    response = &mut answer => break response,
+                    reply = &mut answer => break reply,
                     wanted = &mut asked, if !asked_done => {
                         asked_done = true;
                         if wanted.is_ok() {
                             continued = true;
-                            let _ = write_flushed(&mut write, b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                            let _ = write_flushed(&mut self.write, b"HTTP/1.1 100 Continue\r\n\r\n").await;
                         }
                     }
                 }
             },
         };
-        drop(answer);
-        if response.close {
-            keep_alive = false;
-        }
-        // Answered without asking for the body: the client may still be waiting to send
-        // it, so the connection cannot go on.
-        if expect_continue && !continued {
-            keep_alive = false;
-        }
-        stopping = signalled(&signal);
-        if stopping {
-            keep_alive = false;
-        }
-        // A body already given back unfinished tells now whether the connection can go
-        // on, so the answer can say so.
-        let mut back = None;
-        if let Some(returned) = lent.as_mut() {
-            if let Ok(side) = returned.try_recv() {
-                keep_alive &= !side.broken && (side.body.is_end() || drainable(&side.body));
-                back = Some(side);
-            }
-        }
-        let switching = response.response.status() == StatusCode::SWITCHING_PROTOCOLS;
-        if switching && (upgrade.is_none() || lent.is_some()) {
-            break;
-        }
-        let exchange = AnswerFraming {
-            head_request,
-            http10,
-            keep_alive: keep_alive && !switching,
-        };
-        let Ok(keep_alive) = write_response(&mut write, response, exchange).await else {
-            break;
-        };
-        if switching {
-            if let (Some(tx), Some(home)) = (upgrade, side.take()) {
-                let read = Rewind::new(home.reader.read, home.reader.io);
-                let _ = tx.send(Upgraded::new(read, write));
-            }
-            return;
-        }
-        if !keep_alive {
-            break;
-        }
-        if let Some(returned) = lent {
-            let back = match back {
-                Some(side) => Some(side),
-                None => recover(returned, head_timeout).await,
-            };
-            let Some(mut back) = back else {
-                break;
-            };
-            if back.broken || (!back.body.is_end() && !drain(&mut back).await) {
-                break;
-            }
-            side = Some(back);
+        Answered {
+            reply,
+            answer_framing,
+            lent,
+            upgrade,
+            continue_unsent: expect_continue && !continued,
         }
     }
-    let _ = write.shutdown().await;
+
+    /// Writes the answer; what the connection does next.
+    async fn write_answer(
+        &mut self,
+        reply: Reply<S::Body, S::Fields>,
+        framing: AnswerFraming,
+        may_switch: bool,
+    ) -> AfterAnswer {
+        let switching = reply.response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching && !may_switch {
+            return AfterAnswer::Close;
+        }
+        let framing = AnswerFraming {
+            keep_alive: framing.keep_alive && !switching,
+            ..framing
+        };
+        match write_response(&mut self.write, reply, framing).await {
+            Ok(_) if switching => AfterAnswer::Switch,
+            Ok(true) => AfterAnswer::NextRequest,
+            Ok(false) | Err(_) => AfterAnswer::Close,
+        }
+    }
+
+    /// After an answer that keeps the connection: takes back the read side lent to the
+    /// request body (`back` if it came already), draining what the service left unread.
+    /// `false` when the connection must close instead.
+    async fn take_back(
+        &mut self,
+        lent: Option<oneshot::Receiver<Box<ReadSide>>>,
+        back: Option<Box<ReadSide>>,
+    ) -> bool {
+        let Some(returned) = lent else {
+            return true;
+        };
+        let back = match back {
+            Some(side) => Some(side),
+            None => recover(returned, self.settings.header_timeout).await,
+        };
+        let Some(mut back) = back else {
+            return false;
+        };
+        if back.broken || (!back.body.is_end() && !drain(&mut back).await) {
+            return false;
+        }
+        self.side = Some(back);
+        true
+    }
+
+    /// After a `101`: the connection, with the bytes read past the head, goes to whoever
+    /// waits for the upgrade.
+    fn hand_over(self, upgrade: Option<oneshot::Sender<Upgraded>>) {
+        if let (Some(tx), Some(home)) = (upgrade, self.side) {
+            let read = Rewind::new(home.reader.read, home.reader.io);
+            let _ = tx.send(Upgraded::new(read, self.write));
+        }
+    }
+}
+
+/// Whether the connection can carry another request after this answer, so the answer
+/// can say so. Returns the read side when the request body already gave it back.
+fn decide_keep_alive<B, F>(answered: &mut Answered<B, F>, stopping: bool) -> Option<Box<ReadSide>> {
+    let keep_alive = &mut answered.answer_framing.keep_alive;
+    // A malformed request; or one answered without its body being asked for: the
+    // client may still be waiting to send it; or the gateway is shutting down.
+    if answered.reply.close || answered.continue_unsent || stopping {
+        *keep_alive = false;
+    }
+    // A body given back unfinished tells now whether the rest can be read and dropped.
+    let side = answered.lent.as_mut()?.try_recv().ok()?;
+    *keep_alive &= !side.broken && (side.body.is_end() || drainable(&side.body));
+    Some(side)
 }
 
 /// Whether the drain signal has come (or its sender is gone); never waits.
