@@ -116,7 +116,7 @@ async fn propagation(consul: &Consul, changes: usize) -> Result<(), Error> {
         .await?;
 
     let mut file = FileConfig::default();
-    file.consul.address = consul.url.clone();
+    file.consul.address = Some(consul.url.clone());
     file.consul.token = consul.token.clone();
     file.consul.kv_prefix = prefix.clone();
     file.consul.wait_s = 300;

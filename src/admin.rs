@@ -1,5 +1,5 @@
 //! The admin listener: read-only JSON views of what the gateway believes (`/ready`,
-//! `/routes`, `/upstreams`, `/auth`) and its Prometheus metrics (`/metrics`). Every endpoint is one arm of the match in [`respond`]; each
+//! `/routes`, `/upstreams`, `/auth`, `/consul`) and its Prometheus metrics (`/metrics`). Every endpoint is one arm of the match in [`respond`]; each
 //! view reads the current snapshot and the control-plane view once, never waits on Consul.
 
 use std::collections::BTreeSet;
@@ -20,6 +20,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::auth::Authenticator;
+use crate::consul::ConsulClient;
 use crate::control::Control;
 use crate::discovery;
 use crate::routing::HostMatch;
@@ -42,6 +43,8 @@ pub struct Admin {
     pub jwks: Option<Value>,
     /// Serving JWT providers, API keys and rejected auth documents, for `/auth`.
     pub auth: Option<Arc<Authenticator>>,
+    /// The Consul client (agents, consistency, token state), for `/consul`.
+    pub consul: Option<ConsulClient>,
 }
 
 /// Serves the admin API on `listener` until `shutdown` trips.
@@ -96,6 +99,7 @@ pub fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
         "/upstreams" => json_response(StatusCode::OK, &upstreams(admin)),
         "/metrics" => metrics_response(),
         "/auth" => json_response(StatusCode::OK, &auth(admin)),
+        "/consul" => json_response(StatusCode::OK, &consul(admin)),
         "/jwks.json" => match &admin.jwks {
             Some(jwks) => json_response(StatusCode::OK, jwks),
             None => text(StatusCode::NOT_FOUND, "no [assertion] key configured\n"),
@@ -126,6 +130,25 @@ pub fn auth(admin: &Admin) -> Value {
         }),
         None => json!({"providers": [], "api_keys": 0, "rejected": []}),
     }
+}
+
+/// The Consul side: the agents and which one is active, the consistency mode, the token's
+/// state (never the token), the age of the stalest data, and every watch with the leader
+/// headers of its last answer.
+pub fn consul(admin: &Admin) -> Value {
+    let view = admin.control.view();
+    let watches: Vec<Value> = view
+        .routes_watch
+        .iter()
+        .chain(view.tags_watch.iter())
+        .chain(view.health_watches.values())
+        .map(|w| serde_json::to_value(w.report()).unwrap_or(Value::Null))
+        .collect();
+    json!({
+        "client": admin.consul.as_ref().map(|c| c.report()),
+        "data_age_s": admin.control.data_age().map(|a| a.as_secs_f64()),
+        "watches": watches,
+    })
 }
 
 fn ready(admin: &Admin) -> Response<Full<Bytes>> {
@@ -332,6 +355,7 @@ mod tests {
             token: token.map(str::to_string),
             jwks: None,
             auth: None,
+            consul: None,
         }
     }
 

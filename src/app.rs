@@ -11,9 +11,9 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, Admin};
 use crate::auth::{AuthSettings, Authenticator};
-use crate::config::Config;
+use crate::config::{Config, ConsulConsistency};
 use crate::consul::watch::{self as consul_watch, CatalogServices};
-use crate::consul::{ClientSettings, ConsulClient, ConsulError, WatchOptions};
+use crate::consul::{ClientSettings, Consistency, ConsulClient, ConsulError, WatchOptions};
 use crate::control::Control;
 use crate::discovery::watcher::HealthWatcher;
 use crate::policy::Edge;
@@ -150,12 +150,22 @@ impl AppHandle {
 /// The Consul client settings of a configuration (TLS paths fall back to the CLI's env).
 pub fn client_settings(cfg: &Config) -> ClientSettings {
     let c = &cfg.file.consul;
+    let consistency = match cfg.consul_consistency {
+        ConsulConsistency::Default => Consistency::Default,
+        ConsulConsistency::Leader => Consistency::Leader,
+        ConsulConsistency::Stale => Consistency::Stale {
+            max_stale: cfg.consul_max_stale,
+        },
+        ConsulConsistency::Consistent => Consistency::Consistent,
+    };
     ClientSettings {
-        address: cfg.consul_address.clone(),
+        addresses: cfg.consul_addresses.clone(),
         token: cfg.consul_token.clone(),
+        token_file: c.token_file.clone(),
         datacenter: c.datacenter.clone(),
-        stale: c.stale,
+        consistency,
         wait: cfg.wait,
+        failback: (c.failback_s > 0).then(|| Duration::from_secs(c.failback_s)),
         ca_cert: c.ca_cert.clone(),
         client_cert: c.client_cert.clone(),
         client_key: c.client_key.clone(),
@@ -181,9 +191,13 @@ pub async fn start(
         s => Some(Duration::from_secs(s)),
     };
     let state = Arc::new(State::default());
-    let control = Arc::new(Control::new(client.address(), max_age));
+    let control = Arc::new(Control::new(&client.addresses().join(", "), max_age));
     let (first_tx, first_rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    tasks.push(tokio::spawn({
+        let (client, shutdown) = (client.clone(), shutdown.clone());
+        async move { client.upkeep(shutdown.wait()).await }
+    }));
     let edge = Arc::new(Edge::from_config(&cfg.file)?);
     tasks.push(edge.spawn_sweeper(shutdown.clone()));
 
@@ -200,6 +214,7 @@ pub async fn start(
         token: cfg.file.admin.token.clone(),
         jwks: edge.jwks(),
         auth: Some(auth.clone()),
+        consul: Some(client.clone()),
     });
     tasks.push(tokio::spawn(admin::serve(
         listeners.admin,
@@ -258,7 +273,7 @@ pub async fn start(
     };
     let writer = SnapshotWriter::new(
         WriterSettings {
-            consul_address: client.address().to_string(),
+            consul_address: client.addresses().join(", "),
             kv_prefix: cfg.file.consul.kv_prefix.clone(),
             state_file: cfg.file.consul.state_file.clone(),
             fabio: cfg.file.fabio.enabled,
@@ -269,7 +284,7 @@ pub async fn start(
         first_tx,
     );
     tracing::info!(routes = %format!("{}{}", cfg.file.consul.kv_prefix, kv::ROUTES_DIR),
-        consul = %client.address(), %proxy_addr, %admin_addr, "switchyard starting");
+        consul = %client.addresses().join(", "), %proxy_addr, %admin_addr, "switchyard starting");
     let registration = cfg.file.registration.enabled.then(|| {
         let me = registration::registration(&cfg.file.registration, proxy_addr, admin_addr);
         let recheck = Duration::from_secs(cfg.file.registration.check_interval_s.max(1));

@@ -58,16 +58,29 @@ pub struct FileConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsulSection {
-    /// `http://host:port`, `https://host:port` or bare `host:port` (like `CONSUL_HTTP_ADDR`).
-    pub address: String,
+    /// `http://host:port`, `https://host:port` or bare `host:port` (like `CONSUL_HTTP_ADDR`);
+    /// a comma-separated list names several agents, in order of preference. Unset (and no
+    /// `addresses`): `http://127.0.0.1:8500`.
+    pub address: Option<String>,
+    /// Several agents, in order of preference (the local agent first); or `address`.
+    pub addresses: Vec<String>,
+    /// With several addresses: how often (seconds) an earlier one is tried again while a
+    /// later one is active; 0 stays on whichever works.
+    pub failback_s: u64,
     pub token: Option<String>,
+    /// A file holding the token (like `CONSUL_HTTP_TOKEN_FILE`), read again every second.
     pub token_file: Option<PathBuf>,
     pub datacenter: Option<String>,
     /// Prefix in KV under which `routes/`, `jwt/` and `apikeys/` live.
     pub kv_prefix: String,
     /// The `wait` of each blocking query, in seconds (Consul caps it at 600).
     pub wait_s: u64,
-    /// Read with `?stale` so any server may answer (survives a lost leader).
+    /// Consul's consistency mode for reads: `default`, `leader`, `stale` or `consistent`.
+    pub consistency: Option<ConsulConsistency>,
+    /// With `consistency = "stale"`: an answer from a server that last heard from the leader
+    /// longer ago than this (seconds) is read again from the leader. 0: no bound.
+    pub max_stale_s: u64,
+    /// Older spelling of `consistency = "stale"`.
     pub stale: bool,
     pub ca_cert: Option<PathBuf>,
     pub client_cert: Option<PathBuf>,
@@ -79,15 +92,48 @@ pub struct ConsulSection {
     pub state_file: Option<PathBuf>,
 }
 
+/// Consul's read consistency modes (its "Consistency Modes" API documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsulConsistency {
+    /// No parameter: the agent's default (the leader answers, unless the agent's
+    /// `discovery_max_stale` makes catalog and health reads stale).
+    Default,
+    /// `?leader`: the default mode even where the agent's `discovery_max_stale` applies.
+    Leader,
+    /// `?stale`: any server answers, also without a leader; spreads watch load over servers.
+    Stale,
+    /// `?consistent`: the leader checks with a quorum before answering.
+    Consistent,
+}
+
+impl ConsulConsistency {
+    pub fn name(self) -> &'static str {
+        match self {
+            ConsulConsistency::Default => "default",
+            ConsulConsistency::Leader => "leader",
+            ConsulConsistency::Stale => "stale",
+            ConsulConsistency::Consistent => "consistent",
+        }
+    }
+}
+
+/// The agent of `switchyard run` without any address setting.
+pub const DEFAULT_CONSUL_ADDRESS: &str = "http://127.0.0.1:8500";
+
 impl Default for ConsulSection {
     fn default() -> Self {
         Self {
-            address: "http://127.0.0.1:8500".into(),
+            address: None,
+            addresses: Vec::new(),
+            failback_s: 10,
             token: None,
             token_file: None,
             datacenter: None,
             kv_prefix: "switchyard/".into(),
             wait_s: 300,
+            consistency: None,
+            max_stale_s: 0,
             stale: false,
             ca_cert: None,
             client_cert: None,
@@ -322,7 +368,13 @@ fn default_assertion_issuer() -> String {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub file: FileConfig,
+    /// The first (preferred) Consul agent.
     pub consul_address: String,
+    /// Every Consul agent, in order of preference (`consul_address` first).
+    pub consul_addresses: Vec<String>,
+    pub consul_consistency: ConsulConsistency,
+    /// The bound on stale answers (`consul.max_stale_s`), stale mode only.
+    pub consul_max_stale: Option<Duration>,
     pub consul_token: Option<String>,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
@@ -350,8 +402,33 @@ impl FileConfig {
 
     /// Checks every setting and resolves what the gateway needs at run time.
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let consul_address = normalize_consul_address(&self.consul.address)
-            .map_err(|m| invalid("consul.address", m))?;
+        let consul_addresses = consul_addresses(&self.consul)?;
+        let consul_address = consul_addresses[0].clone();
+        let consul_consistency = match (self.consul.consistency, self.consul.stale) {
+            (None, false) => ConsulConsistency::Default,
+            (None, true) => ConsulConsistency::Stale,
+            (Some(c), false) => c,
+            (Some(ConsulConsistency::Stale), true) => ConsulConsistency::Stale,
+            (Some(c), true) => {
+                return Err(invalid(
+                    "consul.stale",
+                    format!(
+                        "stale = true contradicts consistency = \"{}\"; set consistency alone",
+                        c.name()
+                    ),
+                ))
+            }
+        };
+        let consul_max_stale = match self.consul.max_stale_s {
+            0 => None,
+            _ if consul_consistency != ConsulConsistency::Stale => {
+                return Err(invalid(
+                    "consul.max_stale_s",
+                    "bounds stale reads: it needs consistency = \"stale\"",
+                ))
+            }
+            s => Some(Duration::from_secs(s)),
+        };
         if !(1..=600).contains(&self.consul.wait_s) {
             return Err(invalid("consul.wait_s", "must be between 1 and 600"));
         }
@@ -453,6 +530,9 @@ impl FileConfig {
         Ok(Config {
             file: self,
             consul_address,
+            consul_addresses,
+            consul_consistency,
+            consul_max_stale,
             consul_token,
             listen,
             admin_listen,
@@ -467,6 +547,34 @@ fn parse_addr(field: &'static str, value: &str) -> Result<SocketAddr, ConfigErro
     value
         .parse()
         .map_err(|e| invalid(field, format!("`{value}` is not an ip:port address: {e}")))
+}
+
+/// The agents of `[consul]`, normalized, in order: `addresses`, or `address` split at
+/// commas, or the default. Empty entries, duplicates and both settings at once are refused.
+fn consul_addresses(section: &ConsulSection) -> Result<Vec<String>, ConfigError> {
+    let (field, listed): (&'static str, Vec<&str>) = match (&section.address, &section.addresses) {
+        (Some(_), list) if !list.is_empty() => {
+            return Err(invalid(
+                "consul.addresses",
+                "set address or addresses, not both",
+            ))
+        }
+        (Some(a), _) => ("consul.address", a.split(',').collect()),
+        (None, list) if !list.is_empty() => (
+            "consul.addresses",
+            list.iter().map(String::as_str).collect(),
+        ),
+        (None, _) => ("consul.address", vec![DEFAULT_CONSUL_ADDRESS]),
+    };
+    let mut out: Vec<String> = Vec::with_capacity(listed.len());
+    for entry in listed {
+        let url = normalize_consul_address(entry).map_err(|m| invalid(field, m))?;
+        if out.contains(&url) {
+            return Err(invalid(field, format!("`{url}` is listed twice")));
+        }
+        out.push(url);
+    }
+    Ok(out)
 }
 
 /// Accepts what the Consul CLI accepts in `CONSUL_HTTP_ADDR`: a URL, or `host:port`
@@ -508,6 +616,65 @@ mod tests {
         );
         assert!(normalize_consul_address("ftp://x").is_err());
         assert!(normalize_consul_address("").is_err());
+    }
+
+    #[test]
+    fn several_consul_addresses_come_as_a_list_or_a_comma_separated_address() {
+        let parse = |text: &str| FileConfig::parse(text).unwrap().validate();
+        let cfg = parse("[consul]\naddress = \"127.0.0.1:8500, https://c2:8501\"\n").unwrap();
+        assert_eq!(
+            cfg.consul_addresses,
+            ["http://127.0.0.1:8500", "https://c2:8501"]
+        );
+        assert_eq!(cfg.consul_address, "http://127.0.0.1:8500");
+        let cfg = parse("[consul]\naddresses = [\"a:1\", \"b:2\"]\n").unwrap();
+        assert_eq!(cfg.consul_addresses, ["http://a:1", "http://b:2"]);
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg.consul_addresses, [DEFAULT_CONSUL_ADDRESS]);
+        for (bad, field) in [
+            (
+                "address = \"a:1\"\naddresses = [\"b:2\"]",
+                "consul.addresses",
+            ),
+            ("address = \"a:1,,b:2\"", "consul.address"),
+            ("address = \"a:1,\"", "consul.address"),
+            ("addresses = [\"a:1\", \"http://a:1\"]", "consul.addresses"),
+            ("addresses = [\"ftp://a:1\"]", "consul.addresses"),
+        ] {
+            let err = parse(&format!("[consul]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn consistency_modes_and_their_bounds_are_checked() {
+        let parse = |text: &str| FileConfig::parse(text).unwrap().validate();
+        assert_eq!(
+            parse("").unwrap().consul_consistency,
+            ConsulConsistency::Default
+        );
+        assert_eq!(
+            parse("[consul]\nstale = true\n")
+                .unwrap()
+                .consul_consistency,
+            ConsulConsistency::Stale
+        );
+        let cfg = parse("[consul]\nconsistency = \"stale\"\nmax_stale_s = 5\n").unwrap();
+        assert_eq!(cfg.consul_max_stale, Some(Duration::from_secs(5)));
+        for mode in ["default", "leader", "consistent"] {
+            let cfg = parse(&format!("[consul]\nconsistency = \"{mode}\"\n")).unwrap();
+            assert_eq!(cfg.consul_consistency.name(), mode);
+            let err = parse(&format!(
+                "[consul]\nconsistency = \"{mode}\"\nmax_stale_s = 5\n"
+            ))
+            .unwrap_err();
+            assert!(err.to_string().contains("consul.max_stale_s"), "{err}");
+        }
+        let err = parse("[consul]\nconsistency = \"consistent\"\nstale = true\n").unwrap_err();
+        assert!(err.to_string().contains("consul.stale"), "{err}");
+        assert!(FileConfig::parse("[consul]\nconsistency = \"eventual\"\n").is_err());
     }
 
     #[test]

@@ -102,7 +102,8 @@ pub async fn start(
     });
     registry.kv_put(&format!("{prefix}routes/secure"), secure.to_string())?;
 
-    file.consul.address = registry.url();
+    file.consul.address = Some(registry.url());
+    file.consul.addresses.clear();
     let admin_token = file.admin.token.clone();
     let cfg = file.validate()?;
     let listeners = app::bind_listeners(&cfg).await?;

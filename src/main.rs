@@ -83,12 +83,16 @@ struct MintKeyArgs {
 struct RunArgs {
     #[command(flatten)]
     gateway: GatewayArgs,
-    /// Consul agent: `http(s)://host:port` or `host:port`.
+    /// Consul agent: `http(s)://host:port` or `host:port`; a comma-separated list names
+    /// several agents, in order of preference.
     #[arg(long, env = "CONSUL_HTTP_ADDR")]
     consul: Option<String>,
     /// Consul ACL token.
     #[arg(long, env = "CONSUL_HTTP_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// File holding the Consul ACL token, read again while running (wins over --token).
+    #[arg(long, env = "CONSUL_HTTP_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// KV prefix holding routes/, jwt/ and apikeys/.
     #[arg(long)]
     kv_prefix: Option<String>,
@@ -193,9 +197,13 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => {
             let mut file = load_file(&args.gateway)?;
             if let Some(c) = args.consul {
-                file.consul.address = c;
+                file.consul.address = Some(c);
+                file.consul.addresses.clear();
             }
-            if let Some(t) = args.token {
+            if let Some(f) = args.token_file {
+                file.consul.token_file = Some(f);
+                file.consul.token = None;
+            } else if let Some(t) = args.token {
                 file.consul.token = Some(t);
                 file.consul.token_file = None;
             }

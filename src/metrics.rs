@@ -16,6 +16,13 @@ pub const RETRIES: &str = "switchyard_retries_total";
 pub const EJECTIONS: &str = "switchyard_ejections_total";
 pub const WATCH_ERRORS: &str = "switchyard_consul_watch_errors_total";
 pub const DATA_AGE: &str = "switchyard_consul_data_age_seconds";
+pub const CONSUL_AGENT_ACTIVE: &str = "switchyard_consul_agent_active";
+pub const CONSUL_AGENT_CHANGES: &str = "switchyard_consul_agent_changes_total";
+pub const CONSUL_KNOWN_LEADER: &str = "switchyard_consul_known_leader";
+pub const CONSUL_LAST_CONTACT: &str = "switchyard_consul_last_contact_seconds";
+pub const CONSUL_STALE_REREADS: &str = "switchyard_consul_stale_rereads_total";
+pub const CONSUL_TOKEN_REFUSED: &str = "switchyard_consul_token_refused";
+pub const CONSUL_ACL_REFUSALS: &str = "switchyard_consul_acl_refusals_total";
 pub const SNAPSHOTS: &str = "switchyard_snapshots_published_total";
 pub const ROUTES: &str = "switchyard_routes";
 pub const ROUTE_REJECTED: &str = "switchyard_route_rejected_total";
@@ -184,6 +191,35 @@ fn describe() {
         DATA_AGE,
         Unit::Seconds,
         "Staleness of each Consul watch: 0 while its blocking query is healthy, else seconds since Consul last answered it."
+    );
+    describe_gauge!(
+        CONSUL_AGENT_ACTIVE,
+        "1 for the Consul agent address reads go to, 0 for the other configured ones."
+    );
+    describe_counter!(
+        CONSUL_AGENT_CHANGES,
+        "Moves between Consul agent addresses (failover and failback), by from and to."
+    );
+    describe_gauge!(
+        CONSUL_KNOWN_LEADER,
+        "X-Consul-KnownLeader of the last answer from each agent (0: the answering server knew no leader)."
+    );
+    describe_gauge!(
+        CONSUL_LAST_CONTACT,
+        Unit::Seconds,
+        "X-Consul-LastContact of the last answer from each agent: how long since its server heard from the leader."
+    );
+    describe_counter!(
+        CONSUL_STALE_REREADS,
+        "Stale reads answered by a server lagging more than consul.max_stale_s, read again from the leader."
+    );
+    describe_gauge!(
+        CONSUL_TOKEN_REFUSED,
+        "1 while Consul refuses the ACL token (403: missing, expired, revoked or lacking a permission)."
+    );
+    describe_counter!(
+        CONSUL_ACL_REFUSALS,
+        "Consul reads refused with 403 (ACL token problem, not an outage), by watch."
     );
     describe_counter!(SNAPSHOTS, "Routing snapshots published.");
     describe_gauge!(ROUTES, "Routes in the live table.");

@@ -2,11 +2,17 @@
 //! client rules of `shared/consul-api.md` §1.4 and §8:
 //!
 //! - the index goes backwards → forget it and re-read from 0; it never blocks on 0;
+//! - any error (transport, HTTP status, undecodable answer, watchdog) → the index is
+//!   forgotten too, as Consul's own watch package does: the agent that answers next may be a
+//!   restarted one whose index starts over, where a query on the old index would wait out
+//!   its whole `wait` while a health change goes unseen;
 //! - an unchanged index, or a payload equal to the last one delivered → nothing is delivered;
-//! - errors → jittered exponential backoff capped at `max_backoff`, reset by a success; after
-//!   a few failures in a row the index is dropped so the next success is a fresh baseline;
+//! - errors → jittered exponential backoff capped at `max_backoff`, reset by a success;
 //! - a token bucket bounds the request rate, so a flapping key cannot spin the loop;
-//! - a watchdog abandons a request that has no answer within `wait + wait/16 + margin`.
+//! - a watchdog abandons a request that has no answer within `wait + wait/16 + margin`;
+//! - the client's [`Epoch`] moves: to another agent → the pending query (waiting on the
+//!   agent left) is abandoned for a fresh read; a new or working-again token → a backoff
+//!   is cut short.
 //!
 //! The last delivered value is never withdrawn: while Consul is unreachable the consumer
 //! keeps what it has, and [`WatchStatus`] says how old it is.
@@ -42,11 +48,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
+use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::client::{kv_path, ConsulClient, QueryAnswer};
+use super::client::{kv_path, ConsulClient, Epoch, QueryAnswer};
 use super::index::{Index, Step};
 use super::types::KvPair;
 use super::ConsulError;
@@ -81,12 +88,13 @@ pub struct WatchOptions {
     pub max_backoff: Duration,
     /// A request with no answer after this long is abandoned and counted as an error.
     pub watchdog: Duration,
-    /// Consecutive errors after which the index is dropped (next read is a fresh baseline).
-    pub reset_after_failures: u32,
+    /// The client's changes of agent and token (`None`: a source without a client).
+    pub epochs: Option<watch::Receiver<Epoch>>,
 }
 
-/// Margin of the watchdog on top of the server's `wait + wait/16`.
-const WATCHDOG_MARGIN: Duration = Duration::from_secs(2);
+/// Margin of the watchdog on top of the server's `wait + wait/16`: more than the client's
+/// own read timeout, which fires first and so counts the agent as unreachable.
+const WATCHDOG_MARGIN: Duration = Duration::from_secs(10);
 
 impl WatchOptions {
     pub fn for_client(
@@ -102,7 +110,7 @@ impl WatchOptions {
             base_backoff: Duration::from_millis(250),
             max_backoff,
             watchdog: wait + wait / 16 + WATCHDOG_MARGIN,
-            reset_after_failures: 3,
+            epochs: Some(client.epochs()),
         }
     }
 
@@ -132,6 +140,34 @@ struct StatusInner {
     /// The most recent request failed (the data may have moved on without us).
     failing: bool,
     last_error: Option<String>,
+    /// Leader headers and agent of the last answer.
+    last_answer: Option<AnswerMeta>,
+}
+
+/// What Consul said about its own state in an answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AnswerMeta {
+    /// The agent that answered.
+    pub agent: String,
+    /// `X-Consul-KnownLeader`.
+    pub known_leader: bool,
+    /// `X-Consul-LastContact`, milliseconds.
+    pub last_contact_ms: u64,
+    /// `X-Consul-Effective-Consistency`, when sent.
+    pub effective_consistency: Option<String>,
+}
+
+/// One watch as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WatchReport {
+    pub name: String,
+    pub index: u64,
+    pub data_age_s: Option<f64>,
+    pub last_contact_s: Option<f64>,
+    pub errors_total: u64,
+    pub consecutive_errors: u32,
+    pub last_error: Option<String>,
+    pub last_answer: Option<AnswerMeta>,
 }
 
 impl WatchStatus {
@@ -182,6 +218,24 @@ impl WatchStatus {
         self.lock().last_error.clone()
     }
 
+    /// Leader headers and agent of the last answer.
+    pub fn last_answer(&self) -> Option<AnswerMeta> {
+        self.lock().last_answer.clone()
+    }
+
+    pub fn report(&self) -> WatchReport {
+        WatchReport {
+            name: self.name.clone(),
+            index: self.index(),
+            data_age_s: self.data_age().map(|a| a.as_secs_f64()),
+            last_contact_s: self.last_contact().map(|a| a.as_secs_f64()),
+            errors_total: self.errors_total(),
+            consecutive_errors: self.consecutive_errors(),
+            last_error: self.last_error(),
+            last_answer: self.last_answer(),
+        }
+    }
+
     pub fn errors_total(&self) -> u64 {
         self.errors_total.load(Ordering::Relaxed)
     }
@@ -203,6 +257,19 @@ impl WatchStatus {
     fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
         // Only plain assignments happen under this lock: a poisoned one still holds valid data.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record_answer(&self, answer: &QueryAnswer) {
+        let meta = AnswerMeta {
+            agent: answer.agent.clone(),
+            known_leader: answer.known_leader,
+            last_contact_ms: answer.last_contact_ms,
+            effective_consistency: answer.effective_consistency.clone(),
+        };
+        let mut inner = self.lock();
+        if inner.last_answer.as_ref() != Some(&meta) {
+            inner.last_answer = Some(meta);
+        }
     }
 
     fn record_success(&self, index: Index) {
@@ -369,20 +436,35 @@ where
     let mut last: Option<Arc<S::Output>> = None;
     let mut failures: u32 = 0;
     let mut bucket = TokenBucket::new(options.burst, options.refill);
+    let mut epochs = options.epochs.clone();
     loop {
         bucket.acquire().await;
-        let outcome = match tokio::time::timeout(options.watchdog, source.fetch(index)).await {
+        let sent_in = epochs.as_ref().map(|rx| *rx.borrow());
+        let fetched = tokio::select! {
+            biased;
+            fetched = tokio::time::timeout(options.watchdog, source.fetch(index)) => fetched,
+            () = agent_moved(&mut epochs, sent_in) => {
+                tracing::debug!(watch = %options.name,
+                    "consul agent changed; abandoning the query waiting on the old one");
+                index = Index::ZERO;
+                continue;
+            }
+        };
+        let outcome = match fetched {
             Err(_) => Err(ConsulError::Stalled(options.watchdog)),
             Ok(Err(e)) => Err(e),
-            Ok(Ok(answer)) => match index.step(answer.index) {
-                Step::Unchanged => Ok((index, None)),
-                Step::WentBackwards => {
-                    tracing::info!(watch = %options.name, from = %index, to = answer.index,
-                        "consul index went backwards; re-reading from scratch");
-                    Ok((Index::ZERO, None))
+            Ok(Ok(answer)) => {
+                status.record_answer(&answer);
+                match index.step(answer.index) {
+                    Step::Unchanged => Ok((index, None)),
+                    Step::WentBackwards => {
+                        tracing::info!(watch = %options.name, from = %index, to = answer.index,
+                            "consul index went backwards; re-reading from scratch");
+                        Ok((Index::ZERO, None))
+                    }
+                    Step::Advanced(next) => source.decode(answer.body).map(|v| (next, Some(v))),
                 }
-                Step::Advanced(next) => source.decode(answer.body).map(|v| (next, Some(v))),
-            },
+            }
         };
         match outcome {
             Ok((next, value)) => {
@@ -403,32 +485,67 @@ where
             }
             Err(e) => {
                 failures = status.record_error(&e);
+                // Whatever answers next gets a fresh baseline (see the module doc).
+                index = Index::ZERO;
+                status.index.store(0, Ordering::Relaxed);
                 metrics::counter!(crate::metrics::WATCH_ERRORS, "watch" => options.name.clone())
                     .increment(1);
-                if failures >= options.reset_after_failures {
-                    index = Index::ZERO;
-                }
                 let delay = backoff(
                     failures,
                     options.base_backoff,
                     options.max_backoff,
                     &mut rand::rng(),
                 );
-                if !failures.is_power_of_two() {
-                    // An outage fails every watch at once: log 1st, 2nd, 4th, 8th... failure.
-                    tracing::debug!(watch = %options.name, error = %e, failures,
-                        retry_in_ms = delay.as_millis() as u64, "consul watch failed again");
-                } else if e.is_transient() {
-                    tracing::warn!(watch = %options.name, error = %e, failures,
-                        retry_in_ms = delay.as_millis() as u64, "consul watch failed; keeping last state");
-                } else {
-                    tracing::error!(watch = %options.name, error = %e, failures,
-                        retry_in_ms = delay.as_millis() as u64, "consul refused the watch; keeping last state");
+                log_failure(&options.name, &e, failures, delay);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    () = token_changed(&mut epochs, sent_in) => {}
                 }
-                tokio::time::sleep(delay).await;
             }
         }
     }
+}
+
+/// An outage fails every watch at once: log the 1st, 2nd, 4th, 8th... failure. A refused
+/// token is logged by the client once for all watches, and counted here per watch.
+fn log_failure(name: &str, e: &ConsulError, failures: u32, delay: Duration) {
+    let retry_in_ms = delay.as_millis() as u64;
+    if let ConsulError::Refused { .. } = e {
+        metrics::counter!(crate::metrics::CONSUL_ACL_REFUSALS, "watch" => name.to_string())
+            .increment(1);
+        tracing::debug!(watch = %name, error = %e, failures, retry_in_ms,
+            "consul refused the token; keeping last state");
+    } else if !failures.is_power_of_two() {
+        tracing::debug!(watch = %name, error = %e, failures, retry_in_ms,
+            "consul watch failed again");
+    } else if e.is_transient() {
+        tracing::warn!(watch = %name, error = %e, failures, retry_in_ms,
+            "consul watch failed; keeping last state");
+    } else {
+        tracing::error!(watch = %name, error = %e, failures, retry_in_ms,
+            "consul refused the watch; keeping last state");
+    }
+}
+
+/// Completes once the client moved to another agent than the one of `since`; never
+/// without a client.
+async fn agent_moved(epochs: &mut Option<watch::Receiver<Epoch>>, since: Option<Epoch>) {
+    if let (Some(rx), Some(since)) = (epochs.as_mut(), since) {
+        if rx.wait_for(|e| e.agent != since.agent).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Completes once the token changed or works again since `since`; never without a client.
+async fn token_changed(epochs: &mut Option<watch::Receiver<Epoch>>, since: Option<Epoch>) {
+    if let (Some(rx), Some(since)) = (epochs.as_mut(), since) {
+        if rx.wait_for(|e| e.token != since.token).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// Delay before retry number `failures` (1-based): `base · 2^(failures-1)` capped at `max`,
@@ -512,6 +629,8 @@ mod tests {
                         index: i,
                         known_leader: true,
                         last_contact_ms: 0,
+                        effective_consistency: None,
+                        agent: "http://fake".into(),
                     }),
                     Some(Reply::Fail) => Err(ConsulError::Status {
                         status: 500,
@@ -539,7 +658,7 @@ mod tests {
             base_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(4),
             watchdog: Duration::from_secs(5),
-            reset_after_failures: 3,
+            epochs: None,
         }
     }
 
@@ -643,36 +762,37 @@ mod tests {
         let asked = asked_after(&run, 6).await;
         assert_eq!(
             asked,
-            [0, 5, 5, 5, 6, 8],
-            "the index survives a couple of errors"
+            [0, 5, 0, 0, 6, 8],
+            "after an error the next read is a fresh baseline"
         );
         let status = run.handle.status();
         assert_eq!(status.errors_total(), 2);
         assert_eq!(status.consecutive_errors(), 0);
         assert!(status.last_error().unwrap().contains("No cluster leader"));
         assert_eq!(status.data_age(), Some(Duration::ZERO), "healthy again");
-        assert_eq!(drain(&mut run.got), ["a", "c"]);
+        assert_eq!(
+            drain(&mut run.got),
+            ["a", "c"],
+            "the fresh baseline equal to the last value is not delivered again"
+        );
     }
 
     #[tokio::test]
-    async fn repeated_errors_drop_the_index_for_a_fresh_baseline() {
-        let run = start(
-            vec![
-                Reply::Ok(5, "a"),
-                Reply::Fail,
-                Reply::Fail,
-                Reply::Fail,
-                Reply::Ok(2, "a"),
-            ],
+    async fn one_error_drops_the_index_so_a_restarted_agent_is_read_from_scratch() {
+        // The agent restarts: the query on index 50 fails, and the new agent's index starts
+        // over. Blocking on 50 there would hold any change back for a whole `wait`.
+        let mut run = start(
+            vec![Reply::Ok(50, "a"), Reply::Fail, Reply::Ok(3, "b")],
             quick("t"),
         );
-        let asked = asked_after(&run, 6).await;
-        assert_eq!(asked, [0, 5, 5, 5, 0, 2]);
-        assert_eq!(run.handle.status().consecutive_errors(), 0);
+        let asked = asked_after(&run, 4).await;
+        assert_eq!(asked, [0, 50, 0, 3]);
+        assert_eq!(drain(&mut run.got), ["a", "b"]);
+        assert_eq!(run.handle.status().index(), 3);
     }
 
     #[tokio::test]
-    async fn an_undecodable_answer_is_an_error_and_the_index_does_not_move() {
+    async fn an_undecodable_answer_is_an_error_and_the_next_read_is_a_fresh_baseline() {
         let mut run = start(
             vec![
                 Reply::Ok(5, "a"),
@@ -682,9 +802,51 @@ mod tests {
             quick("t"),
         );
         let asked = asked_after(&run, 4).await;
-        assert_eq!(asked, [0, 5, 5, 7]);
+        assert_eq!(asked, [0, 5, 0, 7]);
         assert_eq!(run.handle.status().errors_total(), 1);
         assert_eq!(drain(&mut run.got), ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn a_move_to_another_agent_abandons_the_query_waiting_on_the_old_one() {
+        let (tx, rx) = watch::channel(Epoch::default());
+        let mut options = quick("t");
+        options.epochs = Some(rx);
+        let mut run = start(
+            vec![Reply::Ok(5, "a"), Reply::Hang, Reply::Ok(2, "b")],
+            options,
+        );
+        asked_after(&run, 2).await;
+        tx.send_modify(|e| e.token += 1);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(
+            run.asked.lock().unwrap().len(),
+            2,
+            "a token change leaves a pending query alone"
+        );
+        tx.send_modify(|e| e.agent += 1);
+        let asked = asked_after(&run, 4).await;
+        assert_eq!(asked, [0, 5, 0, 2]);
+        assert_eq!(drain(&mut run.got), ["a", "b"]);
+        assert_eq!(run.handle.status().errors_total(), 0, "not an error");
+    }
+
+    #[tokio::test]
+    async fn a_changed_token_cuts_the_backoff_short() {
+        let (tx, rx) = watch::channel(Epoch::default());
+        let mut options = quick("t");
+        options.epochs = Some(rx);
+        options.base_backoff = Duration::from_secs(60);
+        options.max_backoff = Duration::from_secs(60);
+        let run = start(
+            vec![Reply::Ok(5, "a"), Reply::Fail, Reply::Ok(6, "b")],
+            options,
+        );
+        asked_after(&run, 2).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tx.send_modify(|e| e.token += 1);
+        let asked = asked_after(&run, 4).await;
+        assert_eq!(asked, [0, 5, 0, 6]);
     }
 
     #[tokio::test]
@@ -696,7 +858,7 @@ mod tests {
             options,
         );
         let asked = asked_after(&run, 4).await;
-        assert_eq!(asked, [0, 5, 5, 6]);
+        assert_eq!(asked, [0, 5, 0, 6]);
         let status = run.handle.status();
         assert!(status.last_error().unwrap().contains("watchdog"));
         assert_eq!(drain(&mut run.got), ["a", "b"]);

@@ -275,7 +275,7 @@ pub struct Gateway {
 /// listeners, no self-registration.
 pub fn test_config(consul_url: &str, kv_prefix: &str) -> FileConfig {
     let mut file = FileConfig::default();
-    file.consul.address = consul_url.to_string();
+    file.consul.address = Some(consul_url.to_string());
     file.consul.kv_prefix = kv_prefix.to_string();
     file.consul.wait_s = 1;
     file.consul.max_backoff_s = 1;
