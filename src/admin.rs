@@ -189,6 +189,25 @@ pub fn routes(admin: &Admin) -> Value {
                 "upstreams": set.len(),
                 "split": split.as_ref().map(|w| split_view(r, w)),
                 "redirect": r.spec.redirect,
+                "circuit_breaker": r.spec.circuit_breaker.as_ref().map(|limits| {
+                    let services: Vec<Value> = r
+                        .services()
+                        .map(|service| {
+                            let load = snap.loads.get(service);
+                            json!({
+                                "service": service,
+                                "active": load.map(|l| l.active()),
+                                "pending": load.map(|l| l.pending()),
+                                "refused": load.map(|l| l.refused()),
+                            })
+                        })
+                        .collect();
+                    json!({
+                        "max_requests": limits.max_requests,
+                        "max_pending": limits.max_pending,
+                        "services": services,
+                    })
+                }),
             })
         })
         .collect();

@@ -36,6 +36,7 @@ pub const TLS_RELOADS: &str = "switchyard_tls_reloads_total";
 pub const JWKS_FETCHES: &str = "switchyard_jwks_fetches_total";
 pub const CONNECTIONS: &str = "switchyard_connections_open";
 pub const RETRY_BUDGET_EXHAUSTED: &str = "switchyard_retry_budget_exhausted_total";
+pub const CIRCUIT_BREAKER_REFUSED: &str = "switchyard_circuit_breaker_refused_total";
 
 /// Statuses with their own label value; others are counted by class (`2xx`, ...).
 const STATUS_LABELS: [(u16, &str); 17] = [
@@ -242,6 +243,10 @@ fn describe() {
     describe_counter!(TLS_RELOADS, "Certificate reloads, by result.");
     describe_counter!(JWKS_FETCHES, "JWKS fetches, by result.");
     describe_gauge!(CONNECTIONS, "Client connections open.");
+    describe_counter!(
+        CIRCUIT_BREAKER_REFUSED,
+        "Requests refused by a route's circuit breaker, by service and reason."
+    );
     describe_counter!(
         RETRY_BUDGET_EXHAUSTED,
         "Retries not sent because the retry budget was spent."

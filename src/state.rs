@@ -8,6 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::{HeaderMap, Method};
 
+use crate::balance::breaker::ServiceLoad;
 use crate::balance::split::{SplitShare, WeightedSets};
 use crate::discovery::{self, EndpointStats, HealthPolicy, Instance, UpstreamSet};
 use crate::routing::{Route, RouteTable};
@@ -29,6 +30,9 @@ pub struct Snapshot {
     /// Endpoint stats by service, then instance id: shared by every set containing the
     /// instance and carried into the next snapshot.
     pub stats: HashMap<String, Arc<ServiceStats>>,
+    /// Requests in flight to each routed service, for circuit breaking; carried across
+    /// snapshots by service name.
+    pub loads: Arc<HashMap<String, Arc<ServiceLoad>>>,
     /// The instances (passing or warning) of each routed service the sets were built from.
     pub instances: HashMap<String, Arc<Vec<Instance>>>,
 }
@@ -99,6 +103,7 @@ impl Snapshot {
         let mut stats: HashMap<String, Arc<ServiceStats>> = HashMap::new();
         let mut instances: HashMap<String, Arc<Vec<Instance>>> = HashMap::new();
         let mut sets: HashMap<SetKey, Arc<UpstreamSet>> = HashMap::new();
+        let mut loads: HashMap<String, Arc<ServiceLoad>> = HashMap::new();
         let mut upstreams = Vec::with_capacity(table.len());
         let mut splits = Vec::with_capacity(table.len());
         for route in table.routes() {
@@ -116,6 +121,11 @@ impl Snapshot {
                 instances
                     .entry(service.clone())
                     .or_insert_with(|| list.clone());
+                loads.entry(service.clone()).or_insert_with(|| {
+                    previous
+                        .and_then(|p| p.loads.get(service).cloned())
+                        .unwrap_or_default()
+                });
                 let service_stats = stats
                     .entry(service.clone())
                     .or_insert_with(|| {
@@ -161,6 +171,7 @@ impl Snapshot {
             table,
             upstreams,
             splits,
+            loads: Arc::new(loads),
             stats,
             instances,
         }
@@ -275,6 +286,52 @@ mod tests {
             meta: Default::default(),
             health,
             weight: 1,
+        }
+    }
+
+    #[test]
+    fn split_shares_and_service_loads_survive_a_new_snapshot() {
+        let routes = || {
+            vec![
+                route(
+                    "s",
+                    r#"{"service":"a","path_prefix":"/s","split":[{"weight":3},{"service":"b","weight":1}],"circuit_breaker":{"max_requests":1}}"#,
+                ),
+                route("a", r#"{"service":"a","path_prefix":"/a"}"#),
+                route("r", r#"{"path_prefix":"/r","redirect":{"to":"/x"}}"#),
+            ]
+        };
+        let mut services = HashMap::new();
+        services.insert("a".to_string(), vec![inst("a1", InstanceHealth::Passing)]);
+        services.insert("b".to_string(), vec![inst("b1", InstanceHealth::Passing)]);
+        let first = Snapshot::build(1, routes(), &services, None);
+        let m = first
+            .lookup("", "/s", &Method::GET, &HeaderMap::new())
+            .unwrap();
+        let split = m.split.unwrap();
+        let sets: Vec<&str> = split
+            .shares()
+            .iter()
+            .map(|s| s.set.service.as_str())
+            .collect();
+        assert_eq!(sets, ["a", "b"]);
+        // The split's share of `a` is the set route `a` uses too.
+        let a = first
+            .lookup("", "/a", &Method::GET, &HeaderMap::new())
+            .unwrap();
+        assert!(a.split.is_none());
+        assert!(Arc::ptr_eq(&split.shares()[0].set, a.upstreams));
+        let r = first
+            .lookup("", "/r", &Method::GET, &HeaderMap::new())
+            .unwrap();
+        assert!(r.upstreams.is_empty());
+        assert!(!first.loads.contains_key(""), "a redirect has no service");
+        let second = Snapshot::build(2, routes(), &services, Some(&first));
+        for service in ["a", "b"] {
+            assert!(
+                Arc::ptr_eq(&first.loads[service], &second.loads[service]),
+                "{service}"
+            );
         }
     }
 

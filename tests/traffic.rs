@@ -374,3 +374,102 @@ async fn a_redirect_route_answers_at_the_gateway_without_a_service() {
     );
     env.stop().await;
 }
+
+/// The circuit-breaker state of route `name` in `/routes`, once `ready` holds for it.
+async fn breaker_when(gw: &Gateway, name: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    eventually(DEADLINE, &format!("breaker of {name}"), || async {
+        let (_, v) = gw.admin("/routes").await;
+        let routes = v["routes"].as_array().cloned().unwrap_or_default();
+        let breaker = routes
+            .iter()
+            .find(|r| r["name"] == name)
+            .map(|r| r["circuit_breaker"]["services"][0].clone())?;
+        ready(&breaker).then_some(breaker)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_full_circuit_breaker_answers_503_at_once_and_other_services_still_serve() {
+    let env = Env::start("traffic", 1, |_| {}).await;
+    env.route(
+        "slow",
+        "/slow",
+        json!({"circuit_breaker": {"max_requests": 2, "max_pending": 1}, "retry": {"attempts": 0}}),
+    )
+    .await;
+    let other = unique("other");
+    let fast = Upstream::start("fast").await;
+    env.consul
+        .register(&Svc::new(&other, &format!("{other}-0"), fast.port()))
+        .await;
+    env.consul
+        .put_kv(
+            &env.gw.route_key("fast"),
+            &route(&other, "/fast", json!({})),
+        )
+        .await;
+    env.gw
+        .wait_upstreams("/fast", &[&format!("{other}-0")])
+        .await;
+
+    // Two requests hold the slots, a third waits for one.
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(env.http.get(env.url("/slow/hold")).send()))
+        .collect();
+    breaker_when(&env.gw, "slow", |b| b["active"] == 2).await;
+    let waiting = tokio::spawn(env.http.get(env.url("/slow/hold")).send());
+    breaker_when(&env.gw, "slow", |b| b["pending"] == 1).await;
+
+    // A fourth is refused at once, without reaching the upstream.
+    let before = env.hits();
+    let started = std::time::Instant::now();
+    let resp = env.get("/slow/hold").await;
+    assert_eq!(resp.status(), 503);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "refused at once"
+    );
+    let body = json_of(resp).await;
+    assert_eq!(body["error"], "circuit_open");
+    assert!(
+        body["message"].as_str().unwrap().contains("max_pending"),
+        "{body}"
+    );
+    assert_eq!(env.hits(), before);
+    let refused = env
+        .gw
+        .metric(
+            "switchyard_circuit_breaker_refused_total",
+            &[("service", &env.service), ("reason", "max_pending")],
+        )
+        .await;
+    assert_eq!(refused, 1.0);
+
+    // Another service is not held up by the slow one.
+    assert_eq!(
+        env.http
+            .get(env.url("/fast/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    env.upstreams[0].release();
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap().status(), 200);
+    }
+    assert_eq!(
+        waiting.await.unwrap().unwrap().status(),
+        200,
+        "the waiter got a slot"
+    );
+    let idle = breaker_when(&env.gw, "slow", |b| b["active"] == 0).await;
+    assert_eq!(
+        (idle["pending"].as_u64(), idle["refused"].as_u64()),
+        (Some(0), Some(1))
+    );
+    env.stop().await;
+}

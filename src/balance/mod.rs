@@ -6,6 +6,7 @@
 //! panic threshold) ejections are ignored: spreading load over suspect instances beats
 //! failing every request.
 
+pub mod breaker;
 pub mod outlier;
 pub mod spec;
 pub mod split;
@@ -17,7 +18,7 @@ use http::{HeaderMap, HeaderName};
 use rand::Rng;
 
 use crate::discovery::UpstreamSet;
-pub use spec::{LbPolicy, OutlierSpec, SplitEntry};
+pub use spec::{BreakerSpec, LbPolicy, OutlierSpec, SplitEntry};
 
 /// What a `consistent_hash` route hashes on.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -50,3 +50,16 @@ pub struct SplitEntry {
     pub tags: Vec<String>,
     pub weight: u32,
 }
+
+/// `circuit_breaker`: Envoy's thresholds for one upstream service, counted by this gateway
+/// across every route that sends to the service.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSpec {
+    /// Requests in flight to the service (from sending to the end of the answer's body).
+    pub max_requests: u32,
+    /// Requests allowed to wait for a slot when `max_requests` are in flight; they wait
+    /// until one frees or the route's `timeouts.total_ms` passes. 0: refuse at once.
+    #[serde(default)]
+    pub max_pending: u32,
+}

@@ -39,6 +39,12 @@ pub enum ProxyError {
     Upstream(String),
     #[error("upstream did not answer in time")]
     Timeout,
+    /// The route's circuit breaker for the service is full.
+    #[error("service `{service}` is at its circuit-breaker limit ({reason})")]
+    CircuitOpen {
+        service: String,
+        reason: &'static str,
+    },
     /// Auth refused the request (401, 403, or a redirect to a login page).
     #[error("{}", .0.error)]
     Auth(Box<AuthRejection>),
@@ -61,7 +67,9 @@ impl ProxyError {
             ProxyError::Policy(r) => r.status(),
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::NoInstance(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoInstance(_) | ProxyError::CircuitOpen { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -98,6 +106,7 @@ impl ProxyError {
             ProxyError::NoInstance(_) => "no_instance",
             ProxyError::Upstream(_) => "upstream_error",
             ProxyError::Timeout => "upstream_timeout",
+            ProxyError::CircuitOpen { .. } => "circuit_open",
             ProxyError::Auth(r) => r.code(),
             ProxyError::Policy(r) => r.reason(),
         }

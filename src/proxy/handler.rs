@@ -31,6 +31,7 @@ use super::upstream::{ClientKey, UpstreamError};
 use super::Gateway;
 use crate::assertion::Caller;
 use crate::auth::AuthRejection;
+use crate::balance::breaker::{Admitted, Overflow, ServiceLoad};
 use crate::balance::{self, outlier, Tried};
 use crate::discovery::{ms_at, now_ms, EndpointStats, UpstreamSet};
 use crate::http1::client::RequestHead;
@@ -80,6 +81,8 @@ struct RequestRecord {
     host: Option<Box<str>>,
     /// The instance that answered, counted in flight until the response is done.
     in_flight: Option<InFlight>,
+    /// The circuit-breaker slot the request holds until its response is done.
+    breaker_slot: Option<Admitted>,
 }
 
 /// The request's path as routed: the client's own when it was already normal (kept in
@@ -210,6 +213,7 @@ impl Gateway {
             tries: 0,
             host: None,
             in_flight: None,
+            breaker_slot: None,
         };
         let mut close = false;
         let response = match self.process(&mut ex, &mut parts, body, conn).await {
@@ -263,6 +267,11 @@ impl Gateway {
         let route = found.route.clone();
         let mut set = found.upstreams.clone();
         let split = found.split.cloned();
+        let loads = route
+            .spec
+            .circuit_breaker
+            .is_some()
+            .then(|| snapshot.loads.clone());
         drop(snapshot);
         ex.route = Some(route.clone());
         if route.response_headers.is_some() {
@@ -349,6 +358,7 @@ impl Gateway {
             (NormalPath::AsSent(sent), Cow::Borrowed(_)) if starts_with_path(sent) => sent.clone(),
             (_, upstream_path) => upstream_uri(&upstream_path, parts.uri.query())?,
         };
+        let load = loads.and_then(|l| l.get(&set.service).cloned());
         let target = Upstream {
             route: &route,
             set: &set,
@@ -357,6 +367,7 @@ impl Gateway {
             limit,
             upgrade,
             hash,
+            load,
         };
         self.forward(ex, parts, body, target).await
     }
@@ -395,11 +406,20 @@ impl Gateway {
             limit,
             upgrade,
             hash,
+            load,
         } = target;
         let spec = &route.spec;
         let mut retries = Retries::new(&spec.retry, &parts.method, &self.budget, &route.name);
         let (mut source, body_fault) =
             BodySource::new(body, limit, retries.may_retry() && !upgrade).await?;
+        let deadline = ex.start + Duration::from_millis(spec.timeouts.total_ms);
+        if let (Some(limits), Some(load)) = (&spec.circuit_breaker, load) {
+            let until = tokio::time::Instant::from_std(deadline);
+            match load.admit(limits, until).await {
+                Ok(slot) => ex.breaker_slot = Some(slot),
+                Err(why) => return Err(circuit_open(set, why).into()),
+            }
+        }
         let client_upgrade = upgrade
             .then(|| parts.extensions.remove::<OnUpgrade>())
             .flatten();
@@ -410,7 +430,6 @@ impl Gateway {
             tls_service: route.policy.upstream_tls.then(|| spec.service.clone()),
         };
         let per_try = Duration::from_millis(spec.timeouts.per_try_ms);
-        let deadline = ex.start + Duration::from_millis(spec.timeouts.total_ms);
         let mut tried = Tried::default();
         let mut last = None;
 
@@ -549,6 +568,8 @@ struct Upstream<'a> {
     upgrade: bool,
     /// The client's hash for `consistent_hash` (and a sticky split).
     hash: Option<u64>,
+    /// The service's in-flight count, when the route has a circuit breaker.
+    load: Option<Arc<ServiceLoad>>,
 }
 
 /// One request in flight on an instance (for `least_request`), however the request ends:
@@ -579,6 +600,7 @@ struct Done {
 impl Finish for Done {
     fn finish(&mut self, bytes: u64, complete: bool) {
         self.ex.in_flight = None;
+        self.ex.breaker_slot = None;
         let ex = &self.ex;
         let elapsed = ex.start.elapsed();
         let route = ex.route.as_ref().map_or("", |r| r.name.as_str());
@@ -626,6 +648,20 @@ fn try_failed(set: &UpstreamSet, index: usize, e: &UpstreamError) -> (ProxyError
         "service" => set.service.clone(), "kind" => if connect { "connect" } else { "reset" })
     .increment(1);
     (ProxyError::Upstream(detail), connect)
+}
+
+/// Counts and logs a request the route's circuit breaker refused.
+#[cold]
+#[inline(never)]
+fn circuit_open(set: &UpstreamSet, why: Overflow) -> ProxyError {
+    metrics::counter!(crate::metrics::CIRCUIT_BREAKER_REFUSED,
+        "service" => set.service.clone(), "reason" => why.reason())
+    .increment(1);
+    tracing::debug!(service = %set.service, reason = why.reason(), "circuit breaker refused a request");
+    ProxyError::CircuitOpen {
+        service: set.service.clone(),
+        reason: why.reason(),
+    }
 }
 
 #[cold]

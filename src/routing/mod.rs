@@ -362,6 +362,14 @@ fn check_failover(spec: &RouteSpec) -> Result<(), RouteError> {
             format!("on_status {s}: only 5xx statuses can be retried"),
         ));
     }
+    if let Some(b) = &spec.circuit_breaker {
+        if !(1..=1_000_000).contains(&b.max_requests) || b.max_pending > 1_000_000 {
+            return Err(field(
+                "circuit_breaker",
+                "max_requests must be 1 to 1,000,000 and max_pending at most 1,000,000",
+            ));
+        }
+    }
     let o = &spec.outlier;
     if o.max_ejected_percent > 100 || o.panic_threshold_percent > 100 {
         return Err(field("outlier", "percentages must be between 0 and 100"));
@@ -509,6 +517,11 @@ mod tests {
             (r#""host_rewrite":"a b""#, "host_rewrite"),
             (r#""redirect":{"to":"//evil"}"#, "redirect"),
             (r#""split":[{"weight":0}]"#, "split"),
+            (r#""circuit_breaker":{"max_requests":0}"#, "circuit_breaker"),
+            (
+                r#""circuit_breaker":{"max_requests":1,"max_pending":2000000}"#,
+                "circuit_breaker",
+            ),
             (r#""split":[{"weight":1},{"tags":[],"weight":2}]"#, "split"),
             (r#""split":[{"service":"a b","weight":1}]"#, "split"),
             (r#""split":[{"weight":2000000}]"#, "split"),

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 // Each concern owns the shape of its part of the document; the route document composes them.
-pub use crate::balance::spec::{LbPolicy, OutlierSpec, SplitEntry};
+pub use crate::balance::spec::{BreakerSpec, LbPolicy, OutlierSpec, SplitEntry};
 pub use crate::discovery::HealthPolicy;
 pub use crate::policy::spec::{AssertionSpec, CorsSpec, RateLimitSpec};
 pub use crate::rewrite::{HeaderRulesSpec, RedirectSpec};
@@ -98,6 +98,9 @@ pub struct RouteSpec {
     /// Weighted shares of the traffic across tags or services (canary, blue/green).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub split: Vec<SplitEntry>,
+    /// Limits on requests in flight to the upstream service (Envoy's circuit breaker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<BreakerSpec>,
     /// Answer with a redirect at the gateway instead of going upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect: Option<RedirectSpec>,
@@ -303,6 +306,7 @@ impl RouteSpec {
             response_headers: None,
             host_rewrite: None,
             split: Vec::new(),
+            circuit_breaker: None,
             redirect: None,
         }
     }
@@ -368,6 +372,7 @@ mod tests {
             r#"{"service":"a","path_prefix":"/","request_headers":{"set":{"x-a":"${route}"},"remove":["cookie"]},"response_headers":{"add":{"x-b":"1"}},"host_rewrite":"b.internal"}"#,
             r#"{"path_prefix":"/old","redirect":{"to":"https://new.example.com","status":308,"keep_path":true}}"#,
             r#"{"service":"a","path_prefix":"/","split":[{"tags":["v1"],"weight":90},{"service":"b","weight":10}]}"#,
+            r#"{"service":"a","path_prefix":"/","circuit_breaker":{"max_requests":100,"max_pending":10}}"#,
         ] {
             let spec = RouteSpec::from_json(doc.as_bytes()).unwrap();
             let text = serde_json::to_vec(&spec).unwrap();
