@@ -400,6 +400,60 @@ fn route_table() -> &'static RouteTable {
     })
 }
 
+/// The bytes as a request's `Content-Type` through the gRPC media-type parser, and (as
+/// UTF-8, lossily) as the message of a gRPC answer. A value taken for gRPC is one
+/// header-safe media type whose subtype is exactly gRPC's, followed by nothing, a `+codec`
+/// or parameters; the answer's media type reads back as the same protocol. An encoded
+/// message holds only what `grpc-message` allows, `%` only before two upper-case hex
+/// digits, and decodes back to the message.
+pub fn grpc_fields(data: &[u8]) {
+    use crate::proxy::grpc::{self, GrpcProtocol};
+    if let Some(protocol) = GrpcProtocol::from_content_type(data) {
+        let own = protocol.content_type();
+        let base = own.as_bytes();
+        assert!(
+            data.len() >= base.len() && data[..base.len()].eq_ignore_ascii_case(base),
+            "{protocol:?} from a value not starting with {own:?}"
+        );
+        assert!(
+            matches!(
+                data.get(base.len()),
+                None | Some(b'+' | b';' | b' ' | b'\t')
+            ),
+            "the subtype runs on past {own:?}"
+        );
+        assert!(
+            data.iter()
+                .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)),
+            "a gRPC content type with bytes a header value should not hold"
+        );
+        assert_eq!(GrpcProtocol::from_content_type(base), Some(protocol));
+    }
+    let message = String::from_utf8_lossy(data);
+    let value = grpc::message_value(&message);
+    let encoded = value.as_bytes();
+    assert!(
+        encoded.iter().all(|&b| (0x20..0x7f).contains(&b)),
+        "grpc-message outside space and visible ASCII"
+    );
+    for (i, _) in encoded.iter().enumerate().filter(|(_, &b)| b == b'%') {
+        let hex = encoded.get(i + 1..i + 3).unwrap_or_default();
+        assert!(
+            hex.len() == 2
+                && hex
+                    .iter()
+                    .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b)),
+            "a bare % in grpc-message"
+        );
+    }
+    let decoded: Vec<u8> = percent_encoding::percent_decode(encoded).collect();
+    assert_eq!(
+        decoded,
+        message.as_bytes(),
+        "grpc-message does not decode back"
+    );
+}
+
 /// A request path (and, after the first newline, a `Host`) through `proxy::path::normalize`
 /// and the route table. A normalised path starts with `/`, normalises to itself and holds
 /// no empty, `.` or `..` segment and no escaped unreserved character; a route found for it

@@ -92,3 +92,8 @@ fn response_head() {
 fn chunked_body() {
     replay("chunked_body", fuzzing::chunked_body);
 }
+
+#[test]
+fn grpc_fields() {
+    replay("grpc_fields", fuzzing::grpc_fields);
+}

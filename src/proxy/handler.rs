@@ -23,7 +23,7 @@ use tokio::io::AsyncWriteExt;
 use super::body::{
     BodyError, BodyFault, ClientBody, ClientFault, Finish, LimitedBody, RequestBody, UpstreamBody,
 };
-use super::error::ProxyError;
+use super::error::{self, ErrorFormat, ProxyError};
 use super::headers::{self, Forwarded, X_REQUEST_ID};
 use super::path;
 use super::retry::Retries;
@@ -178,14 +178,14 @@ impl Stopped {
     /// The response for a request that stopped here.
     #[cold]
     #[inline(never)]
-    fn into_response(self, request_id: &HeaderValue) -> Response<ClientBody> {
+    fn into_response(self, request_id: &HeaderValue, format: ErrorFormat) -> Response<ClientBody> {
         match self {
             Stopped::Reply(r) => *r,
             Stopped::Error(e) => {
                 if e.status().is_server_error() {
                     tracing::debug!(?request_id, error = %e, "request failed");
                 }
-                e.to_response(request_id)
+                e.to_response(request_id, format)
             }
         }
     }
@@ -215,12 +215,14 @@ impl Gateway {
             in_flight: None,
             breaker_slot: None,
         };
+        // From the headers as the client sent them, before any phase changes them.
+        let errors = ErrorFormat::for_request(&parts.headers);
         let mut close = false;
         let response = match self.process(&mut ex, &mut parts, body, conn).await {
             Ok(r) => r,
             Err(stop) => {
                 close = matches!(&stop, Stopped::Error(e) if e.is_malformed_request());
-                stop.into_response(&ex.request_id)
+                stop.into_response(&ex.request_id, errors)
             }
         };
         let mut answer = self.respond(ex, response);
@@ -542,7 +544,7 @@ impl Gateway {
         }
         let request_id = ex.request_id.clone();
         let done = Done {
-            status: response.status().as_u16(),
+            status: error::recorded_status(&response).as_u16(),
             access_log: self.settings.access_log,
             ex,
         };

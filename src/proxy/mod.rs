@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod error;
+pub mod grpc;
 pub mod handler;
 pub mod headers;
 pub mod path;

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 use super::body::RequestBody;
 use super::body::{ClientBody, ResponseError};
-use super::error::ProxyError;
+use super::error::{ErrorFormat, ProxyError};
 use super::handler::ClientConn;
 use super::headers::{self, AnswerStamp};
 use super::Gateway;
@@ -270,7 +270,7 @@ impl h1::Service for Http1Service {
     fn refused(&self, refusal: Refusal) -> Reply<ClientBody, AnswerStamp> {
         let request_id = headers::new_request_id();
         Reply {
-            response: ProxyError::Refused(refusal).to_response(&request_id),
+            response: ProxyError::Refused(refusal).to_response(&request_id, ErrorFormat::Json),
             fields: AnswerStamp(request_id),
             close: true,
         }
