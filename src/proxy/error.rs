@@ -348,6 +348,13 @@ mod tests {
                 "13",
             ),
             (ProxyError::NoInstance("users".into()), "14"),
+            (
+                ProxyError::CircuitOpen {
+                    service: "users".into(),
+                    reason: "max_requests",
+                },
+                "14",
+            ),
             (ProxyError::Upstream("reset by 10.0.0.1".into()), "14"),
             (ProxyError::Timeout, "4"),
             (ProxyError::BodyTimeout, "4"),
