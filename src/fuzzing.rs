@@ -313,6 +313,30 @@ pub fn config_toml(data: &[u8]) {
     }
 }
 
+/// A `switchyard registry --wan NAME=URL` flag. What it accepts is a datacenter name of
+/// `[a-z0-9-_]` and a plain `http://host:port` URL, in a normal form that parses back to
+/// itself.
+pub fn registry_wan_flag(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok((name, url)) = crate::devregistry::parse_wan_flag(text) else {
+        return;
+    };
+    assert!(
+        !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'),
+        "accepted datacenter name {name:?}"
+    );
+    assert!(url.starts_with("http://"), "accepted peer URL {url:?}");
+    match crate::devregistry::parse_wan_flag(&format!("{name}={url}")) {
+        Ok(again) => assert_eq!(again, (name, url), "the normal form is not stable"),
+        Err(e) => panic!("the normal form {name}={url} is refused: {e}"),
+    }
+}
+
 fn consul_client() -> Option<&'static ConsulClient> {
     static CLIENT: OnceLock<Option<ConsulClient>> = OnceLock::new();
     CLIENT

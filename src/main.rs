@@ -115,6 +115,13 @@ struct RegistryArgs {
     /// Require this ACL token on every request.
     #[arg(long)]
     token: Option<String>,
+    /// This registry's datacenter name.
+    #[arg(long, default_value = "dc1")]
+    datacenter: String,
+    /// A WAN peer: `NAME=http://HOST:PORT` of the registry serving datacenter NAME;
+    /// `?dc=NAME` is forwarded there. Repeatable.
+    #[arg(long = "wan", value_name = "NAME=URL", value_parser = switchyard::devregistry::parse_wan_flag)]
+    wan: Vec<(String, String)>,
 }
 
 #[derive(Args)]
@@ -231,9 +238,13 @@ fn main() -> anyhow::Result<()> {
                 .listen
                 .parse()
                 .with_context(|| format!("--listen {}", args.listen))?;
-            runtime(0)?.block_on(switchyard::devregistry::serve_until_signal(
-                addr, args.token,
-            ))?;
+            let opts = switchyard::devregistry::RegistryOptions {
+                token: args.token,
+                datacenter: args.datacenter,
+                wan_peers: args.wan,
+                ..switchyard::devregistry::RegistryOptions::default()
+            };
+            runtime(0)?.block_on(switchyard::devregistry::serve_until_signal(addr, opts))?;
             Ok(())
         }
         Command::MintKey(args) => mint_key(args),

@@ -97,3 +97,8 @@ fn chunked_body() {
 fn grpc_fields() {
     replay("grpc_fields", fuzzing::grpc_fields);
 }
+
+#[test]
+fn registry_wan_flag() {
+    replay("registry_wan_flag", fuzzing::registry_wan_flag);
+}

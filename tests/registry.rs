@@ -1349,6 +1349,344 @@ async fn with_a_token_requests_without_it_are_denied() {
     .await
 }
 
+// === datacenters (WAN federation) ===
+
+/// Two registries federated over the WAN: `dc1` and `dc2`, each knowing the other.
+fn federation(opts: RegistryOptions) -> (Registry, Registry) {
+    let dc1 = start_with(RegistryOptions {
+        datacenter: "dc1".into(),
+        ..opts.clone()
+    });
+    let dc2 = start_with(RegistryOptions {
+        datacenter: "dc2".into(),
+        wan_peers: vec![("dc1".into(), dc1.url())],
+        ..opts
+    });
+    dc1.join_wan("dc2", &dc2.url()).unwrap();
+    (dc1, dc2)
+}
+
+#[tokio::test]
+async fn a_query_for_a_peer_datacenter_is_answered_by_that_peer_with_its_index_headers() {
+    within(async {
+        let (dc1, dc2) = federation(RegistryOptions::for_tests());
+        dc1.register_service("web", "web-1", "10.1.0.1", 8080)
+            .unwrap();
+        dc2.kv_put("only/in/dc2", "x").unwrap();
+        dc2.kv_put("more/in/dc2", "y").unwrap();
+        let direct = get(&dc1, "/v1/health/service/web").await;
+        let via = get(&dc2, "/v1/health/service/web?dc=dc1").await;
+        assert_eq!(via.status, 200);
+        assert_eq!(via.json(), direct.json());
+        assert_eq!(via.json()[0]["Node"]["Datacenter"], "dc1");
+        assert_eq!(via.index(), direct.index(), "the peer's index, not dc2's");
+        assert_ne!(
+            via.index(),
+            get(&dc2, "/v1/health/service/web").await.index()
+        );
+        assert_eq!(via.headers["x-consul-knownleader"], "true");
+        assert_eq!(via.headers["x-consul-lastcontact"], "0");
+        assert_eq!(via.headers["x-consul-effective-consistency"], "leader");
+        assert_eq!(via.headers["content-type"], "application/json");
+        // dc2 answers its own name itself, and so without `dc`.
+        for path in ["/v1/health/service/web?dc=dc2", "/v1/health/service/web"] {
+            let local = get(&dc2, path).await;
+            assert_eq!(local.status, 200);
+            assert_eq!(local.json(), json!([]), "{path}");
+        }
+        // A KV miss stays a 404 with the peer's index headers.
+        let miss = get(&dc1, "/v1/kv/only/in/dc2?dc=dc1").await;
+        assert_eq!(miss.status, 404);
+        let via_miss = get(&dc2, "/v1/kv/only/in/dc2?dc=dc1").await;
+        assert_eq!(via_miss.status, 404);
+        assert_eq!(via_miss.index(), miss.index());
+        assert_eq!(via_miss.body, "");
+        // Raw reads keep the peer's content type.
+        dc1.kv_put("raw/key", "plain bytes").unwrap();
+        let raw = get(&dc2, "/v1/kv/raw/key?dc=dc1&raw").await;
+        assert_eq!(raw.body, "plain bytes");
+        assert_eq!(raw.headers["content-type"], "text/plain");
+        assert_eq!(raw.headers["x-content-type-options"], "nosniff");
+        // Status endpoints take `dc` too.
+        assert_eq!(get(&dc2, "/v1/status/leader?dc=dc1").await.status, 200);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_blocking_query_for_a_peer_datacenter_blocks_at_the_peer_until_its_index_moves() {
+    within(async {
+        let (dc1, dc2) = federation(RegistryOptions::for_tests());
+        dc1.register_service("web", "web-1", "10.1.0.1", 8080)
+            .unwrap();
+        let first = get(&dc2, "/v1/health/service/web?dc=dc1").await;
+        let index = first.index();
+        let url = format!(
+            "{}/v1/health/service/web?dc=dc1&index={index}&wait=10s",
+            dc2.url()
+        );
+        let started = Instant::now();
+        let blocked = tokio::spawn(async move { send(client().get(url)).await });
+        // Writes in dc2 do not wake a query that dc1 holds.
+        dc2.register_service("web", "web-2", "10.2.0.1", 8080)
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!blocked.is_finished(), "answered before dc1 changed");
+        dc1.set_check_status("service:web-1", CheckStatus::Critical)
+            .unwrap();
+        let woke = blocked.await.unwrap();
+        assert_eq!(woke.status, 200);
+        assert!(woke.index() > index, "{} > {index}", woke.index());
+        assert_eq!(woke.json()[0]["Checks"][1]["Status"], "critical");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // `wait` goes through as well: an unchanged index comes back when it passes.
+        let now = woke.index();
+        let started = Instant::now();
+        let timed_out = get(
+            &dc2,
+            &format!("/v1/health/service/web?dc=dc1&index={now}&wait=400ms"),
+        )
+        .await;
+        assert_eq!(timed_out.status, 200);
+        assert_eq!(timed_out.index(), now);
+        assert!(started.elapsed() >= Duration::from_millis(400));
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_unknown_datacenter_is_500_no_path_to_datacenter() {
+    within(async {
+        let (_dc1, dc2) = federation(RegistryOptions::for_tests());
+        for path in [
+            "/v1/health/service/web?dc=dc9",
+            "/v1/catalog/services?dc=dc9",
+            "/v1/kv/x?dc=dc9",
+            "/v1/status/leader?dc=dc9",
+            // Names are compared exactly, as Consul compares them.
+            "/v1/catalog/services?dc=DC1",
+        ] {
+            let a = get(&dc2, path).await;
+            assert_eq!(a.status, 500, "{path}");
+            assert_eq!(a.body, "No path to datacenter", "{path}");
+        }
+        let w = put(&dc2, "/v1/kv/x?dc=dc9", "v").await;
+        assert_eq!(
+            (w.status.as_u16(), w.body.as_str()),
+            (500, "No path to datacenter")
+        );
+        assert!(dc2.kv_get("x").is_none());
+        // The agent's own endpoints and the datacenter list do not take `dc`.
+        assert_eq!(get(&dc2, "/v1/agent/services?dc=dc9").await.status, 200);
+        assert_eq!(
+            get(&dc2, "/v1/agent/self?dc=dc9").await.json()["Config"]["Datacenter"],
+            "dc2"
+        );
+        assert_eq!(
+            get(&dc2, "/v1/catalog/datacenters?dc=dc9").await.status,
+            200
+        );
+        // A registration naming an unknown datacenter in its body.
+        let r = put_json(
+            &dc2,
+            "/v1/catalog/register",
+            json!({"Datacenter": "dc9", "Node": "n1", "Address": "10.9.0.1"}),
+        )
+        .await;
+        assert_eq!(
+            (r.status.as_u16(), r.body.as_str()),
+            (500, "No path to datacenter")
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn catalog_datacenters_lists_its_own_first_then_its_peers_by_name() {
+    within(async {
+        let (dc1, dc2) = federation(RegistryOptions::for_tests());
+        assert_eq!(
+            get(&dc1, "/v1/catalog/datacenters").await.json(),
+            json!(["dc1", "dc2"])
+        );
+        assert_eq!(
+            get(&dc2, "/v1/catalog/datacenters").await.json(),
+            json!(["dc2", "dc1"])
+        );
+        let solo = start();
+        assert_eq!(
+            get(&solo, "/v1/catalog/datacenters").await.json(),
+            json!(["dc1"])
+        );
+        let dc3 = start_with(RegistryOptions {
+            datacenter: "dc3".into(),
+            wan_peers: vec![
+                ("eu-west".into(), dc1.url()),
+                ("dc4".into(), dc2.url()),
+                ("ap-south".into(), dc1.url()),
+            ],
+            ..RegistryOptions::for_tests()
+        });
+        assert_eq!(
+            get(&dc3, "/v1/catalog/datacenters").await.json(),
+            json!(["dc3", "ap-south", "dc4", "eu-west"])
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn writes_for_a_peer_datacenter_land_in_the_peer() {
+    within(async {
+        let (dc1, dc2) = federation(RegistryOptions::for_tests());
+        let w = put(&dc2, "/v1/kv/app/config?dc=dc1", "from dc2").await;
+        assert_eq!((w.status.as_u16(), w.body.as_str()), (200, "true"));
+        assert_eq!(dc1.kv_get("app/config").as_deref(), Some(&b"from dc2"[..]));
+        assert!(dc2.kv_get("app/config").is_none());
+        let read = get(&dc2, "/v1/kv/app/config?dc=dc1").await;
+        assert_eq!(read.json()[0]["Value"], "ZnJvbSBkYzI=");
+        // cas goes through: a stale cas fails at the peer.
+        let stale = put(&dc2, "/v1/kv/app/config?dc=dc1&cas=1", "lost").await;
+        assert_eq!(stale.body, "false");
+        // A value over the limit is refused (by the peer, in Consul's words).
+        let big = put(&dc2, "/v1/kv/big?dc=dc1", vec![b'x'; 512 * 1024 + 1]).await;
+        assert_eq!(big.status, 413);
+        assert!(big.body.starts_with("Request body(524289 bytes) too large"));
+        let d = delete(&dc2, "/v1/kv/app/config?dc=dc1").await;
+        assert_eq!(d.status, 200);
+        assert!(dc1.kv_get("app/config").is_none());
+        // A catalog registration goes where its body's Datacenter says.
+        let r = put_json(
+            &dc2,
+            "/v1/catalog/register",
+            json!({"Datacenter": "dc1", "Node": "ext-1", "Address": "10.1.9.9",
+                   "Service": {"Service": "legacy", "Port": 9000}}),
+        )
+        .await;
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "true"));
+        let there = get(&dc1, "/v1/catalog/service/legacy").await.json();
+        assert_eq!(there[0]["Node"], "ext-1");
+        assert_eq!(there[0]["Datacenter"], "dc1");
+        assert_eq!(
+            get(&dc2, "/v1/catalog/service/legacy").await.json(),
+            json!([])
+        );
+        let d = put_json(
+            &dc2,
+            "/v1/catalog/deregister",
+            json!({"Datacenter": "dc1", "Node": "ext-1"}),
+        )
+        .await;
+        assert_eq!(d.status, 200);
+        assert_eq!(
+            get(&dc1, "/v1/catalog/service/legacy").await.json(),
+            json!([])
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_peer_that_is_down_is_500_until_it_comes_back() {
+    within(async {
+        let (dc1, dc2) = federation(RegistryOptions::for_tests());
+        dc1.register_service("web", "web-1", "10.1.0.1", 8080)
+            .unwrap();
+        dc1.stop().await;
+        let down = get(&dc2, "/v1/health/service/web?dc=dc1").await;
+        assert_eq!(down.status, 500);
+        assert_eq!(down.body, "Remote DC has no server currently reachable");
+        // dc2 still serves itself, and still lists dc1.
+        assert_eq!(get(&dc2, "/v1/health/service/web").await.status, 200);
+        assert_eq!(
+            get(&dc2, "/v1/catalog/datacenters").await.json(),
+            json!(["dc2", "dc1"])
+        );
+        dc1.restart().await.unwrap();
+        let back = get(&dc2, "/v1/health/service/web?dc=dc1").await;
+        assert_eq!(back.status, 200);
+        assert_eq!(back.json()[0]["Service"]["ID"], "web-1");
+        // The peer's own faults come through as its answers.
+        dc1.faults().set_no_leader(true);
+        let no_leader = get(&dc2, "/v1/health/service/web?dc=dc1").await;
+        assert_eq!(no_leader.status, 500);
+        assert!(no_leader.body.contains("No cluster leader"));
+        let stale = get(&dc2, "/v1/health/service/web?dc=dc1&stale").await;
+        assert_eq!(stale.status, 200);
+        assert_eq!(stale.headers["x-consul-knownleader"], "false");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_peer_url_that_leads_back_ends_in_no_path_instead_of_a_loop() {
+    within(async {
+        let (dc1, dc2) = federation(RegistryOptions::for_tests());
+        // dc2 believes dc3 lives at dc1's address, and dc1 believes dc3 is at dc2's.
+        dc2.join_wan("dc3", &dc1.url()).unwrap();
+        dc1.join_wan("dc3", &dc2.url()).unwrap();
+        let a = get(&dc2, "/v1/catalog/services?dc=dc3").await;
+        assert_eq!(
+            (a.status.as_u16(), a.body.as_str()),
+            (500, "No path to datacenter")
+        );
+        // A registry named as a peer of itself.
+        dc1.join_wan("dc4", &dc1.url()).unwrap();
+        let b = get(&dc1, "/v1/kv/x?dc=dc4").await;
+        assert_eq!(
+            (b.status.as_u16(), b.body.as_str()),
+            (500, "No path to datacenter")
+        );
+        let r = put_json(
+            &dc1,
+            "/v1/catalog/register",
+            json!({"Datacenter": "dc4", "Node": "n", "Address": "10.0.0.1"}),
+        )
+        .await;
+        assert_eq!(
+            (r.status.as_u16(), r.body.as_str()),
+            (500, "No path to datacenter")
+        );
+    })
+    .await
+}
+
+#[tokio::test]
+async fn with_a_token_a_forwarded_request_carries_it_to_the_peer() {
+    within(async {
+        let (dc1, dc2) = federation(RegistryOptions {
+            token: Some("s3cret".into()),
+            ..RegistryOptions::for_tests()
+        });
+        dc1.kv_put("k", "v").unwrap();
+        assert_eq!(get(&dc2, "/v1/kv/k?dc=dc1").await.status, 403);
+        assert_eq!(get(&dc2, "/v1/kv/k?dc=dc1&token=s3cret").await.status, 200);
+        for req in [
+            client()
+                .get(format!("{}/v1/kv/k?dc=dc1", dc2.url()))
+                .header("X-Consul-Token", "s3cret"),
+            client()
+                .get(format!("{}/v1/kv/k?dc=dc1", dc2.url()))
+                .bearer_auth("s3cret"),
+        ] {
+            assert_eq!(send(req).await.status, 200);
+        }
+        // A peer with another token refuses what this one let through.
+        let other = start_with(RegistryOptions {
+            datacenter: "dc3".into(),
+            token: Some("other".into()),
+            ..RegistryOptions::for_tests()
+        });
+        dc2.join_wan("dc3", &other.url()).unwrap();
+        let refused = get(&dc2, "/v1/kv/k?dc=dc3&token=s3cret").await;
+        assert_eq!(
+            (refused.status.as_u16(), refused.body.as_str()),
+            (403, "ACL not found")
+        );
+    })
+    .await
+}
+
 // === faults ===
 
 #[tokio::test]

@@ -49,7 +49,7 @@ use bytes::Bytes;
 use tokio::task::AbortHandle;
 
 pub use agent::AgentError;
-pub use api::KV_MAX_VALUE_SIZE;
+pub use api::{parse_wan_flag, WanConfigError, KV_MAX_VALUE_SIZE};
 pub use faults::Faults;
 pub use store::Status as CheckStatus;
 
@@ -61,6 +61,8 @@ pub enum RegistryError {
     Rejected(String),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error(transparent)]
+    Wan(#[from] WanConfigError),
 }
 
 /// How the registry presents itself and how fast its background work runs.
@@ -69,7 +71,12 @@ pub struct RegistryOptions {
     /// With a token, every request (except `status/*`) must carry it, else 403.
     pub token: Option<String>,
     pub node_name: String,
+    /// This registry's datacenter (Consul's rule: lower-cased, then only `[a-z0-9-_]`).
     pub datacenter: String,
+    /// WAN peers, datacenter name → `http://HOST:PORT` of a registry (or Consul server
+    /// agent) of that datacenter: `?dc=NAME` is forwarded there. More can join later
+    /// ([`Registry::join_wan`]).
+    pub wan_peers: Vec<(String, String)>,
     /// The agent node's address (also the default address of its services).
     pub node_address: String,
     /// Add Consul's random wait/16 to blocking timeouts; turn off for exact test timings.
@@ -89,6 +96,7 @@ impl Default for RegistryOptions {
             token: None,
             node_name: "switchyard-dev".into(),
             datacenter: "dc1".into(),
+            wan_peers: Vec::new(),
             node_address: "127.0.0.1".into(),
             jitter: true,
             reap_interval: Duration::from_secs(30),
@@ -121,8 +129,11 @@ pub struct Registry {
 
 impl Registry {
     /// Binds `addr` (use port 0 for an ephemeral port), spawns the server and returns at once.
-    /// Must be called inside a Tokio runtime.
+    /// Must be called inside a Tokio runtime. A bad datacenter name or WAN peer is an
+    /// `InvalidInput` error.
     pub fn start(addr: SocketAddr, opts: RegistryOptions) -> io::Result<Registry> {
+        let wan = api::WanPeers::new(&opts.datacenter, &opts.wan_peers)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let listener = server::bind(addr)?;
         let addr = listener.local_addr()?;
         let store = Arc::new(store::Store::new());
@@ -130,7 +141,7 @@ impl Registry {
             node_name: opts.node_name.clone(),
             node_id: uuid::Uuid::new_v4().to_string(),
             address: opts.node_address.clone(),
-            datacenter: opts.datacenter.clone(),
+            datacenter: wan.own().to_string(),
         };
         let agent = Arc::new(agent::Agent::new(
             identity,
@@ -147,9 +158,9 @@ impl Registry {
             agent,
             settings: api::ApiSettings {
                 token: opts.token,
-                datacenter: opts.datacenter,
                 jitter: opts.jitter,
             },
+            wan,
         });
         let tls = opts.tls.map(tokio_rustls::TlsAcceptor::from);
         let server = server::Server::spawn(listener, ctx.clone(), tls.clone());
@@ -196,6 +207,18 @@ impl Registry {
                 self.tls.clone(),
             ));
         }
+        Ok(())
+    }
+
+    /// This registry's datacenter name.
+    pub fn datacenter(&self) -> &str {
+        self.ctx.wan.own()
+    }
+
+    /// Adds a WAN peer at run time (as `consul join -wan`), or points a known one at a new
+    /// URL: `?dc=NAME` then goes to `url`.
+    pub fn join_wan(&self, name: &str, url: &str) -> Result<(), RegistryError> {
+        self.ctx.wan.join(name, url, true)?;
         Ok(())
     }
 
@@ -304,14 +327,23 @@ impl Drop for Registry {
 /// `switchyard registry`: serves on `addr` until SIGINT or SIGTERM.
 pub async fn serve_until_signal(
     addr: SocketAddr,
-    token: Option<String>,
+    opts: RegistryOptions,
 ) -> Result<(), RegistryError> {
-    let opts = RegistryOptions {
-        token,
-        ..RegistryOptions::default()
-    };
+    // Checked first, so a bad name or peer is told as such, not as a failure to listen.
+    api::WanPeers::new(&opts.datacenter, &opts.wan_peers)?;
+    let peers: Vec<String> = opts
+        .wan_peers
+        .iter()
+        .map(|(name, url)| format!("{name}={url}"))
+        .collect();
     let reg = Registry::start(addr, opts).map_err(|source| RegistryError::Bind { addr, source })?;
-    tracing::info!(addr = %reg.addr(), url = %reg.url(), "dev registry listening");
+    tracing::info!(
+        addr = %reg.addr(),
+        url = %reg.url(),
+        datacenter = reg.datacenter(),
+        wan = %peers.join(","),
+        "dev registry listening"
+    );
     wait_for_signal().await;
     tracing::info!("dev registry stopping");
     reg.stop().await;

@@ -107,7 +107,7 @@ pub fn services(ctx: &ApiContext) -> Value {
             .map(|e| {
                 (
                     e.service.id.clone(),
-                    wire::agent_service_json(e, &ctx.settings.datacenter),
+                    wire::agent_service_json(e, ctx.wan.own()),
                 )
             })
             .collect::<Map<_, _>>()
@@ -141,7 +141,7 @@ pub async fn service(r: &Reader<'_>, id: &str) -> Result<Resp, ApiError> {
             .get(&(node.clone(), id.to_string()))
             .filter(|e| e.agent_local)
             .map(|e| {
-                let v = wire::agent_service_json(e, &ctx.settings.datacenter);
+                let v = wire::agent_service_json(e, ctx.wan.own());
                 let h = content_hash(&v);
                 (v, h)
             })

@@ -1,8 +1,10 @@
-//! `/v1/catalog/*`: register and deregister (catalog data only, nothing executed), the
-//! blocking reads `services`, `service/:name` and `nodes`, and `datacenters`.
+//! `/v1/catalog/*`: register and deregister (catalog data only, nothing executed; a body
+//! naming a peer's datacenter goes to that peer), the blocking reads `services`,
+//! `service/:name` and `nodes`, and `datacenters`.
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use http::Request;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
@@ -10,22 +12,35 @@ use serde_json::{json, Value};
 use super::context::ApiContext;
 use super::reply::{bool_ok, read_json_body, Reader, Resp};
 use super::select::{missing_name, node_matches, node_meta_filter};
+use super::wan::{DatacenterRoute, RequestHead, NO_PATH};
 use crate::devregistry::error::ApiError;
 use crate::devregistry::store::IndexedAnswer;
 use crate::devregistry::watch::WatchKey;
 use crate::devregistry::wire;
 
+/// A write whose body names another datacenter goes to it (Consul ignores `?dc=` here).
+async fn elsewhere(
+    ctx: &ApiContext,
+    dc: Option<&str>,
+    head: &RequestHead,
+    body: &Bytes,
+) -> Option<Result<Resp, ApiError>> {
+    match ctx.wan.route(dc.filter(|d| !d.is_empty())?, head) {
+        DatacenterRoute::Local => None,
+        DatacenterRoute::Peer(base) => Some(ctx.wan.forward(&base, head, body.clone()).await),
+        DatacenterRoute::Unknown => Some(Err(ApiError::internal(NO_PATH))),
+    }
+}
+
 pub async fn register(ctx: &ApiContext, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let head = RequestHead::of(&req);
     let body = read_json_body(req).await?;
     let reg: wire::CatalogRegisterIn = wire::decode(&body).map_err(ApiError::bad_request)?;
-    if reg
-        .datacenter()
-        .is_some_and(|d| d != ctx.settings.datacenter)
-    {
-        return Err(ApiError::internal("No path to datacenter"));
+    if let Some(answer) = elsewhere(ctx, reg.datacenter(), &head, &body).await {
+        return answer;
     }
     let reg = reg
-        .into_registration(&ctx.settings.datacenter)
+        .into_registration(ctx.wan.own())
         .map_err(ApiError::bad_request)?;
     if ctx.faults.no_leader() {
         return Err(ApiError::no_leader());
@@ -35,17 +50,15 @@ pub async fn register(ctx: &ApiContext, req: Request<Incoming>) -> Result<Resp, 
 }
 
 pub async fn deregister(ctx: &ApiContext, req: Request<Incoming>) -> Result<Resp, ApiError> {
+    let head = RequestHead::of(&req);
     let body = read_json_body(req).await?;
     let d: wire::CatalogDeregisterIn = wire::decode(&body).map_err(ApiError::bad_request)?;
+    if let Some(answer) = elsewhere(ctx, d.datacenter.as_deref(), &head, &body).await {
+        return answer;
+    }
     let node = d.node.unwrap_or_default();
     if node.is_empty() {
         return Err(ApiError::bad_request("Missing node name"));
-    }
-    if d.datacenter
-        .as_deref()
-        .is_some_and(|dc| !dc.is_empty() && dc != ctx.settings.datacenter)
-    {
-        return Err(ApiError::internal("No path to datacenter"));
     }
     if ctx.faults.no_leader() {
         return Err(ApiError::no_leader());
@@ -129,5 +142,5 @@ pub async fn nodes(r: &Reader<'_>) -> Result<Resp, ApiError> {
 
 /// `GET /v1/catalog/datacenters`: the datacenters this server knows.
 pub fn datacenters(ctx: &ApiContext) -> Value {
-    json!([ctx.settings.datacenter])
+    json!(ctx.wan.datacenters())
 }

@@ -1,8 +1,9 @@
-//! What every handler touches: the store, the local agent, the fault switches and the
-//! settings the registry was started with.
+//! What every handler touches: the store, the local agent, the fault switches, the
+//! datacenter and its WAN peers, and the settings the registry was started with.
 
 use std::sync::Arc;
 
+use super::wan::WanPeers;
 use crate::devregistry::agent::Agent;
 use crate::devregistry::faults::Faults;
 use crate::devregistry::store::Store;
@@ -11,7 +12,6 @@ use crate::devregistry::store::Store;
 #[derive(Clone, Debug)]
 pub struct ApiSettings {
     pub token: Option<String>,
-    pub datacenter: String,
     pub jitter: bool,
 }
 
@@ -21,4 +21,6 @@ pub struct ApiContext {
     pub agent: Arc<Agent>,
     pub faults: Faults,
     pub settings: ApiSettings,
+    /// This registry's datacenter and its WAN peers.
+    pub wan: WanPeers,
 }

@@ -1,8 +1,9 @@
 //! The HTTP API's front: which endpoint a path names and the methods it takes, then the
 //! checks every request meets in Consul's order (405, ACL token, `dc`, `filter`, blocking
 //! and consistency parameters) before the handler of its family runs. Handlers live by
-//! endpoint family (`kv`, `catalog`, `health`, `agent`, `status`); answers are shaped in
-//! `reply`; errors are `error::ApiError`, plain text as Consul's are.
+//! endpoint family (`kv`, `catalog`, `health`, `agent`, `status`); a request for another
+//! datacenter goes to its WAN peer (`wan`); answers are shaped in `reply`; errors are
+//! `error::ApiError`, plain text as Consul's are.
 
 mod agent;
 mod body;
@@ -13,6 +14,7 @@ mod kv;
 mod reply;
 mod select;
 mod status;
+mod wan;
 
 use std::sync::Arc;
 
@@ -25,11 +27,13 @@ use hyper::body::Incoming;
 pub use context::{ApiContext, ApiSettings};
 pub use kv::KV_MAX_VALUE_SIZE;
 pub use reply::Resp;
+pub use wan::{parse_wan_flag, WanConfigError, WanPeers};
 
 use super::error::ApiError;
 use super::params::Query;
 use super::store::Status;
-use reply::{error_response, header, Reader};
+use reply::{error_response, header, read_json_body, Reader};
+use wan::{DatacenterRoute, RequestHead};
 
 /// The routes, each with its allowed methods.
 #[derive(Debug)]
@@ -136,6 +140,26 @@ impl ApiEndpoint {
         }
     }
 
+    /// Whether `?dc=` picks the datacenter that answers: the endpoints Consul serves
+    /// through its servers' RPC. Agent endpoints are this agent's own and ignore it, as
+    /// does `catalog/datacenters`; catalog register/deregister read it from their body.
+    fn takes_dc_param(&self) -> bool {
+        use ApiEndpoint::*;
+        matches!(
+            self,
+            Kv(_)
+                | CatalogServices
+                | CatalogService(_)
+                | CatalogNodes
+                | HealthService(_)
+                | HealthState(_)
+                | HealthChecks(_)
+                | HealthNode(_)
+                | StatusLeader
+                | StatusPeers
+        )
+    }
+
     /// Endpoints that need no token (Consul's status endpoints take no ACL).
     fn needs_acl(&self) -> bool {
         !matches!(self, ApiEndpoint::StatusLeader | ApiEndpoint::StatusPeers)
@@ -232,9 +256,15 @@ async fn route(ctx: &ApiContext, req: Request<Incoming>) -> Result<Resp, ApiErro
             }
         }
     }
-    if let Some(dc) = q.get("dc").filter(|d| !d.is_empty()) {
-        if dc != ctx.settings.datacenter {
-            return Err(ApiError::internal("No path to datacenter"));
+    if let Some(dc) = q.get("dc").filter(|d| !d.is_empty() && ep.takes_dc_param()) {
+        let head = RequestHead::of(&req);
+        match ctx.wan.route(dc, &head) {
+            DatacenterRoute::Local => {}
+            DatacenterRoute::Peer(base) => {
+                let body = read_json_body(req).await?;
+                return ctx.wan.forward(&base, &head, body).await;
+            }
+            DatacenterRoute::Unknown => return Err(ApiError::internal(wan::NO_PATH)),
         }
     }
     if q.has("filter") {
