@@ -178,6 +178,8 @@ pub struct ProxySection {
     pub pool_max_idle_per_host: usize,
     /// Retries allowed, as a share of requests in flight (budget), in percent.
     pub retry_budget_percent: u32,
+    /// Mirrored request copies in flight at once, gateway-wide; beyond, copies are skipped.
+    pub mirror_max_in_flight: usize,
 }
 
 impl Default for ProxySection {
@@ -196,6 +198,7 @@ impl Default for ProxySection {
             trusted_proxies: Vec::new(),
             pool_max_idle_per_host: 256,
             retry_budget_percent: 20,
+            mirror_max_in_flight: 256,
         }
     }
 }

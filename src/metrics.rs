@@ -37,6 +37,7 @@ pub const JWKS_FETCHES: &str = "switchyard_jwks_fetches_total";
 pub const CONNECTIONS: &str = "switchyard_connections_open";
 pub const RETRY_BUDGET_EXHAUSTED: &str = "switchyard_retry_budget_exhausted_total";
 pub const CIRCUIT_BREAKER_REFUSED: &str = "switchyard_circuit_breaker_refused_total";
+pub const MIRROR_REQUESTS: &str = "switchyard_mirror_requests_total";
 
 /// Statuses with their own label value; others are counted by class (`2xx`, ...).
 const STATUS_LABELS: [(u16, &str); 17] = [
@@ -246,6 +247,10 @@ fn describe() {
     describe_counter!(
         CIRCUIT_BREAKER_REFUSED,
         "Requests refused by a route's circuit breaker, by service and reason."
+    );
+    describe_counter!(
+        MIRROR_REQUESTS,
+        "Mirrored request copies, by mirror service and result."
     );
     describe_counter!(
         RETRY_BUDGET_EXHAUSTED,

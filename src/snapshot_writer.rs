@@ -395,7 +395,7 @@ impl SnapshotWriter {
         let wanted: BTreeSet<String> = self
             .all_routes()
             .iter()
-            .flat_map(|r| r.services().map(str::to_string).collect::<Vec<_>>())
+            .flat_map(|r| r.watched_services().map(str::to_string).collect::<Vec<_>>())
             .collect();
         let report = self.watches.sync_health(&wanted);
         let now = Instant::now();

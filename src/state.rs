@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use http::{HeaderMap, Method};
 
 use crate::balance::breaker::ServiceLoad;
+use crate::balance::mirror::MirrorTarget;
 use crate::balance::split::{SplitShare, WeightedSets};
 use crate::discovery::{self, EndpointStats, HealthPolicy, Instance, UpstreamSet};
 use crate::routing::{Route, RouteTable};
@@ -27,6 +28,8 @@ pub struct Snapshot {
     pub upstreams: Vec<Arc<UpstreamSet>>,
     /// The shares of each split route, by route id.
     pub splits: Vec<Option<Arc<WeightedSets>>>,
+    /// Where each mirroring route copies requests to, by route id.
+    pub mirrors: Vec<Option<Arc<MirrorTarget>>>,
     /// Endpoint stats by service, then instance id: shared by every set containing the
     /// instance and carried into the next snapshot.
     pub stats: HashMap<String, Arc<ServiceStats>>,
@@ -43,10 +46,18 @@ pub struct Match<'a> {
     pub upstreams: &'a Arc<UpstreamSet>,
     /// The shares, when the route splits its traffic.
     pub split: Option<&'a Arc<WeightedSets>>,
+    /// Where copies go, when the route mirrors.
+    pub mirror: Option<&'a Arc<MirrorTarget>>,
 }
 
 /// Routes that share service, health policy and (sorted) tags share one upstream set.
 type SetKey = (String, HealthPolicy, Vec<String>);
+
+/// The key of the set a route's mirror copies go to.
+fn mirror_key(route: &Route) -> Option<SetKey> {
+    let m = route.spec.mirror.as_ref()?;
+    Some((m.service.clone(), route.spec.health, Vec::new()))
+}
 
 /// The key of each of the route's sets, in the order of its backends.
 fn set_keys(route: &Route) -> impl Iterator<Item = SetKey> + '_ {
@@ -87,6 +98,10 @@ impl Snapshot {
         let mut previous_sets: HashMap<SetKey, &Arc<UpstreamSet>> = HashMap::new();
         if let Some(p) = previous {
             for (id, route) in p.table.routes().iter().enumerate() {
+                let mirror = p.mirrors.get(id).and_then(Option::as_ref);
+                if let (Some(key), Some(target)) = (mirror_key(route), mirror) {
+                    previous_sets.entry(key).or_insert(&target.set);
+                }
                 for (i, key) in set_keys(route).enumerate() {
                     let set = match p.splits.get(id).and_then(Option::as_ref) {
                         Some(split) => split.shares().get(i).map(|s| &s.set),
@@ -106,9 +121,10 @@ impl Snapshot {
         let mut loads: HashMap<String, Arc<ServiceLoad>> = HashMap::new();
         let mut upstreams = Vec::with_capacity(table.len());
         let mut splits = Vec::with_capacity(table.len());
+        let mut mirrors = Vec::with_capacity(table.len());
         for route in table.routes() {
-            let mut route_sets = Vec::with_capacity(route.backends.len());
-            for key in set_keys(route) {
+            let mut route_sets = Vec::with_capacity(route.backends.len() + 1);
+            for key in set_keys(route).chain(mirror_key(route)) {
                 if let Some(set) = sets.get(&key) {
                     route_sets.push(set.clone());
                     continue;
@@ -152,6 +168,11 @@ impl Snapshot {
                 sets.insert(key, set.clone());
                 route_sets.push(set);
             }
+            let mirror = route.spec.mirror.as_ref().and_then(|m| {
+                let set = route_sets.pop()?;
+                Some(Arc::new(MirrorTarget::new(set, m.percent)))
+            });
+            mirrors.push(mirror);
             // A redirect has no set; its routes still get an (empty) one to keep ids aligned.
             upstreams.push(route_sets.first().unwrap_or(&no_set).clone());
             splits.push(route.is_split().then(|| {
@@ -171,6 +192,7 @@ impl Snapshot {
             table,
             upstreams,
             splits,
+            mirrors,
             loads: Arc::new(loads),
             stats,
             instances,
@@ -190,6 +212,7 @@ impl Snapshot {
             route: self.table.get(id)?,
             upstreams: self.upstreams.get(id)?,
             split: self.splits.get(id).and_then(Option::as_ref),
+            mirror: self.mirrors.get(id).and_then(Option::as_ref),
         })
     }
 }

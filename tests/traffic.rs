@@ -473,3 +473,126 @@ async fn a_full_circuit_breaker_answers_503_at_once_and_other_services_still_ser
     );
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_mirror_gets_exactly_its_share_of_copies_marked_as_shadow_traffic() {
+    let env = Env::start("traffic", 1, |_| {}).await;
+    let shadow = unique("shadow");
+    let copies = Upstream::start("shadow").await;
+    env.consul
+        .register(&Svc::new(&shadow, &format!("{shadow}-0"), copies.port()))
+        .await;
+    env.route(
+        "mirrored",
+        "/m",
+        json!({"mirror": {"service": shadow, "percent": 10}}),
+    )
+    .await;
+    // The mirror's set is watched and filled like any other.
+    eventually(DEADLINE, "the shadow instance is known", || async {
+        let (_, v) = env.gw.admin("/upstreams").await;
+        v.to_string().contains(&format!("{shadow}-0")).then_some(())
+    })
+    .await;
+    let url = env.url("/m/item");
+    let failed = hammer(&env.http, &url, 1_000, 16).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(env.upstreams[0].hits(), 1_000);
+    eventually(DEADLINE, "100 copies", || async {
+        (copies.hits() >= 100).then_some(())
+    })
+    .await;
+    let mirrored = env
+        .gw
+        .metric(
+            "switchyard_mirror_requests_total",
+            &[("service", &shadow), ("result", "answered")],
+        )
+        .await;
+    assert_eq!((copies.hits(), mirrored), (100, 100.0));
+
+    // A POST body goes with the copy; its Host says it is a copy.
+    env.route(
+        "all",
+        "/all",
+        json!({"mirror": {"service": shadow, "percent": 100}}),
+    )
+    .await;
+    let before = copies.hits();
+    let resp = env
+        .http
+        .post(env.url("/all/count"))
+        .header("host", "shop.example.com")
+        .body("twelve bytes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.text().await.unwrap(), "12");
+    eventually(DEADLINE, "the POST copy", || async {
+        (copies.hits() == before + 1).then_some(())
+    })
+    .await;
+    let resp = env
+        .http
+        .get(env.url("/all/echo"))
+        .header("host", "shop.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(resp).await["server"], "u0");
+    eventually(DEADLINE, "the echo copy", || async {
+        (copies.hits() == before + 2).then_some(())
+    })
+    .await;
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_mirror_that_never_answers_neither_slows_nor_fails_the_real_requests() {
+    let env = Env::start("traffic", 1, |c| c.proxy.mirror_max_in_flight = 4).await;
+    // A shadow that accepts connections and never answers.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hole.local_addr().unwrap().port();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hole.accept().await {
+            held.push(socket);
+        }
+    });
+    let shadow = unique("hole");
+    env.consul
+        .register(&Svc::new(&shadow, &format!("{shadow}-0"), port))
+        .await;
+    env.route(
+        "mirrored",
+        "/m",
+        json!({"mirror": {"service": shadow, "percent": 100}, "timeouts": {"per_try_ms": 5000, "total_ms": 5000}}),
+    )
+    .await;
+    eventually(DEADLINE, "the shadow instance is known", || async {
+        let (_, v) = env.gw.admin("/upstreams").await;
+        v.to_string().contains(&format!("{shadow}-0")).then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    for _ in 0..40 {
+        assert_eq!(env.get("/m/x").await.status(), 200);
+    }
+    // Blocked on the shadow, 40 requests would take 40 × 5 s.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let busy = env
+        .gw
+        .metric(
+            "switchyard_mirror_requests_total",
+            &[("service", &shadow), ("result", "busy")],
+        )
+        .await;
+    // At most 4 copies in flight: 36 skipped, fewer only if a copy's 5 s ran out meanwhile.
+    assert!((20.0..=36.0).contains(&busy), "skipped as busy: {busy}");
+    holder.abort();
+    env.stop().await;
+}

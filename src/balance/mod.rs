@@ -7,6 +7,7 @@
 //! failing every request.
 
 pub mod breaker;
+pub mod mirror;
 pub mod outlier;
 pub mod spec;
 pub mod split;
@@ -18,7 +19,7 @@ use http::{HeaderMap, HeaderName};
 use rand::Rng;
 
 use crate::discovery::UpstreamSet;
-pub use spec::{BreakerSpec, LbPolicy, OutlierSpec, SplitEntry};
+pub use spec::{BreakerSpec, LbPolicy, MirrorSpec, OutlierSpec, SplitEntry};
 
 /// What a `consistent_hash` route hashes on.
 #[derive(Debug, Clone, PartialEq, Eq)]

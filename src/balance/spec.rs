@@ -63,3 +63,13 @@ pub struct BreakerSpec {
     #[serde(default)]
     pub max_pending: u32,
 }
+
+/// `mirror`: a copy of a share of the route's requests goes to another service, whose
+/// answers are thrown away.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorSpec {
+    pub service: String,
+    /// Share of requests copied, 0.01 to 100.
+    pub percent: f64,
+}

@@ -93,7 +93,7 @@ fn serves(share: &SplitShare) -> bool {
 
 /// A step through `0..total` that visits every point once per `total` steps: coprime to
 /// `total`, near its golden-ratio fraction so consecutive requests land far apart.
-fn stride(total: u64) -> u64 {
+pub(crate) fn stride(total: u64) -> u64 {
     if total <= 2 {
         return 1;
     }

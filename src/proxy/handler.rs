@@ -25,6 +25,7 @@ use super::body::{
 };
 use super::error::{self, ErrorFormat, ProxyError};
 use super::headers::{self, Forwarded, X_REQUEST_ID};
+use super::mirror::MirrorCopy;
 use super::path;
 use super::retry::Retries;
 use super::upstream::{ClientKey, UpstreamError};
@@ -32,6 +33,7 @@ use super::Gateway;
 use crate::assertion::Caller;
 use crate::auth::AuthRejection;
 use crate::balance::breaker::{Admitted, Overflow, ServiceLoad};
+use crate::balance::mirror::MirrorTarget;
 use crate::balance::{self, outlier, Tried};
 use crate::discovery::{ms_at, now_ms, EndpointStats, UpstreamSet};
 use crate::http1::client::RequestHead;
@@ -269,6 +271,7 @@ impl Gateway {
         let route = found.route.clone();
         let mut set = found.upstreams.clone();
         let split = found.split.cloned();
+        let mirror = found.mirror.cloned();
         let loads = route
             .spec
             .circuit_breaker
@@ -370,6 +373,7 @@ impl Gateway {
             upgrade,
             hash,
             load,
+            mirror,
         };
         self.forward(ex, parts, body, target).await
     }
@@ -409,6 +413,7 @@ impl Gateway {
             upgrade,
             hash,
             load,
+            mirror,
         } = target;
         let spec = &route.spec;
         let mut retries = Retries::new(&spec.retry, &parts.method, &self.budget, &route.name);
@@ -426,6 +431,34 @@ impl Gateway {
             .then(|| parts.extensions.remove::<OnUpgrade>())
             .flatten();
         let http2 = spec.upstream_protocol == UpstreamProtocol::Http2;
+        if let Some(target) = mirror.filter(|_| !upgrade) {
+            self.mirrors.send(&target, || {
+                let body = match &source {
+                    BodySource::Empty => None,
+                    BodySource::Buffered(b) => Some(b.clone()),
+                    BodySource::Stream(_) => return None,
+                };
+                Some(MirrorCopy {
+                    method: parts.method.clone(),
+                    uri: uri.clone(),
+                    headers: parts.headers.clone(),
+                    body,
+                    xff: forwarded.xff.clone(),
+                    proto: forwarded.proto,
+                    host: forwarded.host.to_string(),
+                    request_id: forwarded.request_id.clone(),
+                    key: ClientKey {
+                        http2,
+                        connect_ms: spec.timeouts.connect_ms,
+                        tls_service: route
+                            .policy
+                            .upstream_tls
+                            .then(|| target.set.service.clone()),
+                    },
+                    timeout: Duration::from_millis(spec.timeouts.per_try_ms),
+                })
+            });
+        }
         let client_key = ClientKey {
             http2,
             connect_ms: spec.timeouts.connect_ms,
@@ -572,6 +605,8 @@ struct Upstream<'a> {
     hash: Option<u64>,
     /// The service's in-flight count, when the route has a circuit breaker.
     load: Option<Arc<ServiceLoad>>,
+    /// Where copies of the request go, when the route mirrors.
+    mirror: Option<Arc<MirrorTarget>>,
 }
 
 /// One request in flight on an instance (for `least_request`), however the request ends:

@@ -9,6 +9,7 @@ pub mod error;
 pub mod grpc;
 pub mod handler;
 pub mod headers;
+pub mod mirror;
 pub mod path;
 pub mod retry;
 pub mod server;
@@ -75,7 +76,8 @@ pub struct Gateway {
     state: Arc<State>,
     auth: Arc<Authenticator>,
     edge: Arc<Edge>,
-    clients: upstream::Clients,
+    clients: Arc<upstream::Clients>,
+    mirrors: mirror::Mirrors,
     settings: ProxySettings,
     budget: retry::RetryBudget,
     connections: Arc<Semaphore>,
@@ -90,15 +92,17 @@ impl Gateway {
         proxy: &ProxySection,
         access_log: bool,
     ) -> Gateway {
+        let clients = Arc::new(upstream::Clients::new(
+            upstream_tls,
+            proxy.pool_max_idle_per_host,
+            UPSTREAM_IDLE,
+        ));
         Gateway {
             state,
             auth,
             edge,
-            clients: upstream::Clients::new(
-                upstream_tls,
-                proxy.pool_max_idle_per_host,
-                UPSTREAM_IDLE,
-            ),
+            mirrors: mirror::Mirrors::new(clients.clone(), proxy.mirror_max_in_flight),
+            clients,
             settings: ProxySettings::from_config(proxy, access_log),
             budget: retry::RetryBudget::new(proxy.retry_budget_percent),
             connections: Arc::new(Semaphore::new(proxy.max_connections.max(1))),

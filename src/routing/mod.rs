@@ -212,6 +212,13 @@ impl Route {
         self.backends.iter().map(|b| b.service.as_str())
     }
 
+    /// Every Consul service the gateway must watch for the route: its backends' and its
+    /// mirror's.
+    pub fn watched_services(&self) -> impl Iterator<Item = &str> {
+        self.services()
+            .chain(self.spec.mirror.as_ref().map(|m| m.service.as_str()))
+    }
+
     /// Whether the route deals its traffic out by weight.
     pub fn is_split(&self) -> bool {
         !self.spec.split.is_empty()
@@ -361,6 +368,21 @@ fn check_failover(spec: &RouteSpec) -> Result<(), RouteError> {
             "retry",
             format!("on_status {s}: only 5xx statuses can be retried"),
         ));
+    }
+    if let Some(m) = &spec.mirror {
+        if spec.redirect.is_some() {
+            return Err(field("mirror", "a redirect route sends nothing upstream"));
+        }
+        let name = m.service.trim();
+        if name.is_empty()
+            || name.contains('/')
+            || name.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(field("mirror", "service must be a Consul service name"));
+        }
+        if !(m.percent.is_finite() && (0.01..=100.0).contains(&m.percent)) {
+            return Err(field("mirror", "percent must be 0.01 to 100"));
+        }
     }
     if let Some(b) = &spec.circuit_breaker {
         if !(1..=1_000_000).contains(&b.max_requests) || b.max_pending > 1_000_000 {
@@ -518,6 +540,9 @@ mod tests {
             (r#""redirect":{"to":"//evil"}"#, "redirect"),
             (r#""split":[{"weight":0}]"#, "split"),
             (r#""circuit_breaker":{"max_requests":0}"#, "circuit_breaker"),
+            (r#""mirror":{"service":"s","percent":0}"#, "mirror"),
+            (r#""mirror":{"service":"s","percent":101}"#, "mirror"),
+            (r#""mirror":{"service":"","percent":1}"#, "mirror"),
             (
                 r#""circuit_breaker":{"max_requests":1,"max_pending":2000000}"#,
                 "circuit_breaker",

@@ -8,7 +8,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 // Each concern owns the shape of its part of the document; the route document composes them.
-pub use crate::balance::spec::{BreakerSpec, LbPolicy, OutlierSpec, SplitEntry};
+pub use crate::balance::spec::{BreakerSpec, LbPolicy, MirrorSpec, OutlierSpec, SplitEntry};
 pub use crate::discovery::HealthPolicy;
 pub use crate::policy::spec::{AssertionSpec, CorsSpec, RateLimitSpec};
 pub use crate::rewrite::{HeaderRulesSpec, RedirectSpec};
@@ -101,6 +101,9 @@ pub struct RouteSpec {
     /// Limits on requests in flight to the upstream service (Envoy's circuit breaker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<BreakerSpec>,
+    /// Copy a share of the requests to another service, its answers thrown away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorSpec>,
     /// Answer with a redirect at the gateway instead of going upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect: Option<RedirectSpec>,
@@ -307,6 +310,7 @@ impl RouteSpec {
             host_rewrite: None,
             split: Vec::new(),
             circuit_breaker: None,
+            mirror: None,
             redirect: None,
         }
     }
@@ -373,6 +377,7 @@ mod tests {
             r#"{"path_prefix":"/old","redirect":{"to":"https://new.example.com","status":308,"keep_path":true}}"#,
             r#"{"service":"a","path_prefix":"/","split":[{"tags":["v1"],"weight":90},{"service":"b","weight":10}]}"#,
             r#"{"service":"a","path_prefix":"/","circuit_breaker":{"max_requests":100,"max_pending":10}}"#,
+            r#"{"service":"a","path_prefix":"/","mirror":{"service":"shadow","percent":5}}"#,
         ] {
             let spec = RouteSpec::from_json(doc.as_bytes()).unwrap();
             let text = serde_json::to_vec(&spec).unwrap();
