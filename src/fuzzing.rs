@@ -310,6 +310,20 @@ pub fn config_toml(data: &[u8]) {
     file.consul.token_file = None;
     if let Ok(config) = file.validate() {
         let _ = AuthSettings::from_config(&config.file.auth);
+        // Agents: at least one, each a base URL, none twice, the first one preferred.
+        let agents = &config.consul_addresses;
+        assert!(!agents.is_empty());
+        assert_eq!(agents[0], config.consul_address);
+        for (i, a) in agents.iter().enumerate() {
+            assert!(a.starts_with("http://") || a.starts_with("https://"), "{a}");
+            assert!(!agents[..i].contains(a), "{a} twice");
+        }
+        if config.consul_max_stale.is_some() {
+            assert_eq!(
+                config.consul_consistency,
+                crate::config::ConsulConsistency::Stale
+            );
+        }
     }
 }
 

@@ -202,11 +202,16 @@ async fn with_two_agents_reads_move_to_the_second_when_the_first_dies_and_back_w
 
     // The local agent dies: reads move to the remote one.
     local.stop().await;
+    let died = Instant::now();
     eventually(DEADLINE, "reads move to the remote agent", || async {
         let view = consul_view(&gw).await;
         (view["client"]["agents"]["active"] == remote.url()).then_some(())
     })
     .await;
+    support::note(&format!(
+        "reads moved to the remote agent {:?} after the local one died",
+        died.elapsed()
+    ));
     assert_eq!(active(local.url()).await, 0.0);
     assert_eq!(active(remote.url()).await, 1.0);
     let changes = gw
@@ -236,11 +241,16 @@ async fn with_two_agents_reads_move_to_the_second_when_the_first_dies_and_back_w
         .set_check_status("service:a", CheckStatus::Critical)
         .unwrap();
     local.restart().await.unwrap();
+    let back = Instant::now();
     eventually(DEADLINE, "reads come back to the local agent", || async {
         let view = consul_view(&gw).await;
         (view["client"]["agents"]["active"] == local.url()).then_some(())
     })
     .await;
+    support::note(&format!(
+        "reads came back to the local agent {:?} after it returned (failback_s = 1)",
+        back.elapsed()
+    ));
     local
         .set_check_status("service:a", CheckStatus::Passing)
         .unwrap();
@@ -376,11 +386,14 @@ async fn a_refused_token_keeps_the_last_state_and_a_rewritten_token_file_is_pick
     registry
         .set_check_status("service:b", CheckStatus::Critical)
         .unwrap();
-    let view = eventually(DEADLINE, "the refusal is shown", || async {
+    let health_path = format!("/v1/health/service/{service}");
+    let view = eventually(DEADLINE, "the refused health read is shown", || async {
         let view = consul_view(&gw).await;
-        view["client"]["token"]["refused_for_s"]
-            .is_number()
-            .then_some(view)
+        let token = &view["client"]["token"];
+        let listed = token["refused_paths"]
+            .as_array()
+            .is_some_and(|paths| paths.iter().any(|p| *p == health_path.as_str()));
+        (token["refused_for_s"].is_number() && listed).then_some(view)
     })
     .await;
     let token = &view["client"]["token"];
@@ -433,5 +446,69 @@ async fn a_refused_token_keeps_the_last_state_and_a_rewritten_token_file_is_pick
     let view = consul_view(&gw).await;
     assert!(view["client"]["token"]["refused_for_s"].is_null(), "{view}");
     assert_eq!(gw.metric("switchyard_consul_token_refused", &[]).await, 0.0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_that_accepts_but_never_answers_is_left_within_seconds() {
+    if against_real_agent("an_agent_that_accepts_but_never_answers_is_left_within_seconds") {
+        return;
+    }
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let service = unique("hung");
+    let prefix = format!("{}/", unique("sy"));
+    let local = registry_on("127.0.0.1:0".parse().unwrap(), RegistryOptions::for_tests());
+    let remote = registry_on("127.0.0.1:0".parse().unwrap(), RegistryOptions::for_tests());
+    for registry in [&local, &remote] {
+        seed(registry, &prefix, &service, &[("a", &a), ("b", &b)]);
+    }
+    let mut file = support::test_config(&local.url(), &prefix);
+    file.consul.address = None;
+    file.consul.addresses = vec![local.url(), remote.url()];
+    // Blocking queries as long as in production: waiting for them to time out would
+    // leave the gateway deaf for a minute.
+    file.consul.wait_s = 60;
+    file.consul.failback_s = 0;
+    let gw = Gateway::start_with(file).await;
+    gw.wait_ready().await;
+    gw.wait_upstreams("/r", &["a", "b"]).await;
+
+    local.faults().set_stall(true);
+    let hung = Instant::now();
+    eventually(
+        Duration::from_secs(20),
+        "reads leave the hung agent",
+        || async {
+            let view = consul_view(&gw).await;
+            (view["client"]["agents"]["active"] == remote.url()).then_some(())
+        },
+    )
+    .await;
+    let moved_after = hung.elapsed();
+    support::note(&format!(
+        "reads left an agent that stopped answering {moved_after:?} after it hung"
+    ));
+    assert!(moved_after < Duration::from_secs(10), "{moved_after:?}");
+    let view = consul_view(&gw).await;
+    assert!(
+        view["client"]["agents"]["last_change_reason"]
+            .as_str()
+            .unwrap()
+            .contains("liveness"),
+        "{view}"
+    );
+    remote
+        .set_check_status("service:a", CheckStatus::Critical)
+        .unwrap();
+    let (left_after, failed) =
+        time_until_traffic_leaves(&gw, "a", Instant::now(), Duration::from_secs(10)).await;
+    assert!(left_after < Duration::from_secs(1), "{left_after:?}");
+    assert_eq!(failed, 0);
+    assert_eq!(
+        consul_view(&gw).await["client"]["agents"]["active"],
+        remote.url(),
+        "failback_s = 0 stays"
+    );
+    local.faults().set_stall(false);
     gw.stop().await;
 }

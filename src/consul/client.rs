@@ -37,6 +37,16 @@ const UPKEEP_TICK: Duration = Duration::from_secs(1);
 /// how long it has to answer.
 const LIVENESS_EVERY: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Refused reads the upkeep retries per tick (the rest wait for their own watch's retry).
+const REFUSED_RETRIES_PER_TICK: usize = 4;
+
+/// Who reads: a watch (its refusals keep a refused read on record), or the upkeep retrying
+/// a refused read (which must not keep alive a read whose watch has stopped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asker {
+    Watch,
+    Upkeep,
+}
 
 /// How reads may be served (Consul's consistency modes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -371,7 +381,9 @@ impl ConsulClient {
         index: Index,
     ) -> Result<QueryAnswer, ConsulError> {
         let consistency = self.shared.consistency;
-        let answer = self.read(path, query, index, consistency).await?;
+        let answer = self
+            .read(path, query, index, consistency, Asker::Watch)
+            .await?;
         if let Consistency::Stale {
             max_stale: Some(max),
         } = consistency
@@ -384,7 +396,9 @@ impl ConsulClient {
                     "stale answer too old; reading from the leader"
                 );
                 metrics::counter!(crate::metrics::CONSUL_STALE_REREADS).increment(1);
-                return self.read(path, query, index, Consistency::Leader).await;
+                return self
+                    .read(path, query, index, Consistency::Leader, Asker::Watch)
+                    .await;
             }
         }
         Ok(answer)
@@ -397,13 +411,14 @@ impl ConsulClient {
         query: &[(&str, &str)],
         index: Index,
         consistency: Consistency,
+        asker: Asker,
     ) -> Result<QueryAnswer, ConsulError> {
         let choice = self.shared.agents.current();
         let base = self.shared.agents.address(choice.index);
         let result = self.send_read(base, path, query, index, consistency).await;
         match &result {
             Ok(answer) => {
-                if self.shared.token.accepted() {
+                if self.shared.token.accepted(path) {
                     self.publish_epoch();
                 }
                 metrics::gauge!(crate::metrics::CONSUL_KNOWN_LEADER, "agent" => base.to_string())
@@ -423,7 +438,10 @@ impl ConsulClient {
                 });
             }
             Err(ConsulError::Transport(why)) => self.unreachable(choice, why),
-            Err(ConsulError::Refused { message }) => self.shared.token.refused(path, message),
+            Err(ConsulError::Refused { message }) => match asker {
+                Asker::Watch => self.shared.token.refused(path, message),
+                Asker::Upkeep => self.shared.token.still_refused(path, message),
+            },
             Err(_) => {}
         }
         result
@@ -502,8 +520,8 @@ impl ConsulClient {
     }
 
     /// Background care until `until` completes: re-reads the token file every second;
-    /// while Consul refuses the token, retries the refused read every second so a token
-    /// that works again is noticed at once; with several addresses, checks the active agent
+    /// while Consul refuses the token, retries refused reads every second so a token that
+    /// works again is noticed at once; with several addresses, checks the active agent
     /// is alive and moves back to a preferred one that answers again. Run it once per
     /// client (its clones share what it maintains).
     pub async fn upkeep(&self, until: impl Future<Output = ()>) {
@@ -520,9 +538,15 @@ impl ConsulClient {
                 if self.shared.token.reload() {
                     self.publish_epoch();
                 }
-                if let Some(path) = self.shared.token.refused_path() {
+                for path in self.shared.token.refused_paths(REFUSED_RETRIES_PER_TICK) {
                     let _ = self
-                        .read(&path, &[], Index::ZERO, self.shared.consistency)
+                        .read(
+                            &path,
+                            &[],
+                            Index::ZERO,
+                            self.shared.consistency,
+                            Asker::Upkeep,
+                        )
                         .await;
                 }
                 if self.shared.agents.len() > 1 {
@@ -942,5 +966,53 @@ mod tests {
             report.agents.changes_total, 0,
             "the agent answered: no move"
         );
+    }
+
+    #[tokio::test]
+    async fn the_upkeep_notices_a_refused_token_that_works_again_and_wakes_the_watches() {
+        static REFUSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+        let agent = fake_agent(|_| {
+            if REFUSE.load(std::sync::atomic::Ordering::SeqCst) {
+                (403, vec![])
+            } else {
+                (200, vec![])
+            }
+        })
+        .await;
+        let client = client_for(vec![agent.url.clone()], Consistency::Default);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let upkeep = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .upkeep(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+            }
+        });
+        let mut epochs = client.epochs();
+        let refused = client
+            .blocking_get("/v1/health/service/web", &[], Index::ZERO)
+            .await;
+        assert!(matches!(refused, Err(ConsulError::Refused { .. })));
+        // The token is granted again in Consul: no file changed, no watch asked yet.
+        REFUSE.store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(5), epochs.wait_for(|e| e.token == 1))
+            .await
+            .expect("the watches are woken within a few upkeep ticks")
+            .unwrap();
+        assert!(client.report().token.refused_for_s.is_none());
+        assert!(
+            agent
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|t| t.starts_with("/v1/health/service/web")),
+            "the upkeep retried the refused read"
+        );
+        let _ = stop.send(());
+        upkeep.await.unwrap();
     }
 }

@@ -2,13 +2,18 @@
 //!
 //! A token comes from the configuration or from a file (`consul.token_file`, like Consul's
 //! `CONSUL_HTTP_TOKEN_FILE`). The file is read again by the client's upkeep, so a rotated
-//! token is used without a restart. A `403` is not an outage: it is recorded here once per
-//! episode (one log line naming where the token comes from, a gauge), the watches keep
-//! their last good state, and the first accepted request ends the episode.
+//! token is used without a restart. A `403` is not an outage: each refused read is recorded
+//! here, one log line opens the episode (naming where the token comes from) and a gauge
+//! shows it; the watches keep their last good state. The upkeep retries the refused reads,
+//! so a token that works again is noticed at once; the episode ends when no read is refused
+//! any more. Tracking reads, not just "a 403 happened", keeps a token that may read some
+//! paths but not others from flapping between refused and accepted.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use http::HeaderValue;
 use serde::Serialize;
@@ -37,21 +42,27 @@ impl std::fmt::Display for TokenOrigin {
     }
 }
 
-/// A refusal episode: since when, and what Consul said.
+/// A read Consul refuses: what it said, and when a watch last asked.
 #[derive(Debug, Clone)]
-struct Refusal {
-    since: Instant,
+struct RefusedRead {
     message: String,
-    /// The read that was refused, retried by the upkeep to notice a token that works again.
-    path: String,
+    last_by_watch: Instant,
 }
+
+/// A read no watch has asked for this long is forgotten (its watch was stopped): longer than
+/// any blocking wait or retry backoff a live watch would sit in.
+const FORGET_REFUSED_AFTER: Duration = Duration::from_secs(15 * 60);
 
 #[derive(Debug)]
 struct Current {
     header: Option<HeaderValue>,
     /// The file's trimmed text as last read (compared to notice a rotation).
     file_text: Option<String>,
-    refusal: Option<Refusal>,
+    /// Refused reads by path; the episode lasts while this is not empty.
+    refused: BTreeMap<String, RefusedRead>,
+    /// When the current episode began.
+    refused_since: Option<Instant>,
+    last_message: Option<String>,
     /// The last re-read of the file failed with this (logged once per distinct error).
     file_error: Option<String>,
 }
@@ -73,6 +84,8 @@ pub struct TokenReport {
     /// Consul refuses the token (403) since this many seconds; `None` while it is accepted.
     pub refused_for_s: Option<f64>,
     pub refused_message: Option<String>,
+    /// The reads refused now (KV prefixes, services), at most 10.
+    pub refused_paths: Vec<String>,
     pub refusals_total: u64,
     /// The last re-read of the token file failed (the token in use is kept).
     pub file_error: Option<String>,
@@ -99,7 +112,9 @@ impl AclToken {
             current: Mutex::new(Current {
                 header,
                 file_text,
-                refusal: None,
+                refused: BTreeMap::new(),
+                refused_since: None,
+                last_message: None,
                 file_error: None,
             }),
             generation: AtomicU64::new(0),
@@ -157,19 +172,45 @@ impl AclToken {
         }
     }
 
-    /// Consul answered a read of `path` with 403. Logs once per episode.
+    /// Consul answered a watch's read of `path` with 403. The first refusal of an episode
+    /// is logged.
     pub fn refused(&self, path: &str, message: &str) {
+        self.record_refusal(path, message, true);
+    }
+
+    /// The upkeep's retry of a refused read was refused again (does not keep the read
+    /// alive: only a watch asking for it does).
+    pub fn still_refused(&self, path: &str, message: &str) {
+        self.record_refusal(path, message, false);
+    }
+
+    fn record_refusal(&self, path: &str, message: &str, by_watch: bool) {
         self.refusals_total.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
         let mut current = self.lock();
-        let first = current.refusal.is_none();
-        current.refusal = Some(Refusal {
-            since: current
-                .refusal
-                .as_ref()
-                .map_or_else(Instant::now, |r| r.since),
-            message: message.to_string(),
-            path: path.to_string(),
-        });
+        let first = current.refused_since.is_none();
+        match current.refused.get_mut(path) {
+            Some(read) => {
+                read.message = message.to_string();
+                if by_watch {
+                    read.last_by_watch = now;
+                }
+            }
+            None if by_watch => {
+                current.refused.insert(
+                    path.to_string(),
+                    RefusedRead {
+                        message: message.to_string(),
+                        last_by_watch: now,
+                    },
+                );
+            }
+            None => return,
+        }
+        current.last_message = Some(message.to_string());
+        if first {
+            current.refused_since = Some(now);
+        }
         drop(current);
         if first {
             metrics::gauge!(crate::metrics::CONSUL_TOKEN_REFUSED).set(1.0);
@@ -179,23 +220,42 @@ impl AclToken {
         }
     }
 
-    /// Consul accepted a request. `true` when this ends a refusal episode.
-    pub fn accepted(&self) -> bool {
+    /// Consul answered a read of `path`. `true` when this ends a refusal episode (the
+    /// watches waiting out a backoff should retry now).
+    pub fn accepted(&self, path: &str) -> bool {
         let mut current = self.lock();
-        let Some(refusal) = current.refusal.take() else {
+        if current.refused.remove(path).is_none() || !current.refused.is_empty() {
+            return false;
+        }
+        self.end_episode(current)
+    }
+
+    /// The refused reads worth retrying now (at most `max`, those no watch asked for in
+    /// [`FORGET_REFUSED_AFTER`] are dropped first, which may end the episode).
+    pub fn refused_paths(&self, max: usize) -> Vec<String> {
+        let mut current = self.lock();
+        let before = current.refused.len();
+        current
+            .refused
+            .retain(|_, r| r.last_by_watch.elapsed() < FORGET_REFUSED_AFTER);
+        if before > 0 && current.refused.is_empty() {
+            self.end_episode(current);
+            return Vec::new();
+        }
+        current.refused.keys().take(max).cloned().collect()
+    }
+
+    fn end_episode(&self, mut current: std::sync::MutexGuard<'_, Current>) -> bool {
+        let Some(since) = current.refused_since.take() else {
             return false;
         };
+        current.last_message = None;
         drop(current);
         metrics::gauge!(crate::metrics::CONSUL_TOKEN_REFUSED).set(0.0);
-        tracing::info!(token = %self.origin, refused_for_s = refusal.since.elapsed().as_secs(),
+        tracing::info!(token = %self.origin, refused_for_s = since.elapsed().as_secs(),
             "consul accepts the ACL token again");
         self.generation.fetch_add(1, Ordering::AcqRel);
         true
-    }
-
-    /// The read Consul refused last, while the refusal lasts.
-    pub fn refused_path(&self) -> Option<String> {
-        self.lock().refusal.as_ref().map(|r| r.path.clone())
     }
 
     pub fn report(&self) -> TokenReport {
@@ -203,10 +263,10 @@ impl AclToken {
         TokenReport {
             origin: self.origin.to_string(),
             refused_for_s: current
-                .refusal
-                .as_ref()
-                .map(|r| r.since.elapsed().as_secs_f64()),
-            refused_message: current.refusal.as_ref().map(|r| r.message.clone()),
+                .refused_since
+                .map(|since| since.elapsed().as_secs_f64()),
+            refused_message: current.last_message.clone(),
+            refused_paths: current.refused.keys().take(10).cloned().collect(),
             refusals_total: self.refusals_total.load(Ordering::Relaxed),
             file_error: current.file_error.clone(),
         }
@@ -290,21 +350,33 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_lasts_until_a_request_is_accepted() {
+    fn a_refusal_lasts_until_every_refused_read_is_accepted() {
         let token = AclToken::new(Some("t".into()), None).unwrap();
-        assert!(!token.accepted(), "nothing to end");
-        token.refused("/v1/kv/sy/?recurse", "ACL not found");
+        assert!(!token.accepted("/v1/kv/sy/"), "nothing to end");
+        token.refused("/v1/kv/sy/", "ACL not found");
         token.refused("/v1/health/service/web", "ACL not found");
         let report = token.report();
         assert!(report.refused_for_s.is_some());
         assert_eq!(report.refusals_total, 2);
         assert_eq!(
-            token.refused_path().as_deref(),
-            Some("/v1/health/service/web")
+            token.refused_paths(10),
+            ["/v1/health/service/web", "/v1/kv/sy/"]
         );
-        assert!(token.accepted());
+        assert!(
+            !token.accepted("/v1/health/service/other"),
+            "another read says nothing about the refused ones"
+        );
+        assert!(!token.accepted("/v1/kv/sy/"), "one is still refused");
+        assert!(token.report().refused_for_s.is_some());
+        token.still_refused("/v1/kv/sy/", "ACL not found");
+        assert_eq!(
+            token.refused_paths(10),
+            ["/v1/health/service/web"],
+            "a retry does not bring back a read no watch asks for"
+        );
+        assert!(token.accepted("/v1/health/service/web"));
         assert!(token.report().refused_for_s.is_none());
         assert_eq!(token.generation(), 1);
-        assert!(token.refused_path().is_none());
+        assert!(token.refused_paths(10).is_empty());
     }
 }
