@@ -20,7 +20,7 @@ use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::auth::Authenticator;
-use crate::consul::ConsulClient;
+use crate::consul::{ConsulClient, WatchStatus};
 use crate::control::Control;
 use crate::discovery;
 use crate::routing::HostMatch;
@@ -52,16 +52,8 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Shutdown)
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.wait() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((stream, _)) = shutdown.accept(&listener, "admin").await else {
+            break;
         };
         let admin = admin.clone();
         let service = service_fn(move |req| {
@@ -281,71 +273,67 @@ pub fn upstreams(admin: &Admin) -> Value {
                     })
                 })
                 .collect();
-            let watch = view.health_watches.get(service).map(|w| {
-                json!({
-                    "data_age_s": w.data_age().map(|a| a.as_secs_f64()),
-                    "last_contact_s": w.last_contact().map(|a| a.as_secs_f64()),
-                    "index": w.index(),
-                    "errors_total": w.errors_total(),
-                    "consecutive_errors": w.consecutive_errors(),
-                    "last_error": w.last_error(),
-                })
-            });
             json!({
                 "service": service,
                 "instances": instances,
-                "watch": watch,
+                "watch": view.health_watches.get(service).map(|w| watch_view(w)),
             })
         })
         .collect();
-    let watch_json = |w: &Arc<crate::consul::WatchStatus>| {
-        json!({
-            "data_age_s": w.data_age().map(|a| a.as_secs_f64()),
-            "last_contact_s": w.last_contact().map(|a| a.as_secs_f64()),
-            "index": w.index(),
-            "errors_total": w.errors_total(),
-            "consecutive_errors": w.consecutive_errors(),
-            "last_error": w.last_error(),
-        })
-    };
     json!({
         "version": snap.version,
         "source": view.source,
         "data_age_s": admin.control.data_age().map(|a| a.as_secs_f64()),
-        "routes_watch": view.routes_watch.as_ref().map(watch_json),
-        "tags_watch": view.tags_watch.as_ref().map(watch_json),
+        "routes_watch": view.routes_watch.as_deref().map(watch_view),
+        "tags_watch": view.tags_watch.as_deref().map(watch_view),
         "services": services,
+    })
+}
+
+/// How fresh one Consul watch is, and its errors.
+fn watch_view(w: &WatchStatus) -> Value {
+    json!({
+        "data_age_s": w.data_age().map(|a| a.as_secs_f64()),
+        "last_contact_s": w.last_contact().map(|a| a.as_secs_f64()),
+        "index": w.index(),
+        "errors_total": w.errors_total(),
+        "consecutive_errors": w.consecutive_errors(),
+        "last_error": w.last_error(),
     })
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
     let mut bytes = serde_json::to_vec_pretty(body).unwrap_or_default();
     bytes.push(b'\n');
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Full::new(Bytes::from(bytes)))
-        .unwrap_or_default()
+    answer(status, "application/json", Bytes::from(bytes))
 }
 
 /// The Prometheus text exposition format, version 0.0.4.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 fn metrics_response() -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, PROMETHEUS_TEXT)
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Full::new(Bytes::from(crate::metrics::render())))
-        .unwrap_or_default()
+    answer(
+        StatusCode::OK,
+        PROMETHEUS_TEXT,
+        Bytes::from(crate::metrics::render()),
+    )
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    answer(
+        status,
+        "text/plain; charset=utf-8",
+        Bytes::from_static(body.as_bytes()),
+    )
+}
+
+/// Every admin answer: what it shows is true now only, so nothing may cache it.
+fn answer(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Full::new(body))
         .unwrap_or_default()
 }
 

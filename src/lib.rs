@@ -29,6 +29,7 @@ pub mod fuzzing;
 pub mod http1;
 pub mod metrics;
 pub mod owned_headers;
+pub mod pem;
 pub mod policy;
 pub mod proxy;
 pub mod registration;

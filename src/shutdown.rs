@@ -1,7 +1,16 @@
 //! Shutdown: one token that every task watches, tripped by SIGTERM/SIGINT or by a caller
-//! (tests, `switchyard dev`). Draining deadlines are applied by whoever owns the work.
+//! (tests, `switchyard dev`), and the accept loop step every listener shares (stop
+//! accepting at shutdown). Draining deadlines are applied by whoever owns the work.
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+
+/// Pause after a failed accept (EMFILE and friends), so a listener backs off instead of
+/// spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// A cloneable shutdown signal. `trigger` once; every `wait` then returns.
 #[derive(Clone, Debug)]
@@ -37,6 +46,27 @@ impl Shutdown {
     pub async fn wait(&self) {
         let mut rx = self.rx.clone();
         let _ = rx.wait_for(|v| *v).await;
+    }
+
+    /// The next connection on `listener`, or `None` once shutdown is triggered. A failed
+    /// accept is logged (naming the `listener`) and tried again after a pause.
+    pub async fn accept(
+        &self,
+        listener: &TcpListener,
+        name: &str,
+    ) -> Option<(TcpStream, SocketAddr)> {
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => return Some(a),
+                    Err(e) => {
+                        tracing::warn!(listener = name, error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                },
+                _ = self.wait() => return None,
+            }
+        }
     }
 
     /// Trips the token on SIGTERM or SIGINT (Ctrl-C).

@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -21,7 +20,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
@@ -29,28 +27,17 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::config::{CertificateSection, TlsSection};
+use crate::pem::{read_certs, read_key, PemError};
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] PemError),
     #[error("{key} does not belong to {cert}")]
     Mismatch { cert: PathBuf, key: PathBuf },
     #[error("tls: {0}")]
     Config(String),
-}
-
-fn file_error(path: &Path, message: impl Into<String>) -> TlsError {
-    TlsError::File {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
 }
 
 /// Certificates by name. Names are lower-case; `*.example.com` is stored as `example.com`
@@ -157,12 +144,12 @@ impl Tls {
                 for cert in read_certs(path)? {
                     roots
                         .add(cert)
-                        .map_err(|e| file_error(path, format!("not a CA certificate: {e}")))?;
+                        .map_err(|e| PemError::file(path, format!("not a CA certificate: {e}")))?;
                 }
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                         .build()
-                        .map_err(|e| file_error(path, e.to_string()))?;
+                        .map_err(|e| PemError::file(path, e.to_string()))?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
@@ -275,7 +262,7 @@ fn load_pair(
     let signing = provider
         .key_provider
         .load_private_key(key)
-        .map_err(|e| file_error(key_path, format!("unusable private key: {e}")))?;
+        .map_err(|e| PemError::file(key_path, format!("unusable private key: {e}")))?;
     let certified = CertifiedKey::new(chain, signing);
     if certified.keys_match().is_err() {
         return Err(TlsError::Mismatch {
@@ -286,50 +273,18 @@ fn load_pair(
     let names = {
         let leaf = &certified.cert[0];
         let ee = webpki::EndEntityCert::try_from(leaf)
-            .map_err(|e| file_error(cert_path, format!("unparsable certificate: {e}")))?;
+            .map_err(|e| PemError::file(cert_path, format!("unparsable certificate: {e}")))?;
         ee.valid_dns_names().map(str::to_string).collect()
     };
     Ok((Arc::new(certified), names))
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let file = std::fs::File::open(path).map_err(|source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let certs = rustls_pemfile::certs(&mut BufReader::new(file))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(path, format!("bad PEM: {e}")))?;
-    if certs.is_empty() {
-        return Err(file_error(path, "no CERTIFICATE block"));
-    }
-    Ok(certs)
-}
-
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let file = std::fs::File::open(path).map_err(|source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    rustls_pemfile::private_key(&mut BufReader::new(file))
-        .map_err(|e| file_error(path, format!("bad PEM: {e}")))?
-        .ok_or_else(|| file_error(path, "no PRIVATE KEY block"))
 }
 
 /// Serves the HTTP → HTTPS redirect listener until shutdown: every request gets a 308 to
 /// the same host and path on `https_port`.
 pub async fn serve_redirect(listener: TcpListener, https_port: u16, shutdown: Shutdown) {
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "redirect listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.wait() => return,
+        let Some((stream, _)) = shutdown.accept(&listener, "redirect").await else {
+            return;
         };
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

@@ -6,39 +6,26 @@
 //! The name checked is `server_name` with `{service}` replaced by the route's service when
 //! configured, else the address the gateway dials (an IP address then needs an IP SAN).
 
-use std::io::BufReader;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::UpstreamTlsSection;
+use crate::pem::{read_certs, read_key, PemError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamTlsError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
+    #[error(transparent)]
+    File(#[from] PemError),
     #[error("upstream tls: {0}")]
     Config(String),
     #[error("`{0}` is not a valid TLS server name")]
     ServerName(String),
-}
-
-fn file_error(path: &Path, message: impl Into<String>) -> UpstreamTlsError {
-    UpstreamTlsError::File {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
 }
 
 /// Client TLS settings for upstreams, one `ClientConfig` per ALPN offer.
@@ -69,7 +56,7 @@ impl UpstreamTls {
                 for cert in read_certs(ca)? {
                     roots
                         .add(cert)
-                        .map_err(|e| file_error(ca, format!("unusable CA certificate: {e}")))?;
+                        .map_err(|e| PemError::file(ca, format!("unusable CA certificate: {e}")))?;
                 }
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -85,7 +72,7 @@ impl UpstreamTls {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|e| {
-                file_error(
+                PemError::file(
                     &section.client_key,
                     format!("does not fit {}: {e}", section.client_cert.display()),
                 )
@@ -144,35 +131,13 @@ impl UpstreamTls {
     }
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, UpstreamTlsError> {
-    let file = std::fs::File::open(path).map_err(|source| UpstreamTlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let certs = rustls_pemfile::certs(&mut BufReader::new(file))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(path, format!("bad PEM: {e}")))?;
-    if certs.is_empty() {
-        return Err(file_error(path, "no CERTIFICATE block"));
-    }
-    Ok(certs)
-}
-
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, UpstreamTlsError> {
-    let file = std::fs::File::open(path).map_err(|source| UpstreamTlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    rustls_pemfile::private_key(&mut BufReader::new(file))
-        .map_err(|e| file_error(path, format!("bad PEM: {e}")))?
-        .ok_or_else(|| file_error(path, "no PRIVATE KEY block"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rustls::pki_types::PrivateKeyDer;
     use rustls::server::WebPkiClientVerifier;
+    use std::path::PathBuf;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     struct Pki {

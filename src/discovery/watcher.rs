@@ -73,6 +73,30 @@ pub struct SyncReport {
     pub stopped: Vec<String>,
 }
 
+/// Keeps one entry per wanted service in `running`: drops those no longer wanted (a watch
+/// stops when its handle drops) and makes the missing ones with `start`.
+pub fn sync_running<T>(
+    running: &mut BTreeMap<String, T>,
+    wanted: &BTreeSet<String>,
+    mut start: impl FnMut(&str) -> T,
+) -> SyncReport {
+    let mut report = SyncReport::default();
+    running.retain(|service, _| {
+        let keep = wanted.contains(service);
+        if !keep {
+            report.stopped.push(service.clone());
+        }
+        keep
+    });
+    for service in wanted {
+        if !running.contains_key(service) {
+            running.insert(service.clone(), start(service));
+            report.started.push(service.clone());
+        }
+    }
+    report
+}
+
 /// The set of running health watches, one per wanted service.
 pub struct HealthWatcher {
     client: ConsulClient,
@@ -98,21 +122,10 @@ impl HealthWatcher {
 
     /// Starts a watch for each wanted service without one and stops those no longer wanted.
     pub fn sync(&mut self, wanted: &BTreeSet<String>) -> SyncReport {
-        let mut report = SyncReport::default();
-        self.watches.retain(|service, _| {
-            let keep = wanted.contains(service);
-            if !keep {
-                report.stopped.push(service.clone());
-            }
-            keep
-        });
-        for service in wanted {
-            if self.watches.contains_key(service) {
-                continue;
-            }
+        sync_running(&mut self.watches, wanted, |service| {
             let tx = self.updates.clone();
-            let name = service.clone();
-            let handle = watch::spawn(
+            let name = service.to_string();
+            watch::spawn(
                 HealthSource::new(&self.client, service),
                 self.options.named(format!("health:{service}")),
                 move |instances| {
@@ -121,11 +134,8 @@ impl HealthWatcher {
                         instances,
                     });
                 },
-            );
-            self.watches.insert(service.clone(), handle);
-            report.started.push(service.clone());
-        }
-        report
+            )
+        })
     }
 
     pub fn status(&self, service: &str) -> Option<&Arc<WatchStatus>> {

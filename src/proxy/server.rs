@@ -65,6 +65,7 @@ async fn accept_loop(
     // Every connection holds a receiver: `true` asks it to finish, and the drain is over
     // when all of them are gone.
     let (draining, _) = watch::channel(false);
+    let name = if tls.is_some() { "https" } else { "proxy" };
     loop {
         let permit = tokio::select! {
             p = gateway.connections.clone().acquire_owned() => match p {
@@ -73,17 +74,8 @@ async fn accept_loop(
             },
             _ = shutdown.wait() => break,
         };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.wait() => break,
+        let Some((stream, peer)) = shutdown.accept(&listener, name).await else {
+            break;
         };
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();

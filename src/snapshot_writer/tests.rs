@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::control::DataSource;
+use crate::discovery::watcher::sync_running;
 use crate::discovery::InstanceHealth;
 
 /// Stands in for the Consul watches: statuses that never fail, health watches that only
@@ -31,22 +32,9 @@ impl WriterWatches for FakeWatches {
     }
 
     fn sync_health(&mut self, wanted: &BTreeSet<String>) -> SyncReport {
-        let mut report = SyncReport::default();
-        self.health.retain(|service, _| {
-            let keep = wanted.contains(service);
-            if !keep {
-                report.stopped.push(service.clone());
-            }
-            keep
-        });
-        for service in wanted {
-            if !self.health.contains_key(service) {
-                let status = Arc::new(WatchStatus::new(format!("health:{service}")));
-                self.health.insert(service.clone(), status);
-                report.started.push(service.clone());
-            }
-        }
-        report
+        sync_running(&mut self.health, wanted, |service| {
+            Arc::new(WatchStatus::new(format!("health:{service}")))
+        })
     }
 
     fn health(&self) -> Box<dyn Iterator<Item = (&str, &Arc<WatchStatus>)> + '_> {
