@@ -13,18 +13,13 @@
 # upstream (a one-worker nginx from the shared harness) run on CPU 0.
 #
 # Usage: scripts/bench-auth.sh [--quick]     (--quick: 3 s runs, 1 rep; default ~4 min)
-# Env:   BENCH_DIR (default ../shared/bench next to the repo), DURATION (10), REPS (3),
-#        CONNS (50), OUT (result file), and the ports below.
+# Env:   BENCH_DIR (default ../shared/bench next to the repo), BIN (a built gateway instead
+#        of a fresh release build), DURATION (10), REPS (3), CONNS (50), OUT (result file),
+#        and the ports below.
 # Not run in CI: timed targets live in scripts, never in tests.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-if [[ -z "${BENCH_DIR:-}" ]]; then # ../shared/bench next to the repo (or next to a worktree's parent)
-    for d in "$ROOT/../shared/bench" "$ROOT/../../shared/bench"; do
-        [[ -f "$d/lib.sh" ]] && { BENCH_DIR="$(cd "$d" && pwd)"; break; }
-    done
-fi
-BENCH_DIR="${BENCH_DIR:-$ROOT/../shared/bench}"
 OUT="${OUT:-$ROOT/target/bench-auth-result.txt}"
 REGISTRY_PORT="${REGISTRY_PORT:-18580}"
 PROXY_PORT="${PROXY_PORT:-18180}"
@@ -37,34 +32,17 @@ if [[ "${1:-}" == "--quick" ]]; then
     DURATION=3 REPS=1
 fi
 
-[[ -f "$BENCH_DIR/lib.sh" ]] || { echo "no harness at $BENCH_DIR (set BENCH_DIR)" >&2; exit 1; }
-# shellcheck source=/dev/null
-source "$BENCH_DIR/lib.sh"
+# Ports first: bench-common.sh keeps those already set.
 # shellcheck source=scripts/bench-common.sh
 source "$ROOT/scripts/bench-common.sh"
-for tool in wrk nginx openssl curl taskset; do
-    command -v "$tool" >/dev/null || die "$tool is missing (see $BENCH_DIR/setup.sh)"
-done
+bench_harness wrk nginx openssl curl taskset
+bench_binary log
 
-log "building switchyard (release)"
-(cd "$ROOT" && cargo build --release --locked --bin switchyard >&2)
-BIN="$ROOT/target/release/switchyard"
-
-trap bench_cleanup EXIT
-trap 'exit 130' INT TERM
-bench_rundir
-WORK="$BENCH_RUNDIR"
 HZ=$(getconf CLK_TCK)
 
 # --- the upstream and the registry -------------------------------------------------------
-start_upstream upstream "$UPSTREAM_PORT" 0
-wait_ready "127.0.0.1:$UPSTREAM_PORT" 10 || die "upstream did not start"
-CONSUL="http://127.0.0.1:$REGISTRY_PORT"
-port_free "$REGISTRY_PORT" || die "port $REGISTRY_PORT already in use"
-start_bg registry 0 "$BIN" registry --listen "127.0.0.1:$REGISTRY_PORT"
-bench_wait_registry "$CONSUL" || die "registry did not start"
+bench_origin_and_registry
 put() { curl -sf -X PUT "$CONSUL$1" --data "$2" >/dev/null || die "PUT $1"; }
-bench_register "$CONSUL" "$UPSTREAM_PORT" || die "registering the upstream failed"
 
 # --- keys, tokens, API key ----------------------------------------------------------------
 b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }

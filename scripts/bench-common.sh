@@ -8,6 +8,57 @@ PROXY_PORT="${PROXY_PORT:-18080}"
 ADMIN_PORT="${ADMIN_PORT:-18901}"
 export UPSTREAM1_PORT="${UPSTREAM1_PORT:-18081}" UPSTREAM2_PORT="${UPSTREAM2_PORT:-18082}"
 
+# bench_harness TOOL...: finds the shared benchmark harness (BENCH_DIR, else ../shared/bench
+# next to the repository or next to a worktree's parent), sources its lib.sh (log, die,
+# start_upstream, ...) and checks that each TOOL is installed. Needs ROOT.
+bench_harness() {
+    local d tool
+    if [[ -z "${BENCH_DIR:-}" ]]; then
+        for d in "$ROOT/../shared/bench" "$ROOT/../../shared/bench"; do
+            [[ -f "$d/lib.sh" ]] && { BENCH_DIR="$(cd "$d" && pwd)"; break; }
+        done
+    fi
+    BENCH_DIR="${BENCH_DIR:-$ROOT/../shared/bench}"
+    [[ -f "$BENCH_DIR/lib.sh" ]] || { echo "no harness at $BENCH_DIR (set BENCH_DIR)" >&2; exit 1; }
+    # shellcheck source=/dev/null
+    source "$BENCH_DIR/lib.sh"
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null || die "$tool is missing (see $BENCH_DIR/setup.sh)"
+    done
+}
+
+# bench_binary LOGGER: the gateway to measure in $BIN: BIN as given (a built gateway, e.g.
+# scripts/build-pgo.sh's), else a fresh release build. LOGGER is the script's log function;
+# `die` must be defined.
+bench_binary() {
+    if [[ -n "${BIN:-}" ]]; then
+        [[ -x "$BIN" ]] || die "BIN=$BIN is not an executable"
+        "$1" "measuring $BIN"
+    else
+        "$1" "building switchyard (release)"
+        (cd "$ROOT" && cargo build --release --locked --bin switchyard >&2)
+        BIN="$ROOT/target/release/switchyard"
+    fi
+}
+
+# bench_origin_and_registry: the run folder in $WORK (removed at exit, with every process
+# started through the harness), then on CPU 0 the harness's one-worker nginx origin on
+# UPSTREAM_PORT and the dev registry ($BIN) on REGISTRY_PORT, at $CONSUL, with the origin
+# registered as service `bench`. Needs bench_harness and bench_binary first.
+bench_origin_and_registry() {
+    trap bench_cleanup EXIT
+    trap 'exit 130' INT TERM
+    bench_rundir
+    WORK="$BENCH_RUNDIR"
+    start_upstream upstream "$UPSTREAM_PORT" 0
+    wait_ready "127.0.0.1:$UPSTREAM_PORT" 10 || die "upstream did not start"
+    CONSUL="http://127.0.0.1:$REGISTRY_PORT"
+    port_free "$REGISTRY_PORT" || die "port $REGISTRY_PORT already in use"
+    start_bg registry 0 "$BIN" registry --listen "127.0.0.1:$REGISTRY_PORT"
+    bench_wait_registry "$CONSUL" || die "registry did not start"
+    bench_register "$CONSUL" "$UPSTREAM_PORT" || die "registering the upstream failed"
+}
+
 # bench_workdir NAME: a fresh temporary folder in $WORK, and $PIDS, whose processes are
 # stopped (and the folder removed) when the script exits, however it exits.
 bench_workdir() {

@@ -26,12 +26,6 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-if [[ -z "${BENCH_DIR:-}" ]]; then # ../shared/bench next to the repo (or next to a worktree's parent)
-    for d in "$ROOT/../shared/bench" "$ROOT/../../shared/bench"; do
-        [[ -f "$d/lib.sh" ]] && { BENCH_DIR="$(cd "$d" && pwd)"; break; }
-    done
-fi
-BENCH_DIR="${BENCH_DIR:-$ROOT/../shared/bench}"
 OUT="${OUT:-$ROOT/target/bench-idle-result.txt}"
 REGISTRY_PORT="${REGISTRY_PORT:-18680}"
 PROXY_PORT="${PROXY_PORT:-18280}"
@@ -44,40 +38,19 @@ SLOW="${SLOW:-1000}"
 HOLD_TIMEOUT_MS="${HOLD_TIMEOUT_MS:-120000}"
 SHORT_TIMEOUT_MS=5000
 
-[[ -f "$BENCH_DIR/lib.sh" ]] || { echo "no harness at $BENCH_DIR (set BENCH_DIR)" >&2; exit 1; }
-# shellcheck source=/dev/null
-source "$BENCH_DIR/lib.sh"
+# Ports first: bench-common.sh keeps those already set.
 # shellcheck source=scripts/bench-common.sh
 source "$ROOT/scripts/bench-common.sh"
-for tool in wrk nginx curl taskset python3; do
-    command -v "$tool" >/dev/null || die "$tool is missing (see $BENCH_DIR/setup.sh)"
-done
+bench_harness wrk nginx curl taskset python3
 
 # Every connection is a descriptor in the gateway and in the helper.
 need=$((IDLE + SLOW + 1000))
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 (($(ulimit -n) >= need)) || die "ulimit -n is $(ulimit -n), need $need (raise the hard limit)"
 
-if [[ -n "${BIN:-}" ]]; then
-    [[ -x "$BIN" ]] || die "BIN=$BIN is not an executable"
-else
-    log "building switchyard (release)"
-    (cd "$ROOT" && cargo build --release --locked --bin switchyard >&2)
-    BIN="$ROOT/target/release/switchyard"
-fi
+bench_binary log
 
-trap bench_cleanup EXIT
-trap 'exit 130' INT TERM
-bench_rundir
-WORK="$BENCH_RUNDIR"
-
-start_upstream upstream "$UPSTREAM_PORT" 0
-wait_ready "127.0.0.1:$UPSTREAM_PORT" 10 || die "upstream did not start"
-CONSUL="http://127.0.0.1:$REGISTRY_PORT"
-port_free "$REGISTRY_PORT" || die "port $REGISTRY_PORT already in use"
-start_bg registry 0 "$BIN" registry --listen "127.0.0.1:$REGISTRY_PORT"
-bench_wait_registry "$CONSUL" || die "registry did not start"
-bench_register "$CONSUL" "$UPSTREAM_PORT" || die "registering the upstream failed"
+bench_origin_and_registry
 bench_route "$CONSUL" bench-idle/ root '{"service":"bench","path_prefix":"/"}' || die "storing the route failed"
 
 # write_config TIMEOUT_MS: the benchmark config with room for the connections and the

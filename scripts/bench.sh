@@ -33,14 +33,7 @@ if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null || ! command -v 
     "$BENCH_DIR/setup.sh" >/dev/null
 fi
 
-if [[ -n "${BIN:-}" ]]; then
-    [[ -x "$BIN" ]] || die "BIN=$BIN is not an executable"
-    say "measuring $BIN"
-else
-    say "building switchyard (release)"
-    (cd "$ROOT" && cargo build --release --locked --bin switchyard >&2)
-    BIN="$ROOT/target/release/switchyard"
-fi
+bench_binary say
 
 bench_workdir switchyard-bench
 

@@ -65,13 +65,7 @@ if ! python3 -c 'import websockets' 2>/dev/null; then
 fi
 ((MINUTES >= 2)) || die "MINUTES must be at least 2 (minute 1 is the warm-up)"
 
-if [[ -n "${BIN:-}" ]]; then
-    [[ -x "$BIN" ]] || die "BIN=$BIN is not an executable"
-else
-    say "building switchyard (release)"
-    (cd "$ROOT" && cargo build --release --locked --bin switchyard >&2)
-    BIN="$ROOT/target/release/switchyard"
-fi
+bench_binary say
 
 bench_workdir switchyard-soak
 LOAD_PIDS=()
