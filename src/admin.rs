@@ -181,6 +181,12 @@ pub fn routes(admin: &Admin) -> Value {
                 "upstreams": set.len(),
                 "split": split.as_ref().map(|w| split_view(r, w)),
                 "redirect": r.spec.redirect,
+                "datacenters": (!r.spec.datacenters.is_empty()).then(|| {
+                    json!({
+                        "failover_order": r.spec.datacenters,
+                        "in_use": datacenters_in_use(set, split.as_deref()),
+                    })
+                }),
                 "circuit_breaker": r.spec.circuit_breaker.as_ref().map(|limits| {
                     let services: Vec<Value> = r
                         .services()
@@ -210,6 +216,22 @@ pub fn routes(admin: &Admin) -> Value {
         "rejected": view.rejected,
         "conflicts": snap.table.conflicts(),
     })
+}
+
+/// The datacenter each backend of a failover route reads its instances from now.
+fn datacenters_in_use(
+    set: &crate::discovery::UpstreamSet,
+    split: Option<&crate::balance::split::WeightedSets>,
+) -> Vec<Option<String>> {
+    let dc = |s: &crate::discovery::UpstreamSet| {
+        crate::discovery::parse_watch_key(&s.service)
+            .1
+            .map(str::to_string)
+    };
+    match split {
+        Some(w) => w.shares().iter().map(|s| dc(&s.set)).collect(),
+        None => vec![dc(set)],
+    }
 }
 
 /// A split route's shares: what each selects, its weight, how many instances it has now,

@@ -395,7 +395,7 @@ impl SnapshotWriter {
         let wanted: BTreeSet<String> = self
             .all_routes()
             .iter()
-            .flat_map(|r| r.watched_services().map(str::to_string).collect::<Vec<_>>())
+            .flat_map(|r| r.watched_services().collect::<Vec<_>>())
             .collect();
         let report = self.watches.sync_health(&wanted);
         let now = Instant::now();
@@ -526,11 +526,11 @@ impl SnapshotWriter {
             .all_routes()
             .into_iter()
             .filter(|r| {
-                let pending = r.services().any(|s| {
-                    !self.services.contains_key(s)
+                let pending = r.backend_watch_keys().any(|s| {
+                    !self.services.contains_key(&s)
                         && self
                             .wanted_since
-                            .get(s)
+                            .get(&s)
                             .is_some_and(|t| now.duration_since(*t) < SERVICE_GRACE)
                 });
                 if pending && self.published {

@@ -30,6 +30,9 @@ pub struct Snapshot {
     pub splits: Vec<Option<Arc<WeightedSets>>>,
     /// Where each mirroring route copies requests to, by route id.
     pub mirrors: Vec<Option<Arc<MirrorTarget>>>,
+    /// Every set built, by what it selects: the next snapshot reuses those whose members
+    /// did not change.
+    sets: HashMap<SetKey, Arc<UpstreamSet>>,
     /// Endpoint stats by service, then instance id: shared by every set containing the
     /// instance and carried into the next snapshot.
     pub stats: HashMap<String, Arc<ServiceStats>>,
@@ -50,21 +53,68 @@ pub struct Match<'a> {
     pub mirror: Option<&'a Arc<MirrorTarget>>,
 }
 
-/// Routes that share service, health policy and (sorted) tags share one upstream set.
+/// Routes that share service (watch key), health policy and (sorted) tags share one
+/// upstream set.
 type SetKey = (String, HealthPolicy, Vec<String>);
 
-/// The key of the set a route's mirror copies go to.
-fn mirror_key(route: &Route) -> Option<SetKey> {
-    let m = route.spec.mirror.as_ref()?;
-    Some((m.service.clone(), route.spec.health, Vec::new()))
+/// Builds the sets of one snapshot, reusing `previous`'s where their members did not
+/// change, and the service-wide maps that go with them.
+struct SetBuilder<'a> {
+    services: &'a HashMap<String, Arc<Vec<Instance>>>,
+    previous: Option<&'a Snapshot>,
+    empty: Arc<Vec<Instance>>,
+    stats: HashMap<String, Arc<ServiceStats>>,
+    instances: HashMap<String, Arc<Vec<Instance>>>,
+    loads: HashMap<String, Arc<ServiceLoad>>,
+    built: HashMap<SetKey, Arc<UpstreamSet>>,
 }
 
-/// The key of each of the route's sets, in the order of its backends.
-fn set_keys(route: &Route) -> impl Iterator<Item = SetKey> + '_ {
-    route
-        .backends
-        .iter()
-        .map(|b| (b.service.clone(), route.spec.health, b.tags.clone()))
+impl SetBuilder<'_> {
+    fn get(&mut self, key: SetKey) -> Arc<UpstreamSet> {
+        if let Some(set) = self.built.get(&key) {
+            return set.clone();
+        }
+        let previous = self.previous;
+        let (service, health, tags) = &key;
+        let list = self.services.get(service).unwrap_or(&self.empty).clone();
+        let unchanged = previous
+            .and_then(|p| p.instances.get(service))
+            .is_some_and(|prev| Arc::ptr_eq(prev, &list));
+        self.instances
+            .entry(service.clone())
+            .or_insert_with(|| list.clone());
+        self.loads.entry(service.clone()).or_insert_with(|| {
+            previous
+                .and_then(|p| p.loads.get(service).cloned())
+                .unwrap_or_default()
+        });
+        let service_stats = self
+            .stats
+            .entry(service.clone())
+            .or_insert_with(|| {
+                let prev = previous.and_then(|p| p.stats.get(service));
+                match prev {
+                    Some(prev) if unchanged => prev.clone(),
+                    _ => carry_stats(&list, prev),
+                }
+            })
+            .clone();
+        let chosen = || {
+            list.iter()
+                .filter(move |i| discovery::selected(i, *health, tags))
+        };
+        let set = match previous.and_then(|p| p.sets.get(&key)) {
+            Some(prev) if unchanged => prev.clone(),
+            Some(prev) if same_members(prev, chosen(), &service_stats) => prev.clone(),
+            _ => Arc::new(UpstreamSet::build(
+                service,
+                chosen().cloned().collect(),
+                &service_stats,
+            )),
+        };
+        self.built.insert(key, set.clone());
+        set
+    }
 }
 
 impl Snapshot {
@@ -95,84 +145,45 @@ impl Snapshot {
         previous: Option<&Snapshot>,
     ) -> Snapshot {
         let table = RouteTable::build(routes);
-        let mut previous_sets: HashMap<SetKey, &Arc<UpstreamSet>> = HashMap::new();
-        if let Some(p) = previous {
-            for (id, route) in p.table.routes().iter().enumerate() {
-                let mirror = p.mirrors.get(id).and_then(Option::as_ref);
-                if let (Some(key), Some(target)) = (mirror_key(route), mirror) {
-                    previous_sets.entry(key).or_insert(&target.set);
-                }
-                for (i, key) in set_keys(route).enumerate() {
-                    let set = match p.splits.get(id).and_then(Option::as_ref) {
-                        Some(split) => split.shares().get(i).map(|s| &s.set),
-                        None => p.upstreams.get(id),
-                    };
-                    if let Some(set) = set {
-                        previous_sets.entry(key).or_insert(set);
-                    }
-                }
-            }
-        }
-        let empty = Arc::new(Vec::new());
+        let mut sets = SetBuilder {
+            services,
+            previous,
+            empty: Arc::new(Vec::new()),
+            stats: HashMap::new(),
+            instances: HashMap::new(),
+            loads: HashMap::new(),
+            built: HashMap::new(),
+        };
         let no_set = Arc::new(UpstreamSet::build("", Vec::new(), &ServiceStats::new()));
-        let mut stats: HashMap<String, Arc<ServiceStats>> = HashMap::new();
-        let mut instances: HashMap<String, Arc<Vec<Instance>>> = HashMap::new();
-        let mut sets: HashMap<SetKey, Arc<UpstreamSet>> = HashMap::new();
-        let mut loads: HashMap<String, Arc<ServiceLoad>> = HashMap::new();
         let mut upstreams = Vec::with_capacity(table.len());
         let mut splits = Vec::with_capacity(table.len());
         let mut mirrors = Vec::with_capacity(table.len());
         for route in table.routes() {
-            let mut route_sets = Vec::with_capacity(route.backends.len() + 1);
-            for key in set_keys(route).chain(mirror_key(route)) {
-                if let Some(set) = sets.get(&key) {
-                    route_sets.push(set.clone());
-                    continue;
-                }
-                let (service, health, tags) = &key;
-                let list = services.get(service).unwrap_or(&empty);
-                let unchanged = previous
-                    .and_then(|p| p.instances.get(service))
-                    .is_some_and(|prev| Arc::ptr_eq(prev, list));
-                instances
-                    .entry(service.clone())
-                    .or_insert_with(|| list.clone());
-                loads.entry(service.clone()).or_insert_with(|| {
-                    previous
-                        .and_then(|p| p.loads.get(service).cloned())
-                        .unwrap_or_default()
-                });
-                let service_stats = stats
-                    .entry(service.clone())
-                    .or_insert_with(|| {
-                        let prev = previous.and_then(|p| p.stats.get(service));
-                        match prev {
-                            Some(prev) if unchanged => prev.clone(),
-                            _ => carry_stats(list, prev),
-                        }
-                    })
-                    .clone();
-                let chosen = || {
-                    list.iter()
-                        .filter(move |i| discovery::selected(i, *health, tags))
-                };
-                let set = match previous_sets.get(&key) {
-                    Some(prev) if unchanged => (*prev).clone(),
-                    Some(prev) if same_members(prev, chosen(), &service_stats) => (*prev).clone(),
-                    _ => Arc::new(UpstreamSet::build(
-                        service,
-                        chosen().cloned().collect(),
-                        &service_stats,
-                    )),
-                };
-                sets.insert(key, set.clone());
-                route_sets.push(set);
-            }
-            let mirror = route.spec.mirror.as_ref().and_then(|m| {
-                let set = route_sets.pop()?;
-                Some(Arc::new(MirrorTarget::new(set, m.percent)))
-            });
-            mirrors.push(mirror);
+            // Each backend's set: the first of its datacenters with an instance that may
+            // serve (the first one when none has).
+            let route_sets: Vec<Arc<UpstreamSet>> = route
+                .backends
+                .iter()
+                .map(|b| {
+                    let candidates: Vec<Arc<UpstreamSet>> = b
+                        .watch_keys()
+                        .into_iter()
+                        .map(|key| sets.get((key, route.spec.health, b.tags.clone())))
+                        .collect();
+                    let first = candidates
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| no_set.clone());
+                    candidates
+                        .into_iter()
+                        .find(|s| !s.is_empty())
+                        .unwrap_or(first)
+                })
+                .collect();
+            mirrors.push(route.spec.mirror.as_ref().map(|m| {
+                let key = (m.service.clone(), route.spec.health, Vec::new());
+                Arc::new(MirrorTarget::new(sets.get(key), m.percent))
+            }));
             // A redirect has no set; its routes still get an (empty) one to keep ids aligned.
             upstreams.push(route_sets.first().unwrap_or(&no_set).clone());
             splits.push(route.is_split().then(|| {
@@ -193,9 +204,10 @@ impl Snapshot {
             upstreams,
             splits,
             mirrors,
-            loads: Arc::new(loads),
-            stats,
-            instances,
+            loads: Arc::new(sets.loads),
+            stats: sets.stats,
+            instances: sets.instances,
+            sets: sets.built,
         }
     }
 

@@ -596,3 +596,114 @@ async fn a_mirror_that_never_answers_neither_slows_nor_fails_the_real_requests()
     holder.abort();
     env.stop().await;
 }
+
+/// The datacenter each backend of route `name` reads from now, once `ready` holds.
+async fn datacenters_in_use(gw: &Gateway, name: &str, want: &[&str]) {
+    eventually(DEADLINE, &format!("{name} reads {want:?}"), || async {
+        let (_, v) = gw.admin("/routes").await;
+        let routes = v["routes"].as_array().cloned().unwrap_or_default();
+        let in_use = routes
+            .iter()
+            .find(|r| r["name"] == name)
+            .map(|r| r["datacenters"]["in_use"].clone())?;
+        (in_use == json!(want)).then_some(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_route_fails_over_to_the_next_datacenter_within_a_second_and_comes_back() {
+    use switchyard::devregistry::RegistryOptions;
+    if std::env::var("CONSUL_HTTP_ADDR").is_ok_and(|a| !a.is_empty()) {
+        support::note("skipped: needs two federated dev registries");
+        return;
+    }
+    let dc1 = Consul::custom(RegistryOptions::default(), support::client()).await;
+    let dc2 = Consul::custom(
+        RegistryOptions {
+            datacenter: "dc2".into(),
+            wan_peers: vec![("dc1".into(), dc1.url.clone())],
+            ..RegistryOptions::default()
+        },
+        support::client(),
+    )
+    .await;
+    dc1.registry().unwrap().join_wan("dc2", &dc2.url).unwrap();
+    let service = unique("api");
+    let (local, remote) = (
+        Upstream::start("dc1-api").await,
+        Upstream::start("dc2-api").await,
+    );
+    let here = Svc::new(&service, &format!("{service}-dc1"), local.port());
+    dc1.register(&here).await;
+    dc2.register(&Svc::new(
+        &service,
+        &format!("{service}-dc2"),
+        remote.port(),
+    ))
+    .await;
+    let gw = Gateway::start(&dc1, &format!("{}/", unique("dc")), |_| {}).await;
+    dc1.put_kv(
+        &gw.route_key("api"),
+        &route(&service, "/api", json!({"datacenters": ["dc1", "dc2"]})),
+    )
+    .await;
+    datacenters_in_use(&gw, "api", &["dc1"]).await;
+
+    // Clients keep calling throughout; none of their (idempotent) requests may fail.
+    let url = format!("http://{}/api/x", gw.app.proxy_addr());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let caller = {
+        let (url, stop) = (url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let http = support::client();
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst)
+                && std::time::Instant::now() < deadline
+            {
+                match http.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) => failed.push(r.status().as_u16()),
+                    Err(e) => failed.push(e.status().map_or(0, |s| s.as_u16())),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    let served_by = |name: &'static str| {
+        let url = url.clone();
+        async move {
+            let resp = support::client().get(&url).send().await.ok()?;
+            (json_of(resp).await["server"] == name).then_some(())
+        }
+    };
+    eventually(DEADLINE, "served in dc1", || served_by("dc1-api")).await;
+
+    // Every healthy instance of dc1 goes: traffic moves to dc2.
+    let failed_at = std::time::Instant::now();
+    dc1.check(&here.check_id(), "fail", "dc1 instance down")
+        .await;
+    eventually(DEADLINE, "served in dc2", || served_by("dc2-api")).await;
+    let moved = failed_at.elapsed();
+    support::note(&format!(
+        "traffic moved to dc2 {moved:?} after dc1's last check failed"
+    ));
+    assert!(moved < std::time::Duration::from_secs(1), "{moved:?}");
+    datacenters_in_use(&gw, "api", &["dc2"]).await;
+
+    // dc1 recovers: traffic comes home.
+    dc1.check(&here.check_id(), "pass", "back").await;
+    eventually(DEADLINE, "served in dc1 again", || served_by("dc1-api")).await;
+    datacenters_in_use(&gw, "api", &["dc1"]).await;
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = caller.await.unwrap();
+    support::note(&format!(
+        "{ok} requests during the failover and back, {} failed",
+        failed.len()
+    ));
+    assert!(ok > 0 && failed.is_empty(), "{failed:?}");
+    assert!(remote.hits() > 0 && local.hits() > 0);
+    gw.stop().await;
+}

@@ -465,8 +465,11 @@ impl ConsulClient {
             params.push(("wait", &wait));
         }
         params.extend(consistency_params.iter().map(|(k, v)| (*k, v.as_str())));
+        // A query naming its own datacenter (a failover watch) keeps it.
         if let Some(dc) = &self.shared.datacenter {
-            params.push(("dc", dc));
+            if !query.iter().any(|(k, _)| *k == "dc") {
+                params.push(("dc", dc));
+            }
         }
         let mut req = self
             .http

@@ -63,6 +63,24 @@ impl Instance {
 
 /// Milliseconds on the process clock that [`EndpointStats::ejected_until_ms`] is measured
 /// on (monotonic; its epoch is the first call). Never 0, so 0 can mean "not ejected".
+/// The key of one health watch: a service of the local datacenter (`orders`), or of
+/// another one (`orders@dc2`, read with `?dc=dc2`). Service names with `@` are refused
+/// by routing, so the two cannot be confused.
+pub fn watch_key(service: &str, datacenter: Option<&str>) -> String {
+    match datacenter {
+        Some(dc) => format!("{service}@{dc}"),
+        None => service.to_string(),
+    }
+}
+
+/// The service and datacenter of a [`watch_key`].
+pub fn parse_watch_key(key: &str) -> (&str, Option<&str>) {
+    match key.rsplit_once('@') {
+        Some((service, dc)) => (service, Some(dc)),
+        None => (key, None),
+    }
+}
+
 pub fn now_ms() -> u64 {
     ms_at(Instant::now())
 }

@@ -33,13 +33,18 @@ pub struct ServiceUpdate {
 pub struct HealthSource {
     client: ConsulClient,
     path: String,
+    /// Another datacenter's (`?dc=`), for a key like `orders@dc2`.
+    datacenter: Option<String>,
 }
 
 impl HealthSource {
-    pub fn new(client: &ConsulClient, service: &str) -> HealthSource {
+    /// Watches the service a [`super::watch_key`] names, in its datacenter.
+    pub fn new(client: &ConsulClient, key: &str) -> HealthSource {
+        let (service, datacenter) = super::parse_watch_key(key);
         HealthSource {
             client: client.clone(),
             path: health_service_path(service),
+            datacenter: datacenter.map(str::to_string),
         }
     }
 }
@@ -53,7 +58,13 @@ impl Source for HealthSource {
     ) -> impl Future<Output = Result<QueryAnswer, ConsulError>> + Send {
         let client = self.client.clone();
         let path = self.path.clone();
-        async move { client.blocking_get(&path, &[], index).await }
+        let datacenter = self.datacenter.clone();
+        async move {
+            match &datacenter {
+                Some(dc) => client.blocking_get(&path, &[("dc", dc)], index).await,
+                None => client.blocking_get(&path, &[], index).await,
+            }
+        }
     }
 
     fn decode(&mut self, body: Option<Bytes>) -> Result<Vec<Instance>, ConsulError> {

@@ -84,6 +84,22 @@ pub struct Backend {
     pub tags: Vec<String>,
     /// Relative share of the traffic (1 when the route has no split).
     pub weight: u32,
+    /// The route's `datacenters` (failover order); empty: the agent's own.
+    pub datacenters: Vec<String>,
+}
+
+impl Backend {
+    /// The health watches the backend reads, in failover order: one per datacenter
+    /// (`service@dc`), or the local service.
+    pub fn watch_keys(&self) -> Vec<String> {
+        if self.datacenters.is_empty() {
+            return vec![self.service.clone()];
+        }
+        self.datacenters
+            .iter()
+            .map(|dc| crate::discovery::watch_key(&self.service, Some(dc)))
+            .collect()
+    }
 }
 
 impl Route {
@@ -212,11 +228,16 @@ impl Route {
         self.backends.iter().map(|b| b.service.as_str())
     }
 
-    /// Every Consul service the gateway must watch for the route: its backends' and its
+    /// The health watches the route's backends read ([`Backend::watch_keys`]).
+    pub fn backend_watch_keys(&self) -> impl Iterator<Item = String> + '_ {
+        self.backends.iter().flat_map(Backend::watch_keys)
+    }
+
+    /// Every health watch the gateway must run for the route: its backends' and its
     /// mirror's.
-    pub fn watched_services(&self) -> impl Iterator<Item = &str> {
-        self.services()
-            .chain(self.spec.mirror.as_ref().map(|m| m.service.as_str()))
+    pub fn watched_services(&self) -> impl Iterator<Item = String> + '_ {
+        self.backend_watch_keys()
+            .chain(self.spec.mirror.as_ref().map(|m| m.service.clone()))
     }
 
     /// Whether the route deals its traffic out by weight.
@@ -260,8 +281,9 @@ const MAX_SPLIT_WEIGHT: u32 = 1_000_000;
 
 /// The route's upstream sets: its `service` and `tags`, or one per `split` entry.
 fn backends(spec: &RouteSpec) -> Result<Vec<Backend>, RouteError> {
+    let datacenters = datacenter_list(&spec.datacenters)?;
     let service_name = |name: &str, f: &'static str| -> Result<(), RouteError> {
-        if name.contains('/') || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if name.contains(['/', '@']) || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(field(f, format!("`{name}` is not a Consul service name")));
         }
         Ok(())
@@ -294,6 +316,7 @@ fn backends(spec: &RouteSpec) -> Result<Vec<Backend>, RouteError> {
             service: spec.service.clone(),
             tags: tags_with(&[]),
             weight: 1,
+            datacenters: datacenters.clone(),
         }]);
     }
     if spec.split.len() > MAX_SPLIT_ENTRIES {
@@ -328,6 +351,7 @@ fn backends(spec: &RouteSpec) -> Result<Vec<Backend>, RouteError> {
             service,
             tags: tags_with(&entry.tags),
             weight: entry.weight,
+            datacenters: datacenters.clone(),
         };
         if backends
             .iter()
@@ -344,6 +368,33 @@ fn backends(spec: &RouteSpec) -> Result<Vec<Backend>, RouteError> {
         return Err(field("split", "at least one entry needs a weight above 0"));
     }
     Ok(backends)
+}
+
+/// `datacenters`: Consul's datacenter names (`[a-z0-9_-]`, as Consul keeps them), each
+/// once, at most 8.
+fn datacenter_list(names: &[String]) -> Result<Vec<String>, RouteError> {
+    if names.len() > 8 {
+        return Err(field("datacenters", "at most 8 datacenters"));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !ok {
+            return Err(field(
+                "datacenters",
+                format!("`{name}` is not a Consul datacenter name (lower case a-z, 0-9, - and _)"),
+            ));
+        }
+        if out.contains(name) {
+            return Err(field("datacenters", format!("`{name}` is named twice")));
+        }
+        out.push(name.clone());
+    }
+    Ok(out)
 }
 
 /// Timeouts, retries and outlier detection must make sense together.
@@ -375,7 +426,7 @@ fn check_failover(spec: &RouteSpec) -> Result<(), RouteError> {
         }
         let name = m.service.trim();
         if name.is_empty()
-            || name.contains('/')
+            || name.contains(['/', '@'])
             || name.chars().any(|c| c.is_whitespace() || c.is_control())
         {
             return Err(field("mirror", "service must be a Consul service name"));
@@ -541,6 +592,9 @@ mod tests {
             (r#""split":[{"weight":0}]"#, "split"),
             (r#""circuit_breaker":{"max_requests":0}"#, "circuit_breaker"),
             (r#""mirror":{"service":"s","percent":0}"#, "mirror"),
+            (r#""datacenters":["DC1"]"#, "datacenters"),
+            (r#""datacenters":["dc1","dc1"]"#, "datacenters"),
+            (r#""datacenters":["dc 1"]"#, "datacenters"),
             (r#""mirror":{"service":"s","percent":101}"#, "mirror"),
             (r#""mirror":{"service":"","percent":1}"#, "mirror"),
             (

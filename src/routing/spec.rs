@@ -101,6 +101,10 @@ pub struct RouteSpec {
     /// Limits on requests in flight to the upstream service (Envoy's circuit breaker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<BreakerSpec>,
+    /// Consul datacenters in failover order (`?dc=`): instances of the first one that has
+    /// any that may serve. Empty: the agent's own datacenter.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub datacenters: Vec<String>,
     /// Copy a share of the requests to another service, its answers thrown away.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror: Option<MirrorSpec>,
@@ -310,6 +314,7 @@ impl RouteSpec {
             host_rewrite: None,
             split: Vec::new(),
             circuit_breaker: None,
+            datacenters: Vec::new(),
             mirror: None,
             redirect: None,
         }
@@ -378,6 +383,7 @@ mod tests {
             r#"{"service":"a","path_prefix":"/","split":[{"tags":["v1"],"weight":90},{"service":"b","weight":10}]}"#,
             r#"{"service":"a","path_prefix":"/","circuit_breaker":{"max_requests":100,"max_pending":10}}"#,
             r#"{"service":"a","path_prefix":"/","mirror":{"service":"shadow","percent":5}}"#,
+            r#"{"service":"a","path_prefix":"/","datacenters":["dc1","dc2"]}"#,
         ] {
             let spec = RouteSpec::from_json(doc.as_bytes()).unwrap();
             let text = serde_json::to_vec(&spec).unwrap();
