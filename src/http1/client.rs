@@ -33,7 +33,7 @@ use super::codec::{
 };
 use super::fields::{self, ExtraFields};
 use super::io::UpstreamStream;
-use super::pool::IdleHome;
+use std::sync::Weak;
 
 /// Errors of the bodies the client sends.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -188,14 +188,21 @@ pub struct Connection {
     served: u32,
     /// Interim answers read for the current request.
     interim: usize,
-    /// The pool it goes back to between requests.
-    home: IdleHome,
+    /// The idle list it goes back to between requests; gone with its pool.
+    home: Weak<dyn IdleHome>,
+}
+
+/// Where a connection waits between requests (the pool's idle list for its upstream).
+/// The client only hands connections back; it knows nothing else of the pool.
+pub trait IdleHome: Send + Sync {
+    /// Takes back a connection that can carry another request.
+    fn put(&self, conn: Box<Connection>);
 }
 
 impl Connection {
     /// Boxed: a connection moves between the pool and the requests it serves, and a
     /// pointer moves cheaper than its state.
-    pub fn new(io: UpstreamStream, home: IdleHome) -> Box<Connection> {
+    pub fn new(io: UpstreamStream, home: Weak<dyn IdleHome>) -> Box<Connection> {
         Box::new(Connection {
             io,
             read: Bytes::new(),
@@ -205,10 +212,6 @@ impl Connection {
             interim: 0,
             home,
         })
-    }
-
-    pub fn home(&self) -> &IdleHome {
-        &self.home
     }
 
     pub fn is_reused(&self) -> bool {
@@ -774,7 +777,9 @@ impl<S: Stream> ResponseBody<S> {
         // An empty slice still holds the buffer it was cut from; an idle connection
         // keeps nothing.
         conn.read = Bytes::new();
-        IdleHome::recycle(conn);
+        if let Some(home) = conn.home.upgrade() {
+            home.put(conn);
+        }
     }
 
     fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {

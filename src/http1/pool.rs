@@ -19,7 +19,7 @@ use http::uri::Authority;
 use http::Response;
 
 use super::client::{
-    self, BoxError, Connection, H1Error, OutboundBody, RequestHead, ResponseBody, Stream,
+    self, BoxError, Connection, H1Error, IdleHome, OutboundBody, RequestHead, ResponseBody, Stream,
 };
 use super::fields::is_idempotent;
 use super::io::UpstreamStream;
@@ -78,7 +78,7 @@ struct IdleList {
     timeout: Duration,
 }
 
-impl IdleList {
+impl IdleHome for IdleList {
     fn put(&self, conn: Box<Connection>) {
         let now = Instant::now();
         let mut list = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
@@ -197,7 +197,8 @@ impl Http1Pool {
             });
             Arc::downgrade(list)
         };
-        Ok(Connection::new(stream, IdleHome { list }))
+        let home: Weak<dyn IdleHome> = list;
+        Ok(Connection::new(stream, home))
     }
 
     /// Drops expired and closed connections of every instance, and forgets instances
@@ -239,21 +240,6 @@ impl Http1Pool {
         lists.get(key).map_or(0, |l| {
             l.conns.lock().unwrap_or_else(PoisonError::into_inner).len()
         })
-    }
-}
-
-/// The idle list a connection returns to; gone with its pool, or once the reaper found
-/// it empty with no connection of it out.
-pub struct IdleHome {
-    list: Weak<IdleList>,
-}
-
-impl IdleHome {
-    /// Pools a connection that can carry another request.
-    pub fn recycle(conn: Box<Connection>) {
-        if let Some(list) = conn.home().list.upgrade() {
-            list.put(conn);
-        }
     }
 }
 
