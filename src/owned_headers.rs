@@ -7,17 +7,17 @@
 /// Whether `name` (lower case, `-` for `_`) is one the gateway sets, reads for framing or
 /// routing, or strips.
 pub fn is_gateway_owned(name: &str) -> bool {
-    GATEWAY_OWNED.contains(&name) || name.starts_with("x-forwarded-")
+    is_answer_owned(name) || FORWARDING.contains(&name) || name.starts_with("x-forwarded-")
 }
 
 /// Whether `name` (lower case) frames an answer or belongs to one hop, or is one the
 /// gateway stamps on every answer (`X-Request-Id`, `Via`).
 pub fn is_answer_owned(name: &str) -> bool {
-    ANSWER_OWNED.contains(&name)
+    FRAMING.contains(&name) || STAMPED.contains(&name)
 }
 
-static GATEWAY_OWNED: [&str; 18] = [
-    "host",
+/// Fields that frame a message or belong to one hop.
+static FRAMING: [&str; 8] = [
     "content-length",
     "transfer-encoding",
     "connection",
@@ -26,6 +26,11 @@ static GATEWAY_OWNED: [&str; 18] = [
     "upgrade",
     "te",
     "trailer",
+];
+
+/// What the gateway says of the request and its client, and stamps on every message.
+static FORWARDING: [&str; 8] = [
+    "host",
     "expect",
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -33,22 +38,9 @@ static GATEWAY_OWNED: [&str; 18] = [
     "x-forwarded-port",
     "forwarded",
     "x-real-ip",
-    "x-request-id",
-    "via",
 ];
 
-static ANSWER_OWNED: [&str; 10] = [
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "upgrade",
-    "te",
-    "trailer",
-    "x-request-id",
-    "via",
-];
+static STAMPED: [&str; 2] = ["x-request-id", "via"];
 
 #[cfg(test)]
 mod tests {
@@ -63,6 +55,8 @@ mod tests {
             assert!(!is_gateway_owned(name), "{name}");
         }
         assert!(is_answer_owned("transfer-encoding"));
+        assert!(is_answer_owned("x-request-id"));
+        assert!(!is_answer_owned("host"));
         assert!(!is_answer_owned("cache-control"));
     }
 }

@@ -26,18 +26,33 @@ async fn hammer(http: &reqwest::Client, url: &str, n: usize, width: usize) -> Ve
         .await
 }
 
-/// The admin view of route `name`'s split, once `ready` holds for it.
-async fn split_when(gw: &Gateway, name: &str, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    eventually(DEADLINE, &format!("split of {name}"), || async {
+/// A field of route `name` in `/routes` (a JSON pointer below the route), once `ready`
+/// holds for it.
+async fn route_field_when(
+    gw: &Gateway,
+    name: &str,
+    pointer: &str,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
+    eventually(DEADLINE, &format!("{pointer} of route {name}"), || async {
         let (_, v) = gw.admin("/routes").await;
         let routes = v["routes"].as_array().cloned().unwrap_or_default();
-        let split = routes
+        let field = routes
             .iter()
             .find(|r| r["name"] == name)
-            .and_then(|r| r["split"].as_array().cloned())?;
-        ready(&split).then_some(split)
+            .and_then(|r| r.pointer(pointer).cloned())?;
+        ready(&field).then_some(field)
     })
     .await
+}
+
+/// Route `name`'s split in `/routes`, once `ready` holds for its shares.
+async fn split_when(gw: &Gateway, name: &str, ready: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let split = route_field_when(gw, name, "/split", |v| {
+        v.as_array().is_some_and(|shares| ready(shares))
+    })
+    .await;
+    split.as_array().cloned().unwrap_or_default()
 }
 
 fn instances(split: &[Value]) -> Vec<u64> {
@@ -375,18 +390,9 @@ async fn a_redirect_route_answers_at_the_gateway_without_a_service() {
     env.stop().await;
 }
 
-/// The circuit-breaker state of route `name` in `/routes`, once `ready` holds for it.
+/// The circuit-breaker state of route `name`'s service in `/routes`, once `ready` holds.
 async fn breaker_when(gw: &Gateway, name: &str, ready: impl Fn(&Value) -> bool) -> Value {
-    eventually(DEADLINE, &format!("breaker of {name}"), || async {
-        let (_, v) = gw.admin("/routes").await;
-        let routes = v["routes"].as_array().cloned().unwrap_or_default();
-        let breaker = routes
-            .iter()
-            .find(|r| r["name"] == name)
-            .map(|r| r["circuit_breaker"]["services"][0].clone())?;
-        ready(&breaker).then_some(breaker)
-    })
-    .await
+    route_field_when(gw, name, "/circuit_breaker/services/0", ready).await
 }
 
 #[tokio::test]
@@ -597,18 +603,9 @@ async fn a_mirror_that_never_answers_neither_slows_nor_fails_the_real_requests()
     env.stop().await;
 }
 
-/// The datacenter each backend of route `name` reads from now, once `ready` holds.
+/// Waits until each backend of route `name` reads from the datacenters `want`.
 async fn datacenters_in_use(gw: &Gateway, name: &str, want: &[&str]) {
-    eventually(DEADLINE, &format!("{name} reads {want:?}"), || async {
-        let (_, v) = gw.admin("/routes").await;
-        let routes = v["routes"].as_array().cloned().unwrap_or_default();
-        let in_use = routes
-            .iter()
-            .find(|r| r["name"] == name)
-            .map(|r| r["datacenters"]["in_use"].clone())?;
-        (in_use == json!(want)).then_some(())
-    })
-    .await
+    route_field_when(gw, name, "/datacenters/in_use", |v| *v == json!(want)).await;
 }
 
 #[tokio::test]
