@@ -512,3 +512,55 @@ async fn an_agent_that_accepts_but_never_answers_is_left_within_seconds() {
     local.faults().set_stall(false);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_single_agent_that_hung_and_answers_again_is_read_again_within_a_second() {
+    if against_real_agent(
+        "a_single_agent_that_hung_and_answers_again_is_read_again_within_a_second",
+    ) {
+        return;
+    }
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let service = unique("hung1");
+    let prefix = format!("{}/", unique("sy"));
+    let registry = registry_on("127.0.0.1:0".parse().unwrap(), RegistryOptions::for_tests());
+    seed(&registry, &prefix, &service, &[("a", &a), ("b", &b)]);
+    let mut file = support::test_config(&registry.url(), &prefix);
+    // As long as in production: a query the hung agent took would hold the watch for
+    // the whole read timeout (68.75 s).
+    file.consul.wait_s = 60;
+    let gw = Gateway::start_with(file).await;
+    gw.wait_ready().await;
+    gw.wait_upstreams("/r", &["a", "b"]).await;
+
+    registry.faults().set_stall(true);
+    // Changes that move no traffic, so that every watch's query returns and is sent again
+    // into the hung agent; long enough for the liveness probe to go unanswered.
+    let hung = Instant::now();
+    let mut odd = false;
+    while hung.elapsed() < Duration::from_secs(3) {
+        odd = !odd;
+        seed(&registry, &prefix, &service, &[]);
+        if odd {
+            registry
+                .register_service_json(json!({"Name": service, "ID": "spare", "Port": 9,
+                    "Check": {"TTL": "1h", "Status": "critical"}}))
+                .unwrap();
+        } else {
+            registry.deregister_service("spare");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    registry.faults().set_stall(false);
+    registry
+        .set_check_status("service:a", CheckStatus::Critical)
+        .unwrap();
+    let (left_after, failed) =
+        time_until_traffic_leaves(&gw, "a", Instant::now(), Duration::from_secs(10)).await;
+    support::note(&format!(
+        "traffic left the critical instance {left_after:?} after the hung agent answered again"
+    ));
+    assert!(left_after < Duration::from_secs(1), "{left_after:?}");
+    assert_eq!(failed, 0);
+    gw.stop().await;
+}

@@ -174,7 +174,10 @@ impl AgentPool {
 
     /// The result of a liveness probe of the active agent (sent with `choice`). Two
     /// failures in a row count as unreachable: an agent that accepts connections but
-    /// never answers would otherwise hold every watch for a whole blocking wait.
+    /// never answers would otherwise hold every watch for a whole blocking wait. With a
+    /// single address there is nowhere to move: once it answers after two missed probes, the
+    /// generation changes (`true`) so that every watch abandons the query it sent to the
+    /// hung agent and asks again.
     pub fn probed(&self, choice: AgentChoice, answered: Result<(), String>) -> bool {
         let mut s = self.lock();
         if s.generation != choice.generation {
@@ -182,7 +185,19 @@ impl AgentPool {
         }
         match answered {
             Ok(()) => {
+                let was_down = s.probe_failures >= PROBE_FAILURES_TO_MOVE;
                 s.probe_failures = 0;
+                if was_down && self.addresses.len() == 1 {
+                    // Queries the only agent took while it did not answer may never be
+                    // answered: a new generation makes every watch ask again.
+                    s.generation += 1;
+                    drop(s);
+                    tracing::info!(
+                        address = self.address(0),
+                        "consul: the agent answers again; asking every waiting query again"
+                    );
+                    return true;
+                }
                 false
             }
             Err(why) => {
@@ -194,6 +209,11 @@ impl AgentPool {
                 self.unreachable(choice, &format!("liveness probe: {why}"))
             }
         }
+    }
+
+    /// Whether the last liveness probe of the active agent went unanswered.
+    pub fn missed_a_probe(&self) -> bool {
+        self.lock().probe_failures > 0
     }
 
     pub fn report(&self) -> AgentsReport {
@@ -252,6 +272,32 @@ mod tests {
         assert!(!p.unreachable(p.current(), "refused"));
         assert_eq!(p.current().generation, 0);
         assert!(p.failback_candidates().1.is_empty());
+    }
+
+    #[test]
+    fn a_single_address_that_answers_after_two_missed_probes_starts_a_new_generation() {
+        let p = pool(1, None);
+        assert!(
+            !p.probed(p.current(), Ok(())),
+            "answering all along changes nothing"
+        );
+        assert!(!p.probed(p.current(), Err("timeout".into())));
+        assert!(
+            !p.probed(p.current(), Err("timeout".into())),
+            "nowhere to move"
+        );
+        assert!(p.missed_a_probe());
+        assert!(p.probed(p.current(), Ok(())));
+        assert_eq!(
+            p.current(),
+            AgentChoice {
+                index: 0,
+                generation: 1
+            }
+        );
+        assert!(!p.missed_a_probe());
+        assert!(!p.probed(p.current(), Ok(())), "once");
+        assert_eq!(p.current().generation, 1);
     }
 
     #[test]

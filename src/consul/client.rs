@@ -33,10 +33,14 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_ERROR_BODY: usize = 512;
 /// Tick of [`ConsulClient::upkeep`]: token file re-read, refused-token retry.
 const UPKEEP_TICK: Duration = Duration::from_secs(1);
-/// With several addresses: how often the active agent is asked whether it is alive, and
-/// how long it has to answer.
+/// How often the active agent is asked whether it is alive, and how long it has to answer.
 const LIVENESS_EVERY: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The liveness probe's timeout when there is a single agent.
+const SINGLE_AGENT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Probes of the only agent after it missed one: short, and one every 100 ms.
+const RECOVERY_PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+const RECOVERY_PROBE_EVERY: Duration = Duration::from_millis(100);
 /// Refused reads the upkeep retries per tick (the rest wait for their own watch's retry).
 const REFUSED_RETRIES_PER_TICK: usize = 4;
 
@@ -524,9 +528,10 @@ impl ConsulClient {
 
     /// Background care until `until` completes: re-reads the token file every second;
     /// while Consul refuses the token, retries refused reads every second so a token that
-    /// works again is noticed at once; with several addresses, checks the active agent
-    /// is alive and moves back to a preferred one that answers again. Run it once per
-    /// client (its clones share what it maintains).
+    /// works again is noticed at once; checks the active agent is alive (with a single
+    /// address, asks every waiting query again once it answers after missing a probe);
+    /// with several addresses, moves back to a preferred one that answers again. Run it
+    /// once per client (its clones share what it maintains).
     pub async fn upkeep(&self, until: impl Future<Output = ()>) {
         tokio::pin!(until);
         let mut tick = tokio::time::interval(UPKEEP_TICK);
@@ -552,11 +557,19 @@ impl ConsulClient {
                         )
                         .await;
                 }
+                if self.shared.agents.len() == 1 && self.shared.agents.missed_a_probe() {
+                    self.until_the_only_agent_answers().await;
+                } else if last_liveness.elapsed() >= LIVENESS_EVERY {
+                    last_liveness = Instant::now();
+                    // With one agent a missed probe moves nothing; waiting long for it
+                    // would only delay noticing that the agent answers again.
+                    let timeout = match self.shared.agents.len() {
+                        1 => SINGLE_AGENT_PROBE_TIMEOUT,
+                        _ => PROBE_TIMEOUT,
+                    };
+                    self.check_liveness(timeout).await;
+                }
                 if self.shared.agents.len() > 1 {
-                    if last_liveness.elapsed() >= LIVENESS_EVERY {
-                        last_liveness = Instant::now();
-                        self.check_liveness().await;
-                    }
                     self.try_failback().await;
                 }
             };
@@ -568,14 +581,27 @@ impl ConsulClient {
     }
 
     /// Asks the active agent whether it is alive (any HTTP answer will do).
-    async fn check_liveness(&self) {
+    async fn check_liveness(&self, timeout: Duration) {
         let choice = self.shared.agents.current();
         let answered = self
-            .probe(self.shared.agents.address(choice.index))
+            .probe(self.shared.agents.address(choice.index), timeout)
             .await
             .map(|_| ());
         if self.shared.agents.probed(choice, answered) {
             self.publish_epoch();
+        }
+    }
+
+    /// The only agent missed a probe: probes it in quick succession for up to a tick, so
+    /// that once it has missed two, the queries it took while it did not answer are asked
+    /// again (see [`AgentPool::probed`]) within moments of it answering, not after a whole
+    /// blocking wait.
+    async fn until_the_only_agent_answers(&self) {
+        let end = Instant::now() + UPKEEP_TICK;
+        while self.shared.agents.missed_a_probe() && Instant::now() < end {
+            let started = Instant::now();
+            self.check_liveness(RECOVERY_PROBE_TIMEOUT).await;
+            tokio::time::sleep_until(started + RECOVERY_PROBE_EVERY).await;
         }
     }
 
@@ -584,7 +610,7 @@ impl ConsulClient {
         let (choice, candidates) = self.shared.agents.failback_candidates();
         for index in candidates {
             let address = self.shared.agents.address(index);
-            if let Ok(StatusCode::OK) = self.probe(address).await {
+            if let Ok(StatusCode::OK) = self.probe(address, PROBE_TIMEOUT).await {
                 if self.shared.agents.move_from(choice, index, "answers again") {
                     self.publish_epoch();
                 }
@@ -594,11 +620,11 @@ impl ConsulClient {
     }
 
     /// `GET /v1/status/leader` (no ACL, never blocks): the status, or why there is none.
-    async fn probe(&self, base: &str) -> Result<StatusCode, String> {
+    async fn probe(&self, base: &str, timeout: Duration) -> Result<StatusCode, String> {
         let mut req = self
             .http
             .get(format!("{base}/v1/status/leader"))
-            .timeout(PROBE_TIMEOUT);
+            .timeout(timeout);
         if let Some(dc) = &self.shared.datacenter {
             req = req.query(&[("dc", dc)]);
         }
