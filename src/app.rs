@@ -379,5 +379,6 @@ fn data_plane(
         upstream_tls,
         &cfg.file.proxy,
         cfg.file.log.access_log,
+        crate::trace_context::Sampler::new(cfg.file.tracing.sample_ratio),
     )))
 }

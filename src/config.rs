@@ -53,6 +53,7 @@ pub struct FileConfig {
     pub upstream_tls: Option<UpstreamTlsSection>,
     pub assertion: Option<AssertionSection>,
     pub auth: AuthSection,
+    pub tracing: TracingSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -337,6 +338,20 @@ pub struct FabioSection {
     pub enabled: bool,
 }
 
+/// Distributed tracing: W3C trace context is always propagated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingSection {
+    /// Share of new traces sampled (0..=1); a continued trace follows its parent's flag.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracingSection {
+    fn default() -> Self {
+        Self { sample_ratio: 1.0 }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTlsSection {
@@ -526,6 +541,7 @@ impl FileConfig {
                 return Err(invalid(field, format!("`{name}` is not a header name")));
             }
         }
+        validate_tracing(&self.tracing)?;
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }
@@ -544,6 +560,13 @@ impl FileConfig {
             wait,
         })
     }
+}
+
+fn validate_tracing(t: &TracingSection) -> Result<(), ConfigError> {
+    if !(0.0..=1.0).contains(&t.sample_ratio) {
+        return Err(invalid("tracing.sample_ratio", "must be between 0 and 1"));
+    }
+    Ok(())
 }
 
 fn parse_addr(field: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {

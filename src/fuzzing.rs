@@ -573,6 +573,91 @@ fn hex_digit(b: u8) -> u8 {
     (b as char).to_digit(16).map_or(0, |d| d as u8)
 }
 
+/// The bytes as a request's trace context: lines starting `s:` are `tracestate` fields,
+/// other lines `traceparent` fields (lines that are no header value are left out), each
+/// line also straight through `parse_traceparent`. A value read as valid is at least 55
+/// bytes of lower-case hex and dashes where the spec puts them, with non-zero ids, a
+/// version other than `ff`, and exactly 55 bytes for version `00`; the context continues
+/// the trace of exactly one valid `traceparent` and no other, never has a zero id, keeps
+/// `tracestate` only with a continued trace and within its size, and the `traceparent`
+/// it sends reads back as its own trace, span and flag.
+pub fn trace_context(data: &[u8]) {
+    use crate::trace_context::{
+        parse_traceparent, tracestate_is_valid, Sampler, TraceContext, TraceState, TRACEPARENT,
+        TRACESTATE, TRACESTATE_MAX_BYTES,
+    };
+    let mut headers = HeaderMap::new();
+    let mut parents = 0;
+    let mut states: Vec<&[u8]> = Vec::new();
+    for line in data.split(|&b| b == b'\n') {
+        let (name, value) = match line.strip_prefix(b"s:") {
+            Some(state) => (&TRACESTATE, state),
+            None => (&TRACEPARENT, line),
+        };
+        if let Some(p) = parse_traceparent(value) {
+            let text = std::str::from_utf8(value).expect("a valid traceparent is ASCII");
+            assert!(text.len() >= 55, "{text:?} is short");
+            assert!(&text[..2] != "ff", "version ff taken");
+            assert!(&text[..2] != "00" || text.len() == 55, "long version 00");
+            for (i, c) in text[..55].bytes().enumerate() {
+                let dash = matches!(i, 2 | 35 | 52);
+                assert!(
+                    if dash {
+                        c == b'-'
+                    } else {
+                        matches!(c, b'0'..=b'9' | b'a'..=b'f')
+                    },
+                    "{text:?}: byte {i}"
+                );
+            }
+            assert!(text.len() == 55 || text.as_bytes()[55] == b'-');
+            assert!(p.trace_id != 0 && p.parent_id != 0);
+            assert_eq!(
+                format!("{:032x}-{:016x}", p.trace_id, p.parent_id),
+                &text[3..52]
+            );
+        }
+        let Ok(value) = HeaderValue::from_bytes(value) else {
+            continue;
+        };
+        if name == TRACEPARENT {
+            parents += 1;
+        } else {
+            states.push(line.strip_prefix(b"s:").unwrap_or_default());
+        }
+        headers.append(name, value);
+    }
+    if tracestate_is_valid(states.iter().copied()) {
+        let total: usize = states.iter().map(|s| s.len()).sum();
+        assert!(total <= TRACESTATE_MAX_BYTES);
+    }
+    for ratio in [0.0, 0.5, 1.0] {
+        let t = TraceContext::for_request(&headers, &Sampler::new(ratio));
+        assert!(t.trace_id != 0 && t.span_id != 0);
+        let one = headers.get(&TRACEPARENT).filter(|_| parents == 1);
+        match one.and_then(|v| parse_traceparent(v.as_bytes())) {
+            Some(p) => {
+                assert_eq!((t.trace_id, t.parent_id), (p.trace_id, Some(p.parent_id)));
+                assert_eq!(t.sampled, p.sampled);
+            }
+            None => {
+                assert_eq!(t.parent_id, None, "continued without one valid traceparent");
+                assert_ne!(t.tracestate, TraceState::Kept);
+            }
+        }
+        if states.is_empty() {
+            assert_eq!(t.tracestate, TraceState::Absent);
+        }
+        let sent = t.traceparent();
+        let back = parse_traceparent(&sent).expect("the gateway's traceparent is valid");
+        assert_eq!(
+            (back.trace_id, back.parent_id, back.sampled),
+            (t.trace_id, t.span_id, t.sampled)
+        );
+        assert_eq!(&sent[..3], b"00-");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

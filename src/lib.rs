@@ -41,4 +41,5 @@ pub mod state;
 pub mod state_file;
 pub mod telemetry;
 pub mod tls;
+pub mod trace_context;
 pub mod upstream_tls;

@@ -102,3 +102,8 @@ fn grpc_fields() {
 fn registry_wan_flag() {
     replay("registry_wan_flag", fuzzing::registry_wan_flag);
 }
+
+#[test]
+fn trace_context() {
+    replay("trace_context", fuzzing::trace_context);
+}

@@ -43,6 +43,7 @@ use crate::policy::{cors, Admission, PeerIp, PolicyReply};
 use crate::rewrite::{Redirect, RuleVars};
 use crate::routing::spec::{EscapedSlashes, UpstreamProtocol};
 use crate::routing::Route;
+use crate::trace_context::{TraceContext, TraceState, TRACESTATE};
 
 /// Bodies up to this size are buffered when the request may be retried, so a retry can
 /// replay them; larger ones stream and get a single try.
@@ -72,6 +73,7 @@ struct RequestRecord {
     method: Method,
     path: NormalPath,
     request_id: HeaderValue,
+    trace: TraceContext,
     client_ip: IpAddr,
     route: Option<Arc<Route>>,
     admission: Option<Admission>,
@@ -207,6 +209,7 @@ impl Gateway {
             method: parts.method.clone(),
             path: NormalPath::Normalised(String::new()),
             request_id: headers::request_id(&parts.headers),
+            trace: TraceContext::for_request(&parts.headers, &self.sampler),
             client_ip: self.edge.client_ip(conn.peer_ip.ip(), &parts.headers),
             route: None,
             admission: None,
@@ -241,6 +244,9 @@ impl Gateway {
     ) -> Result<Response<ClientBody>, Stopped> {
         check_authority(parts)?;
         headers::scrub_request(&mut parts.headers, self.settings.underscores_in_headers);
+        if ex.trace.tracestate == TraceState::Dropped {
+            parts.headers.remove(&TRACESTATE);
+        }
         ex.path = match path::normalize(parts.uri.path()).map_err(ProxyError::from)? {
             Cow::Borrowed(_) => NormalPath::AsSent(parts.uri.clone()),
             Cow::Owned(normalised) => NormalPath::Normalised(normalised),
@@ -394,6 +400,7 @@ impl Gateway {
             proto: if conn.tls { "https" } else { "http" },
             host,
             request_id: ex.request_id.clone(),
+            traceparent: ex.trace.traceparent(),
         }
     }
 
@@ -447,6 +454,7 @@ impl Gateway {
                     proto: forwarded.proto,
                     host: forwarded.host.to_string(),
                     request_id: forwarded.request_id.clone(),
+                    traceparent: forwarded.traceparent,
                     key: ClientKey {
                         http2,
                         connect_ms: spec.timeouts.connect_ms,
@@ -655,6 +663,7 @@ impl Finish for Done {
         if self.access_log {
             tracing::info!(target: crate::telemetry::ACCESS_TARGET,
                 request_id = ex.request_id.to_str().unwrap_or(""),
+                trace_id = %ex.trace.trace_id_hex(),
                 method = %ex.method,
                 path = ex.path.as_str(),
                 status = self.status,

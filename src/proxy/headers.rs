@@ -1,6 +1,6 @@
 //! The gateway's own header policy between client and upstream: what a client may not
 //! send in any spelling ([`scrub_request`]), and what the gateway adds: `X-Forwarded-*`,
-//! `X-Request-Id` and `Via`. (Hop-by-hop fields are the protocol's:
+//! `X-Request-Id`, `Via` and `traceparent`. (Hop-by-hop fields are the protocol's:
 //! [`crate::http1::fields`].)
 //!
 //! Order matters for safety: the client's `Connection` list is applied first, before auth
@@ -11,6 +11,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::http1::fields::ExtraFields;
 use crate::owned_headers::is_gateway_owned;
+use crate::trace_context::TRACEPARENT;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -60,15 +61,19 @@ fn is_client_claim(name: &str) -> bool {
 }
 
 /// The headers the gateway sets on a request it forwards: `X-Forwarded-For/-Proto/-Host`,
-/// `X-Request-Id` and its own `Via` entry. They stay out of the request's map: an HTTP/1.1
-/// head gets them written after the client's headers (the client's copies of the first
-/// four are skipped), an HTTP/2 request has them inserted into its own copy of the map.
+/// `X-Request-Id`, `traceparent` and its own `Via` entry. They stay out of the request's
+/// map: an HTTP/1.1 head gets them written after the client's headers (the client's
+/// copies of all but `Via` are skipped, however many it sent), an HTTP/2 request has them
+/// inserted into its own copy of the map.
 pub struct Forwarded<'a> {
     pub xff: HeaderValue,
     pub proto: &'static str,
     /// The host the client asked for, already checked to be a plain host name.
     pub host: &'a str,
     pub request_id: HeaderValue,
+    /// The request's trace with the gateway's span as parent
+    /// ([`crate::trace_context::TraceContext::traceparent`]).
+    pub traceparent: [u8; 55],
 }
 
 impl Forwarded<'_> {
@@ -76,6 +81,7 @@ impl Forwarded<'_> {
     pub fn replaces(name: &HeaderName) -> bool {
         // Lengths first: a standard name never pays for a string comparison.
         match name.as_str().len() {
+            11 => name == TRACEPARENT,
             12 => name == X_REQUEST_ID,
             15 => name == X_FORWARDED_FOR,
             16 => name == X_FORWARDED_HOST,
@@ -96,6 +102,8 @@ impl Forwarded<'_> {
             self.proto.as_bytes()
         } else if name == X_FORWARDED_HOST {
             self.host.as_bytes()
+        } else if name == TRACEPARENT {
+            &self.traceparent
         } else {
             self.request_id.as_bytes()
         })
@@ -111,6 +119,8 @@ impl Forwarded<'_> {
             out.extend_from_slice(b"\r\nx-forwarded-host: ");
             out.extend_from_slice(self.host.as_bytes());
         }
+        out.extend_from_slice(b"\r\ntraceparent: ");
+        out.extend_from_slice(&self.traceparent);
         out.extend_from_slice(b"\r\n");
         write_id_and_via(out, &self.request_id);
     }
@@ -124,6 +134,9 @@ impl Forwarded<'_> {
             _ => headers.remove(&X_FORWARDED_HOST),
         };
         headers.insert(&X_REQUEST_ID, self.request_id.clone());
+        if let Ok(v) = HeaderValue::from_bytes(&self.traceparent) {
+            headers.insert(&TRACEPARENT, v);
+        }
         add_via(headers);
     }
 }
@@ -134,7 +147,7 @@ impl ExtraFields for Forwarded<'_> {
     }
 
     fn replaced_lengths(&self) -> u64 {
-        1 << 12 | 1 << 15 | 1 << 16 | 1 << 17
+        1 << 11 | 1 << 12 | 1 << 15 | 1 << 16 | 1 << 17
     }
 
     fn write(&self, out: &mut Vec<u8>) {
@@ -273,20 +286,23 @@ mod tests {
             proto: "https",
             host: "api.example.com",
             request_id: HeaderValue::from_static("id-1"),
+            traceparent: *b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         };
         let mut out = Vec::new();
         f.write(&mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "x-forwarded-for: 10.0.0.1, 127.0.0.1\r\nx-forwarded-proto: https\r\n\
-             x-forwarded-host: api.example.com\r\nx-request-id: id-1\r\n\
-             via: 1.1 switchyard\r\n"
+             x-forwarded-host: api.example.com\r\n\
+             traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\
+             x-request-id: id-1\r\nvia: 1.1 switchyard\r\n"
         );
         for name in [
             &X_FORWARDED_FOR,
             &X_FORWARDED_PROTO,
             &X_FORWARDED_HOST,
             &X_REQUEST_ID,
+            &TRACEPARENT,
         ] {
             assert!(Forwarded::replaces(name), "{name}");
             let mut map = HeaderMap::new();
@@ -299,7 +315,12 @@ mod tests {
                 "{name}"
             );
         }
-        let mut map = self::map(&[("x-forwarded-host", "forged"), ("via", "1.0 a")]);
+        let mut map = self::map(&[
+            ("x-forwarded-host", "forged"),
+            ("via", "1.0 a"),
+            ("traceparent", "forged-1"),
+            ("traceparent", "forged-2"),
+        ]);
         let hostless = Forwarded { host: "", ..f };
         hostless.insert_into(&mut map);
         assert!(
@@ -308,6 +329,12 @@ mod tests {
         );
         let via: Vec<_> = map.get_all(header::VIA).iter().collect();
         assert_eq!(via, ["1.0 a", "1.1 switchyard"]);
+        let traceparent: Vec<_> = map.get_all(&TRACEPARENT).iter().collect();
+        assert_eq!(
+            traceparent,
+            [&f.traceparent[..]],
+            "exactly the gateway's one"
+        );
         let mut out = Vec::new();
         hostless.write(&mut out);
         assert!(!String::from_utf8(out).unwrap().contains("host"));

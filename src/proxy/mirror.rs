@@ -43,6 +43,8 @@ pub struct MirrorCopy {
     pub proto: &'static str,
     pub host: String,
     pub request_id: HeaderValue,
+    /// The request's own `traceparent`: the copy belongs to the same trace.
+    pub traceparent: [u8; 55],
     pub key: ClientKey,
     pub timeout: Duration,
 }
@@ -111,6 +113,7 @@ async fn send_copy(
         proto: copy.proto,
         host: &copy.host,
         request_id: copy.request_id,
+        traceparent: copy.traceparent,
     };
     let head = RequestHead {
         method: &copy.method,

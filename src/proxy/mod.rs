@@ -24,6 +24,7 @@ use crate::auth::Authenticator;
 use crate::config::ProxySection;
 use crate::policy::Edge;
 use crate::state::State;
+use crate::trace_context::Sampler;
 use crate::upstream_tls::UpstreamTls;
 
 pub use error::ProxyError;
@@ -81,6 +82,8 @@ pub struct Gateway {
     settings: ProxySettings,
     budget: retry::RetryBudget,
     connections: Arc<Semaphore>,
+    /// Which new traces are sampled (`tracing.sample_ratio`).
+    sampler: Sampler,
 }
 
 impl Gateway {
@@ -91,6 +94,7 @@ impl Gateway {
         upstream_tls: Option<UpstreamTls>,
         proxy: &ProxySection,
         access_log: bool,
+        sampler: Sampler,
     ) -> Gateway {
         let clients = Arc::new(upstream::Clients::new(
             upstream_tls,
@@ -106,6 +110,7 @@ impl Gateway {
             settings: ProxySettings::from_config(proxy, access_log),
             budget: retry::RetryBudget::new(proxy.retry_budget_percent),
             connections: Arc::new(Semaphore::new(proxy.max_connections.max(1))),
+            sampler,
         }
     }
 
