@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin::{self, Admin};
+use crate::admin::{self, Admin, AdminToken};
 use crate::auth::{AuthSettings, Authenticator};
 use crate::config::{Config, ConsulConsistency};
 use crate::consul::watch::{self as consul_watch, CatalogServices};
@@ -24,6 +24,7 @@ use crate::shutdown::Shutdown;
 use crate::snapshot_writer::{self, ConsulWatches, SnapshotWriter, WriterSettings};
 use crate::state::State;
 use crate::tls::Tls;
+use crate::traffic::TrafficHistory;
 use crate::upstream_tls::UpstreamTls;
 
 /// Time given to tasks to finish after shutdown.
@@ -48,6 +49,8 @@ pub enum AppError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     UpstreamTls(#[from] crate::upstream_tls::UpstreamTlsError),
+    #[error("admin.token_file: {0}")]
+    AdminToken(#[from] crate::admin::TokenFileError),
     #[error("the configuration has a [tls] section but no TLS listener was given")]
     MissingTlsListener,
 }
@@ -208,13 +211,29 @@ pub async fn start(
     );
     let auth = authenticator(&cfg, &client, &options, &shutdown, &mut tasks)?;
 
+    let token = match (&cfg.file.admin.token, &cfg.file.admin.token_file) {
+        (Some(t), _) => Some(AdminToken::fixed(t)),
+        (None, Some(path)) => Some(AdminToken::from_file(path)?),
+        (None, None) => None,
+    };
+    let traffic = Arc::new(TrafficHistory::default());
+    tasks.push(tokio::spawn(admin::dashboard::keep_traffic_history(
+        state.clone(),
+        traffic.clone(),
+        shutdown.clone(),
+    )));
     let admin = Arc::new(Admin {
         state: state.clone(),
         control: control.clone(),
-        token: cfg.file.admin.token.clone(),
+        token,
         jwks: edge.jwks(),
         auth: Some(auth.clone()),
         consul: Some(client.clone()),
+        traffic,
+        stale_after: match cfg.file.readiness.max_data_age_s {
+            0 => admin::DEFAULT_STALE_AFTER,
+            s => Duration::from_secs(s),
+        },
     });
     tasks.push(tokio::spawn(admin::serve(
         listeners.admin,

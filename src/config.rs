@@ -262,8 +262,11 @@ impl Default for AuthSection {
 #[serde(default, deny_unknown_fields)]
 pub struct AdminSection {
     pub listen: String,
-    /// When set, every admin endpoint but `/healthz` and `/ready` needs `Authorization: Bearer <token>`.
+    /// When set, the dashboard's data and every admin endpoint but `/healthz`, `/ready` and
+    /// `/jwks.json` need `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// The same token read from a file, and read again when the file changes.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for AdminSection {
@@ -271,6 +274,7 @@ impl Default for AdminSection {
         Self {
             listen: "127.0.0.1:9901".into(),
             token: None,
+            token_file: None,
         }
     }
 }
@@ -465,6 +469,25 @@ impl FileConfig {
                     "consul.client_cert",
                     "client_cert and client_key go together",
                 ))
+            }
+            _ => {}
+        }
+        match (&self.admin.token, &self.admin.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("admin.token", "set token or token_file, not both"))
+            }
+            (Some(t), None) if t.trim().is_empty() => {
+                return Err(invalid("admin.token", "must not be empty"))
+            }
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| invalid("admin.token_file", format!("{}: {e}", path.display())))?;
+                if text.trim().is_empty() {
+                    return Err(invalid(
+                        "admin.token_file",
+                        format!("{}: the file holds no token", path.display()),
+                    ));
+                }
             }
             _ => {}
         }

@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::consul::WatchStatus;
-use crate::discovery::Instance;
+use crate::discovery::{Instance, OutOfService};
 use crate::routing::kv::RouteRejection;
 
 /// Where the serving state came from.
@@ -54,6 +54,8 @@ pub struct ControlView {
     /// Serving-capable (passing or warning) instances of each routed service, as Consul
     /// last reported them; routes then filter by their health policy and tags.
     pub services: BTreeMap<String, Arc<Vec<Instance>>>,
+    /// Instances Consul lists that may not serve (critical, maintenance), by service.
+    pub out_of_service: BTreeMap<String, Arc<Vec<OutOfService>>>,
     pub warm_start: Option<WarmStart>,
 }
 
@@ -67,9 +69,16 @@ impl ControlView {
             tags_watch: None,
             health_watches: BTreeMap::new(),
             services: BTreeMap::new(),
+            out_of_service: BTreeMap::new(),
             warm_start: None,
         }
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The verdict of the readiness policy.
@@ -89,6 +98,9 @@ pub struct Control {
     max_data_age: Option<Duration>,
     /// Version of the first published snapshot (0 = none yet).
     first_version: AtomicU64,
+    /// Unix time (ms) of the last publish, and the version it published.
+    last_publish_unix_ms: AtomicU64,
+    last_version: AtomicU64,
     view: ArcSwap<ControlView>,
 }
 
@@ -99,6 +111,8 @@ impl Control {
             started: Instant::now(),
             max_data_age,
             first_version: AtomicU64::new(0),
+            last_publish_unix_ms: AtomicU64::new(0),
+            last_version: AtomicU64::new(0),
             view: ArcSwap::from_pointee(ControlView::empty(consul_address)),
         }
     }
@@ -116,6 +130,15 @@ impl Control {
         let _ =
             self.first_version
                 .compare_exchange(0, version, Ordering::AcqRel, Ordering::Relaxed);
+        self.last_publish_unix_ms
+            .store(unix_ms(), Ordering::Relaxed);
+        self.last_version.store(version, Ordering::Relaxed);
+    }
+
+    /// The last published snapshot's version and when (unix ms) it was published.
+    pub fn last_publish(&self) -> Option<(u64, u64)> {
+        let at = self.last_publish_unix_ms.load(Ordering::Relaxed);
+        (at != 0).then(|| (self.last_version.load(Ordering::Relaxed), at))
     }
 
     pub fn has_snapshot(&self) -> bool {

@@ -183,6 +183,8 @@ impl Dev {
         }
         line(String::new());
         line("Look inside:".into());
+        line(format!("  open {admin}/ in a browser: the live dashboard"));
+        line("  switchyard status --admin ".to_string() + admin.trim_start_matches("http://"));
         line(format!("  curl {auth}{admin}/routes"));
         line(format!("  curl {auth}{admin}/upstreams"));
         line(format!("  curl {auth}{admin}/metrics"));

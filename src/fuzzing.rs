@@ -373,7 +373,8 @@ pub fn consul_bodies(data: &[u8]) {
         panic!("the fuzz Consul client does not build");
     };
     let body = Some(Bytes::copy_from_slice(data));
-    if let Ok(instances) = HealthSource::new(client, "fuzz").decode(body.clone()) {
+    if let Ok(health) = HealthSource::new(client, "fuzz").decode(body.clone()) {
+        let instances = health.serving;
         for i in &instances {
             let _ = i.authority();
         }

@@ -32,6 +32,9 @@ enum Command {
     Echo(EchoArgs),
     /// Mint an API key: prints the key (once) and the KV document that stores its hash.
     MintKey(MintKeyArgs),
+    /// The state of a running gateway (routes, traffic, instances, Consul) from its admin
+    /// listener. Exit status 0 healthy, 2 not ready or stale Consul data, 1 unreachable.
+    Status(StatusArgs),
     /// Validate a configuration file and exit.
     CheckConfig {
         /// The TOML file to check.
@@ -150,6 +153,19 @@ struct EchoArgs {
 }
 
 #[derive(Args)]
+struct StatusArgs {
+    /// The gateway's admin listener: `host:port` or `http(s)://host:port`.
+    #[arg(long, env = "SWITCHYARD_ADMIN", default_value = "127.0.0.1:9901")]
+    admin: String,
+    /// Print the admin listener's `/dashboard.json` answer as it came.
+    #[arg(long)]
+    json: bool,
+    /// File holding the admin token (`[admin] token` / `token_file`).
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct DevArgs {
     #[command(flatten)]
     gateway: GatewayArgs,
@@ -248,6 +264,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::MintKey(args) => mint_key(args),
+        Command::Status(args) => status(args),
         Command::Echo(args) => {
             switchyard::telemetry::init("info", LogFormat::Text);
             runtime(1)?.block_on(echo(args))
@@ -330,6 +347,25 @@ async fn echo(args: EchoArgs) -> anyhow::Result<()> {
     shutdown.wait().await;
     client.agent_service_deregister(&id).await?;
     tracing::info!(%id, "deregistered");
+    Ok(())
+}
+
+fn status(args: StatusArgs) -> anyhow::Result<()> {
+    use switchyard::status_cli;
+    let token = args
+        .token_file
+        .as_deref()
+        .map(status_cli::read_token)
+        .transpose()?;
+    let data = runtime(1)?.block_on(status_cli::fetch(&args.admin, token.as_deref()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+    } else {
+        print!("{}", status_cli::render(&data, &args.admin));
+    }
+    if !status_cli::healthy(&data) {
+        std::process::exit(status_cli::EXIT_DEGRADED);
+    }
     Ok(())
 }
 

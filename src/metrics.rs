@@ -68,6 +68,8 @@ pub struct RouteMetrics {
     service: String,
     requests: [OnceLock<Counter>; STATUS_LABELS.len() + CLASS_LABELS.len()],
     duration: OnceLock<Histogram>,
+    /// The recent-traffic counters the dashboard's per-route rates and charts come from.
+    pub traffic: crate::traffic::TrafficCounters,
 }
 
 impl std::fmt::Debug for RouteMetrics {
@@ -85,11 +87,15 @@ impl RouteMetrics {
             service: service.to_string(),
             requests: Default::default(),
             duration: OnceLock::new(),
+            traffic: Default::default(),
         }
     }
 
-    /// Counts one answered request and its duration in seconds.
-    pub fn record(&self, status: u16, seconds: f64) {
+    /// Counts one answered request and its duration; `by_gateway`: the gateway answered
+    /// itself with an error (refusal, no instance, upstream failure or timeout).
+    pub fn record(&self, status: u16, elapsed: std::time::Duration, by_gateway: bool) {
+        self.traffic
+            .record(status, elapsed.as_micros() as u64, by_gateway);
         let slot = STATUS_LABELS
             .iter()
             .position(|(s, _)| *s == status)
@@ -106,7 +112,7 @@ impl RouteMetrics {
             .increment(1);
         self.duration
             .get_or_init(|| metrics::histogram!(REQUEST_DURATION, "route" => self.route.clone()))
-            .record(seconds);
+            .record(elapsed.as_secs_f64());
     }
 }
 
@@ -266,10 +272,11 @@ mod tests {
     fn route_metrics_label_exact_statuses_and_classes() {
         assert!(handle().is_some());
         let m = RouteMetrics::new("rm-test", "svc");
-        m.record(200, 0.001);
-        m.record(200, 0.002);
-        m.record(418, 0.001);
-        m.record(599, 0.001);
+        let ms = std::time::Duration::from_millis;
+        m.record(200, ms(1), false);
+        m.record(200, ms(2), false);
+        m.record(418, ms(1), false);
+        m.record(599, ms(1), true);
         let text = render();
         let line = |status: &str| {
             text.lines()

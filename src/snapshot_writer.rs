@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use crate::consul::{KvPair, WatchHandle, WatchStatus};
 use crate::control::{Control, ControlView, DataSource, WarmStart};
 use crate::discovery::watcher::{HealthWatcher, ServiceUpdate, SyncReport};
-use crate::discovery::Instance;
+use crate::discovery::{Instance, OutOfService};
 use crate::routing::fabio;
 use crate::routing::kv::{RouteDocs, RouteRejection};
 use crate::routing::Route;
@@ -186,6 +186,8 @@ pub struct SnapshotWriter {
     /// Serving-capable instances of each routed service that has answered (or was loaded
     /// from the state file).
     services: BTreeMap<String, Arc<Vec<Instance>>>,
+    /// Instances of each routed service that Consul lists but that may not serve.
+    out_of_service: BTreeMap<String, Arc<Vec<OutOfService>>>,
     /// The same `Arc`s by service, the shape `Snapshot::build_shared` takes: a service
     /// whose `Arc` did not change since the last publish is reused without a look.
     build_input: HashMap<String, Arc<Vec<Instance>>>,
@@ -230,6 +232,7 @@ impl SnapshotWriter {
             watches,
             fabio: settings.fabio.then(FabioRoutes::default),
             services: BTreeMap::new(),
+            out_of_service: BTreeMap::new(),
             build_input: HashMap::new(),
             wanted_since: HashMap::new(),
             held_back: BTreeSet::new(),
@@ -364,6 +367,7 @@ impl SnapshotWriter {
                 error: e.message.clone(),
                 modify_index: 0,
                 serving_last_good: false,
+                last_good_modify_index: None,
             }));
         }
         rejected
@@ -373,6 +377,16 @@ impl SnapshotWriter {
         // A late answer from a watch stopped meanwhile.
         if !self.wanted_since.contains_key(&update.service) {
             return;
+        }
+        let out = &update.out_of_service;
+        if self.out_of_service.get(&update.service) != Some(out) {
+            if out.is_empty() {
+                self.out_of_service.remove(&update.service);
+            } else {
+                self.out_of_service
+                    .insert(update.service.clone(), out.clone());
+            }
+            self.view_dirty = true;
         }
         if self
             .services
@@ -405,6 +419,7 @@ impl SnapshotWriter {
         for s in &report.stopped {
             self.wanted_since.remove(s);
             self.services.remove(s);
+            self.out_of_service.remove(s);
             self.build_input.remove(s);
             self.instances_changed = true;
             self.dirty = true;
@@ -566,6 +581,7 @@ impl SnapshotWriter {
                     .map(|(k, s)| (k.to_string(), s.clone()))
                     .collect(),
                 services: self.services.clone(),
+                out_of_service: self.out_of_service.clone(),
                 warm_start: self.warm.clone(),
             });
         }

@@ -61,6 +61,19 @@ impl Instance {
     }
 }
 
+/// An instance Consul lists that may not serve: critical or in maintenance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutOfService {
+    /// `<node>/<service id>`, as [`Instance::id`].
+    pub id: String,
+    pub address: String,
+    pub port: u16,
+    /// `critical` or `maintenance`.
+    pub health: String,
+    /// The checks keeping it out, as `name (status)`; never their output.
+    pub checks: Vec<String>,
+}
+
 /// Milliseconds on the process clock that [`EndpointStats::ejected_until_ms`] is measured
 /// on (monotonic; its epoch is the first call). Never 0, so 0 can mean "not ejected".
 /// The key of one health watch: a service of the local datacenter (`orders`), or of

@@ -7,7 +7,7 @@
 
 use crate::consul::types::{HealthCheck, ServiceEntry};
 
-use super::{Instance, InstanceHealth};
+use super::{Instance, InstanceHealth, OutOfService};
 
 pub const NODE_MAINTENANCE: &str = "_node_maintenance";
 pub const SERVICE_MAINTENANCE_PREFIX: &str = "_service_maintenance:";
@@ -37,6 +37,57 @@ fn is_maintenance(check: &HealthCheck) -> bool {
 /// so a chatty check does not make two answers differ.
 pub fn instances(entries: &[ServiceEntry]) -> Vec<Instance> {
     let mut out: Vec<Instance> = entries.iter().filter_map(instance).collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out.dedup_by(|a, b| a.id == b.id);
+    out
+}
+
+/// The instances of a health answer that may not serve (critical or in maintenance), with
+/// the checks that keep them out, sorted by id: what the admin views show beside the
+/// serving ones. Check output is left out here too.
+pub fn out_of_service(entries: &[ServiceEntry]) -> Vec<OutOfService> {
+    let mut out: Vec<OutOfService> = entries
+        .iter()
+        .filter(|e| health(e).is_none())
+        .map(|entry| {
+            let maintenance = entry.checks.iter().any(is_maintenance);
+            let svc = &entry.service;
+            let address = if svc.address.is_empty() {
+                &entry.node.address
+            } else {
+                &svc.address
+            };
+            OutOfService {
+                id: format!("{}/{}", entry.node.node, svc.id),
+                address: address.clone(),
+                port: u16::try_from(svc.port).unwrap_or(0),
+                health: if maintenance {
+                    "maintenance"
+                } else {
+                    "critical"
+                }
+                .into(),
+                checks: entry
+                    .checks
+                    .iter()
+                    .filter(|c| {
+                        is_maintenance(c) || !matches!(c.status.as_str(), "passing" | "warning")
+                    })
+                    .map(|c| {
+                        format!(
+                            "{} ({})",
+                            if c.name.is_empty() {
+                                &c.check_id
+                            } else {
+                                &c.name
+                            },
+                            c.status
+                        )
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
     out.sort_by(|a, b| a.id.cmp(&b.id));
     out.dedup_by(|a, b| a.id == b.id);
     out

@@ -19,13 +19,23 @@ use crate::consul::{
     ConsulClient, ConsulError, Index, QueryAnswer, WatchHandle, WatchOptions, WatchStatus,
 };
 
-use super::{passing, Instance};
+use super::{passing, Instance, OutOfService};
 
-/// The instances of a service that may serve changed (or were read for the first time).
+/// The instances of a service changed (or were read for the first time).
 #[derive(Debug, Clone)]
 pub struct ServiceUpdate {
     pub service: String,
+    /// Those that may serve.
     pub instances: Arc<Vec<Instance>>,
+    /// Those listed but critical or in maintenance (for the admin views only).
+    pub out_of_service: Arc<Vec<OutOfService>>,
+}
+
+/// One health answer, reduced.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceHealth {
+    pub serving: Vec<Instance>,
+    pub out_of_service: Vec<OutOfService>,
 }
 
 /// Reads the health of one service and reduces it to its serving instances.
@@ -50,7 +60,7 @@ impl HealthSource {
 }
 
 impl Source for HealthSource {
-    type Output = Vec<Instance>;
+    type Output = ServiceHealth;
 
     fn fetch(
         &mut self,
@@ -67,13 +77,16 @@ impl Source for HealthSource {
         }
     }
 
-    fn decode(&mut self, body: Option<Bytes>) -> Result<Vec<Instance>, ConsulError> {
+    fn decode(&mut self, body: Option<Bytes>) -> Result<ServiceHealth, ConsulError> {
         let Some(body) = body else {
-            return Ok(Vec::new());
+            return Ok(ServiceHealth::default());
         };
         let entries: Vec<ServiceEntry> =
             serde_json::from_slice(&body).map_err(|e| ConsulError::Decode(e.to_string()))?;
-        Ok(passing::instances(&entries))
+        Ok(ServiceHealth {
+            serving: passing::instances(&entries),
+            out_of_service: passing::out_of_service(&entries),
+        })
     }
 }
 
@@ -139,10 +152,11 @@ impl HealthWatcher {
             watch::spawn(
                 HealthSource::new(&self.client, service),
                 self.options.named(format!("health:{service}")),
-                move |instances| {
+                move |health: Arc<ServiceHealth>| {
                     let _ = tx.send(ServiceUpdate {
                         service: name.clone(),
-                        instances,
+                        instances: Arc::new(health.serving.clone()),
+                        out_of_service: Arc::new(health.out_of_service.clone()),
                     });
                 },
             )
@@ -222,8 +236,12 @@ mod tests {
         .unwrap();
         let mut src = HealthSource::new(&client, "web");
         let got = src.decode(Some(Bytes::from_static(body))).unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].id, "n1/w1");
+        assert_eq!(got.serving.len(), 1);
+        assert_eq!(got.serving[0].id, "n1/w1");
+        assert_eq!(got.out_of_service.len(), 1);
+        assert_eq!(got.out_of_service[0].id, "n2/w2");
+        assert_eq!(got.out_of_service[0].health, "critical");
+        assert_eq!(got.out_of_service[0].checks, ["service:w2 (critical)"]);
         assert!(src.decode(Some(Bytes::from_static(b"{oops"))).is_err());
     }
 }

@@ -87,6 +87,8 @@ struct RequestRecord {
     in_flight: Option<InFlight>,
     /// The circuit-breaker slot the request holds until its response is done.
     breaker_slot: Option<Admitted>,
+    /// The gateway answered with an error of its own (not the upstream's status).
+    by_gateway: bool,
 }
 
 /// The request's path as routed: the client's own when it was already normal (kept in
@@ -219,6 +221,7 @@ impl Gateway {
             host: None,
             in_flight: None,
             breaker_slot: None,
+            by_gateway: false,
         };
         // From the headers as the client sent them, before any phase changes them.
         let errors = ErrorFormat::for_request(&parts.headers);
@@ -227,6 +230,7 @@ impl Gateway {
             Ok(r) => r,
             Err(stop) => {
                 close = matches!(&stop, Stopped::Error(e) if e.is_malformed_request());
+                ex.by_gateway = matches!(&stop, Stopped::Error(_));
                 stop.into_response(&ex.request_id, errors)
             }
         };
@@ -655,7 +659,7 @@ impl Finish for Done {
             (None, None) => "",
         };
         match &ex.route {
-            Some(r) => r.metrics.record(self.status, elapsed.as_secs_f64()),
+            Some(r) => r.metrics.record(self.status, elapsed, ex.by_gateway),
             None => metrics::counter!(crate::metrics::REQUESTS,
                 "route" => "", "status" => status_class(self.status), "service" => "")
             .increment(1),

@@ -29,6 +29,9 @@ pub struct RouteRejection {
     pub modify_index: u64,
     /// Whether an earlier good version of this key is still serving.
     pub serving_last_good: bool,
+    /// `ModifyIndex` of that good version (absent when unknown, e.g. from the state file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_good_modify_index: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -37,6 +40,8 @@ struct Doc {
     seen: Option<Vec<u8>>,
     /// The last value that compiled, and its route.
     good: Option<(String, Arc<Route>)>,
+    /// `ModifyIndex` of the good value (0: unknown).
+    good_index: u64,
     rejection: Option<RouteRejection>,
 }
 
@@ -112,6 +117,7 @@ impl RouteDocs {
                     let same = doc.good.as_ref().is_some_and(|(t, _)| t == text);
                     if !same {
                         doc.good = Some((text.to_string(), route));
+                        doc.good_index = pair.modify_index;
                         applied.routes_changed = true;
                         tracing::info!(route = name, key = %pair.key, "route document accepted");
                     }
@@ -131,6 +137,8 @@ impl RouteDocs {
                         error: e.to_string(),
                         modify_index: pair.modify_index,
                         serving_last_good,
+                        last_good_modify_index: (serving_last_good && doc.good_index != 0)
+                            .then_some(doc.good_index),
                     });
                     applied.rejections_changed = true;
                 }

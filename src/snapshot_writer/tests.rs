@@ -127,6 +127,7 @@ impl Harness {
             .send(ServiceUpdate {
                 service: service.into(),
                 instances: Arc::new(instances),
+                out_of_service: Arc::default(),
             })
             .unwrap();
     }

@@ -1,6 +1,15 @@
-//! The admin listener: read-only JSON views of what the gateway believes (`/ready`,
-//! `/routes`, `/upstreams`, `/auth`, `/consul`) and its Prometheus metrics (`/metrics`). Every endpoint is one arm of the match in [`respond`]; each
-//! view reads the current snapshot and the control-plane view once, never waits on Consul.
+//! The admin listener: the dashboard (`/`, its assets and `/dashboard.json`, in
+//! [`dashboard`]), read-only JSON views of what the gateway believes (`/ready`, `/routes`,
+//! `/upstreams`, `/auth`, `/consul`) and its Prometheus metrics (`/metrics`). Every
+//! endpoint is one arm of the match in [`respond`]; each view reads the current snapshot
+//! and the control-plane view once, never waits on Consul. No view shows a secret (key,
+//! hash, token, password): `tests/dashboard.rs` checks every endpoint for the secrets of
+//! a test configuration.
+
+pub mod dashboard;
+mod token;
+
+pub use token::{AdminToken, TokenFileError};
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -16,7 +25,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{json, Value};
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
 use crate::auth::Authenticator;
@@ -26,18 +34,22 @@ use crate::discovery;
 use crate::routing::HostMatch;
 use crate::shutdown::Shutdown;
 use crate::state::State;
+use crate::traffic::TrafficHistory;
 
 /// Time open admin connections get to finish after shutdown.
 const DRAIN: Duration = Duration::from_secs(2);
+
+/// Consul data older than this is shown as stale when `readiness.max_data_age_s` is unset.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(10);
 
 /// What the admin endpoints read.
 #[derive(Debug)]
 pub struct Admin {
     pub state: Arc<State>,
     pub control: Arc<Control>,
-    /// When set, every endpoint but `/healthz`, `/ready` and `/jwks.json` needs
-    /// `Authorization: Bearer <token>`.
-    pub token: Option<String>,
+    /// When set, every endpoint but `/healthz`, `/ready`, `/jwks.json` and the
+    /// dashboard's static files (which hold no data) needs `Authorization: Bearer <token>`.
+    pub token: Option<AdminToken>,
     /// The public keys of upstream assertions (`[assertion]`), served at `/jwks.json` to
     /// backends without a token: they are public.
     pub jwks: Option<Value>,
@@ -45,6 +57,10 @@ pub struct Admin {
     pub auth: Option<Arc<Authenticator>>,
     /// The Consul client (agents, consistency, token state), for `/consul`.
     pub consul: Option<ConsulClient>,
+    /// Recent traffic per route, for the dashboard.
+    pub traffic: Arc<TrafficHistory>,
+    /// Consul data older than this is stale (the dashboard's alarm).
+    pub stale_after: Duration,
 }
 
 /// Serves the admin API on `listener` until `shutdown` trips.
@@ -77,14 +93,31 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Shutdown)
 /// The one place that maps a request to a view.
 pub fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "read-only: use GET\n");
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "the admin API is read-only: use GET",
+        );
     }
     let path = req.uri().path();
+    if let Some(page) = dashboard::asset(path) {
+        return page;
+    }
     let open = matches!(path, "/healthz" | "/ready" | "/jwks.json");
     if !open && !authorized(admin, req) {
-        return text(StatusCode::UNAUTHORIZED, "admin token required\n");
+        let mut resp = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "admin token required: Authorization: Bearer <token>",
+        );
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer realm=\"switchyard-admin\""),
+        );
+        return resp;
     }
     match path {
+        "/dashboard.json" => compact_json(&dashboard::data(admin)),
         "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
         "/ready" => ready(admin),
         "/routes" => json_response(StatusCode::OK, &routes(admin)),
@@ -94,9 +127,13 @@ pub fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
         "/consul" => json_response(StatusCode::OK, &consul(admin)),
         "/jwks.json" => match &admin.jwks {
             Some(jwks) => json_response(StatusCode::OK, jwks),
-            None => text(StatusCode::NOT_FOUND, "no [assertion] key configured\n"),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no [assertion] key configured",
+            ),
         },
-        _ => text(StatusCode::NOT_FOUND, "no such admin endpoint\n"),
+        _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
     }
 }
 
@@ -108,7 +145,25 @@ fn authorized<B>(admin: &Admin, req: &Request<B>) -> bool {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| bool::from(given.trim().as_bytes().ct_eq(token.as_bytes())))
+        .is_some_and(|given| token.matches(given))
+}
+
+/// An admin error in the project's one shape, `{error, message, request_id}`.
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    json_response(
+        status,
+        &json!({
+            "error": code,
+            "message": message,
+            "request_id": uuid::Uuid::new_v4().simple().to_string(),
+        }),
+    )
+}
+
+/// JSON without indentation, for what a page polls every second.
+fn compact_json(body: &Value) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    answer(StatusCode::OK, "application/json", Bytes::from(bytes))
 }
 
 /// Serving JWT providers (names only), the API-key count, and every rejected `jwt/` or
@@ -155,8 +210,11 @@ fn ready(admin: &Admin) -> Response<Full<Bytes>> {
 
 /// The live table, every rejected document with its error, and shadowed routes.
 pub fn routes(admin: &Admin) -> Value {
-    let snap = admin.state.load();
-    let view = admin.control.view();
+    routes_of(&admin.state.load(), &admin.control.view())
+}
+
+/// [`routes`] of one snapshot and view; `routes` is in the table's order.
+fn routes_of(snap: &crate::state::Snapshot, view: &crate::control::ControlView) -> Value {
     let routes: Vec<Value> = snap
         .table
         .routes()
@@ -258,8 +316,14 @@ fn split_view(route: &crate::routing::Route, split: &crate::balance::split::Weig
 /// Per routed service: its instances with health, weight and passive-health state, and
 /// how fresh its Consul watch is.
 pub fn upstreams(admin: &Admin) -> Value {
-    let snap = admin.state.load();
-    let view = admin.control.view();
+    upstreams_of(admin, &admin.state.load(), &admin.control.view())
+}
+
+fn upstreams_of(
+    admin: &Admin,
+    snap: &crate::state::Snapshot,
+    view: &crate::control::ControlView,
+) -> Value {
     let now = discovery::now_ms();
     let names: BTreeSet<&String> = view
         .services
@@ -291,13 +355,17 @@ pub fn upstreams(admin: &Admin) -> Value {
                         "ejected": ejected_for_ms > 0,
                         "ejected_for_ms": ejected_for_ms,
                         "consecutive_failures": s.map(|s| s.consecutive_failures.load(Ordering::Relaxed)),
+                        "ejections_in_a_row": s.map(|s| s.ejections.load(Ordering::Relaxed)),
                         "in_flight": s.map(|s| s.in_flight.load(Ordering::Relaxed)),
+                        "requests_total": s.map(|s| s.requests.load(Ordering::Relaxed)),
+                        "failures_total": s.map(|s| s.failures.load(Ordering::Relaxed)),
                     })
                 })
                 .collect();
             json!({
                 "service": service,
                 "instances": instances,
+                "out_of_service": view.out_of_service.get(service).map(|l| l.as_slice()).unwrap_or_default(),
                 "watch": view.health_watches.get(service).map(|w| watch_view(w)),
             })
         })
@@ -341,14 +409,6 @@ fn metrics_response() -> Response<Full<Bytes>> {
     )
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    answer(
-        status,
-        "text/plain; charset=utf-8",
-        Bytes::from_static(body.as_bytes()),
-    )
-}
-
 /// Every admin answer: what it shows is true now only, so nothing may cache it.
 fn answer(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
     Response::builder()
@@ -381,10 +441,12 @@ mod tests {
         Admin {
             state: Arc::new(State::new(snap)),
             control: Arc::new(control),
-            token: token.map(str::to_string),
+            token: token.map(AdminToken::fixed),
             jwks: None,
             auth: None,
             consul: None,
+            traffic: Arc::default(),
+            stale_after: DEFAULT_STALE_AFTER,
         }
     }
 
