@@ -45,7 +45,7 @@ pub fn dashboard_url(admin: &str) -> Result<url::Url, StatusError> {
             "expected host:port or http(s)://host:port".into(),
         ));
     }
-    url.join("/dashboard.json")
+    url.join("/dashboard.json?series=none")
         .map_err(|e| StatusError::Address(admin.into(), e.to_string()))
 }
 
@@ -452,15 +452,15 @@ mod tests {
     fn admin_addresses_become_the_dashboard_url() {
         assert_eq!(
             dashboard_url("127.0.0.1:9901").unwrap().as_str(),
-            "http://127.0.0.1:9901/dashboard.json"
+            "http://127.0.0.1:9901/dashboard.json?series=none"
         );
         assert_eq!(
             dashboard_url("https://gw.example:9901/").unwrap().as_str(),
-            "https://gw.example:9901/dashboard.json"
+            "https://gw.example:9901/dashboard.json?series=none"
         );
         assert_eq!(
             dashboard_url("[::1]:9901").unwrap().as_str(),
-            "http://[::1]:9901/dashboard.json"
+            "http://[::1]:9901/dashboard.json?series=none"
         );
         assert!(dashboard_url("ftp://x").is_err());
         assert!(dashboard_url("").is_err());

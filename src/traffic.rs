@@ -202,16 +202,60 @@ impl TrafficPoint {
     }
 }
 
-/// A route's recent traffic: the last minute summed, and both rings.
+/// Which ring a reader wants drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeriesSpan {
+    /// The last minute, one point a second.
+    PerSecond,
+    /// The last 10 minutes, one point per 10 s (the bucket still filling left out).
+    PerTenSeconds,
+    /// No series: the last minute's summary only.
+    None,
+}
+
+/// A ring as columns, oldest first (one array per field keeps the answer small).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct TrafficSeries {
+    /// Nominal seconds per point (the `span_s` of each point says what it really was).
+    pub step_s: u32,
+    pub at_unix_ms: Vec<u64>,
+    pub span_s: Vec<f64>,
+    pub requests: Vec<u64>,
+    pub client_errors: Vec<u64>,
+    pub server_errors: Vec<u64>,
+    pub gateway_errors: Vec<u64>,
+    pub p50_ms: Vec<Option<f64>>,
+    pub p99_ms: Vec<Option<f64>>,
+}
+
+impl TrafficSeries {
+    fn of(step_s: u32, points: impl Iterator<Item = TrafficPoint>) -> TrafficSeries {
+        let mut s = TrafficSeries {
+            step_s,
+            ..TrafficSeries::default()
+        };
+        for p in points {
+            s.at_unix_ms.push(p.at_unix_ms);
+            s.span_s.push(p.span_s);
+            s.requests.push(p.requests);
+            s.client_errors.push(p.client_errors);
+            s.server_errors.push(p.server_errors);
+            s.gateway_errors.push(p.gateway_errors);
+            s.p50_ms.push(p.p50_ms);
+            s.p99_ms.push(p.p99_ms);
+        }
+        s
+    }
+}
+
+/// A route's recent traffic: the last minute summed, and the ring asked for.
 #[derive(Debug, Clone, Serialize)]
 pub struct RouteTraffic {
     /// The last minute (or as much of it as was sampled).
     pub last_minute: TrafficPoint,
     pub requests_per_s: f64,
-    /// Oldest first.
-    pub per_second: Vec<TrafficPoint>,
-    /// Oldest first; the bucket still filling is not included.
-    pub per_10s: Vec<TrafficPoint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub series: Option<TrafficSeries>,
 }
 
 struct Second {
@@ -283,7 +327,7 @@ impl RouteHistory {
         }
     }
 
-    fn view(&self) -> RouteTraffic {
+    fn view(&self, span_wanted: SeriesSpan) -> RouteTraffic {
         let mut minute = Counts::default();
         let mut span = Duration::ZERO;
         for s in &self.seconds {
@@ -299,17 +343,21 @@ impl RouteHistory {
                 last_minute.requests as f64 / span.as_secs_f64()
             },
             last_minute,
-            per_second: self
-                .seconds
-                .iter()
-                .map(|s| TrafficPoint::of(s.at_unix_ms, s.span, &s.counts))
-                .collect(),
-            per_10s: self.tens.iter().cloned().collect(),
+            series: match span_wanted {
+                SeriesSpan::PerSecond => Some(TrafficSeries::of(
+                    1,
+                    self.seconds
+                        .iter()
+                        .map(|s| TrafficPoint::of(s.at_unix_ms, s.span, &s.counts)),
+                )),
+                SeriesSpan::PerTenSeconds => Some(TrafficSeries::of(10, self.tens.iter().cloned())),
+                SeriesSpan::None => None,
+            },
         }
     }
 }
 
-/// The recent traffic of every live route, filled by [`sample`].
+/// The recent traffic of every live route, filled by [`TrafficHistory::sample`].
 #[derive(Default)]
 pub struct TrafficHistory {
     routes: Mutex<HashMap<String, RouteHistory>>,
@@ -346,10 +394,11 @@ impl TrafficHistory {
         }
     }
 
-    /// The recent traffic of a route; `None` before its first request.
-    pub fn route(&self, name: &str) -> Option<RouteTraffic> {
+    /// The recent traffic of a route, with the ring asked for; `None` before its first
+    /// request.
+    pub fn route(&self, name: &str, series: SeriesSpan) -> Option<RouteTraffic> {
         let history = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        history.get(name).map(RouteHistory::view)
+        history.get(name).map(|h| h.view(series))
     }
 }
 
@@ -423,36 +472,47 @@ mod tests {
         let history = TrafficHistory::default();
         let r = counters();
         history.sample(read("r", &r), 1_000, SAMPLE_EVERY);
-        assert!(history.route("r").is_none(), "idle routes have no history");
+        assert!(
+            history.route("r", SeriesSpan::None).is_none(),
+            "idle routes have no history"
+        );
         for i in 0..200u64 {
             r.record(200, 500, false);
             r.record(500, 500, false);
             history.sample(read("r", &r), 2_000 + i * 1_000, SAMPLE_EVERY);
         }
-        let t = history.route("r").unwrap();
-        assert_eq!(t.per_second.len(), SECONDS_KEPT);
+        let t = history.route("r", SeriesSpan::PerSecond).unwrap();
+        let per_second = t.series.unwrap();
+        assert_eq!(per_second.requests.len(), SECONDS_KEPT);
+        assert_eq!(per_second.step_s, 1);
         assert_eq!(t.last_minute.requests, 120);
         assert_eq!(t.last_minute.server_errors, 60);
         assert!((t.requests_per_s - 2.0).abs() < 1e-9);
-        assert_eq!(t.per_10s.len(), 20, "complete ten-second buckets only");
-        assert_eq!(t.per_10s[0].requests, 16);
-        assert!(t.per_10s.iter().skip(1).all(|p| p.requests == 20));
+        let tens = history
+            .route("r", SeriesSpan::PerTenSeconds)
+            .unwrap()
+            .series
+            .unwrap();
+        assert_eq!(tens.requests.len(), 20, "complete ten-second buckets only");
+        assert_eq!(tens.requests[0], 16);
+        assert!(tens.requests.iter().skip(1).all(|n| *n == 20));
+        assert!(tens.span_s.iter().skip(1).all(|s| (*s - 10.0).abs() < 1e-9));
+        assert!(history
+            .route("r", SeriesSpan::None)
+            .unwrap()
+            .series
+            .is_none());
 
         // A new version of the document brings new counters: no negative or lost second.
         let r2 = counters();
         r2.record(200, 500, false);
         history.sample(read("r", &r2), 300_000, SAMPLE_EVERY);
-        assert_eq!(
-            history
-                .route("r")
-                .unwrap()
-                .per_second
-                .last()
-                .unwrap()
-                .requests,
-            1
-        );
+        let after = history.route("r", SeriesSpan::PerSecond).unwrap();
+        assert_eq!(after.series.unwrap().requests.last(), Some(&1));
         history.sample(Vec::new(), 301_000, SAMPLE_EVERY);
-        assert!(history.route("r").is_none(), "gone with its route");
+        assert!(
+            history.route("r", SeriesSpan::None).is_none(),
+            "gone with its route"
+        );
     }
 }

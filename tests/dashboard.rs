@@ -354,6 +354,15 @@ async fn the_dashboard_shows_the_demo_live_in_a_real_browser_without_console_err
         .wait_for("every route again", ROUTE_ROWS, |v| names(v).len() == 2)
         .await;
 
+    // The 10-minute chart: the page asks for the other ring and draws it.
+    browser
+        .js("const s = document.getElementById('span'); s.value = '10m'; s.dispatchEvent(new Event('change')); return null;")
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    browser
+        .js("const s = document.getElementById('span'); s.value = '60s'; s.dispatchEvent(new Event('change')); return null;")
+        .await;
+
     // An instance's check fails: the page shows it critical within 2 s of Consul saying so.
     let instance_health =
         "const r = document.querySelector('#services tr[data-instance$=\"/demo-1\"]');
@@ -444,7 +453,11 @@ async fn the_dashboard_needs_the_admin_token_when_one_is_set_and_works_with_it()
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("admin-token");
     std::fs::write(&token_file, "dash-token-1\n").unwrap();
-    let dev = demo(|f| f.admin.token_file = Some(token_file.clone())).await;
+    let dev = demo(|f| {
+        f.admin.token_file = Some(token_file.clone());
+        f.readiness.max_data_age_s = 2;
+    })
+    .await;
     let admin = dev.gateway.admin_addr();
 
     let http = support::client();
@@ -510,6 +523,26 @@ async fn the_dashboard_needs_the_admin_token_when_one_is_set_and_works_with_it()
             names(v) == ["demo", "secure"]
         })
         .await;
+
+    // Consul goes away: the page raises the stale-data alarm (limit 2 s here).
+    dev.registry.stop().await;
+    let alarm = browser
+        .wait_for(
+            "the stale-data alarm",
+            "const a = document.getElementById('alarm');
+             return [a.hidden ? '' : a.textContent,
+                     document.getElementById('c-age-card').classList.contains('stale')];",
+            |v| v[1] == true,
+        )
+        .await;
+    assert!(
+        alarm[0]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Consul data is stale"),
+        "{alarm}"
+    );
+    browser.screenshot("dashboard-stale.png").await;
 
     // A rotated token file takes effect at once: the page asks again.
     std::fs::write(&token_file, "dash-token-2-rotated\n").unwrap();

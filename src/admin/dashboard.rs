@@ -18,7 +18,7 @@ use super::Admin;
 use crate::routing::Route;
 use crate::shutdown::Shutdown;
 use crate::state::State;
-use crate::traffic::{Sampled, TrafficHistory, SAMPLE_EVERY};
+use crate::traffic::{Sampled, SeriesSpan, TrafficHistory, SAMPLE_EVERY};
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_CSS: &str = include_str!("assets/app.css");
@@ -80,8 +80,20 @@ pub async fn keep_traffic_history(
     }
 }
 
+/// The ring `/dashboard.json` draws, from its query: none (the last minute, per second),
+/// `series=1s`, `series=10s` (the last 10 minutes) or `series=none` (summaries only, as
+/// `switchyard status` asks). Anything else is refused.
+pub fn series_of(query: Option<&str>) -> Option<SeriesSpan> {
+    match query {
+        None | Some("series=1s") => Some(SeriesSpan::PerSecond),
+        Some("series=10s") => Some(SeriesSpan::PerTenSeconds),
+        Some("series=none") => Some(SeriesSpan::None),
+        Some(_) => None,
+    }
+}
+
 /// Everything the dashboard shows, read once from the current snapshot and view.
-pub fn data(admin: &Admin) -> Value {
+pub fn data(admin: &Admin, series: SeriesSpan) -> Value {
     let snap = admin.state.load();
     let view = admin.control.view();
     let mut routes = super::routes_of(&snap, &view);
@@ -94,7 +106,7 @@ pub fn data(admin: &Admin) -> Value {
                 .collect::<Vec<_>>());
             r["auth"] = auth_of(route);
             r["policies"] = json!(policies_of(route));
-            r["traffic"] = json!(admin.traffic.route(&route.name));
+            r["traffic"] = json!(admin.traffic.route(&route.name, series));
         }
     }
     let upstreams = super::upstreams_of(admin, &snap, &view);

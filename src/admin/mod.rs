@@ -117,7 +117,14 @@ pub fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
         return resp;
     }
     match path {
-        "/dashboard.json" => compact_json(&dashboard::data(admin)),
+        "/dashboard.json" => match dashboard::series_of(req.uri().query()) {
+            Some(series) => compact_json(&dashboard::data(admin, series)),
+            None => error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the query may only be series=1s, series=10s or series=none",
+            ),
+        },
         "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
         "/ready" => ready(admin),
         "/routes" => json_response(StatusCode::OK, &routes(admin)),
@@ -550,6 +557,41 @@ mod tests {
         let resp = respond(&a, &get("/jwks.json"));
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+    }
+
+    #[test]
+    fn the_dashboard_data_takes_only_a_known_series() {
+        let a = admin(None);
+        let get_json = |path: &str| {
+            let resp = respond(&a, &get(path));
+            assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+            resp.status()
+        };
+        for ok in [
+            "/dashboard.json",
+            "/dashboard.json?series=1s",
+            "/dashboard.json?series=10s",
+            "/dashboard.json?series=none",
+        ] {
+            assert_eq!(get_json(ok), 200, "{ok}");
+        }
+        for bad in [
+            "/dashboard.json?series=2s",
+            "/dashboard.json?series=1s&x=1",
+            "/dashboard.json?",
+        ] {
+            assert_eq!(get_json(bad), 400, "{bad}");
+        }
+        let v = super::dashboard::data(&a, crate::traffic::SeriesSpan::None);
+        assert_eq!(v["routes"][0]["name"], "users");
+        assert_eq!(v["snapshot"]["version"], 4);
+        assert_eq!(v["consul"]["stale"], false);
+        let page = respond(&a, &get("/"));
+        assert_eq!(page.status(), 200);
+        assert!(page.headers()[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'"));
     }
 
     #[test]

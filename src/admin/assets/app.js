@@ -89,13 +89,14 @@
     poll();
   });
   $('search').addEventListener('input', () => last && renderRoutes(last));
-  $('span').addEventListener('change', () => last && renderRoutes(last));
+  $('span').addEventListener('change', () => poll());
 
   async function poll() {
     clearTimeout(timer);
     const headers = token ? { Authorization: 'Bearer ' + token } : {};
     try {
-      const resp = await fetch('dashboard.json', { headers, cache: 'no-store' });
+      const series = $('span').value === '10m' ? '10s' : '1s';
+      const resp = await fetch('dashboard.json?series=' + series, { headers, cache: 'no-store' });
       if (resp.status === 401) {
         showLogin(token ? 'The gateway refused this token.' : '');
         return; // Polling resumes when a token is entered.
@@ -173,7 +174,6 @@
 
   function renderRoutes(d) {
     const q = $('search').value.trim().toLowerCase();
-    const tenMinutes = $('span').value === '10m';
     const rows = [];
     const shown = d.routes.filter((r) => matches(r, q));
     const rejected = new Set(d.rejected.map((r) => r.name));
@@ -208,7 +208,7 @@
         el('td', { class: 'num' }, m ? ms(m.p50_ms) : '—'),
         el('td', { class: 'num' }, m ? ms(m.p99_ms) : '—'),
         el('td', {}, canvas)));
-      drawChart(canvas, t ? (tenMinutes ? t.per_10s : t.per_second) : [], tenMinutes ? 60 : 60);
+      drawChart(canvas, t && t.series ? t.series : null, 60);
     }
     $('routes').tBodies[0].replaceChildren(...rows);
     $('route-count').textContent = q ? shown.length + ' of ' + d.routes.length : String(d.routes.length);
@@ -216,7 +216,8 @@
   }
 
   // Bars of requests per second (errors in red on top of the rest) and the p99 as a line.
-  function drawChart(canvas, points, slots) {
+  // `series` holds columns, oldest first; `slots` points fit the width.
+  function drawChart(canvas, series, slots) {
     const ratio = window.devicePixelRatio || 1;
     const w = canvas.width, h = canvas.height;
     canvas.width = w * ratio;
@@ -227,30 +228,34 @@
     g.scale(ratio, ratio);
     g.fillStyle = '#f1f3f6';
     g.fillRect(0, 0, w, h);
-    if (!points.length) return;
-    const perS = (p, n) => (p.span_s > 0 ? n / p.span_s : 0);
-    const top = Math.max(1, ...points.map((p) => perS(p, p.requests)));
+    const n = series ? Math.min(series.requests.length, slots) : 0;
+    if (!n) return;
+    const from = series.requests.length - n;
+    const perS = (i, count) => (series.span_s[i] > 0 ? count / series.span_s[i] : 0);
+    let top = 1;
+    for (let i = from; i < from + n; i++) top = Math.max(top, perS(i, series.requests[i]));
     const bw = w / slots;
-    const offset = slots - points.length;
-    points.forEach((p, i) => {
-      const x = (offset + i) * bw;
-      const all = (perS(p, p.requests) / top) * (h - 2);
-      const bad = (perS(p, p.client_errors + p.server_errors) / top) * (h - 2);
+    const offset = slots - n;
+    for (let k = 0; k < n; k++) {
+      const i = from + k;
+      const x = (offset + k) * bw;
+      const all = (perS(i, series.requests[i]) / top) * (h - 2);
+      const bad = (perS(i, series.client_errors[i] + series.server_errors[i]) / top) * (h - 2);
       g.fillStyle = '#7aa2e3';
       g.fillRect(x, h - all, Math.max(1, bw - 1), all);
       g.fillStyle = '#cf222e';
       g.fillRect(x, h - bad, Math.max(1, bw - 1), bad);
-    });
-    const p99s = points.map((p) => p.p99_ms || 0);
+    }
+    const p99s = series.p99_ms.slice(from).map((v) => v || 0);
     const slow = Math.max(...p99s);
     if (slow > 0) {
       g.strokeStyle = '#b26a00';
       g.lineWidth = 1;
       g.beginPath();
-      p99s.forEach((v, i) => {
-        const x = (offset + i + 0.5) * bw;
+      p99s.forEach((v, k) => {
+        const x = (offset + k + 0.5) * bw;
         const y = h - 1 - (v / slow) * (h - 4);
-        if (i === 0) g.moveTo(x, y); else g.lineTo(x, y);
+        if (k === 0) g.moveTo(x, y); else g.lineTo(x, y);
       });
       g.stroke();
     }
