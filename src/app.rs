@@ -234,6 +234,7 @@ pub async fn start(
             0 => admin::DEFAULT_STALE_AFTER,
             s => Duration::from_secs(s),
         },
+        loopback_only: admin_addr.ip().is_loopback(),
     });
     tasks.push(tokio::spawn(admin::serve(
         listeners.admin,

@@ -61,6 +61,9 @@ pub struct Admin {
     pub traffic: Arc<TrafficHistory>,
     /// Consul data older than this is stale (the dashboard's alarm).
     pub stale_after: Duration,
+    /// The listener is on a loopback address: without a token, requests must name it by a
+    /// loopback IP or `localhost` (see [`host_allowed`]).
+    pub loopback_only: bool,
 }
 
 /// Serves the admin API on `listener` until `shutdown` trips.
@@ -97,6 +100,13 @@ pub fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "the admin API is read-only: use GET",
+        );
+    }
+    if !host_allowed(admin, req) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+            "this admin listener answers only requests addressed to a loopback IP or localhost; set admin.token to reach it by another name",
         );
     }
     let path = req.uri().path();
@@ -142,6 +152,37 @@ pub fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
         },
         _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
     }
+}
+
+/// DNS rebinding: a web page whose own name is made to resolve to 127.0.0.1 could read an
+/// open loopback admin listener from the operator's browser, as its own origin. Such a
+/// request still names the page's domain in `Host`, so a loopback listener without a token
+/// answers only requests that name a loopback IP or `localhost` (what SSH tunnels, curl
+/// and health checkers send). With a token, the token guards it instead.
+fn host_allowed<B>(admin: &Admin, req: &Request<B>) -> bool {
+    if !admin.loopback_only || admin.token.is_some() {
+        return true;
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.host().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                .map(|a| a.host().to_string())
+        });
+    let Some(host) = authority else {
+        // HTTP/1.0 without Host: not a browser.
+        return req.headers().get(header::HOST).is_none();
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn authorized<B>(admin: &Admin, req: &Request<B>) -> bool {
@@ -454,6 +495,7 @@ mod tests {
             consul: None,
             traffic: Arc::default(),
             stale_after: DEFAULT_STALE_AFTER,
+            loopback_only: false,
         }
     }
 
@@ -557,6 +599,64 @@ mod tests {
         let resp = respond(&a, &get("/jwks.json"));
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+    }
+
+    #[test]
+    fn an_open_loopback_listener_answers_only_loopback_names() {
+        fn with_host(a: &Admin, host: &str) -> StatusCode {
+            let req = Request::get("/dashboard.json")
+                .header("host", host)
+                .body(())
+                .unwrap();
+            respond(a, &req).status()
+        }
+        let mut a = admin(None);
+        a.loopback_only = true;
+        for ok in [
+            "127.0.0.1:9901",
+            "localhost:9901",
+            "LOCALHOST",
+            "[::1]:9901",
+            "127.8.9.10",
+        ] {
+            assert_eq!(with_host(&a, ok), 200, "{ok}");
+        }
+        for bad in [
+            "evil.example:9901",
+            "localhost.evil.example",
+            "10.0.0.1:9901",
+            "",
+            "a b",
+        ] {
+            assert_eq!(with_host(&a, bad), 403, "{bad}");
+        }
+        let absolute = Request::get("http://evil.example:9901/routes")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            respond(&a, &absolute).status(),
+            403,
+            "the URI's authority counts"
+        );
+        assert_eq!(
+            respond(&a, &get("/routes")).status(),
+            200,
+            "no Host: not a browser"
+        );
+        a.token = Some(AdminToken::fixed("t"));
+        let req = Request::get("/routes")
+            .header("host", "gw.example:9901")
+            .header("authorization", "Bearer t")
+            .body(())
+            .unwrap();
+        assert_eq!(respond(&a, &req).status(), 200, "with a token, any name");
+        a.token = None;
+        a.loopback_only = false;
+        assert_eq!(
+            with_host(&a, "gw.example:9901"),
+            200,
+            "a listener on the network"
+        );
     }
 
     #[test]
