@@ -319,4 +319,33 @@ mod tests {
         let ids: Vec<_> = got.iter().map(|i| i.id.as_str()).collect();
         assert_eq!(ids, ["n1/web-1", "n1/web-2"]);
     }
+
+    #[test]
+    fn instances_kept_out_are_listed_with_the_checks_that_keep_them_out() {
+        let passing = entry(vec![check("serfHealth", "passing", "")]);
+        let mut critical = entry(vec![
+            check("serfHealth", "passing", ""),
+            check("service:web-2", "critical", "web-2"),
+        ]);
+        critical.service.id = "web-2".into();
+        let mut maintenance = entry(vec![
+            check("_service_maintenance:web-3", "critical", "web-3"),
+            check("service:web-3", "passing", "web-3"),
+        ]);
+        maintenance.service.id = "web-3".into();
+        let entries = [maintenance.clone(), passing, critical.clone(), critical];
+        let out = out_of_service(&entries);
+        let ids: Vec<&str> = out.iter().map(|o| o.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["n1/web-2", "n1/web-3"],
+            "sorted, once each, serving ones left out"
+        );
+        assert_eq!(out[0].health, "critical");
+        assert_eq!(out[0].checks, ["service:web-2 (critical)"]);
+        assert_eq!((out[0].address.as_str(), out[0].port), ("10.0.0.1", 8080));
+        assert_eq!(out[1].health, "maintenance");
+        assert_eq!(out[1].checks, ["_service_maintenance:web-3 (critical)"]);
+        assert_eq!(instances(&entries).len(), 1);
+    }
 }
