@@ -94,8 +94,12 @@ impl RouteMetrics {
     /// Counts one answered request and its duration; `by_gateway`: the gateway answered
     /// itself with an error (refusal, no instance, upstream failure or timeout).
     pub fn record(&self, status: u16, elapsed: std::time::Duration, by_gateway: bool) {
-        self.traffic
-            .record(status, elapsed.as_micros() as u64, by_gateway);
+        // In u64 (as_micros is u128 arithmetic): this runs once per request.
+        let micros = elapsed
+            .as_secs()
+            .saturating_mul(1_000_000)
+            .saturating_add(u64::from(elapsed.subsec_micros()));
+        self.traffic.record(status, micros, by_gateway);
         let slot = STATUS_LABELS
             .iter()
             .position(|(s, _)| *s == status)
