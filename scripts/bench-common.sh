@@ -75,7 +75,8 @@ bench_workdir_cleanup() {
 }
 
 # bench_gateway_config: the part of the gateway's config every benchmark uses (one worker,
-# a pool large enough for 256 connections, quiet logs, no self-registration).
+# a pool large enough for 256 connections, quiet logs, no self-registration). With
+# ACCESS_LOG=1 the access log is on, as in production.
 bench_gateway_config() {
     cat <<'EOF_CONFIG'
 [proxy]
@@ -83,14 +84,24 @@ worker_threads = 1
 pool_max_idle_per_host = 512
 max_connections = 100000
 
-[log]
-level = "warn"
-access_log = false
-
 [registration]
 enabled = false
 
 EOF_CONFIG
+    if [[ "${ACCESS_LOG:-0}" == 1 ]]; then
+        # On stderr, which the scripts send to a file: builds from before the file target
+        # read the same config.
+        printf '[log]\nlevel = "warn,access=info"\naccess_log = true\n'
+    else
+        printf '[log]\nlevel = "warn"\naccess_log = false\n'
+    fi
+}
+
+# bench_nginx_access_log CONF: with ACCESS_LOG=1, turns the access log of an nginx config
+# rendered from the harness's template on, buffered as production nginx runs it.
+bench_nginx_access_log() {
+    [[ "${ACCESS_LOG:-0}" == 1 ]] || return 0
+    sed -i "s#access_log off;#access_log $WORK/nginx-access.log combined buffer=64k flush=1s;#" "$1"
 }
 
 # bench_wait_registry CONSUL_URL: waits up to 10 s for the registry to answer.

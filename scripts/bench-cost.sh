@@ -17,7 +17,9 @@
 #        NGINX (1: also count nginx as a one-worker proxy, the harness's anchor),
 #        FLOOR (1: also count HAProxy in TCP mode, the byte-pipe floor of scripts/bench.sh),
 #        BENCH_DIR (../shared/bench, for the upstreams), ports as in scripts/bench.sh,
-#        DUMPS (a folder to keep the callgrind dumps in, for callgrind_annotate).
+#        DUMPS (a folder to keep the callgrind dumps in, for callgrind_annotate),
+#        ACCESS_LOG (1: access logs on at both sides, to files: Switchyard's default writer,
+#        nginx's `combined` format with `buffer=64k`).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -179,6 +181,7 @@ if [[ "${NGINX:-1}" == 1 ]]; then
     sed -e "s/@WORKERS@/1/; s/@PORT@/$PROXY_PORT/; s/@UPSTREAM1@/$UPSTREAM1_PORT/; s/@UPSTREAM2@/$UPSTREAM2_PORT/" \
         -e "s#@RUNDIR@#$WORK#g; s/@NAME@/nginx-proxy/g" \
         "$BENCH_DIR/conf/proxy.nginx.conf.tmpl" >"$WORK/nginx-proxy.conf"
+    bench_nginx_access_log "$WORK/nginx-proxy.conf"
     count_anchor nginx-1w nginx -e "$WORK/nginx-proxy.error.log" -c "$WORK/nginx-proxy.conf" \
         -g 'daemon off; master_process off;'
 fi

@@ -9,9 +9,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::access_log::{AccessLog, AccessLogSettings, LineFormat};
 use crate::admin::{self, Admin, AdminToken};
 use crate::auth::{AuthSettings, Authenticator};
-use crate::config::{Config, ConsulConsistency};
+use crate::config::{Config, ConsulConsistency, LogFormat, LogSection};
 use crate::consul::watch::{self as consul_watch, CatalogServices};
 use crate::consul::{ClientSettings, Consistency, ConsulClient, ConsulError, WatchOptions};
 use crate::control::Control;
@@ -53,6 +54,8 @@ pub enum AppError {
     AdminToken(#[from] crate::admin::TokenFileError),
     #[error("the configuration has a [tls] section but no TLS listener was given")]
     MissingTlsListener,
+    #[error(transparent)]
+    AccessLog(#[from] crate::access_log::AccessLogError),
 }
 
 /// The listeners the gateway serves on, bound by the caller (tests bind `127.0.0.1:0`).
@@ -379,6 +382,27 @@ fn authenticator(
     Ok(auth)
 }
 
+/// The access log, when `log.access_log` is on and the log filter lets target `access`
+/// through (`RUST_LOG=info,access=off` turns it off, as it did when lines were events).
+fn access_log(log: &LogSection) -> Result<Option<Arc<AccessLog>>, AppError> {
+    // Without a subscriber (the gateway embedded in a test, say) the setting alone decides.
+    let enabled = !tracing::dispatcher::has_been_set()
+        || tracing::enabled!(target: crate::telemetry::ACCESS_TARGET, tracing::Level::INFO);
+    if !log.access_log || !enabled {
+        return Ok(None);
+    }
+    let settings = AccessLogSettings {
+        format: match log.format {
+            LogFormat::Text => LineFormat::Text,
+            LogFormat::Json => LineFormat::Json,
+        },
+        path: (!log.access_log_path.is_empty()).then(|| log.access_log_path.clone().into()),
+        buffer_bytes: log.access_log_buffer_kib * 1024,
+        flush_interval: Duration::from_millis(log.access_log_flush_ms),
+    };
+    Ok(Some(Arc::new(AccessLog::start(settings)?)))
+}
+
 /// Builds the request path: upstream clients and the gateway.
 fn data_plane(
     cfg: &Config,
@@ -398,7 +422,7 @@ fn data_plane(
         edge,
         upstream_tls,
         &cfg.file.proxy,
-        cfg.file.log.access_log,
+        access_log(&cfg.file.log)?,
         crate::trace_context::Sampler::new(cfg.file.tracing.sample_ratio),
     )))
 }

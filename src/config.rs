@@ -293,6 +293,12 @@ pub struct LogSection {
     pub level: String,
     pub format: LogFormat,
     pub access_log: bool,
+    /// A file for the access log (appended to, reopened after rotation); empty: stderr.
+    pub access_log_path: String,
+    /// What each thread may hold for the access-log writer before lines are dropped.
+    pub access_log_buffer_kib: usize,
+    /// The longest an access-log line waits before it is written.
+    pub access_log_flush_ms: u64,
 }
 
 impl Default for LogSection {
@@ -301,6 +307,9 @@ impl Default for LogSection {
             level: "info".into(),
             format: LogFormat::Text,
             access_log: true,
+            access_log_path: String::new(),
+            access_log_buffer_kib: 1024,
+            access_log_flush_ms: 200,
         }
     }
 }
@@ -451,6 +460,18 @@ impl FileConfig {
             }
             s => Some(Duration::from_secs(s)),
         };
+        if !(4..=1 << 20).contains(&self.log.access_log_buffer_kib) {
+            return Err(invalid(
+                "log.access_log_buffer_kib",
+                "must be between 4 and 1048576",
+            ));
+        }
+        if !(1..=60_000).contains(&self.log.access_log_flush_ms) {
+            return Err(invalid(
+                "log.access_log_flush_ms",
+                "must be between 1 and 60000",
+            ));
+        }
         if !(1..=600).contains(&self.consul.wait_s) {
             return Err(invalid("consul.wait_s", "must be between 1 and 600"));
         }

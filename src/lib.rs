@@ -12,6 +12,7 @@
 //! on both sides of the proxy and knows nothing of the gateway; `devregistry` is a
 //! Consul-compatible registry for tests and the quick start; neither imports from here.
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod assertion;

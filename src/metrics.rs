@@ -38,6 +38,7 @@ pub const CONNECTIONS: &str = "switchyard_connections_open";
 pub const RETRY_BUDGET_EXHAUSTED: &str = "switchyard_retry_budget_exhausted_total";
 pub const CIRCUIT_BREAKER_REFUSED: &str = "switchyard_circuit_breaker_refused_total";
 pub const MIRROR_REQUESTS: &str = "switchyard_mirror_requests_total";
+pub const ACCESS_LOG_DROPPED: &str = "switchyard_access_log_dropped_total";
 
 /// Statuses with their own label value; others are counted by class (`2xx`, ...).
 const STATUS_LABELS: [(u16, &str); 17] = [
@@ -261,6 +262,10 @@ fn describe() {
     describe_counter!(
         MIRROR_REQUESTS,
         "Mirrored request copies, by mirror service and result."
+    );
+    describe_counter!(
+        ACCESS_LOG_DROPPED,
+        "Access-log lines dropped because the log target fell behind (a thread's buffer was full)."
     );
     describe_counter!(
         RETRY_BUDGET_EXHAUSTED,

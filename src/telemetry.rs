@@ -1,11 +1,11 @@
 //! Logging: one `tracing` subscriber, text or JSON, filtered by `RUST_LOG` or the config.
-//! Access-log lines are ordinary events on the `access` target, so one filter governs both.
+//! The access log has its own writer (`access_log`), but the same filter turns it off.
 
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// Target of the per-request access-log events.
+/// The target whose filter turns the access log off (`RUST_LOG=info,access=off`).
 pub const ACCESS_TARGET: &str = "access";
 
 /// Installs the global subscriber. `RUST_LOG` wins over `level`. Calling it twice is harmless.

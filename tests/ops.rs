@@ -83,6 +83,67 @@ fn the_prometheus_reader_refuses_malformed_lines() {
     }
 }
 
+// === access log ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_reach_their_file_with_the_request_they_describe() {
+    let reg = registry();
+    let echo = switchyard::devregistry::demo::serve_echo("log-svc", "log-svc-1")
+        .await
+        .unwrap();
+    reg.register_service("log-svc", "log-svc-1", "127.0.0.1", echo.addr.port())
+        .unwrap();
+    reg.kv_put(
+        "switchyard/routes/log-demo",
+        r#"{"service":"log-svc","path_prefix":"/log-demo"}"#,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let mut file = config(&reg.url());
+    file.log.access_log = true;
+    file.log.format = switchyard::config::LogFormat::Json;
+    file.log.access_log_path = path.display().to_string();
+    file.log.access_log_flush_ms = 50;
+    let gw = gateway(file).await;
+    let proxy = gw.proxy_addr();
+    eventually(DEADLINE, "the route serves", || async {
+        let r = http()
+            .get(format!("http://{proxy}/log-demo/ready"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let sent = http()
+        .get(format!("http://{proxy}/log-demo/a%22b?q=1"))
+        .header("x-request-id", "log-test-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 200);
+    let line: Value = eventually(DEADLINE, "the request's line is written", || async {
+        let text = std::fs::read_to_string(&path).ok()?;
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["request_id"] == "log-test-1")
+    })
+    .await;
+    assert_eq!(line["target"], "access");
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/log-demo/a%22b");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["route"], "log-demo");
+    assert_eq!(line["service"], "log-svc");
+    assert!(line["upstream"].as_str().unwrap().ends_with("log-svc-1"));
+    assert_eq!(line["tries"], 1);
+    assert_eq!(line["complete"], true);
+    assert_eq!(line["client_ip"], "127.0.0.1");
+    assert!(line["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(line["bytes"].as_u64().unwrap() > 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_as_prometheus_text_and_counters_move() {
     let reg = registry();

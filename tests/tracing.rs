@@ -4,9 +4,6 @@
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use serde_json::{json, Value};
 use support::{json_of, Env};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,7 +39,6 @@ fn header<'a>(seen: &'a Value, name: &str) -> Option<&'a str> {
 
 #[tokio::test]
 async fn a_valid_traceparent_is_continued_with_the_gateways_span_as_parent() {
-    access_log();
     let env = Env::start("trace-continue", 1, |_| {}).await;
     env.route("h1", "/h1", json!({})).await;
     env.route("h2", "/h2", json!({"upstream_protocol": "http2"}))
@@ -79,7 +75,6 @@ async fn a_valid_traceparent_is_continued_with_the_gateways_span_as_parent() {
 
 #[tokio::test]
 async fn a_missing_malformed_or_repeated_traceparent_is_replaced_by_one_new_trace() {
-    access_log();
     let env = Env::start("trace-replace", 1, |_| {}).await;
     env.route("h1", "/h1", json!({})).await;
     env.route("h2", "/h2", json!({"upstream_protocol": "http2"}))
@@ -149,43 +144,18 @@ async fn a_missing_malformed_or_repeated_traceparent_is_replaced_by_one_new_trac
     env.stop().await;
 }
 
-/// A writer the test's log subscriber appends to.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The access log of every gateway in this test binary, as JSON lines. Installed as the
-/// global subscriber by whichever test comes first (a thread's own default would miss
-/// events whose call sites another test's thread saw first without it).
-fn access_log() -> &'static Captured {
-    static LOG: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
-    LOG.get_or_init(|| {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_env_filter("access=info")
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
-        captured
-    })
-}
-
 #[tokio::test]
 async fn the_access_log_line_carries_the_trace_id() {
-    let captured = access_log();
-    let env = Env::start("trace-log", 1, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let log_path = path.display().to_string();
+    let env = Env::start("trace-log", 1, move |f| {
+        f.log.access_log = true;
+        f.log.format = switchyard::config::LogFormat::Json;
+        f.log.access_log_path = log_path;
+        f.log.access_log_flush_ms = 50;
+    })
+    .await;
     env.route("h1", "/h1", json!({})).await;
     let resp = env
         .get_with("/h1/logged", "traceparent", &client_traceparent("01"))
@@ -198,7 +168,7 @@ async fn the_access_log_line_carries_the_trace_id() {
     assert_eq!(fresh.status(), 404);
     fresh.bytes().await.unwrap();
     let lines = support::eventually(support::DEADLINE, "two access log lines", || {
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
         let lines: Vec<Value> = text
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())

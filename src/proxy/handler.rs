@@ -30,6 +30,7 @@ use super::path;
 use super::retry::Retries;
 use super::upstream::{ClientKey, UpstreamError};
 use super::Gateway;
+use crate::access_log::{AccessLine, AccessLog};
 use crate::assertion::Caller;
 use crate::auth::AuthRejection;
 use crate::balance::breaker::{Admitted, Overflow, ServiceLoad};
@@ -590,7 +591,7 @@ impl Gateway {
         let request_id = ex.request_id.clone();
         let done = Done {
             status: error::recorded_status(&response).as_u16(),
-            access_log: self.settings.access_log,
+            access_log: self.access_log.clone(),
             ex,
         };
         response.body_mut().on_finish(Box::new(done));
@@ -643,7 +644,7 @@ impl Drop for InFlight {
 struct Done {
     ex: RequestRecord,
     status: u16,
-    access_log: bool,
+    access_log: Option<Arc<AccessLog>>,
 }
 
 impl Finish for Done {
@@ -664,23 +665,26 @@ impl Finish for Done {
                 "route" => "", "status" => status_class(self.status), "service" => "")
             .increment(1),
         }
-        if self.access_log {
-            tracing::info!(target: crate::telemetry::ACCESS_TARGET,
-                request_id = ex.request_id.to_str().unwrap_or(""),
-                trace_id = %ex.trace.trace_id_hex(),
-                method = %ex.method,
-                path = ex.path.as_str(),
-                status = self.status,
+        if let Some(log) = &self.access_log {
+            log.write(&AccessLine {
+                request_id: ex.request_id.as_bytes(),
+                trace_id: ex.trace.trace_id_hex().0,
+                method: ex.method.as_str(),
+                path: ex.path.as_str(),
+                status: self.status,
                 route,
                 service,
-                upstream = ex.instance.as_ref().map_or("", |(set, i)| set.endpoints[*i].instance.id.as_str()),
-                tries = ex.tries,
+                upstream: ex
+                    .instance
+                    .as_ref()
+                    .map_or("", |(set, i)| set.endpoints[*i].instance.id.as_str()),
+                tries: ex.tries,
                 bytes,
                 complete,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                client_ip = %ex.client_ip,
-                consumer = ex.consumer.as_deref().unwrap_or(""),
-            );
+                duration: elapsed,
+                client_ip: ex.client_ip,
+                consumer: ex.consumer.as_deref().unwrap_or(""),
+            });
         }
     }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::access_log::AccessLog;
 use crate::auth::Authenticator;
 use crate::config::ProxySection;
 use crate::policy::Edge;
@@ -44,7 +45,6 @@ pub struct ProxySettings {
     pub underscores_in_headers: bool,
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
-    pub access_log: bool,
 }
 
 impl ProxySettings {
@@ -57,7 +57,7 @@ impl ProxySettings {
         }
     }
 
-    pub fn from_config(proxy: &ProxySection, access_log: bool) -> ProxySettings {
+    pub fn from_config(proxy: &ProxySection) -> ProxySettings {
         ProxySettings {
             max_body_bytes: proxy.max_body_bytes,
             max_header_bytes: proxy.max_header_bytes,
@@ -66,7 +66,6 @@ impl ProxySettings {
             underscores_in_headers: proxy.underscores_in_headers,
             idle_timeout: Duration::from_secs(proxy.idle_timeout_s),
             drain_timeout: Duration::from_secs(proxy.drain_timeout_s),
-            access_log,
         }
     }
 }
@@ -80,6 +79,7 @@ pub struct Gateway {
     clients: Arc<upstream::Clients>,
     mirrors: mirror::Mirrors,
     settings: ProxySettings,
+    access_log: Option<Arc<AccessLog>>,
     budget: retry::RetryBudget,
     connections: Arc<Semaphore>,
     /// Which new traces are sampled (`tracing.sample_ratio`).
@@ -93,7 +93,7 @@ impl Gateway {
         edge: Arc<Edge>,
         upstream_tls: Option<UpstreamTls>,
         proxy: &ProxySection,
-        access_log: bool,
+        access_log: Option<Arc<AccessLog>>,
         sampler: Sampler,
     ) -> Gateway {
         let clients = Arc::new(upstream::Clients::new(
@@ -107,7 +107,8 @@ impl Gateway {
             edge,
             mirrors: mirror::Mirrors::new(clients.clone(), proxy.mirror_max_in_flight),
             clients,
-            settings: ProxySettings::from_config(proxy, access_log),
+            settings: ProxySettings::from_config(proxy),
+            access_log,
             budget: retry::RetryBudget::new(proxy.retry_budget_percent),
             connections: Arc::new(Semaphore::new(proxy.max_connections.max(1))),
             sampler,

@@ -282,6 +282,8 @@ pub fn test_config(consul_url: &str, kv_prefix: &str) -> FileConfig {
     file.proxy.listen = "127.0.0.1:0".into();
     file.admin.listen = "127.0.0.1:0".into();
     file.registration.enabled = false;
+    // Lines on stderr would drown the test output; tests/ops.rs logs to a file.
+    file.log.access_log = false;
     file
 }
 
