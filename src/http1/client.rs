@@ -691,6 +691,7 @@ pub async fn exchange<S: Stream>(
         state,
         keep_alive: keep_alive && !upgraded && upload.is_none(),
         upload,
+        waited: false,
     };
     let mut response = Response::new(body);
     *response.status_mut() = head.status;
@@ -750,6 +751,8 @@ pub struct ResponseBody<S> {
     /// while the answer is read (the instance may be waiting for it), and the connection
     /// is closed after.
     upload: Option<Box<Outgoing<S>>>,
+    /// The body had to wait for the socket once already (see `acknowledge_now`).
+    waited: bool,
 }
 
 impl<S: Stream> ResponseBody<S> {
@@ -797,7 +800,15 @@ impl<S: Stream> ResponseBody<S> {
         let Some(conn) = self.conn.as_mut() else {
             return Poll::Ready(None);
         };
-        let frame = ready!(self.state.poll_frame(&mut **conn, cx));
+        let Poll::Ready(frame) = self.state.poll_frame(&mut **conn, cx) else {
+            // The head came without the rest of the answer: an instance under Nagle
+            // waits for our ACK before it sends more, so it goes out now, once.
+            if !self.waited {
+                self.waited = true;
+                conn.io.acknowledge_now();
+            }
+            return Poll::Pending;
+        };
         Poll::Ready(frame.map(|r| r.map_err(H1Error::from)))
     }
 }

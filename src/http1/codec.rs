@@ -538,6 +538,7 @@ pub(super) fn field_span(field: &httparse::Header<'_>, base: usize) -> FieldSpan
 
 /// The fields of a head as a map whose values share the head's bytes, but for those whose
 /// bit (by position) is set in `skip`; `room` more fields fit without growing.
+#[inline]
 pub(super) fn field_map(
     head: &Bytes,
     spans: &[FieldSpan],

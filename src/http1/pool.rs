@@ -33,16 +33,21 @@ pub struct PoolKey {
 }
 
 impl std::hash::Hash for PoolKey {
-    /// The address in one write rather than `Authority`'s byte at a time, lower-cased
-    /// like its (case-insensitive) equality; an address is short.
+    /// The address's length and its first and last eight bytes with the ASCII case bit
+    /// set, rather than `Authority`'s byte at a time: equal up to case (as its equality
+    /// is) hashes alike, and the port at the end tells instances of one host apart.
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let mut lower = [0u8; 64];
-        for chunk in self.authority.as_str().as_bytes().chunks(lower.len()) {
-            let lower = &mut lower[..chunk.len()];
-            lower.copy_from_slice(chunk);
-            lower.make_ascii_lowercase();
-            state.write(lower);
-        }
+        const CASE: u64 = 0x2020_2020_2020_2020;
+        let bytes = self.authority.as_str().as_bytes();
+        let word = |part: &[u8]| {
+            let mut eight = [0u8; 8];
+            eight[..part.len()].copy_from_slice(part);
+            u64::from_le_bytes(eight) | CASE
+        };
+        let n = bytes.len();
+        state.write_usize(n);
+        state.write_u64(word(&bytes[..n.min(8)]));
+        state.write_u64(word(&bytes[n.saturating_sub(8)..]));
         self.tls_service.hash(state);
     }
 }
@@ -445,6 +450,16 @@ mod tests {
         };
         assert_eq!(a, b);
         assert_eq!(state.hash_one(&a), state.hash_one(&b));
+        let short = |text: &str| PoolKey {
+            authority: text.parse().unwrap(),
+            tls_service: None,
+        };
+        assert_eq!(short("Ab:1"), short("aB:1"));
+        assert_eq!(state.hash_one(&short("Ab:1")), state.hash_one(&short("aB:1")));
+        assert_ne!(
+            state.hash_one(&short("10.0.0.1:8080")),
+            state.hash_one(&short("10.0.0.1:8081"))
+        );
     }
 
     #[tokio::test]
