@@ -11,7 +11,9 @@
 #        gateway to measure instead of a fresh release build, e.g. scripts/build-pgo.sh's),
 #        FLOOR (1: also measure HAProxy in TCP mode, a byte pipe per client connection that
 #        does no HTTP work: the least CPU any proxy can spend per request on this kernel),
-#        FLOOR_PORT (18095).
+#        FLOOR_PORT (18095), ACCESS_LOG (1: access logs on: Switchyard's, and an nginx with
+#        `access_log ... buffer=64k` on NGINX_LOG_PORT, 18096, which the target is stated
+#        against).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -55,6 +57,19 @@ routes=$( (curl -sf "http://127.0.0.1:$ADMIN_PORT/upstreams" || true) | grep -o 
 [[ "$routes" -ge 2 ]] || say "warning: the gateway does not list both upstreams yet"
 
 targets=("switchyard=127.0.0.1:$PROXY_PORT@$GW_PID")
+if [[ "${ACCESS_LOG:-0}" == 1 ]]; then
+    # nginx with its access log on, buffered as in production (the harness's nginx-1w
+    # keeps its log off): Switchyard's line is compared with this one.
+    NGINX_LOG_PORT="${NGINX_LOG_PORT:-18096}"
+    sed -e "s/@WORKERS@/1/; s/@PORT@/$NGINX_LOG_PORT/; s/@UPSTREAM1@/$UPSTREAM1_PORT/; s/@UPSTREAM2@/$UPSTREAM2_PORT/" \
+        -e "s#@RUNDIR@#$WORK#g; s/@NAME@/nginx-log/g" \
+        "$BENCH_DIR/conf/proxy.nginx.conf.tmpl" >"$WORK/nginx-log.conf"
+    bench_nginx_access_log "$WORK/nginx-log.conf"
+    say "starting nginx with its access log on 127.0.0.1:$NGINX_LOG_PORT (1 worker, CPU 1)"
+    taskset -c 1 nginx -e "$WORK/nginx-log.error.log" -p "$WORK" -c "$WORK/nginx-log.conf" -g 'daemon off;' &
+    PIDS+=($!)
+    targets+=("nginx-log=127.0.0.1:$NGINX_LOG_PORT@$!")
+fi
 if [[ "${FLOOR:-0}" == 1 ]]; then
     FLOOR_PORT="${FLOOR_PORT:-18095}"
     bench_floor_config "$FLOOR_PORT" >"$WORK/l4-floor.cfg"
@@ -74,16 +89,16 @@ fi
 
 # The issue's target, stated against this run: req/s >= 1.10x nginx-1w with p99 <= nginx-1w.
 awk '
-    $1 == "nginx-1w" && $2 ~ /^c[0-9]+$/   { nrps[$2] = $3; np99[$2] = $5 }
+    $1 == anchor && $2 ~ /^c[0-9]+$/       { nrps[$2] = $3; np99[$2] = $5 }
     $1 == "switchyard" && $2 ~ /^c[0-9]+$/ { srps[$2] = $3; sp99[$2] = $5; order[++n] = $2 }
-    $1 == "nginx-1w" && NF == 4            { ncpu = $4 }
+    $1 == anchor && NF == 4                { ncpu = $4 }
     $1 == "switchyard" && NF == 4          { scpu = $4 }
     $1 == "l4-floor" && $2 ~ /^c[0-9]+$/   { frps[$2] = $3; fp99[$2] = $5 }
     $1 == "l4-floor" && NF == 4            { fcpu = $4 }
     END {
         if (n == 0) exit
         print ""
-        print "switchyard vs nginx-1w (target: req/s >= 1.10x with p99 <= nginx)"
+        print "switchyard vs " anchor " (target: req/s >= 1.10x with p99 <= nginx)"
         for (i = 1; i <= n; i++) {
             c = order[i]
             if (!(c in nrps) || nrps[c] == 0) continue
@@ -93,11 +108,11 @@ awk '
         }
         if (ncpu > 0) printf "  cpu_us_per_req %.2fx\n", scpu / ncpu
         if (length(frps) == 0) exit
-        print "l4-floor (a byte pipe, no HTTP work) vs nginx-1w"
+        print "l4-floor (a byte pipe, no HTTP work) vs " anchor
         for (i = 1; i <= n; i++) {
             c = order[i]
             if (!(c in nrps) || nrps[c] == 0) continue
             printf "  %-5s req/s %.2fx   p99 %s vs %s ms\n", c, frps[c] / nrps[c], fp99[c], np99[c]
         }
         if (ncpu > 0) printf "  cpu_us_per_req %.2fx\n", fcpu / ncpu
-    }' "$OUT" | tee -a "$OUT"
+    }' anchor="$([[ "${ACCESS_LOG:-0}" == 1 ]] && echo nginx-log || echo nginx-1w)" "$OUT" | tee -a "$OUT"
