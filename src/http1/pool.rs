@@ -455,13 +455,10 @@ mod tests {
             tls_service: None,
         };
         assert_eq!(short("Ab:1"), short("aB:1"));
-        assert_eq!(
-            state.hash_one(&short("Ab:1")),
-            state.hash_one(&short("aB:1"))
-        );
+        assert_eq!(state.hash_one(short("Ab:1")), state.hash_one(short("aB:1")));
         assert_ne!(
-            state.hash_one(&short("10.0.0.1:8080")),
-            state.hash_one(&short("10.0.0.1:8081"))
+            state.hash_one(short("10.0.0.1:8080")),
+            state.hash_one(short("10.0.0.1:8081"))
         );
     }
 
