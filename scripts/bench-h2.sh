@@ -10,7 +10,9 @@
 # Usage: scripts/bench-h2.sh [--quick]   (--quick: 3 s, 1 rep; default ~4 min)
 # Env:   BIN (a built gateway instead of a fresh release build), DURATION (8), REPS (3),
 #        CLIENTS (connections, 16), BENCH_DIR, ports as in bench-common.sh plus
-#        TLS_PORT (18443), NGINX_PORT (18090), NGINX_TLS_PORT (18453).
+#        TLS_PORT (18443), NGINX_PORT (18090, HTTP/1.1), NGINX_H2C_PORT (18091),
+#        NGINX_TLS_PORT (18453). nginx 1.22 (Debian 12) takes `http2` on `listen`, and its
+#        h2c listener speaks nothing else, hence a port of its own.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,6 +25,7 @@ fi
 TLS_PORT="${TLS_PORT:-18443}"
 NGINX_PORT="${NGINX_PORT:-18090}"
 NGINX_TLS_PORT="${NGINX_TLS_PORT:-18453}"
+NGINX_H2C_PORT="${NGINX_H2C_PORT:-18091}"
 
 # shellcheck source=scripts/bench-common.sh
 source "$ROOT/scripts/bench-common.sh"
@@ -44,19 +47,19 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
     -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
     -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
 
-# nginx: the harness's proxy template, its listener speaking h2c, plus a TLS listener.
+# nginx: the harness's proxy template plus an h2c listener and a TLS one.
 render "$BENCH_DIR/conf/proxy.nginx.conf.tmpl" "$WORK/nginx.conf" \
     PORT="$NGINX_PORT" WORKERS=1 RUNDIR="$WORK" NAME=nginx \
     UPSTREAM1="$UPSTREAM1_PORT" UPSTREAM2="$UPSTREAM2_PORT"
-python3 - "$WORK/nginx.conf" "$NGINX_PORT" "$NGINX_TLS_PORT" "$WORK" <<'PY'
+python3 - "$WORK/nginx.conf" "$NGINX_PORT" "$NGINX_TLS_PORT" "$WORK" "$NGINX_H2C_PORT" <<'PY'
 import sys
-path, port, tls_port, work = sys.argv[1:]
+path, port, tls_port, work, h2c_port = sys.argv[1:]
 text = open(path).read()
 listen = f"listen 127.0.0.1:{port} backlog=4096;"
 assert listen in text
 text = text.replace(listen, f"""{listen}
-        listen 127.0.0.1:{tls_port} ssl backlog=4096;
-        http2 on;
+        listen 127.0.0.1:{h2c_port} http2 backlog=4096;
+        listen 127.0.0.1:{tls_port} ssl http2 backlog=4096;
         ssl_certificate {work}/cert.pem;
         ssl_certificate_key {work}/key.pem;
         ssl_protocols TLSv1.3;
@@ -67,6 +70,9 @@ PY
 start_bg nginx 1 nginx -e "$WORK/nginx.error.log" -p "$WORK" -c "$WORK/nginx.conf" -g 'daemon off;'
 NGINX_PID=$LAST_PID
 wait_ready "127.0.0.1:$NGINX_PORT" 10 || die "nginx did not start (see $WORK/nginx.error.log)"
+# The worker does the work (the master only waits).
+NGINX_PID=$(pgrep -P "$NGINX_PID" nginx | head -n 1)
+[[ -n $NGINX_PID ]] || die "no nginx worker"
 
 CONSUL="http://127.0.0.1:$REGISTRY_PORT"
 port_free "$REGISTRY_PORT" || die "port $REGISTRY_PORT already in use"
@@ -132,7 +138,7 @@ declare -A R
 for rep in $(seq "$REPS"); do
     for c in "${CASES[@]}"; do
         IFS='|' read -r name fmt m kind <<<"$c"
-        if [[ $kind == tls ]]; then np=$NGINX_TLS_PORT sp=$TLS_PORT; else np=$NGINX_PORT sp=$PROXY_PORT; fi
+        if [[ $kind == tls ]]; then np=$NGINX_TLS_PORT sp=$TLS_PORT; else np=$NGINX_H2C_PORT sp=$PROXY_PORT; fi
         # shellcheck disable=SC2059
         R[nginx-1w $name]+="$(one "$(printf "$fmt" "$np")" "$m" "$NGINX_PID")"$'\n'
         # shellcheck disable=SC2059
