@@ -38,6 +38,8 @@ HZ=$(getconf CLK_TCK)
 mkdir -p "$SHM/files" "$SHM/tmp"
 head -c $((1 << 20)) /dev/urandom >"$SHM/files/1m"
 head -c $((100 << 20)) /dev/urandom >"$SHM/files/100m"
+# nginx workers run as an unprivileged user.
+chmod 755 "$SHM" "$SHM/files" && chmod 644 "$SHM"/files/* && chmod 1777 "$SHM/tmp"
 
 cat >"$WORK/origin.conf" <<CONF
 worker_processes 1;
@@ -59,12 +61,19 @@ http {
 CONF
 port_free "$UPSTREAM1_PORT" || die "port $UPSTREAM1_PORT already in use"
 start_bg origin 0 nginx -e "$WORK/origin.error.log" -p "$WORK" -c "$WORK/origin.conf" -g 'daemon off;'
-for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$UPSTREAM1_PORT/files/1m" && break; sleep 0.1; done
+ok=""
+for _ in $(seq 100); do
+    curl -sf -o /dev/null "http://127.0.0.1:$UPSTREAM1_PORT/files/1m" && { ok=1; break; }
+    sleep 0.1
+done
+[[ -n $ok ]] || die "the origin does not serve /files/1m (see $WORK/origin.error.log)"
 
 render "$BENCH_DIR/conf/proxy.nginx.conf.tmpl" "$WORK/nginx.conf" \
     PORT="$NGINX_PORT" WORKERS=1 RUNDIR="$WORK" NAME=nginx \
     UPSTREAM1="$UPSTREAM1_PORT" UPSTREAM2="$UPSTREAM1_PORT"
-sed -i 's/    access_log off;/    access_log off;\n    client_max_body_size 200m;/' "$WORK/nginx.conf"
+# Its temporary files (large bodies are buffered) where its unprivileged worker may write.
+sed -i -e 's/    access_log off;/    access_log off;\n    client_max_body_size 200m;/' \
+    -e "s#$WORK/nginx\.\(body\|proxy\)#$SHM/tmp/nginx.\1#" "$WORK/nginx.conf"
 start_bg nginx 1 nginx -e "$WORK/nginx.error.log" -p "$WORK" -c "$WORK/nginx.conf" -g 'daemon off;'
 NGINX_MASTER=$LAST_PID
 

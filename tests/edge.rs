@@ -968,3 +968,39 @@ async fn request_trailers_never_reach_the_upstream() {
     assert!(!received.contains("admin2"), "{received}");
     env.stop().await;
 }
+
+#[tokio::test]
+async fn an_answer_that_comes_before_the_request_body_is_through_still_reaches_the_client() {
+    // The instance answers on the head alone; the gateway must not reset the connection
+    // under a client that is still sending a body too large to drain, or the client may
+    // never read the answer (as curl failed here: "Failed sending data to the peer").
+    let (env, _raw) = raw_env().await;
+    let size = 4 << 20;
+    let s = TcpStream::connect(env.gw.app.proxy_addr()).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let head = format!("POST /r/early HTTP/1.1\r\nHost: t\r\nContent-Length: {size}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut sent = 0;
+        while sent < size {
+            wr.write_all(&chunk).await?;
+            sent += chunk.len();
+        }
+        Ok::<usize, std::io::Error>(sent)
+    });
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, rd.read_to_end(&mut answer)).await;
+    assert!(
+        matches!(read, Ok(Ok(_))),
+        "the answer is read to a clean end: {read:?}"
+    );
+    let answers = answers(&answer, false);
+    assert_eq!(answers.len(), 1, "{:?}", String::from_utf8_lossy(&answer));
+    assert_eq!(answers[0].status, 200);
+    let sent = tokio::time::timeout(DEADLINE, writer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sent.unwrap(), size, "the whole body could be sent");
+}

@@ -133,6 +133,13 @@ const COALESCE: usize = 16 * 1024;
 const DRAIN_BYTES: u64 = 256 * 1024;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
+/// How long a connection that closes with a request body unread keeps reading (and
+/// dropping) what the client still sends, and how long it waits for each read: closing
+/// with unread bytes would reset the connection, and the client, still sending, could lose
+/// the answer before reading it. nginx's lingering close does the same (30 s and 5 s there).
+const LINGER_TIME: Duration = Duration::from_secs(10);
+const LINGER_IDLE: Duration = Duration::from_secs(2);
+
 /// The bytes received from the client and not consumed yet, with the socket they came
 /// from.
 struct Reader {
@@ -309,7 +316,11 @@ pub async fn serve<S: Service>(
         let written = conn.write_answer(answered.reply, answered.answer_framing, may_switch);
         match written.await {
             AfterAnswer::NextRequest => {}
-            AfterAnswer::Close => break,
+            AfterAnswer::Close => {
+                // A request body given back unread is lingered over below.
+                conn.side = conn.side.take().or(back);
+                break;
+            }
             AfterAnswer::Switch => {
                 conn.hand_over(answered.upgrade);
                 return;
@@ -320,6 +331,27 @@ pub async fn serve<S: Service>(
         }
     }
     let _ = conn.write.shutdown().await;
+    if let Some(side) = conn.side.as_mut().filter(|s| !s.broken && !s.body.is_end()) {
+        Box::pin(linger(&mut side.reader.io)).await;
+    }
+}
+
+/// Reads and drops what the client sends until it stops, for at most [`LINGER_TIME`]
+/// (the answer is out and the write side shut).
+async fn linger(read: &mut ClientRead) {
+    use tokio::io::AsyncReadExt;
+    let until = Instant::now() + LINGER_TIME;
+    let mut sink = vec![0u8; 16 * 1024];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        match tokio::time::timeout(left.min(LINGER_IDLE), read.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+    }
 }
 
 /// One client connection between requests.
@@ -515,11 +547,10 @@ impl<S: Service> Connection<S> {
         let Some(mut back) = back else {
             return false;
         };
-        if back.broken || (!back.body.is_end() && !drain(&mut back).await) {
-            return false;
-        }
+        let usable = !back.broken && (back.body.is_end() || drain(&mut back).await);
+        // Kept either way: a body left unread is lingered over before the close.
         self.side = Some(back);
-        true
+        usable
     }
 
     /// After a `101`: the connection, with the bytes read past the head, goes to whoever
