@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Large bodies through Switchyard and nginx, side by side in one run: 1 MiB and 100 MiB
-# downloads and uploads to one loopback nginx origin (files on /dev/shm; uploads answered
-# by the origin after it has read and discarded them), each proxy one worker pinned to
+# downloads and uploads (PUT) to one loopback nginx origin (files on /dev/shm; an upload
+# is written whole to /dev/shm before it is answered), each proxy one worker pinned to
 # CPU 1, clients on CPU 0. nginx runs with its defaults but the body size limit (so it
 # buffers large bodies to temporary files, as it does in production); Switchyard streams
 # both ways. Then memory: 100 concurrent 100 MiB downloads and 100 concurrent 100 MiB
@@ -35,11 +35,11 @@ bench_rundir
 WORK="$BENCH_RUNDIR"
 SHM=$(mktemp -d /dev/shm/switchyard-bodies.XXXXXX)
 HZ=$(getconf CLK_TCK)
-mkdir -p "$SHM/files" "$SHM/tmp"
+mkdir -p "$SHM/files" "$SHM/tmp" "$SHM/upload"
 head -c $((1 << 20)) /dev/urandom >"$SHM/files/1m"
 head -c $((100 << 20)) /dev/urandom >"$SHM/files/100m"
 # nginx workers run as an unprivileged user.
-chmod 755 "$SHM" "$SHM/files" && chmod 644 "$SHM"/files/* && chmod 1777 "$SHM/tmp"
+chmod 755 "$SHM" "$SHM/files" && chmod 644 "$SHM"/files/* && chmod 1777 "$SHM/tmp" "$SHM/upload"
 
 cat >"$WORK/origin.conf" <<CONF
 worker_processes 1;
@@ -55,7 +55,8 @@ http {
         listen 127.0.0.1:$UPSTREAM1_PORT backlog=4096;
         root $SHM;
         location /files/ { }
-        location /upload { return 200 "ok\n"; }
+        # An upload is read whole (into a file on /dev/shm) before it is answered.
+        location /upload/ { dav_methods PUT; create_full_put_path on; }
     }
 }
 CONF
@@ -114,7 +115,7 @@ if kind == "down":
            f"http://127.0.0.1:{port}/files/{size}"]
 else:
     cmd = ["taskset", "-c", "0", "curl", "-sf", "-o", "/dev/null", "-w", "%{size_upload}",
-           "-H", "Expect:", "--data-binary", f"@{shm}/files/{size}", f"http://127.0.0.1:{port}/upload"]
+           "-H", "Expect:", "-T", f"{shm}/files/{size}", f"http://127.0.0.1:{port}/upload/{size}"]
 expected = (1 << 20) if size == "1m" else (100 << 20)
 start = time.monotonic()
 running, done = [], 0
