@@ -8,6 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue, Method, Uri};
 use switchyard::assertion::{Caller, Signer};
 use switchyard::policy::Edge;
@@ -77,6 +78,8 @@ fn main() {
     let start = Instant::now();
     for _ in 0..iterations {
         edge.limit_rate(&full.policy, &mut adm, None, &headers)
+            .now_or_never()
+            .expect("a local limit decides without waiting")
             .unwrap();
     }
     println!(
@@ -91,6 +94,8 @@ fn main() {
         let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
         adm.client_ip = Some(ip);
         edge.limit_rate(&full.policy, &mut adm, None, &headers)
+            .now_or_never()
+            .expect("a local limit decides without waiting")
             .unwrap();
     }
     let took = start.elapsed();

@@ -17,7 +17,7 @@ use crate::consul::watch::{self as consul_watch, CatalogServices};
 use crate::consul::{ClientSettings, Consistency, ConsulClient, ConsulError, WatchOptions};
 use crate::control::Control;
 use crate::discovery::watcher::HealthWatcher;
-use crate::policy::Edge;
+use crate::policy::{Edge, SharedLimits};
 use crate::proxy::{self, Gateway};
 use crate::registration::{self, Registered};
 use crate::routing::kv;
@@ -46,6 +46,8 @@ pub enum AppError {
     Assertion(#[from] crate::assertion::AssertionError),
     #[error("auth: {0}")]
     Auth(String),
+    #[error("rate_limit: {0}")]
+    RateLimitStore(String),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
@@ -204,8 +206,16 @@ pub async fn start(
         let (client, shutdown) = (client.clone(), shutdown.clone());
         async move { client.upkeep(shutdown.wait()).await }
     }));
-    let edge = Arc::new(Edge::from_config(&cfg.file)?);
+    let mut edge = Edge::from_config(&cfg.file)?;
+    if let Some(target) = &cfg.redis {
+        edge = edge.with_shared_limits(
+            SharedLimits::new(target, &cfg.file.rate_limit)
+                .map_err(|e| AppError::RateLimitStore(e.to_string()))?,
+        );
+    }
+    let edge = Arc::new(edge);
     tasks.push(edge.spawn_sweeper(shutdown.clone()));
+    tasks.extend(edge.spawn_store_probe(shutdown.clone()));
 
     let options = WatchOptions::for_client(
         "routes",
@@ -238,6 +248,7 @@ pub async fn start(
             s => Duration::from_secs(s),
         },
         loopback_only: admin_addr.ip().is_loopback(),
+        edge: Some(edge.clone()),
     });
     tasks.push(tokio::spawn(admin::serve(
         listeners.admin,
@@ -300,6 +311,7 @@ pub async fn start(
             kv_prefix: cfg.file.consul.kv_prefix.clone(),
             state_file: cfg.file.consul.state_file.clone(),
             fabio: cfg.file.fabio.enabled,
+            shared_limits: cfg.redis.is_some(),
         },
         state.clone(),
         control.clone(),

@@ -54,6 +54,7 @@ pub struct FileConfig {
     pub assertion: Option<AssertionSection>,
     pub auth: AuthSection,
     pub tracing: TracingSection,
+    pub rate_limit: RateLimitSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -395,6 +396,245 @@ fn default_assertion_issuer() -> String {
     "switchyard".into()
 }
 
+/// Where cluster-scope rate limits keep their buckets, and what happens when it fails.
+/// Routes with `rate_limit.scope = "cluster"` need one of `redis_url`, `redis_cluster_nodes`
+/// or `redis_sentinel_nodes`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitSection {
+    /// One Redis server: `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
+    pub redis_url: Option<String>,
+    /// Seed nodes of a Redis Cluster (`redis://` or `rediss://` URLs).
+    pub redis_cluster_nodes: Vec<String>,
+    /// Sentinels that name the master of `redis_sentinel_master`.
+    pub redis_sentinel_nodes: Vec<String>,
+    pub redis_sentinel_master: Option<String>,
+    /// Longest a decision waits on Redis before it falls back, in milliseconds.
+    pub budget_ms: u64,
+    /// What decides while Redis is slow or down: `local` (this gateway's own bucket),
+    /// `allow` or `deny`.
+    pub on_store_error: StoreErrorPolicy,
+    /// Tokens a gateway may take from a key's shared allowance at once and spend without
+    /// asking Redis (0: ask Redis for every request).
+    pub lease: u32,
+    /// Prefix of every Redis key the gateway writes.
+    pub key_prefix: String,
+    /// How often Redis is pinged to learn it answers again (and that it still does).
+    pub probe_interval_ms: u64,
+}
+
+impl Default for RateLimitSection {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            redis_cluster_nodes: Vec::new(),
+            redis_sentinel_nodes: Vec::new(),
+            redis_sentinel_master: None,
+            budget_ms: 5,
+            on_store_error: StoreErrorPolicy::Local,
+            lease: 0,
+            key_prefix: "switchyard:rl:".into(),
+            probe_interval_ms: 500,
+        }
+    }
+}
+
+/// `[rate_limit] on_store_error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreErrorPolicy {
+    Local,
+    Allow,
+    Deny,
+}
+
+impl StoreErrorPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreErrorPolicy::Local => "local",
+            StoreErrorPolicy::Allow => "allow",
+            StoreErrorPolicy::Deny => "deny",
+        }
+    }
+}
+
+/// The Redis deployment `[rate_limit]` names, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    Single(String),
+    Cluster(Vec<String>),
+    Sentinel { nodes: Vec<String>, master: String },
+}
+
+impl RedisTarget {
+    /// `single`, `cluster` or `sentinel`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RedisTarget::Single(_) => "single",
+            RedisTarget::Cluster(_) => "cluster",
+            RedisTarget::Sentinel { .. } => "sentinel",
+        }
+    }
+
+    /// The URLs, each without user name or password (for logs and the admin view).
+    pub fn redacted_urls(&self) -> Vec<String> {
+        let urls: &[String] = match self {
+            RedisTarget::Single(u) => std::slice::from_ref(u),
+            RedisTarget::Cluster(n) | RedisTarget::Sentinel { nodes: n, .. } => n,
+        };
+        urls.iter().map(|u| redact_url(u)).collect()
+    }
+}
+
+/// `url` without its user name and password.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Err(_) => "<not a URL>".into(),
+    }
+}
+
+/// Largest `[rate_limit] lease`; beyond, the overshoot bound stops meaning much.
+pub const MAX_LEASE: u32 = 10_000;
+
+impl RateLimitSection {
+    /// The Redis deployment named, if any; exactly one of the three kinds may be set.
+    pub fn redis_target(&self) -> Result<Option<RedisTarget>, ConfigError> {
+        let sentinel_set =
+            !self.redis_sentinel_nodes.is_empty() || self.redis_sentinel_master.is_some();
+        let set = [
+            self.redis_url.is_some(),
+            !self.redis_cluster_nodes.is_empty(),
+            sentinel_set,
+        ];
+        if set.iter().filter(|s| **s).count() > 1 {
+            return Err(invalid(
+                "rate_limit.redis_url",
+                "set one of redis_url, redis_cluster_nodes or redis_sentinel_nodes",
+            ));
+        }
+        if let Some(u) = &self.redis_url {
+            return Ok(Some(RedisTarget::Single(redis_url(
+                "rate_limit.redis_url",
+                u,
+            )?)));
+        }
+        if !self.redis_cluster_nodes.is_empty() {
+            let nodes = redis_urls("rate_limit.redis_cluster_nodes", &self.redis_cluster_nodes)?;
+            return Ok(Some(RedisTarget::Cluster(nodes)));
+        }
+        if sentinel_set {
+            if self.redis_sentinel_nodes.is_empty() {
+                return Err(invalid(
+                    "rate_limit.redis_sentinel_nodes",
+                    "redis_sentinel_master needs the sentinels that know it",
+                ));
+            }
+            let nodes = redis_urls(
+                "rate_limit.redis_sentinel_nodes",
+                &self.redis_sentinel_nodes,
+            )?;
+            let master = match self.redis_sentinel_master.as_deref().map(str::trim) {
+                Some(m) if !m.is_empty() && !m.chars().any(|c| c.is_whitespace()) => m.to_string(),
+                _ => {
+                    return Err(invalid(
+                        "rate_limit.redis_sentinel_master",
+                        "the sentinels need the master's name (e.g. `mymaster`)",
+                    ))
+                }
+            };
+            return Ok(Some(RedisTarget::Sentinel { nodes, master }));
+        }
+        Ok(None)
+    }
+
+    fn check(&self) -> Result<Option<RedisTarget>, ConfigError> {
+        let target = self.redis_target()?;
+        if !(1..=1000).contains(&self.budget_ms) {
+            return Err(invalid(
+                "rate_limit.budget_ms",
+                "must be between 1 and 1000",
+            ));
+        }
+        if !(10..=60_000).contains(&self.probe_interval_ms) {
+            return Err(invalid(
+                "rate_limit.probe_interval_ms",
+                "must be between 10 and 60000",
+            ));
+        }
+        if self.lease > MAX_LEASE {
+            return Err(invalid(
+                "rate_limit.lease",
+                format!("must be at most {MAX_LEASE}"),
+            ));
+        }
+        let p = &self.key_prefix;
+        if p.is_empty()
+            || p.len() > 64
+            || p.contains(['{', '}'])
+            || p.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(invalid(
+                "rate_limit.key_prefix",
+                "1 to 64 printable characters without spaces, `{` or `}` (the gateway adds the hash tag)",
+            ));
+        }
+        Ok(target)
+    }
+}
+
+fn redis_urls(field: &'static str, list: &[String]) -> Result<Vec<String>, ConfigError> {
+    let mut out: Vec<String> = Vec::with_capacity(list.len());
+    for u in list {
+        let u = redis_url(field, u)?;
+        if out.contains(&u) {
+            return Err(invalid(
+                field,
+                format!("`{}` is listed twice", redact_url(&u)),
+            ));
+        }
+        out.push(u);
+    }
+    Ok(out)
+}
+
+/// A `redis://` or `rediss://` URL with a host; errors never echo the password.
+fn redis_url(field: &'static str, value: &str) -> Result<String, ConfigError> {
+    let value = value.trim();
+    let url = url::Url::parse(value)
+        .map_err(|e| invalid(field, format!("not a URL ({e}); use redis://host:port")))?;
+    match url.scheme() {
+        "redis" | "rediss" => {}
+        other => {
+            return Err(invalid(
+                field,
+                format!("unsupported scheme `{other}`; use redis:// or rediss:// (TLS)"),
+            ))
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(
+            field,
+            format!("`{}` has no host", redact_url(value)),
+        ));
+    }
+    let path = url.path().trim_start_matches('/');
+    if !path.is_empty() && path.parse::<u16>().is_err() {
+        return Err(invalid(
+            field,
+            format!(
+                "`{}`: the path must be a database number",
+                redact_url(value)
+            ),
+        ));
+    }
+    Ok(value.to_string())
+}
+
 /// The validated runtime configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -412,6 +652,8 @@ pub struct Config {
     pub tls_listen: Option<SocketAddr>,
     pub redirect_listen: Option<SocketAddr>,
     pub wait: Duration,
+    /// Where cluster-scope rate limits live (`[rate_limit]`); `None`: only local scope.
+    pub redis: Option<RedisTarget>,
 }
 
 impl FileConfig {
@@ -589,6 +831,7 @@ impl FileConfig {
         if self.log.level.trim().is_empty() {
             return Err(invalid("log.level", "must not be empty"));
         }
+        let redis = self.rate_limit.check()?;
         let wait = Duration::from_secs(self.consul.wait_s);
         Ok(Config {
             file: self,
@@ -602,6 +845,7 @@ impl FileConfig {
             tls_listen,
             redirect_listen,
             wait,
+            redis,
         })
     }
 }
@@ -790,6 +1034,76 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.to_string().contains("auth.realm"), "{err}");
+    }
+
+    #[test]
+    fn rate_limit_stores_are_checked_and_never_echo_a_password() {
+        let parse = |text: &str| FileConfig::parse(text).unwrap().validate();
+        let cfg = parse("").unwrap();
+        assert_eq!(cfg.redis, None);
+        assert_eq!(cfg.file.rate_limit.budget_ms, 5);
+        assert_eq!(cfg.file.rate_limit.lease, 0);
+        assert_eq!(cfg.file.rate_limit.on_store_error, StoreErrorPolicy::Local);
+        let cfg =
+            parse("[rate_limit]\nredis_url = \"rediss://:s3cret@r.internal:6380/2\"\n").unwrap();
+        let target = cfg.redis.unwrap();
+        assert_eq!(target.kind(), "single");
+        assert_eq!(target.redacted_urls(), ["rediss://r.internal:6380/2"]);
+        let cfg = parse(
+            "[rate_limit]\nredis_cluster_nodes = [\"redis://a:7000\", \"redis://b:7001\"]\non_store_error = \"deny\"\nlease = 10\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.redis,
+            Some(RedisTarget::Cluster(vec![
+                "redis://a:7000".into(),
+                "redis://b:7001".into()
+            ]))
+        );
+        let cfg = parse(
+            "[rate_limit]\nredis_sentinel_nodes = [\"redis://s1:26379\"]\nredis_sentinel_master = \"mymaster\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.redis.unwrap().kind(), "sentinel");
+        for (bad, field) in [
+            (
+                "redis_url = \"http://u:s3cret@a:1\"",
+                "rate_limit.redis_url",
+            ),
+            (
+                "redis_url = \"redis://:s3cret@a:1/x\"",
+                "rate_limit.redis_url",
+            ),
+            ("redis_url = \"nope\"", "rate_limit.redis_url"),
+            (
+                "redis_url = \"redis://a:1\"\nredis_cluster_nodes = [\"redis://b:2\"]",
+                "rate_limit.redis_url",
+            ),
+            (
+                "redis_cluster_nodes = [\"redis://:s3cret@b:2\", \"redis://:s3cret@b:2\"]",
+                "rate_limit.redis_cluster_nodes",
+            ),
+            (
+                "redis_sentinel_master = \"m\"",
+                "rate_limit.redis_sentinel_nodes",
+            ),
+            (
+                "redis_sentinel_nodes = [\"redis://s:26379\"]",
+                "rate_limit.redis_sentinel_master",
+            ),
+            ("budget_ms = 0", "rate_limit.budget_ms"),
+            ("probe_interval_ms = 1", "rate_limit.probe_interval_ms"),
+            ("lease = 100000", "rate_limit.lease"),
+            ("key_prefix = \"a{b\"", "rate_limit.key_prefix"),
+            ("key_prefix = \"\"", "rate_limit.key_prefix"),
+        ] {
+            let err = parse(&format!("[rate_limit]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{bad}: {err}");
+            assert!(!err.contains("s3cret"), "{bad}: {err}");
+        }
+        assert!(FileConfig::parse("[rate_limit]\non_store_error = \"maybe\"\n").is_err());
     }
 
     #[test]

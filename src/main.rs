@@ -108,6 +108,10 @@ struct RunArgs {
     /// Address (IP or host name) the gateway advertises in its own Consul registration.
     #[arg(long)]
     advertise: Option<String>,
+    /// Redis of cluster-scope rate limits (`redis://host:port` or `rediss://`); replaces the
+    /// file's `[rate_limit]` Redis settings.
+    #[arg(long, env = "SWITCHYARD_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -241,6 +245,12 @@ fn main() -> anyhow::Result<()> {
             }
             if let Some(a) = args.advertise {
                 file.registration.address = a;
+            }
+            if let Some(u) = args.redis_url {
+                file.rate_limit.redis_url = Some(u);
+                file.rate_limit.redis_cluster_nodes.clear();
+                file.rate_limit.redis_sentinel_nodes.clear();
+                file.rate_limit.redis_sentinel_master = None;
             }
             let cfg = file.validate()?;
             switchyard::telemetry::init(&cfg.file.log.level, cfg.file.log.format);

@@ -32,6 +32,8 @@ pub const IP_DENIED: &str = "switchyard_ip_denied_total";
 pub const CORS_PREFLIGHTS: &str = "switchyard_cors_preflights_total";
 pub const RATE_LIMIT_KEYS: &str = "switchyard_rate_limit_keys";
 pub const RATE_LIMIT_EVICTIONS: &str = "switchyard_rate_limit_evictions_total";
+pub const RATE_LIMIT_STORE_UP: &str = "switchyard_rate_limit_store_up";
+pub const RATE_LIMIT_STORE_FALLBACKS: &str = "switchyard_rate_limit_store_fallbacks_total";
 pub const TLS_RELOADS: &str = "switchyard_tls_reloads_total";
 pub const JWKS_FETCHES: &str = "switchyard_jwks_fetches_total";
 pub const CONNECTIONS: &str = "switchyard_connections_open";
@@ -251,6 +253,14 @@ fn describe() {
     describe_counter!(
         RATE_LIMIT_EVICTIONS,
         "Rate-limit keys evicted before refilling because a route reached max_keys."
+    );
+    describe_gauge!(
+        RATE_LIMIT_STORE_UP,
+        "1 while the shared rate-limit store (Redis) answers within the budget, 0 while cluster-scope limits fall back."
+    );
+    describe_counter!(
+        RATE_LIMIT_STORE_FALLBACKS,
+        "Cluster-scope rate-limit decisions made without Redis (slow or down), by on_store_error."
     );
     describe_counter!(TLS_RELOADS, "Certificate reloads, by result.");
     describe_counter!(JWKS_FETCHES, "JWKS fetches, by result.");

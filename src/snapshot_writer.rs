@@ -138,6 +138,8 @@ pub struct WriterSettings {
     /// Routes from fabio's `urlprefix-` tags (`[fabio] enabled`); the watches then have a
     /// tags watch.
     pub fabio: bool,
+    /// `[rate_limit]` names a shared store: `rate_limit.scope = "cluster"` can be served.
+    pub shared_limits: bool,
 }
 
 /// Writes the latest state to `path`, at most once per [`PERSIST_EVERY`].
@@ -228,7 +230,7 @@ impl SnapshotWriter {
             state_file: settings.state_file,
             state,
             control,
-            docs: RouteDocs::new(&settings.kv_prefix),
+            docs: RouteDocs::new(&settings.kv_prefix).with_shared_limits(settings.shared_limits),
             watches,
             fabio: settings.fabio.then(FabioRoutes::default),
             services: BTreeMap::new(),

@@ -566,6 +566,7 @@ async fn every_admin_answer(gw: &Gateway, token: &str) -> Vec<(String, String)> 
         "/upstreams",
         "/auth",
         "/consul",
+        "/rate_limits",
         "/metrics",
         "/ready",
         "/healthz",
@@ -598,8 +599,11 @@ async fn no_admin_answer_carries_a_secret_of_the_configuration() {
     let assertion_pem = include_str!("fixtures/ed-private.pem");
     std::fs::write(&assertion_key, assertion_pem).unwrap();
     let prefix = format!("{}/", unique("secrets"));
+    // A Redis password (nothing listens there: the store shows as down, with its URL).
+    let redis_password = format!("redis-{}", unique("secret"));
     let gw = Gateway::start(&consul, &prefix, |f| {
         f.admin.token = Some(admin_token.clone());
+        f.rate_limit.redis_url = Some(format!("redis://:{redis_password}@127.0.0.1:1"));
         f.jwt_providers.insert(
             "corp".into(),
             json!({"issuer": tokens::ISSUER, "audiences": [tokens::AUDIENCE],
@@ -684,6 +688,7 @@ async fn no_admin_answer_carries_a_secret_of_the_configuration() {
         ("a rejected document's hash", bad_hash.as_str()),
         ("the assertion private key", assertion_body.as_str()),
         ("a JWT", jwt.as_str()),
+        ("the Redis password", redis_password.as_str()),
     ];
     let answers = every_admin_answer(&gw, &admin_token).await;
     let dashboard = &answers
@@ -694,6 +699,11 @@ async fn no_admin_answer_carries_a_secret_of_the_configuration() {
     assert!(
         dashboard.contains("\"private\""),
         "the audit sees real data: {dashboard}"
+    );
+    let rate_limits = &answers.iter().find(|(p, _)| p == "/rate_limits").unwrap().1;
+    assert!(
+        rate_limits.contains("127.0.0.1:1"),
+        "the audit sees the store: {rate_limits}"
     );
     for (path, body) in &answers {
         for (what, secret) in secrets {

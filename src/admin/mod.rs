@@ -1,6 +1,6 @@
 //! The admin listener: the dashboard (`/`, its assets and `/dashboard.json`, in
 //! [`dashboard`]), read-only JSON views of what the gateway believes (`/ready`, `/routes`,
-//! `/upstreams`, `/auth`, `/consul`) and its Prometheus metrics (`/metrics`). Every
+//! `/upstreams`, `/auth`, `/consul`, `/rate_limits`) and its Prometheus metrics (`/metrics`). Every
 //! endpoint is one arm of the match in [`respond`]; each view reads the current snapshot
 //! and the control-plane view once, never waits on Consul. No view shows a secret (key,
 //! hash, token, password): `tests/dashboard.rs` checks every endpoint for the secrets of
@@ -31,6 +31,7 @@ use crate::auth::Authenticator;
 use crate::consul::{ConsulClient, WatchStatus};
 use crate::control::Control;
 use crate::discovery;
+use crate::policy::Edge;
 use crate::routing::HostMatch;
 use crate::shutdown::Shutdown;
 use crate::state::State;
@@ -64,6 +65,8 @@ pub struct Admin {
     /// The listener is on a loopback address: without a token, requests must name it by a
     /// loopback IP or `localhost` (see [`host_allowed`]).
     pub loopback_only: bool,
+    /// Rate-limit state (the shared store, local buckets), for `/rate_limits`.
+    pub edge: Option<Arc<Edge>>,
 }
 
 /// Serves the admin API on `listener` until `shutdown` trips.
@@ -142,6 +145,7 @@ pub fn respond<B>(admin: &Admin, req: &Request<B>) -> Response<Full<Bytes>> {
         "/metrics" => metrics_response(),
         "/auth" => json_response(StatusCode::OK, &auth(admin)),
         "/consul" => json_response(StatusCode::OK, &consul(admin)),
+        "/rate_limits" => json_response(StatusCode::OK, &rate_limits(admin)),
         "/jwks.json" => match &admin.jwks {
             Some(jwks) => json_response(StatusCode::OK, jwks),
             None => error(
@@ -224,6 +228,15 @@ pub fn auth(admin: &Admin) -> Value {
             "rejected": a.rejections(),
         }),
         None => json!({"providers": [], "api_keys": 0, "rejected": []}),
+    }
+}
+
+/// The shared rate-limit store (kind, nodes without credentials, up or down, fallbacks) and
+/// the local buckets; `store` is null without `[rate_limit]` Redis settings.
+pub fn rate_limits(admin: &Admin) -> Value {
+    match &admin.edge {
+        Some(edge) => edge.rate_limit_view(),
+        None => json!({"store": null}),
     }
 }
 
@@ -496,6 +509,7 @@ mod tests {
             traffic: Arc::default(),
             stale_after: DEFAULT_STALE_AFTER,
             loopback_only: false,
+            edge: Some(Arc::new(Edge::default())),
         }
     }
 
@@ -577,6 +591,14 @@ mod tests {
             .unwrap();
         assert_eq!(respond(&a, &req).status(), 200);
         assert_eq!(respond(&a, &get("/metrics")).status(), 401);
+        assert_eq!(respond(&a, &get("/rate_limits")).status(), 401);
+    }
+
+    #[test]
+    fn rate_limits_show_no_store_without_redis_settings() {
+        let v = rate_limits(&admin(None));
+        assert_eq!(v["store"], Value::Null);
+        assert_eq!(v["local"]["limiters"], 0);
     }
 
     #[test]

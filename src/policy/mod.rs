@@ -13,12 +13,14 @@
 //! - [`cors`]: origins, preflights, response headers.
 //! - [`limits`]: header count and URL length.
 //! - [`ratelimit`]: token buckets per key, bounded in memory.
+//! - [`shared_limit`]: cluster-scope buckets in Redis, shared by every gateway.
 
 pub mod client_ip;
 pub mod cors;
 pub mod ip_rules;
 pub mod limits;
 pub mod ratelimit;
+pub mod shared_limit;
 pub mod spec;
 
 use std::net::IpAddr;
@@ -40,6 +42,8 @@ pub use cors::{Cors, CorsRefusal};
 pub use ip_rules::IpRules;
 pub use limits::{LimitExceeded, RequestLimits};
 pub use ratelimit::{Decision, KeyedLimiter, Limiters, RateRule};
+pub use shared_limit::SharedLimits;
+pub use spec::RateLimitScope;
 
 /// Header an assertion travels in unless the route names another. Removed from every
 /// client request on every route.
@@ -255,6 +259,8 @@ pub struct Admission {
 pub struct Edge {
     trusted: TrustedProxies,
     limiters: Limiters,
+    /// Buckets of `scope = "cluster"` routes (`[rate_limit]` names a Redis).
+    shared: Option<Arc<SharedLimits>>,
     signer: Option<Arc<Signer>>,
 }
 
@@ -263,8 +269,21 @@ impl Edge {
         Edge {
             trusted: TrustedProxies::new(trusted_proxies),
             limiters: Limiters::default(),
+            shared: None,
             signer: signer.map(Arc::new),
         }
+    }
+
+    /// Cluster-scope routes count in `shared` (without it they count locally; route
+    /// documents asking for it are rejected before they get here, see
+    /// `routing::kv::RouteDocs::with_shared_limits`).
+    pub fn with_shared_limits(mut self, shared: SharedLimits) -> Edge {
+        self.shared = Some(Arc::new(shared));
+        self
+    }
+
+    pub fn shared_limits(&self) -> Option<&Arc<SharedLimits>> {
+        self.shared.as_ref()
     }
 
     /// From the configuration file: trusted proxies, and the assertion key when
@@ -337,7 +356,8 @@ impl Edge {
 
     /// Phase 3, after auth: the route's rate limit, keyed by `consumer` (JWT `sub` or
     /// API-key consumer), client IP or a header. 429 with `Retry-After` when exceeded.
-    pub fn limit_rate(
+    /// A cluster-scope limit may ask Redis, never longer than `[rate_limit] budget_ms`.
+    pub async fn limit_rate(
         &self,
         policy: &RoutePolicy,
         admission: &mut Admission,
@@ -351,7 +371,16 @@ impl Edge {
             .client_ip
             .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         let key = ratelimit::LimitKey::pick(&rule.key, ip, consumer, headers);
-        let decision = self.limiters.get(&policy.route, rule).check(key);
+        let decision = match (&self.shared, rule.scope) {
+            (Some(shared), RateLimitScope::Cluster) => {
+                match shared.check(&policy.route, rule, key, &self.limiters).await {
+                    Some(d) => d,
+                    // Redis unavailable and `on_store_error = "allow"`: nothing to report.
+                    None => return Ok(()),
+                }
+            }
+            _ => self.limiters.get(&policy.route, rule).check(key),
+        };
         admission.rate = Some(decision);
         if decision.allowed {
             return Ok(());
@@ -421,8 +450,26 @@ impl Edge {
     /// Drops idle rate-limit keys everywhere (see [`ratelimit`]).
     pub fn sweep(&self) {
         let (limiters, keys) = self.limiters.sweep();
+        if let Some(shared) = &self.shared {
+            shared.sweep();
+        }
         metrics::gauge!(crate::metrics::RATE_LIMIT_KEYS).set(keys as f64);
         tracing::trace!(limiters, keys, "rate-limit keys swept");
+    }
+
+    /// `/rate_limits`: the shared store (see [`SharedLimits::view`]; null without one) and
+    /// the local limiters.
+    pub fn rate_limit_view(&self) -> serde_json::Value {
+        serde_json::json!({
+            "store": self.shared.as_ref().map(|s| s.view()),
+            "local": {"limiters": self.limiters.len()},
+        })
+    }
+
+    /// The shared store's probe (connects, then pings; see [`shared_limit`]), when
+    /// `[rate_limit]` names one.
+    pub fn spawn_store_probe(&self, shutdown: Shutdown) -> Option<JoinHandle<()>> {
+        self.shared.as_ref().map(|s| s.spawn_probe(shutdown))
     }
 
     /// Sweeps every [`SWEEP_EVERY`] until shutdown.
@@ -557,8 +604,8 @@ mod tests {
         assert_eq!(admitted.origin.unwrap(), "https://app.test");
     }
 
-    #[test]
-    fn rate_limits_refuse_with_429_and_report_headers() {
+    #[tokio::test]
+    async fn rate_limits_refuse_with_429_and_report_headers() {
         let edge = Edge::default();
         let r = route(
             r#"{"service":"a","path_prefix":"/","rate_limit":{"per_second":0.01,"burst":2,"key":"consumer"}}"#,
@@ -569,12 +616,15 @@ mod tests {
             .unwrap();
         assert!(edge
             .limit_rate(&r.policy, &mut adm, Some("alice"), &h)
+            .await
             .is_ok());
         assert!(edge
             .limit_rate(&r.policy, &mut adm, Some("alice"), &h)
+            .await
             .is_ok());
         let reply = edge
             .limit_rate(&r.policy, &mut adm, Some("alice"), &h)
+            .await
             .unwrap_err();
         let mut headers = HeaderMap::new();
         reply.add_headers(&mut headers);
@@ -585,6 +635,7 @@ mod tests {
         // Another consumer has its own bucket; the response carries its headers.
         assert!(edge
             .limit_rate(&r.policy, &mut adm, Some("bob"), &h)
+            .await
             .is_ok());
         let mut out = HeaderMap::new();
         edge.decorate(&r.policy, &adm, &mut out);

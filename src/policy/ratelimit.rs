@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::spec::RateLimitSpec;
+use super::spec::{RateLimitScope, RateLimitSpec};
 use super::PolicyError;
 
 /// Keys a route's limiter may hold when the document does not say.
@@ -50,6 +50,8 @@ pub struct RateRule {
     pub burst: u32,
     pub key: KeySource,
     pub max_keys: usize,
+    /// Whose buckets count: this gateway's, or the cluster's in Redis.
+    pub scope: RateLimitScope,
     /// Time one token takes to come back (GCRA emission interval), in nanoseconds.
     interval_ns: u64,
     /// `interval_ns * burst`: how far ahead of now a key's arrival time may run.
@@ -82,9 +84,25 @@ impl RateRule {
             burst: spec.burst,
             key,
             max_keys,
+            scope: spec.scope,
             interval_ns,
             tolerance_ns: interval_ns * u64::from(spec.burst),
         })
+    }
+
+    /// GCRA emission interval: the time one token takes to come back.
+    pub fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval_ns)
+    }
+
+    /// GCRA tolerance: how long a full bucket takes to drain (interval × burst).
+    pub fn tolerance(&self) -> Duration {
+        Duration::from_nanos(self.tolerance_ns)
+    }
+
+    /// `RateLimit-Policy`'s window: [`RateRule::tolerance`] in whole seconds, rounded up.
+    pub fn window_s(&self) -> u64 {
+        ceil_secs(self.tolerance())
     }
 }
 
@@ -194,7 +212,7 @@ pub static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-
 pub static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 
-fn ceil_secs(d: Duration) -> u64 {
+pub(super) fn ceil_secs(d: Duration) -> u64 {
     d.as_nanos().div_ceil(1_000_000_000) as u64
 }
 
@@ -466,6 +484,7 @@ mod tests {
             burst,
             key: key.into(),
             max_keys: None,
+            scope: RateLimitScope::Local,
         })
         .unwrap()
     }
@@ -492,6 +511,7 @@ mod tests {
                 burst,
                 key: key.into(),
                 max_keys: None,
+                scope: RateLimitScope::Local,
             })
             .unwrap_err();
             assert_eq!(err.field(), field, "{per_second} {burst} {key}: {err}");

@@ -34,6 +34,21 @@ pub struct RateLimitSpec {
     /// Distinct keys remembered at most (default 1,000,000, about 40 MB at worst).
     #[serde(default)]
     pub max_keys: Option<usize>,
+    /// `local` (default): each gateway counts alone; `cluster`: every gateway sharing the
+    /// `[rate_limit]` Redis counts together.
+    #[serde(default)]
+    pub scope: RateLimitScope,
+}
+
+/// Who shares a route's buckets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitScope {
+    /// This gateway's own buckets.
+    #[default]
+    Local,
+    /// Buckets in Redis, shared by every gateway of the cluster.
+    Cluster,
 }
 
 fn default_rate_key() -> String {

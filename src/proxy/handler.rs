@@ -333,6 +333,7 @@ impl Gateway {
                     ex.consumer.as_deref(),
                     &parts.headers,
                 )
+                .await
                 .map_err(Stopped::refused)?;
         }
         let caller = identity.as_deref().map(Caller::from).unwrap_or_default();

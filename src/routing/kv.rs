@@ -13,6 +13,7 @@ use crate::consul::watch::{self, KvPrefix};
 use crate::consul::{ConsulClient, KvPair, WatchHandle, WatchOptions};
 
 use super::{Route, RouteError, RouteSpec};
+use crate::policy::RateLimitScope;
 
 /// The folder under the KV prefix that holds route documents.
 pub const ROUTES_DIR: &str = "routes/";
@@ -59,6 +60,9 @@ pub struct Applied {
 pub struct RouteDocs {
     prefix: String,
     docs: BTreeMap<String, Doc>,
+    /// The gateway has a shared rate-limit store; without one, `rate_limit.scope =
+    /// "cluster"` is a rejected document (it cannot be honoured here).
+    shared_limits: bool,
 }
 
 impl RouteDocs {
@@ -67,7 +71,14 @@ impl RouteDocs {
         RouteDocs {
             prefix: format!("{kv_prefix}{ROUTES_DIR}"),
             docs: BTreeMap::new(),
+            shared_limits: false,
         }
+    }
+
+    /// Whether `rate_limit.scope = "cluster"` can be served (`[rate_limit]` names a Redis).
+    pub fn with_shared_limits(mut self, available: bool) -> RouteDocs {
+        self.shared_limits = available;
+        self
     }
 
     /// The KV prefix watched, e.g. `switchyard/routes/`.
@@ -80,7 +91,7 @@ impl RouteDocs {
     pub fn seed(&mut self, documents: &BTreeMap<String, String>) -> Vec<(String, RouteError)> {
         let mut failed = Vec::new();
         for (name, text) in documents {
-            match compile(name, text.as_bytes()) {
+            match compile(name, text.as_bytes(), self.shared_limits) {
                 Ok(route) => {
                     self.docs.entry(name.clone()).or_default().good = Some((text.clone(), route));
                 }
@@ -111,7 +122,7 @@ impl RouteDocs {
             doc.seen = Some(value.to_vec());
             match std::str::from_utf8(value)
                 .map_err(|_| RouteError::Json("the value is not UTF-8 text".into()))
-                .and_then(|text| compile(name, value).map(|r| (text, r)))
+                .and_then(|text| compile(name, value, self.shared_limits).map(|r| (text, r)))
             {
                 Ok((text, route)) => {
                     let same = doc.good.as_ref().is_some_and(|(t, _)| t == text);
@@ -185,12 +196,26 @@ impl RouteDocs {
     }
 }
 
-fn compile(name: &str, value: &[u8]) -> Result<Arc<Route>, RouteError> {
+fn compile(name: &str, value: &[u8], shared_limits: bool) -> Result<Arc<Route>, RouteError> {
     if value.iter().all(u8::is_ascii_whitespace) {
         return Err(RouteError::Json("the value is empty".into()));
     }
     let spec = RouteSpec::from_json(value).map_err(RouteError::Json)?;
-    Route::compile(name, spec).map(Arc::new)
+    let route = Route::compile(name, spec)?;
+    let cluster = route
+        .policy
+        .rate_limit
+        .as_ref()
+        .is_some_and(|r| r.scope == RateLimitScope::Cluster);
+    if cluster && !shared_limits {
+        return Err(RouteError::Field {
+            field: "rate_limit.scope",
+            message: "`cluster` needs a shared store: set [rate_limit] redis_url (or \
+                      redis_cluster_nodes, redis_sentinel_nodes) in this gateway's configuration"
+                .into(),
+        });
+    }
+    Ok(Arc::new(route))
 }
 
 /// Watches `<kv_prefix>routes/` and sends every changed listing to `listings`.
@@ -229,6 +254,39 @@ mod tests {
     const USERS: &str = r#"{"service":"users","path_prefix":"/users"}"#;
     const USERS_V2: &str = r#"{"service":"users","path_prefix":"/users","tags":["v2"]}"#;
     const ORDERS: &str = r#"{"service":"orders","path_prefix":"/orders"}"#;
+
+    #[test]
+    fn cluster_scope_is_rejected_without_a_shared_store_and_the_last_good_serves() {
+        const LOCAL: &str = r#"{"service":"users","path_prefix":"/users","rate_limit":{"per_second":20,"burst":20}}"#;
+        const CLUSTER: &str = r#"{"service":"users","path_prefix":"/users","rate_limit":{"per_second":20,"burst":20,"scope":"cluster"}}"#;
+        let mut docs = RouteDocs::new("sy/");
+        docs.apply(&[pair("users", LOCAL, 1)]);
+        let a = docs.apply(&[pair("users", CLUSTER, 2)]);
+        assert!(a.rejections_changed && !a.routes_changed);
+        let rejected = docs.rejections();
+        assert!(
+            rejected[0].error.contains("rate_limit.scope"),
+            "{rejected:?}"
+        );
+        assert!(rejected[0].error.contains("redis_url"), "{rejected:?}");
+        assert!(rejected[0].serving_last_good);
+        assert_eq!(names(&docs), ["users"]);
+
+        let mut docs = RouteDocs::new("sy/").with_shared_limits(true);
+        docs.apply(&[pair("users", CLUSTER, 1)]);
+        assert!(docs.rejections().is_empty());
+        let rule = docs.routes()[0].policy.rate_limit.clone().unwrap();
+        assert_eq!(rule.scope, RateLimitScope::Cluster);
+        let mut bad = RouteDocs::new("sy/").with_shared_limits(true);
+        bad.apply(&[pair("users", &CLUSTER.replace("cluster", "global"), 1)]);
+        assert!(
+            bad.rejections()[0]
+                .error
+                .contains("expected `local` or `cluster`"),
+            "{:?}",
+            bad.rejections()
+        );
+    }
 
     #[test]
     fn every_good_key_becomes_a_route() {
@@ -352,7 +410,7 @@ mod tests {
             if path.extension().is_some_and(|e| e == "json") {
                 let name = path.file_stem().unwrap().to_string_lossy().into_owned();
                 let bytes = std::fs::read(&path).unwrap();
-                if let Err(e) = compile(&name, &bytes) {
+                if let Err(e) = compile(&name, &bytes, true) {
                     panic!("{}: {e}", path.display());
                 }
                 seen += 1;

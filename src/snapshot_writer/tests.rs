@@ -78,6 +78,7 @@ impl Harness {
                 kv_prefix: "sy/".into(),
                 state_file,
                 fabio,
+                shared_limits: false,
             },
             state.clone(),
             control.clone(),

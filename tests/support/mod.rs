@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod prometheus;
+pub mod redis_server;
 pub mod tokens;
 pub mod upstream;
 
