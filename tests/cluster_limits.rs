@@ -24,6 +24,7 @@ const MAX_PER_LOOP: u64 = 200_000;
 struct Cluster {
     consul: Consul,
     gateways: Vec<Gateway>,
+    key_prefix: String,
     _upstreams: Vec<Upstream>,
 }
 
@@ -40,12 +41,15 @@ impl Cluster {
     async fn start_without_waiting(redis: &RedisServer, lease: u32) -> Cluster {
         let consul = Consul::start().await;
         let prefix = format!("{}/", unique("cluster-limits"));
+        // Keys of their own, should another test's server ever take over a killed one's port.
+        let key_prefix = format!("{}:", unique("rl"));
         let mut gateways = Vec::new();
         for _ in 0..2 {
-            let url = redis.url();
+            let (url, key_prefix) = (redis.url(), key_prefix.clone());
             gateways.push(
                 Gateway::start(&consul, &prefix, move |f| {
                     f.rate_limit.redis_url = Some(url);
+                    f.rate_limit.key_prefix = key_prefix;
                     f.rate_limit.lease = lease;
                     // Generous for a loaded test machine: the exactness checks below must
                     // measure Redis, not fallbacks (each run asserts there were none).
@@ -70,6 +74,7 @@ impl Cluster {
         Cluster {
             consul,
             gateways,
+            key_prefix,
             _upstreams: upstreams,
         }
     }
@@ -186,7 +191,11 @@ async fn two_gateways_without_leases_admit_what_one_bucket_would() {
     // One key in Redis for the one client, hash-tagged, expiring once its bucket refills.
     let names = redis.key_names();
     assert_eq!(names.len(), 1, "{names:?}");
-    assert!(names[0].starts_with("switchyard:rl:{") && names[0].ends_with('}'));
+    let tagged = names[0].strip_prefix(&cluster.key_prefix);
+    assert!(
+        tagged.is_some_and(|t| t.starts_with('{') && t.ends_with('}') && t.len() == 34),
+        "{names:?}"
+    );
     let ttl = redis.ttls()[0];
     assert!(
         (1..=1000).contains(&ttl),
