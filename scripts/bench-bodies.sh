@@ -83,7 +83,11 @@ port_free "$REGISTRY_PORT" || die "port $REGISTRY_PORT already in use"
 start_bg registry 0 "$BIN" registry --listen "127.0.0.1:$REGISTRY_PORT"
 bench_wait_registry "$CONSUL" || die "registry did not start"
 bench_register "$CONSUL" "$UPSTREAM1_PORT" || die "registering the origin failed"
-bench_route "$CONSUL" switchyard-bench/ root '{"service":"bench","path_prefix":"/"}' || die "storing the route failed"
+# The answer to an upload comes once it is all through: 100 at once take longer than the
+# default 15 s to response headers (nginx starts its timer only after buffering a body).
+bench_route "$CONSUL" switchyard-bench/ root \
+    '{"service":"bench","path_prefix":"/","timeouts":{"per_try_ms":300000,"total_ms":300000}}' \
+    || die "storing the route failed"
 bench_gateway_config | sed 's/^\[proxy\]$/[proxy]\nmax_body_bytes = 209715200/' >"$WORK/switchyard.toml"
 for p in "$PROXY_PORT" "$ADMIN_PORT"; do port_free "$p" || die "port $p already in use"; done
 start_bg switchyard 1 "$BIN" run --config "$WORK/switchyard.toml" --consul "$CONSUL" \
