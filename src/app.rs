@@ -54,6 +54,8 @@ pub enum AppError {
     UpstreamTls(#[from] crate::upstream_tls::UpstreamTlsError),
     #[error("admin.token_file: {0}")]
     AdminToken(#[from] crate::admin::TokenFileError),
+    #[error(transparent)]
+    Export(#[from] crate::otel_export::ExportError),
     #[error("the configuration has a [tls] section but no TLS listener was given")]
     MissingTlsListener,
     #[error(transparent)]
@@ -256,7 +258,15 @@ pub async fn start(
         shutdown.clone(),
     )));
 
-    let gateway = data_plane(&cfg, state.clone(), auth, edge)?;
+    let spans = match crate::otel_export::ExportSettings::from_config(&cfg.file.tracing) {
+        Some(settings) => {
+            let (sink, task) = crate::otel_export::start(settings, shutdown.clone())?;
+            tasks.push(task);
+            Some(sink)
+        }
+        None => None,
+    };
+    let gateway = data_plane(&cfg, state.clone(), auth, edge, spans)?;
     tasks.push(tokio::spawn(proxy::serve(
         listeners.proxy,
         gateway.clone(),
@@ -421,6 +431,7 @@ fn data_plane(
     state: Arc<State>,
     auth: Arc<Authenticator>,
     edge: Arc<Edge>,
+    spans: Option<crate::otel_export::SpanSink>,
 ) -> Result<Arc<Gateway>, AppError> {
     let upstream_tls = cfg
         .file
@@ -435,6 +446,9 @@ fn data_plane(
         upstream_tls,
         &cfg.file.proxy,
         access_log(&cfg.file.log)?,
-        crate::trace_context::Sampler::new(cfg.file.tracing.sample_ratio),
+        proxy::RequestTracing {
+            sampler: crate::trace_context::Sampler::new(cfg.file.tracing.sample_ratio),
+            spans,
+        },
     )))
 }

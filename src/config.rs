@@ -352,18 +352,54 @@ pub struct FabioSection {
     pub enabled: bool,
 }
 
-/// Distributed tracing: W3C trace context is always propagated.
+/// Distributed tracing: W3C trace context is always propagated; spans are exported over
+/// OTLP only when `otlp_endpoint` is set.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TracingSection {
+    /// Where spans go: for `http/protobuf` a URL (`/v1/traces` is added when it has no
+    /// path), for `grpc` the collector's `http://host:port`. Unset: nothing is exported.
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
     /// Share of new traces sampled (0..=1); a continued trace follows its parent's flag.
     pub sample_ratio: f64,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Finished spans waiting for export; beyond, spans are dropped and counted.
+    pub queue_size: usize,
+    /// Most spans in one export request.
+    pub batch_size: usize,
+    /// Longest a finished span waits for a batch to fill before it is sent.
+    pub export_interval_ms: u64,
+    /// One export request's time limit.
+    pub export_timeout_ms: u64,
+    /// Extra headers on export requests (a collector's API key, say).
+    pub headers: BTreeMap<String, String>,
 }
 
 impl Default for TracingSection {
     fn default() -> Self {
-        Self { sample_ratio: 1.0 }
+        Self {
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::HttpProtobuf,
+            sample_ratio: 1.0,
+            service_name: "switchyard".into(),
+            queue_size: 4096,
+            batch_size: 512,
+            export_interval_ms: 1000,
+            export_timeout_ms: 5000,
+            headers: BTreeMap::new(),
+        }
     }
+}
+
+/// OTLP transports (the names of `OTEL_EXPORTER_OTLP_PROTOCOL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "grpc")]
+    Grpc,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -853,6 +889,48 @@ impl FileConfig {
 fn validate_tracing(t: &TracingSection) -> Result<(), ConfigError> {
     if !(0.0..=1.0).contains(&t.sample_ratio) {
         return Err(invalid("tracing.sample_ratio", "must be between 0 and 1"));
+    }
+    if t.service_name.trim().is_empty() {
+        return Err(invalid("tracing.service_name", "must not be empty"));
+    }
+    if t.queue_size == 0 {
+        return Err(invalid("tracing.queue_size", "must be at least 1"));
+    }
+    if t.batch_size == 0 || t.batch_size > t.queue_size {
+        return Err(invalid(
+            "tracing.batch_size",
+            "must be between 1 and tracing.queue_size",
+        ));
+    }
+    if t.export_interval_ms == 0 {
+        return Err(invalid("tracing.export_interval_ms", "must be positive"));
+    }
+    if t.export_timeout_ms == 0 {
+        return Err(invalid("tracing.export_timeout_ms", "must be positive"));
+    }
+    for (name, value) in &t.headers {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err()
+            || http::HeaderValue::from_str(value).is_err()
+        {
+            return Err(invalid(
+                "tracing.headers",
+                format!("`{name}` is not a header name with a valid value"),
+            ));
+        }
+    }
+    if let Some(endpoint) = &t.otlp_endpoint {
+        let url = url::Url::parse(endpoint)
+            .map_err(|e| invalid("tracing.otlp_endpoint", format!("`{endpoint}`: {e}")))?;
+        let scheme_ok = match t.otlp_protocol {
+            OtlpProtocol::HttpProtobuf => matches!(url.scheme(), "http" | "https"),
+            OtlpProtocol::Grpc => url.scheme() == "http",
+        };
+        if !scheme_ok || url.host_str().is_none() {
+            return Err(invalid(
+                "tracing.otlp_endpoint",
+                "must be an http:// or https:// URL with a host (grpc: http:// only)",
+            ));
+        }
     }
     Ok(())
 }

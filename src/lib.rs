@@ -29,6 +29,7 @@ pub mod discovery;
 pub mod fuzzing;
 pub mod http1;
 pub mod metrics;
+pub mod otel_export;
 pub mod owned_headers;
 pub mod pem;
 pub mod policy;

@@ -57,6 +57,9 @@ struct GatewayArgs {
     /// Log format.
     #[arg(long, value_enum, env = "SWITCHYARD_LOG_FORMAT")]
     log_format: Option<LogFormat>,
+    /// OTLP endpoint request spans are exported to (`tracing.otlp_endpoint`).
+    #[arg(long, env = "SWITCHYARD_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Args)]
@@ -191,6 +194,9 @@ fn load_file(args: &GatewayArgs) -> anyhow::Result<FileConfig> {
     }
     if let Some(f) = args.log_format {
         file.log.format = f;
+    }
+    if let Some(e) = &args.otlp_endpoint {
+        file.tracing.otlp_endpoint = Some(e.clone());
     }
     Ok(file)
 }

@@ -41,6 +41,8 @@ pub const RETRY_BUDGET_EXHAUSTED: &str = "switchyard_retry_budget_exhausted_tota
 pub const CIRCUIT_BREAKER_REFUSED: &str = "switchyard_circuit_breaker_refused_total";
 pub const MIRROR_REQUESTS: &str = "switchyard_mirror_requests_total";
 pub const ACCESS_LOG_DROPPED: &str = "switchyard_access_log_dropped_total";
+pub const OTLP_SPANS_EXPORTED: &str = "switchyard_otlp_spans_exported_total";
+pub const OTLP_SPANS_DROPPED: &str = "switchyard_otlp_spans_dropped_total";
 
 /// Statuses with their own label value; others are counted by class (`2xx`, ...).
 const STATUS_LABELS: [(u16, &str); 17] = [
@@ -280,6 +282,16 @@ fn describe() {
     describe_counter!(
         RETRY_BUDGET_EXHAUSTED,
         "Retries not sent because the retry budget was spent."
+    );
+    describe_counter!(
+        OTLP_SPANS_EXPORTED,
+        "Request spans the OTLP collector accepted."
+    );
+    describe_counter!(
+        OTLP_SPANS_DROPPED,
+        "Request spans not exported, by reason: queue_full (the export queue was full), \
+         export_failed (the collector failed or timed out), rejected (it refused them), \
+         shutdown."
     );
 }
 

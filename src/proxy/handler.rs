@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -40,6 +40,7 @@ use crate::discovery::{ms_at, now_ms, EndpointStats, UpstreamSet};
 use crate::http1::client::RequestHead;
 use crate::http1::fields;
 use crate::http1::io::OnUpgrade;
+use crate::otel_export::{AttrValue, FinishedSpan, SpanSink};
 use crate::policy::{cors, Admission, PeerIp, PolicyReply};
 use crate::rewrite::{Redirect, RuleVars};
 use crate::routing::spec::{EscapedSlashes, UpstreamProtocol};
@@ -72,6 +73,8 @@ impl ClientConn {
 struct RequestRecord {
     start: Instant,
     method: Method,
+    version: http::Version,
+    tls: bool,
     path: NormalPath,
     request_id: HeaderValue,
     trace: TraceContext,
@@ -82,7 +85,14 @@ struct RequestRecord {
     /// The instance of the last try: its set and index there.
     instance: Option<(Arc<UpstreamSet>, usize)>,
     tries: u32,
-    /// The host asked for, kept when the route's answer rules may name it.
+    /// The status of the last upstream answer (0: none came).
+    upstream_status: u16,
+    /// What edge auth made of the request: `not_reached`, `open` (the route asks for no
+    /// credential), `passed` or `refused` (with the reason).
+    auth: &'static str,
+    auth_reason: &'static str,
+    /// The host asked for, kept when the route's answer rules may name it or the request's
+    /// span is recorded.
     host: Option<Box<str>>,
     /// The instance that answered, counted in flight until the response is done.
     in_flight: Option<InFlight>,
@@ -210,15 +220,20 @@ impl Gateway {
         let mut ex = RequestRecord {
             start: Instant::now(),
             method: parts.method.clone(),
+            version: parts.version,
+            tls: conn.tls,
             path: NormalPath::Normalised(String::new()),
             request_id: headers::request_id(&parts.headers),
-            trace: TraceContext::for_request(&parts.headers, &self.sampler),
+            trace: TraceContext::for_request(&parts.headers, &self.tracing.sampler),
             client_ip: self.edge.client_ip(conn.peer_ip.ip(), &parts.headers),
             route: None,
             admission: None,
             consumer: None,
             instance: None,
             tries: 0,
+            upstream_status: 0,
+            auth: "not_reached",
+            auth_reason: "",
             host: None,
             in_flight: None,
             breaker_slot: None,
@@ -290,7 +305,7 @@ impl Gateway {
             .then(|| snapshot.loads.clone());
         drop(snapshot);
         ex.route = Some(route.clone());
-        if route.response_headers.is_some() {
+        if route.response_headers.is_some() || self.records(&ex.trace) {
             ex.host = Some(host.as_str().into());
         }
 
@@ -316,11 +331,19 @@ impl Gateway {
         let upgrade = parts.extensions.get::<OnUpgrade>().is_some();
         fields::strip_hop_by_hop(&mut parts.headers, upgrade);
 
-        let identity = self
+        let identity = match self
             .auth
             .admit(&route.auth, &parts.uri, &mut parts.headers)
             .await
-            .map_err(Stopped::rejected)?;
+        {
+            Ok(identity) => identity,
+            Err(rejection) => {
+                ex.auth = "refused";
+                ex.auth_reason = rejection.error.reason();
+                return Err(Stopped::rejected(rejection));
+            }
+        };
+        ex.auth = if identity.is_some() { "passed" } else { "open" };
         ex.consumer = identity
             .as_ref()
             .and_then(|i| i.subject.clone().or_else(|| i.consumer.clone()));
@@ -518,6 +541,7 @@ impl Gateway {
             let failure = match outcome {
                 Ok(Ok(mut response)) => {
                     let status = response.status();
+                    ex.upstream_status = status.as_u16();
                     let bad = matches!(status.as_u16(), 502..=504);
                     if bad || retries.names_status(status) {
                         outlier::record_failure(set, index, &spec.outlier, now_ms());
@@ -593,6 +617,9 @@ impl Gateway {
         let done = Done {
             status: error::recorded_status(&response).as_u16(),
             access_log: self.access_log.clone(),
+            spans: (self.tracing.spans.as_ref())
+                .filter(|_| ex.trace.sampled)
+                .cloned(),
             ex,
         };
         response.body_mut().on_finish(Box::new(done));
@@ -646,6 +673,8 @@ struct Done {
     ex: RequestRecord,
     status: u16,
     access_log: Option<Arc<AccessLog>>,
+    /// Where the request's span goes, when it is sampled and spans are exported.
+    spans: Option<SpanSink>,
 }
 
 impl Finish for Done {
@@ -687,6 +716,96 @@ impl Finish for Done {
                 consumer: ex.consumer.as_deref().unwrap_or(""),
             });
         }
+        if let Some(sink) = self.spans.take() {
+            sink.send(finished_span(ex, service, self.status, bytes, elapsed));
+        }
+    }
+}
+
+/// The request's server span, named `{method} {route}` (the method alone without a
+/// route), with OpenTelemetry's HTTP attribute names where they exist and the gateway's
+/// own (`switchyard.*`) for the rest. Out of line: only sampled requests get here.
+#[cold]
+#[inline(never)]
+fn finished_span(
+    ex: &RequestRecord,
+    service: &str,
+    status: u16,
+    bytes: u64,
+    elapsed: Duration,
+) -> FinishedSpan {
+    let end = SystemTime::now();
+    let start = end.checked_sub(elapsed).unwrap_or(end);
+    let name = match &ex.route {
+        Some(route) => format!("{} {}", ex.method, route.name),
+        None => ex.method.to_string(),
+    };
+    let text = |s: &str| AttrValue::from(s.to_string());
+    let mut a: Vec<(&'static str, AttrValue)> = Vec::with_capacity(20);
+    a.push(("http.request.method", text(ex.method.as_str())));
+    a.push(("url.path", text(ex.path.as_str())));
+    a.push(("url.scheme", if ex.tls { "https" } else { "http" }.into()));
+    let version = match ex.version {
+        http::Version::HTTP_2 => "2",
+        http::Version::HTTP_10 => "1.0",
+        _ => "1.1",
+    };
+    a.push(("network.protocol.version", version.into()));
+    if let Some(host) = ex.host.as_deref().filter(|h| !h.is_empty()) {
+        a.push(("server.address", text(host)));
+    }
+    a.push(("client.address", ex.client_ip.to_string().into()));
+    a.push(("http.response.status_code", i64::from(status).into()));
+    if status >= 500 {
+        a.push(("error.type", status.to_string().into()));
+    }
+    a.push(("http.response.body.size", (bytes as i64).into()));
+    if let Some(route) = &ex.route {
+        a.push(("http.route", text(&route.path_prefix)));
+        a.push(("switchyard.route", text(&route.name)));
+    }
+    if !service.is_empty() {
+        a.push(("switchyard.service", text(service)));
+    }
+    if let Some((set, i)) = &ex.instance {
+        let endpoint = &set.endpoints[*i];
+        a.push(("switchyard.upstream.instance", text(&endpoint.instance.id)));
+        a.push((
+            "switchyard.upstream.address",
+            text(endpoint.authority.as_str()),
+        ));
+    }
+    if ex.upstream_status != 0 {
+        a.push((
+            "switchyard.upstream.status_code",
+            i64::from(ex.upstream_status).into(),
+        ));
+    }
+    a.push(("switchyard.tries", i64::from(ex.tries).into()));
+    a.push((
+        "switchyard.retries",
+        i64::from(ex.tries.saturating_sub(1)).into(),
+    ));
+    a.push(("switchyard.auth", ex.auth.into()));
+    if !ex.auth_reason.is_empty() {
+        a.push(("switchyard.auth.reason", ex.auth_reason.into()));
+    }
+    if let Some(consumer) = &ex.consumer {
+        a.push(("enduser.id", text(consumer)));
+    }
+    a.push((
+        "switchyard.request_id",
+        text(ex.request_id.to_str().unwrap_or("")),
+    ));
+    FinishedSpan {
+        trace_id: ex.trace.trace_id,
+        span_id: ex.trace.span_id,
+        parent_id: ex.trace.parent_id,
+        name,
+        start,
+        end,
+        attributes: a,
+        error: status >= 500,
     }
 }
 

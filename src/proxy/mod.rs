@@ -23,9 +23,10 @@ use tokio::sync::Semaphore;
 use crate::access_log::AccessLog;
 use crate::auth::Authenticator;
 use crate::config::ProxySection;
+use crate::otel_export::SpanSink;
 use crate::policy::Edge;
 use crate::state::State;
-use crate::trace_context::Sampler;
+use crate::trace_context::{Sampler, TraceContext};
 use crate::upstream_tls::UpstreamTls;
 
 pub use error::ProxyError;
@@ -82,8 +83,15 @@ pub struct Gateway {
     access_log: Option<Arc<AccessLog>>,
     budget: retry::RetryBudget,
     connections: Arc<Semaphore>,
+    tracing: RequestTracing,
+}
+
+/// What the request path does for distributed tracing (`[tracing]`).
+pub struct RequestTracing {
     /// Which new traces are sampled (`tracing.sample_ratio`).
-    sampler: Sampler,
+    pub sampler: Sampler,
+    /// The export queue of sampled requests' spans, when `tracing.otlp_endpoint` is set.
+    pub spans: Option<SpanSink>,
 }
 
 impl Gateway {
@@ -94,7 +102,7 @@ impl Gateway {
         upstream_tls: Option<UpstreamTls>,
         proxy: &ProxySection,
         access_log: Option<Arc<AccessLog>>,
-        sampler: Sampler,
+        tracing: RequestTracing,
     ) -> Gateway {
         let clients = Arc::new(upstream::Clients::new(
             upstream_tls,
@@ -111,8 +119,13 @@ impl Gateway {
             access_log,
             budget: retry::RetryBudget::new(proxy.retry_budget_percent),
             connections: Arc::new(Semaphore::new(proxy.max_connections.max(1))),
-            sampler,
+            tracing,
         }
+    }
+
+    /// Whether this request's span is recorded (sampled, and spans are exported).
+    fn records(&self, trace: &TraceContext) -> bool {
+        trace.sampled && self.tracing.spans.is_some()
     }
 
     pub fn settings(&self) -> &ProxySettings {
