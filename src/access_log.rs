@@ -358,13 +358,6 @@ fn civil_date(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
-fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for &b in bytes {
-        out.extend_from_slice(&[DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0xf)]]);
-    }
-}
-
 fn push_int(out: &mut Vec<u8>, n: impl itoa::Integer) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
@@ -459,7 +452,7 @@ fn format_text(out: &mut Vec<u8>, now: SystemTime, l: &AccessLine<'_>) {
     out.extend_from_slice(b"  INFO access: request_id=");
     push_quoted(out, l.request_id);
     out.extend_from_slice(b" trace_id=");
-    push_hex(out, &l.trace_id);
+    crate::hex::push(out, &l.trace_id);
     out.extend_from_slice(b" method=");
     push_quoted(out, l.method.as_bytes());
     out.extend_from_slice(b" path=");
@@ -495,7 +488,7 @@ fn format_json(out: &mut Vec<u8>, now: SystemTime, l: &AccessLine<'_>) {
     out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"access\",\"request_id\":");
     push_quoted(out, l.request_id);
     out.extend_from_slice(b",\"trace_id\":\"");
-    push_hex(out, &l.trace_id);
+    crate::hex::push(out, &l.trace_id);
     out.extend_from_slice(b"\",\"method\":");
     push_quoted(out, l.method.as_bytes());
     out.extend_from_slice(b",\"path\":");

@@ -27,6 +27,7 @@ pub mod discovery;
 // Entry points of the fuzz targets (fuzz/) and of their corpus replay (tests/fuzz_corpus.rs).
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hex;
 pub mod http1;
 pub mod metrics;
 pub mod otel_export;

@@ -299,14 +299,10 @@ impl TraceContext {
     }
 }
 
-/// Hex digits of `n`, the last `out.len()` of its 32, most significant first.
+/// Hex digits of `n`, the last `out.len()` (even) of its 32, most significant first.
 fn put_hex(out: &mut [u8], n: u128) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let len = out.len();
-    for (i, digit) in out.iter_mut().enumerate() {
-        let shift = 4 * (len - 1 - i);
-        *digit = HEX[((n >> shift) & 0xf) as usize];
-    }
+    let bytes = n.to_be_bytes();
+    crate::hex::encode_into(out, &bytes[16 - out.len() / 2..]);
 }
 
 /// An id shown as lower-case hex (trace ids in the access log, span ids in messages).

@@ -203,32 +203,10 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 
 /// 128 random bits as 32 lower-case hex digits.
 pub fn new_request_id() -> HeaderValue {
-    let text = hex_128(rand::random());
+    let text = crate::hex::u128_digits(rand::random());
     // Owned by a shared buffer: the request and the response each hold a reference.
     // SAFETY: hex digits are visible ASCII, which a `HeaderValue` may hold.
     unsafe { HeaderValue::from_maybe_shared_unchecked(Bytes::from_owner(text)) }
-}
-
-/// Every byte as its two lower-case hex digits.
-static HEX_PAIRS: [[u8; 2]; 256] = {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut table = [[0u8; 2]; 256];
-    let mut b = 0;
-    while b < 256 {
-        table[b] = [DIGITS[b >> 4], DIGITS[b & 0xf]];
-        b += 1;
-    }
-    table
-};
-
-/// `n` as 32 lower-case hex digits, a byte at a time (a digit at a time cost a request
-/// some 250 instructions).
-fn hex_128(n: u128) -> [u8; 32] {
-    let mut text = [0u8; 32];
-    for (pair, byte) in text.chunks_exact_mut(2).zip(n.to_be_bytes()) {
-        pair.copy_from_slice(&HEX_PAIRS[byte as usize]);
-    }
-    text
 }
 
 /// Appends the gateway to `Via`.
@@ -368,19 +346,6 @@ mod tests {
             .as_bytes()
             .iter()
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
-    }
-
-    #[test]
-    fn hex_digits_are_those_of_format() {
-        for n in [
-            0u128,
-            1,
-            0xdead_beef,
-            u128::MAX,
-            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
-        ] {
-            assert_eq!(hex_128(n).as_slice(), format!("{n:032x}").as_bytes());
-        }
     }
 
     #[test]
