@@ -246,6 +246,9 @@ pub struct AuthSection {
     /// Client-sent headers always removed before auth, on every route. Headers written by
     /// JWT providers (`claims_to_headers`, `payload_header`) are removed too, automatically.
     pub strip_headers: Vec<String>,
+    /// Failed token verifications a client address may cause before its tokens are refused
+    /// (429) without verification, until the budget refills.
+    pub failure_budget: FailureBudgetSection,
 }
 
 impl Default for AuthSection {
@@ -255,6 +258,40 @@ impl Default for AuthSection {
             api_key_header: "X-API-Key".into(),
             consumer_header: "X-Consumer".into(),
             strip_headers: vec!["X-User-Id".into()],
+            failure_budget: FailureBudgetSection::default(),
+        }
+    }
+}
+
+/// `[auth.failure_budget]`: see `auth::failure_budget`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailureBudgetSection {
+    /// Failed verifications in a row before a client is refused; 0 turns the budget off.
+    pub burst: u32,
+    /// Failed verifications a client regains per second.
+    pub per_second: f64,
+    /// Client addresses tracked at most (16 bytes each, plus the map's overhead).
+    pub max_clients: usize,
+}
+
+impl Default for FailureBudgetSection {
+    fn default() -> Self {
+        let d = crate::auth::FailureBudgetSettings::default();
+        Self {
+            burst: d.burst,
+            per_second: d.per_second,
+            max_clients: d.max_clients,
+        }
+    }
+}
+
+impl FailureBudgetSection {
+    pub fn settings(&self) -> crate::auth::FailureBudgetSettings {
+        crate::auth::FailureBudgetSettings {
+            burst: self.burst,
+            per_second: self.per_second,
+            max_clients: self.max_clients,
         }
     }
 }
@@ -847,6 +884,9 @@ impl FileConfig {
                 "auth.realm",
                 "must be non-empty text without quotes",
             ));
+        }
+        if let Some(problem) = self.auth.failure_budget.settings().problem() {
+            return Err(invalid("auth.failure_budget", problem));
         }
         for (field, name) in [
             ("auth.api_key_header", &self.auth.api_key_header),

@@ -4,6 +4,7 @@
 //! except on a broken invariant (which is what the fuzzer is looking for).
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use crate::auth::api_key::{ApiKeyDoc, ApiKeyRecord, ApiKeyStore};
 use crate::auth::docs::KvDocs;
 use crate::auth::jwt::Provider;
-use crate::auth::{AuthSettings, Authenticator, Requirement};
+use crate::auth::{AuthSettings, Authenticator, FailureBudgetSettings, Requirement};
 use crate::consul::watch::{CatalogServices, Source};
 use crate::consul::{ClientSettings, ConsulClient, KvPair, KvPrefix};
 use crate::discovery::watcher::HealthSource;
@@ -190,6 +191,8 @@ pub fn api_key_document(data: &[u8]) {
 
 /// HMAC secret of the provider behind [`jwt_token`].
 const JWT_SECRET: &[u8] = b"switchyard-fuzz-hmac-secret-0123456789abcdef";
+/// The client address the fuzzed requests come from.
+const FUZZ_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// `iss` of that provider; tokens signed by the target carry whatever the input says.
 pub const JWT_ISSUER: &str = "https://id.fuzz.example";
 
@@ -221,7 +224,15 @@ fn jwt_target() -> Option<&'static JwtTarget> {
                 "cache_entries": 0,
             });
             let providers = BTreeMap::from([("main".to_string(), doc)]);
-            let auth = Authenticator::new(AuthSettings::default(), "fuzz/", &providers);
+            // No failure budget: every input must reach the verifier.
+            let settings = AuthSettings {
+                failure_budget: FailureBudgetSettings {
+                    burst: 0,
+                    ..FailureBudgetSettings::default()
+                },
+                ..AuthSettings::default()
+            };
+            let auth = Authenticator::new(settings, "fuzz/", &providers);
             let _ = std::fs::remove_file(&path);
             let requirement = Requirement::new(vec!["main".into()], true, Vec::new(), None).ok()?;
             Some(JwtTarget {
@@ -244,7 +255,7 @@ pub fn jwt_token(data: &[u8]) {
     let admit = |uri: &Uri, mut headers: HeaderMap| {
         let _ = target
             .auth
-            .admit(&target.requirement, uri, &mut headers)
+            .admit(&target.requirement, FUZZ_CLIENT, uri, &mut headers)
             .now_or_never();
     };
     let root = Uri::from_static("/r");
@@ -677,7 +688,12 @@ mod tests {
         headers.insert(http::header::AUTHORIZATION, bearer);
         let admitted = target
             .auth
-            .admit(&target.requirement, &Uri::from_static("/r"), &mut headers)
+            .admit(
+                &target.requirement,
+                FUZZ_CLIENT,
+                &Uri::from_static("/r"),
+                &mut headers,
+            )
             .now_or_never()
             .expect("no JWKS to wait for");
         let identity = admitted.expect("admitted").expect("an identity");

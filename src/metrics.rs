@@ -27,6 +27,7 @@ pub const SNAPSHOTS: &str = "switchyard_snapshots_published_total";
 pub const ROUTES: &str = "switchyard_routes";
 pub const ROUTE_REJECTED: &str = "switchyard_route_rejected_total";
 pub const AUTH_FAILURES: &str = "switchyard_auth_failures_total";
+pub const AUTH_FAILURE_BUDGET_EVICTIONS: &str = "switchyard_auth_failure_budget_evictions_total";
 pub const RATE_LIMITED: &str = "switchyard_rate_limited_total";
 pub const IP_DENIED: &str = "switchyard_ip_denied_total";
 pub const CORS_PREFLIGHTS: &str = "switchyard_cors_preflights_total";
@@ -242,6 +243,10 @@ fn describe() {
     describe_gauge!(ROUTES, "Routes in the live table.");
     describe_counter!(ROUTE_REJECTED, "Route documents rejected, by key.");
     describe_counter!(AUTH_FAILURES, "Requests refused by edge auth, by reason.");
+    describe_counter!(
+        AUTH_FAILURE_BUDGET_EVICTIONS,
+        "Client addresses dropped from the failed-verification budget before it refilled (max_clients reached)."
+    );
     describe_counter!(RATE_LIMITED, "Requests refused by a rate limit, by route.");
     describe_counter!(IP_DENIED, "Requests refused by IP rules, by route.");
     describe_counter!(

@@ -713,3 +713,82 @@ async fn the_bearer_scheme_is_case_insensitive_and_cookies_work_where_enabled() 
     assert_eq!(env.hits(), before);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_flood_of_bad_signatures_spends_only_its_senders_budget() {
+    let env = Env::start_with(|f| {
+        // Loopback is the trusted proxy, so X-Forwarded-For names each test client.
+        f.proxy.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        f.auth.failure_budget.burst = 3;
+        f.auth.failure_budget.per_second = 0.01;
+    })
+    .await;
+    env.route("api", "/api", json!({"auth": {"jwt": ["cfg"]}}))
+        .await;
+    let from = |ip: &str, token: &str| {
+        env.bearer("/api/x", token)
+            .header("x-forwarded-for", ip.to_string())
+    };
+    let refusals = || {
+        env.gw.metric(
+            "switchyard_auth_failures_total",
+            &[("reason", "failure_budget")],
+        )
+    };
+    let refused_before = refusals().await;
+    let valid = tokens::rs256("r", &claims("alice", json!({})));
+    let resp = from("10.9.9.9", &valid).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "the attacker's address had a good token verified"
+    );
+
+    // Distinct well-formed tokens whose signatures are wrong: the budget is 3 of them.
+    let bad = |i: u64| tokens::tampered(&valid, &claims("mallory", json!({"n": i})));
+    let before = env.hits();
+    for i in 0..3 {
+        let resp = from("10.9.9.9", &bad(i)).send().await.unwrap();
+        assert_eq!(
+            resp.status(),
+            401,
+            "bad signature {i} is verified and refused"
+        );
+        assert!(
+            challenge(&resp).contains("invalid signature"),
+            "{}",
+            challenge(&resp)
+        );
+    }
+    for i in 3..10 {
+        let resp = from("10.9.9.9", &bad(i)).send().await.unwrap();
+        assert_eq!(
+            resp.status(),
+            429,
+            "bad signature {i} is refused unverified"
+        );
+        let retry: u64 = resp.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=100).contains(&retry), "Retry-After {retry}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "too_many_invalid_tokens");
+    }
+    assert_eq!(env.hits(), before, "nothing reached the upstream");
+    assert!(refusals().await >= refused_before + 7.0);
+
+    // The spent address: a token it never showed is refused, the one verified before is not.
+    let fresh = tokens::rs256("r", &claims("alice", json!({"n": "fresh"})));
+    let resp = from("10.9.9.9", &fresh).send().await.unwrap();
+    assert_eq!(resp.status(), 429);
+    let resp = from("10.9.9.9", &valid).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "a cached token still passes");
+    // Another address is not affected: its good tokens pass and its bad ones are verified.
+    let resp = from("10.1.1.1", &fresh).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = from("10.1.1.1", &bad(99)).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    env.stop().await;
+}

@@ -4,14 +4,16 @@
 //! (KV wins on a name clash; a bad document keeps that key's last good version).
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use http::header::{ACCEPT, AUTHORIZATION, CACHE_CONTROL, LOCATION, WWW_AUTHENTICATE};
+use http::header::{ACCEPT, AUTHORIZATION, CACHE_CONTROL, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 
 use super::api_key::{ApiKeyRecord, ApiKeyStore, APIKEYS_DIR};
 use super::docs::{DocRejection, KvDocs};
+use super::failure_budget::{FailureBudget, FailureBudgetSettings};
 use super::identity_headers;
 use super::jwt::{Provider, ProviderError, TokenSource};
 use super::{AuthError, Identity, Requirement};
@@ -32,6 +34,8 @@ pub struct AuthSettings {
     pub consumer_header: HeaderName,
     /// Headers always stripped from client requests, besides those providers write.
     pub strip_headers: Vec<HeaderName>,
+    /// Failed verifications per client address before its tokens are refused unverified.
+    pub failure_budget: FailureBudgetSettings,
 }
 
 impl Default for AuthSettings {
@@ -41,6 +45,7 @@ impl Default for AuthSettings {
             api_key_header: HeaderName::from_static("x-api-key"),
             consumer_header: HeaderName::from_static("x-consumer"),
             strip_headers: vec![HeaderName::from_static("x-user-id")],
+            failure_budget: FailureBudgetSettings::default(),
         }
     }
 }
@@ -60,6 +65,7 @@ impl AuthSettings {
                 .iter()
                 .map(|h| header(h))
                 .collect::<Result<_, _>>()?,
+            failure_budget: section.failure_budget.settings(),
         })
     }
 }
@@ -86,7 +92,10 @@ impl AuthRejection {
     /// The machine-readable reason: the RFC 6750 code, or `unauthorized` when no
     /// credential was presented.
     pub fn code(&self) -> &'static str {
-        self.error.oauth_code().unwrap_or("unauthorized")
+        match self.error {
+            AuthError::TooManyFailures { .. } => "too_many_invalid_tokens",
+            _ => self.error.oauth_code().unwrap_or("unauthorized"),
+        }
     }
 
     /// A redirect to a login page answers with no body.
@@ -117,6 +126,7 @@ struct Control {
 pub struct Authenticator {
     settings: AuthSettings,
     client: reqwest::Client,
+    failure_budget: FailureBudget,
     live: ArcSwap<Live>,
     control: Mutex<Control>,
 }
@@ -144,6 +154,7 @@ impl Authenticator {
             );
         }
         let auth = Authenticator {
+            failure_budget: FailureBudget::new(settings.failure_budget),
             settings,
             client,
             live: ArcSwap::default(),
@@ -276,9 +287,11 @@ impl Authenticator {
             .any(|owned| identity_headers::folds_into(name.as_str(), owned.as_str()))
     }
 
-    /// Checks a request against a requirement. `Ok(None)`: the route is open.
+    /// Checks a request from `client` (its address, for the failure budget) against a
+    /// requirement. `Ok(None)`: the route is open.
     pub async fn authenticate(
         &self,
+        client: IpAddr,
         uri: &Uri,
         headers: &HeaderMap,
         requirement: &Requirement,
@@ -300,7 +313,10 @@ impl Authenticator {
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
-                Ok(Some((token, source))) => match provider.verify(&token).await {
+                Ok(Some((token, source))) => match provider
+                    .verify_guarded(&token, Some((&self.failure_budget, client)))
+                    .await
+                {
                     Ok(identity) => {
                         let remove = (source == TokenSource::Bearer
                             && provider.remove_authorization())
@@ -345,11 +361,12 @@ impl Authenticator {
     pub async fn admit(
         &self,
         requirement: &Requirement,
+        client: IpAddr,
         uri: &Uri,
         headers: &mut HeaderMap,
     ) -> Result<Option<Arc<Identity>>, AuthRejection> {
         self.strip_forged(headers);
-        match self.authenticate(uri, headers, requirement).await {
+        match self.authenticate(client, uri, headers, requirement).await {
             Ok(None) => Ok(None),
             Ok(Some(grant)) => {
                 identity_headers::apply(headers, &grant.identity, grant.remove.as_ref());
@@ -373,6 +390,14 @@ impl Authenticator {
     ) -> AuthRejection {
         let mut headers = HeaderMap::new();
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let AuthError::TooManyFailures { retry_after_s } = error {
+            headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_s));
+            return AuthRejection {
+                status: error.status(),
+                headers,
+                error,
+            };
+        }
         if error.status() == StatusCode::UNAUTHORIZED && accepts_html(request) {
             if let Some(location) = &requirement.redirect {
                 headers.insert(LOCATION, location.clone());

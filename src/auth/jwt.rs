@@ -7,6 +7,7 @@
 //! ignored); a `crit` header. `kid` only selects among the provider's own keys.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +18,7 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
 use super::cache::{self, TokenCache};
+use super::failure_budget::FailureBudget;
 use super::jwks::{Jwks, JwksSettings};
 use super::keys::{parse_algorithm, Key, KeyError, KeySet, KeySpec};
 use super::{scopes_of, AuthError, AuthMethod, Identity};
@@ -366,6 +368,16 @@ impl Provider {
 
     /// Verifies a token, from the cache when it was verified before.
     pub async fn verify(&self, token: &str) -> Result<Arc<Identity>, AuthError> {
+        self.verify_guarded(token, None).await
+    }
+
+    /// [`Provider::verify`], where a token not in the cache is only verified while the
+    /// client's failure budget lasts, and a verification that fails spends it.
+    pub async fn verify_guarded(
+        &self,
+        token: &str,
+        guard: Option<(&FailureBudget, IpAddr)>,
+    ) -> Result<Arc<Identity>, AuthError> {
         if token.len() > self.doc.max_token_bytes {
             return Err(AuthError::TooLarge {
                 max: self.doc.max_token_bytes,
@@ -377,7 +389,22 @@ impl Provider {
         if let Some(identity) = self.cache.get(&key, now, generation) {
             return Ok(identity);
         }
-        let identity = Arc::new(self.verify_uncached(token).await?);
+        if let Some((budget, client)) = guard {
+            if let Some(wait) = budget.spent(client) {
+                return Err(AuthError::TooManyFailures {
+                    retry_after_s: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+                });
+            }
+        }
+        let identity = match self.verify_uncached(token).await {
+            Ok(identity) => Arc::new(identity),
+            Err(e) => {
+                if let Some((budget, client)) = guard.filter(|_| e.spent_verification()) {
+                    budget.charge(client);
+                }
+                return Err(e);
+            }
+        };
         let valid_until = match identity.expires_at {
             Some(exp) => exp.saturating_add(self.leeway),
             None => now + NO_EXP_CACHE_S,

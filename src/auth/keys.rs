@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk};
-use jsonwebtoken::{Algorithm, DecodingKey};
+use jsonwebtoken::{Algorithm, DecodingKey, DecodingKeyKind};
 use serde::Deserialize;
 
 /// HMAC secrets shorter than this are refused (RFC 7518 §3.2: at least the hash size; 32
@@ -271,6 +271,9 @@ fn from_pem(pem: &str, alg: Option<Algorithm>, label: &str) -> Result<Key, KeyEr
             }
         };
         if let Ok(decoding) = decoding {
+            if family == Family::Rsa {
+                check_rsa_size(&decoding, label)?;
+            }
             return Ok(Key {
                 kid: None,
                 alg: None,
@@ -333,6 +336,9 @@ fn from_jwk(value: &serde_json::Value, label: &str) -> Result<Key, KeyError> {
     }
     let decoding = DecodingKey::from_jwk(&jwk)
         .map_err(|e| invalid(label, format!("not a usable JWK: {e}")))?;
+    if family == Family::Rsa {
+        check_rsa_size(&decoding, label)?;
+    }
     Ok(Key {
         kid: jwk.common.key_id.clone().filter(|k| !k.is_empty()),
         alg: alg.or(implied),
@@ -340,6 +346,61 @@ fn from_jwk(value: &serde_json::Value, label: &str) -> Result<Key, KeyError> {
         secret_len: 0,
         decoding,
     })
+}
+
+/// RSA public keys must be 2048 to 8192 bits (what the verifier accepts): a shorter key is
+/// an error here, where the operator sees it, not a stream of "invalid signature" later.
+fn check_rsa_size(key: &DecodingKey, label: &str) -> Result<(), KeyError> {
+    let n = match key.kind() {
+        DecodingKeyKind::SecretOrDer(der) => {
+            // PKCS#1 RSAPublicKey DER: the verifier's parser checks the encoding.
+            aws_lc_rs::signature::ParsedPublicKey::new(
+                &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
+                der,
+            )
+            .map_err(|e| invalid(label, format!("RSA key refused: {e}")))?;
+            pkcs1_modulus(der).ok_or_else(|| invalid(label, "RSA key refused: bad DER"))?
+        }
+        DecodingKeyKind::RsaModulusExponent { n, .. } => n.as_slice(),
+    };
+    let n = &n[n.iter().take_while(|b| **b == 0).count()..];
+    let bits = n.first().map_or(0, |top| {
+        (n.len() - 1) * 8 + (8 - top.leading_zeros() as usize)
+    });
+    if (2048..=8192).contains(&bits) {
+        Ok(())
+    } else {
+        Err(invalid(
+            label,
+            format!("RSA key of {bits} bits: 2048 to 8192 bits are accepted"),
+        ))
+    }
+}
+
+/// The modulus of a PKCS#1 `RSAPublicKey ::= SEQUENCE { modulus INTEGER, ... }`.
+fn pkcs1_modulus(der: &[u8]) -> Option<&[u8]> {
+    // One DER element at the start of `input`: (tag, contents, rest).
+    fn element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, input) = input.split_first()?;
+        let (&first, input) = input.split_first()?;
+        let (len, input) = match first {
+            0..=0x7f => (usize::from(first), input),
+            0x81..=0x82 => {
+                let (bytes, input) = input.split_at_checked(usize::from(first & 0x7f))?;
+                (bytes.iter().fold(0, |n, b| n << 8 | usize::from(*b)), input)
+            }
+            _ => return None,
+        };
+        let (contents, rest) = input.split_at_checked(len)?;
+        Some((tag, contents, rest))
+    }
+    let (0x30, sequence, _) = element(der)? else {
+        return None;
+    };
+    let (0x02, modulus, _) = element(sequence)? else {
+        return None;
+    };
+    Some(modulus)
 }
 
 /// Keys by kid, plus those without one. Immutable once built; JWKS refreshes build a new
@@ -426,6 +487,29 @@ mod tests {
         let k = Key::from_spec(&spec(serde_json::json!({"pem": EC_PUBLIC})), "e").unwrap();
         assert_eq!(k.family(), Family::Ec);
         assert!(!k.allows(Algorithm::HS256));
+    }
+
+    #[test]
+    fn rsa_keys_under_2048_bits_are_refused_when_loaded() {
+        const RSA_1024: &str = "-----BEGIN PUBLIC KEY-----\nMIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQCzSOPTe26wQRieu2Flk1kiZ3xW\nWuCmaiqPCcrpYvN8Krfo/ySDoeMUoUahladbyLM4pvb8vrVYN3aP8jNqzC4mpbhG\nylpfefPFW98iX2ZGmZF5ZXQ76mVC9HF+9AGwXfRJRzBpxveZbhN8wN4JNRO+kC74\n427tOeEEzt89v3PHxQIDAQAB\n-----END PUBLIC KEY-----\n";
+        let err = Key::from_spec(&spec(serde_json::json!({"pem": RSA_1024})), "short")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("2048 to 8192 bits"), "{err}");
+        // The same size given as JWK components (n is 128 bytes, leading zero allowed).
+        let n = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            [&[0u8][..], &[0xc5; 128][..]].concat(),
+        );
+        let jwk = serde_json::json!({"kty": "RSA", "n": n, "e": "AQAB"});
+        let err = Key::from_jwk_value(&jwk).unwrap_err().to_string();
+        assert!(err.contains("RSA key of 1024 bits"), "{err}");
+        let n = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            [0xc5; 256],
+        );
+        let jwk = serde_json::json!({"kty": "RSA", "n": n, "e": "AQAB"});
+        Key::from_jwk_value(&jwk).unwrap();
     }
 
     #[test]

@@ -11,12 +11,15 @@
 //! - [`api_key`]: hashed API keys from KV, compared in constant time.
 //! - [`identity_headers`]: forged identity headers out, verified ones in.
 //! - [`cache`]: verified tokens by hash, so a token's signature is checked once.
+//! - [`failure_budget`]: failed verifications per client address, so tokens with bad
+//!   signatures cannot make every request cost a signature check.
 //! - [`docs`]: KV documents (providers, API keys) with the last good version per key.
 
 pub mod api_key;
 mod authenticator;
 pub mod cache;
 pub mod docs;
+pub mod failure_budget;
 pub mod identity_headers;
 pub mod jwks;
 pub mod jwt;
@@ -27,6 +30,7 @@ use std::sync::Arc;
 use http::{HeaderName, HeaderValue, StatusCode};
 
 pub use authenticator::{AuthRejection, AuthSettings, Authenticator, Grant};
+pub use failure_budget::{FailureBudget, FailureBudgetSettings};
 
 /// How a caller proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,12 +243,17 @@ pub enum AuthError {
     UnknownProvider,
     #[error("insufficient scope")]
     InsufficientScope { missing: Vec<String> },
+    /// This client's budget of failed verifications is spent: its tokens are refused
+    /// without verification for a while.
+    #[error("too many invalid tokens from this address; retry in {retry_after_s} s")]
+    TooManyFailures { retry_after_s: u64 },
 }
 
 impl AuthError {
     pub fn status(&self) -> StatusCode {
         match self {
             AuthError::InsufficientScope { .. } => StatusCode::FORBIDDEN,
+            AuthError::TooManyFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
             AuthError::Missing
             | AuthError::TooLarge { .. }
             | AuthError::Malformed(_)
@@ -280,13 +289,29 @@ impl AuthError {
             AuthError::DisabledApiKey => "disabled_api_key",
             AuthError::UnknownProvider => "unknown_provider",
             AuthError::InsufficientScope { .. } => "insufficient_scope",
+            AuthError::TooManyFailures { .. } => "failure_budget",
         }
+    }
+
+    /// Whether this failure came out of a signature check (bad signature, or a good one on
+    /// claims that do not pass): what the failure budget counts. Failures found before any
+    /// crypto (size, syntax, algorithm, unknown key) cost next to nothing.
+    pub fn spent_verification(&self) -> bool {
+        matches!(
+            self,
+            AuthError::Signature
+                | AuthError::Expired
+                | AuthError::NotYetValid
+                | AuthError::Issuer
+                | AuthError::Audience
+                | AuthError::MissingClaim(_)
+        )
     }
 
     /// The RFC 6750 `error` code (`None` when no credential was presented at all).
     pub fn oauth_code(&self) -> Option<&'static str> {
         match self {
-            AuthError::Missing => None,
+            AuthError::Missing | AuthError::TooManyFailures { .. } => None,
             AuthError::InsufficientScope { .. } => Some("insufficient_scope"),
             AuthError::Malformed(_) => Some("invalid_request"),
             _ => Some("invalid_token"),

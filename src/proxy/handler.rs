@@ -333,7 +333,7 @@ impl Gateway {
 
         let identity = match self
             .auth
-            .admit(&route.auth, &parts.uri, &mut parts.headers)
+            .admit(&route.auth, ex.client_ip, &parts.uri, &mut parts.headers)
             .await
         {
             Ok(identity) => identity,

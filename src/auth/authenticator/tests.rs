@@ -66,6 +66,19 @@ fn uri() -> Uri {
     "/orders?x=1".parse().unwrap()
 }
 
+const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+impl Authenticator {
+    async fn admit_local(
+        &self,
+        requirement: &Requirement,
+        uri: &Uri,
+        headers: &mut HeaderMap,
+    ) -> Result<Option<Arc<Identity>>, AuthRejection> {
+        self.admit(requirement, LOCAL, uri, headers).await
+    }
+}
+
 #[tokio::test]
 async fn an_open_route_still_loses_forged_identity_headers() {
     let a = authenticator(BTreeMap::from([("main".into(), provider_doc(json!({})))]));
@@ -74,7 +87,10 @@ async fn an_open_route_still_loses_forged_identity_headers() {
         ("x-consumer", "billing"),
         ("x-ok", "1"),
     ]);
-    let out = a.admit(&Requirement::open(), &uri(), &mut h).await.unwrap();
+    let out = a
+        .admit_local(&Requirement::open(), &uri(), &mut h)
+        .await
+        .unwrap();
     assert!(out.is_none());
     assert!(!h.contains_key("x-user-id") && !h.contains_key("x-consumer"));
     assert_eq!(h["x-ok"], "1");
@@ -90,7 +106,7 @@ async fn a_valid_token_replaces_forged_headers_with_verified_ones() {
         ("connection", "X-User-Id, keep-alive"),
     ]);
     let id = a
-        .admit(
+        .admit_local(
             &req(&["main"], false, &["orders:read"], None),
             &uri(),
             &mut h,
@@ -116,7 +132,7 @@ async fn missing_scope_is_403_with_the_scope_in_the_challenge() {
     let t = format!("Bearer {}", token(json!({"scope": "orders:read"})));
     let mut h = headers(&[("authorization", &t)]);
     let r = a
-        .admit(
+        .admit_local(
             &req(&["main"], false, &["orders:write"], None),
             &uri(),
             &mut h,
@@ -136,7 +152,7 @@ async fn missing_scope_is_403_with_the_scope_in_the_challenge() {
 async fn failures_are_401_with_a_bearer_challenge() {
     let a = authenticator(BTreeMap::from([("main".into(), provider_doc(json!({})))]));
     let r = a
-        .admit(
+        .admit_local(
             &req(&["main"], false, &[], None),
             &uri(),
             &mut HeaderMap::new(),
@@ -148,7 +164,7 @@ async fn failures_are_401_with_a_bearer_challenge() {
     assert_eq!(r.headers[WWW_AUTHENTICATE], "Bearer realm=\"switchyard\"");
     let t = format!("Bearer {}", token(json!({"aud": "web"})));
     let r = a
-        .admit(
+        .admit_local(
             &req(&["main"], false, &[], None),
             &uri(),
             &mut headers(&[("authorization", &t)]),
@@ -168,11 +184,11 @@ async fn browsers_are_sent_to_the_login_page() {
     let a = authenticator(BTreeMap::from([("main".into(), provider_doc(json!({})))]));
     let route = req(&["main"], false, &[], Some("https://login.example.com/"));
     let mut h = headers(&[("accept", "text/html,application/xhtml+xml")]);
-    let r = a.admit(&route, &uri(), &mut h).await.unwrap_err();
+    let r = a.admit_local(&route, &uri(), &mut h).await.unwrap_err();
     assert_eq!(r.status, StatusCode::FOUND);
     assert_eq!(r.headers[LOCATION], "https://login.example.com/");
     let r = a
-        .admit(
+        .admit_local(
             &route,
             &uri(),
             &mut headers(&[("accept", "application/json")]),
@@ -197,12 +213,16 @@ async fn api_keys_come_from_kv_and_never_travel_upstream() {
     assert_eq!(a.rejections().len(), 1);
     let route = req(&[], true, &["orders:read"], None);
     let mut h = headers(&[("x-api-key", &good.key), ("x-consumer", "forged")]);
-    let id = a.admit(&route, &uri(), &mut h).await.unwrap().unwrap();
+    let id = a
+        .admit_local(&route, &uri(), &mut h)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(id.consumer.as_deref(), Some("billing"));
     assert_eq!(h["x-consumer"], "billing");
     assert!(!h.contains_key("x-api-key"));
     let r = a
-        .admit(&route, &uri(), &mut headers(&[("x-api-key", &off.key)]))
+        .admit_local(&route, &uri(), &mut headers(&[("x-api-key", &off.key)]))
         .await
         .unwrap_err();
     assert_eq!(
@@ -214,7 +234,7 @@ async fn api_keys_come_from_kv_and_never_travel_upstream() {
         .unwrap()
         .starts_with("ApiKey"));
     let r = a
-        .admit(&route, &uri(), &mut headers(&[("x-api-key", "sy_guess")]))
+        .admit_local(&route, &uri(), &mut headers(&[("x-api-key", "sy_guess")]))
         .await
         .unwrap_err();
     assert_eq!(r.error, AuthError::UnknownApiKey);
@@ -230,11 +250,15 @@ async fn either_credential_satisfies_a_route_that_takes_both() {
     let route = req(&["main"], true, &[], None);
     let bad = format!("Bearer {}", token(json!({"iss": "https://evil"})));
     let mut h = headers(&[("authorization", &bad), ("x-api-key", &k.key)]);
-    let id = a.admit(&route, &uri(), &mut h).await.unwrap().unwrap();
+    let id = a
+        .admit_local(&route, &uri(), &mut h)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(id.consumer.as_deref(), Some("svc"));
     let t = format!("Bearer {}", token(json!({})));
     let id = a
-        .admit(&route, &uri(), &mut headers(&[("authorization", &t)]))
+        .admit_local(&route, &uri(), &mut headers(&[("authorization", &t)]))
         .await
         .unwrap()
         .unwrap();
@@ -247,7 +271,7 @@ async fn kv_providers_override_the_config_and_keep_their_last_good_version() {
     let route = req(&["main"], false, &[], None);
     let t = format!("Bearer {}", token(json!({})));
     async fn check(a: &Authenticator, route: &Requirement, t: &str) -> Result<(), AuthError> {
-        a.admit(route, &uri(), &mut headers(&[("authorization", t)]))
+        a.admit_local(route, &uri(), &mut headers(&[("authorization", t)]))
             .await
             .map(|_| ())
             .map_err(|r| r.error)
@@ -284,11 +308,13 @@ async fn provider_headers_are_stripped_on_every_route_and_authorization_can_be_r
         ),
     )]);
     let mut h = headers(&[("x-email", "ceo@example.com"), ("x-user-id", "x")]);
-    a.admit(&Requirement::open(), &uri(), &mut h).await.unwrap();
+    a.admit_local(&Requirement::open(), &uri(), &mut h)
+        .await
+        .unwrap();
     assert!(h.is_empty(), "{h:?}");
     let t = format!("Bearer {}", token(json!({})));
     let mut h = headers(&[("authorization", &t)]);
-    a.admit(&req(&["p"], false, &[], None), &uri(), &mut h)
+    a.admit_local(&req(&["p"], false, &[], None), &uri(), &mut h)
         .await
         .unwrap();
     assert_eq!(h["x-sub"], "alice");
@@ -300,7 +326,7 @@ async fn a_route_naming_only_unknown_providers_fails_closed() {
     let a = authenticator(BTreeMap::new());
     let t = format!("Bearer {}", token(json!({})));
     let r = a
-        .admit(
+        .admit_local(
             &req(&["ghost"], false, &[], None),
             &uri(),
             &mut headers(&[("authorization", &t)]),
@@ -309,4 +335,71 @@ async fn a_route_naming_only_unknown_providers_fails_closed() {
         .unwrap_err();
     assert_eq!(r.error, AuthError::UnknownProvider);
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_client_that_spends_its_failure_budget_is_refused_unverified_and_others_are_not() {
+    std::env::set_var(ENV, SECRET);
+    let settings = AuthSettings {
+        failure_budget: FailureBudgetSettings {
+            burst: 2,
+            per_second: 0.01,
+            max_clients: 100,
+        },
+        ..AuthSettings::default()
+    };
+    let config = BTreeMap::from([("main".into(), provider_doc(json!({})))]);
+    let a = Authenticator::new(settings, "sy/", &config).unwrap();
+    let route = req(&["main"], false, &[], None);
+    let attacker: IpAddr = "192.0.2.66".parse().unwrap();
+    let healthy: IpAddr = "192.0.2.7".parse().unwrap();
+    let bearer = |t: &str| headers(&[("authorization", &format!("Bearer {t}"))]);
+    let cached = token(json!({"sub": "cached"}));
+    a.admit(&route, attacker, &uri(), &mut bearer(&cached))
+        .await
+        .unwrap();
+    let good = token(json!({}));
+    let (head, sig) = good.rsplit_once('.').unwrap();
+    // Distinct tokens, each with a bad signature (its first character changed).
+    let forged = |i: usize| {
+        let other: Vec<char> = "ABCDEFGH"
+            .chars()
+            .filter(|c| !sig.starts_with(*c))
+            .collect();
+        format!("{head}.{}{}", other[i], &sig[1..])
+    };
+    for i in 0..2 {
+        let r = a
+            .admit(&route, attacker, &uri(), &mut bearer(&forged(i)))
+            .await
+            .unwrap_err();
+        assert_eq!(r.error, AuthError::Signature);
+    }
+    let r = a
+        .admit(&route, attacker, &uri(), &mut bearer(&forged(2)))
+        .await
+        .unwrap_err();
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.code(), "too_many_invalid_tokens");
+    assert!(matches!(r.error, AuthError::TooManyFailures { retry_after_s } if retry_after_s >= 99));
+    assert_eq!(r.headers[RETRY_AFTER], "100");
+    assert!(!r.headers.contains_key(WWW_AUTHENTICATE));
+    // Even a good token is not verified for this address now...
+    let r = a
+        .admit(&route, attacker, &uri(), &mut bearer(&good))
+        .await
+        .unwrap_err();
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    // ...but one it already verified still passes, and other addresses are unaffected.
+    a.admit(&route, attacker, &uri(), &mut bearer(&cached))
+        .await
+        .unwrap();
+    a.admit(&route, healthy, &uri(), &mut bearer(&good))
+        .await
+        .unwrap();
+    let r = a
+        .admit(&route, healthy, &uri(), &mut bearer(&forged(3)))
+        .await
+        .unwrap_err();
+    assert_eq!(r.error, AuthError::Signature);
 }

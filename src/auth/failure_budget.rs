@@ -1,0 +1,321 @@
+//! A budget of failed token verifications per client address.
+//!
+//! A token the gateway has not verified before costs a signature check (tens of
+//! microseconds for RSA or ECDSA); a token with a bad signature is never cached, so a client
+//! sending a stream of distinct bad tokens would make every request cost that. Each
+//! verification that ran the crypto and failed (bad signature, or good signature but
+//! expired, wrong issuer...) spends one unit of the client's budget; once it is spent, that
+//! client's tokens are refused (429) without any crypto until the budget refills. Tokens
+//! already in the verified-token cache are still accepted, so a healthy client behind the
+//! same address keeps working; other addresses are not affected at all.
+//!
+//! Memory is bounded: a key is the hash of the address (IPv6 by its /64, the block one
+//! subscriber usually gets, so rotating addresses inside it buys nothing) and its
+//! theoretical arrival time (GCRA), 16 bytes each, at most `max_clients` of them. A full
+//! shard first drops keys whose budget has refilled (indistinguishable from unseen keys),
+//! then evicts a random batch (each evicted key starts again with a full budget).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::net::IpAddr;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+const MAX_SHARDS: usize = 64;
+const KEYS_PER_SHARD: usize = 4096;
+
+/// The budget's settings (`[auth.failure_budget]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FailureBudgetSettings {
+    /// Failed verifications a client may cause in a row; 0 turns the budget off.
+    pub burst: u32,
+    /// Failed verifications a client regains per second.
+    pub per_second: f64,
+    /// Client addresses tracked at most.
+    pub max_clients: usize,
+}
+
+impl Default for FailureBudgetSettings {
+    fn default() -> Self {
+        FailureBudgetSettings {
+            burst: 20,
+            per_second: 1.0,
+            max_clients: 65_536,
+        }
+    }
+}
+
+impl FailureBudgetSettings {
+    /// Why these settings cannot work, if they cannot.
+    pub fn problem(&self) -> Option<&'static str> {
+        if self.burst == 0 {
+            return None;
+        }
+        if !(self.per_second.is_finite() && (0.001..=1_000_000.0).contains(&self.per_second)) {
+            return Some("`per_second` must be between 0.001 and 1000000");
+        }
+        if self.burst > 1_000_000 {
+            return Some("`burst` must be at most 1000000");
+        }
+        if self.max_clients == 0 {
+            return Some("`max_clients` must be at least 1");
+        }
+        None
+    }
+}
+
+/// Passes an already-hashed `u64` through (keys are hashed once, with the budget's seed).
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// Key hash → theoretical arrival time (ns since the budget's epoch).
+type Shard = HashMap<u64, u64, BuildHasherDefault<Prehashed>>;
+
+pub struct FailureBudget {
+    settings: FailureBudgetSettings,
+    /// Time one unit takes to come back, in nanoseconds.
+    interval_ns: u64,
+    /// `interval_ns * burst`: how far ahead of now a key's arrival time may run.
+    tolerance_ns: u64,
+    epoch: Instant,
+    seed: std::collections::hash_map::RandomState,
+    shards: Box<[Mutex<Shard>]>,
+    per_shard: usize,
+}
+
+impl std::fmt::Debug for FailureBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FailureBudget")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl FailureBudget {
+    /// Settings must pass [`FailureBudgetSettings::problem`].
+    pub fn new(settings: FailureBudgetSettings) -> FailureBudget {
+        let interval_ns = if settings.burst == 0 {
+            0
+        } else {
+            (1e9 / settings.per_second).round().max(1.0) as u64
+        };
+        let max_clients = settings.max_clients.max(1);
+        let shards = (max_clients / KEYS_PER_SHARD)
+            .clamp(1, MAX_SHARDS)
+            .next_power_of_two()
+            .min(MAX_SHARDS);
+        FailureBudget {
+            interval_ns,
+            tolerance_ns: interval_ns.saturating_mul(u64::from(settings.burst)),
+            settings,
+            epoch: Instant::now(),
+            seed: Default::default(),
+            shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
+            per_shard: max_clients.div_ceil(shards),
+        }
+    }
+
+    pub fn settings(&self) -> &FailureBudgetSettings {
+        &self.settings
+    }
+
+    /// `Some(wait)` when `client` has spent its budget: how long until it may try again.
+    pub fn spent(&self, client: IpAddr) -> Option<Duration> {
+        self.spent_at(client, self.now_ns())
+    }
+
+    /// Spends one unit of `client`'s budget (a verification that failed).
+    pub fn charge(&self, client: IpAddr) {
+        self.charge_at(client, self.now_ns())
+    }
+
+    pub fn spent_at(&self, client: IpAddr, now_ns: u64) -> Option<Duration> {
+        if self.settings.burst == 0 {
+            return None;
+        }
+        let hash = self.hash(client);
+        let tat = *self.shard(hash).get(&hash)?;
+        // One more failure would push the arrival time past the tolerance.
+        let next = tat.max(now_ns) + self.interval_ns;
+        (next - now_ns > self.tolerance_ns)
+            .then(|| Duration::from_nanos(next - self.tolerance_ns - now_ns))
+    }
+
+    pub fn charge_at(&self, client: IpAddr, now_ns: u64) {
+        if self.settings.burst == 0 {
+            return;
+        }
+        let hash = self.hash(client);
+        let mut shard = self.shard(hash);
+        let stored = shard.get(&hash).copied();
+        if stored.is_none() && shard.len() >= self.per_shard {
+            self.make_room(&mut shard, now_ns);
+        }
+        // Capped: failures while spent (raced past the check) do not extend the wait.
+        let tat = (stored.unwrap_or(0).max(now_ns) + self.interval_ns)
+            .min(now_ns + self.tolerance_ns + self.interval_ns);
+        shard.insert(hash, tat);
+    }
+
+    /// Client addresses tracked right now.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn make_room(&self, shard: &mut Shard, now_ns: u64) {
+        shard.retain(|_, tat| *tat > now_ns);
+        if shard.len() < self.per_shard {
+            return;
+        }
+        // A batch, so a flood of new addresses pays one scan per batch. The seed is random:
+        // which keys go is not something a client can steer.
+        let batch = (self.per_shard / 16).max(1);
+        let victims: Vec<u64> = shard.keys().take(batch).copied().collect();
+        for k in &victims {
+            shard.remove(k);
+        }
+        metrics::counter!(crate::metrics::AUTH_FAILURE_BUDGET_EVICTIONS)
+            .increment(victims.len() as u64);
+    }
+
+    fn hash(&self, client: IpAddr) -> u64 {
+        let mut h = self.seed.build_hasher();
+        match client {
+            IpAddr::V4(v4) => h.write(&v4.octets()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => h.write(&v4.octets()),
+                None => h.write(&v6.octets()[..8]),
+            },
+        }
+        h.finish()
+    }
+
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
+        // Middle bits: the map itself uses the low bits (bucket) and the top 7 (tag).
+        lock(&self.shards[(hash >> 40) as usize & (self.shards.len() - 1)])
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+}
+
+fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // Held for one map operation; a panic cannot leave it half-updated in a way that matters.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn budget(burst: u32, per_second: f64, max_clients: usize) -> FailureBudget {
+        FailureBudget::new(FailureBudgetSettings {
+            burst,
+            per_second,
+            max_clients,
+        })
+    }
+
+    #[test]
+    fn a_client_is_refused_after_its_burst_and_regains_one_try_per_interval() {
+        let b = budget(3, 2.0, 100);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let t = 10 * S;
+        for _ in 0..3 {
+            assert_eq!(b.spent_at(ip, t), None);
+            b.charge_at(ip, t);
+        }
+        let wait = b.spent_at(ip, t).expect("spent after 3 failures");
+        assert_eq!(wait, Duration::from_millis(500));
+        assert!(b.spent_at(ip, t + S / 2 - 1).is_some());
+        assert_eq!(b.spent_at(ip, t + S / 2), None);
+        // More failures while spent do not push the wait further out.
+        for _ in 0..100 {
+            b.charge_at(ip, t);
+        }
+        assert!(b.spent_at(ip, t + S / 2 + S / 2).is_none());
+        assert!(b.spent_at(ip, t + 2 * S).is_none());
+    }
+
+    #[test]
+    fn other_clients_keep_their_own_budget() {
+        let b = budget(1, 1.0, 100);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let c: IpAddr = "192.0.2.2".parse().unwrap();
+        b.charge_at(a, S);
+        assert!(b.spent_at(a, S).is_some());
+        assert_eq!(b.spent_at(c, S), None);
+    }
+
+    #[test]
+    fn ipv6_clients_share_a_budget_per_64_and_mapped_v4_is_v4() {
+        let b = budget(1, 1.0, 100);
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same64: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        b.charge_at(one, S);
+        assert!(b.spent_at(same64, S).is_some());
+        assert_eq!(b.spent_at(other64, S), None);
+        let v4: IpAddr = "198.51.100.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:198.51.100.7".parse().unwrap();
+        b.charge_at(mapped, S);
+        assert!(b.spent_at(v4, S).is_some());
+    }
+
+    #[test]
+    fn memory_stays_bounded_under_a_flood_of_addresses() {
+        let b = budget(2, 1.0, 1000);
+        for i in 0..50_000u32 {
+            b.charge_at(IpAddr::from(i.to_be_bytes()), S);
+        }
+        assert!(b.len() <= 1000, "{} keys", b.len());
+        // Refilled keys are dropped before anything else is evicted.
+        let later = 100 * S;
+        b.charge_at("203.0.113.1".parse().unwrap(), later);
+        assert!(b.len() <= 1000);
+    }
+
+    #[test]
+    fn a_zero_burst_turns_the_budget_off() {
+        let b = budget(0, 0.0, 1);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..10 {
+            b.charge_at(ip, S);
+        }
+        assert_eq!(b.spent_at(ip, S), None);
+        assert!(b.is_empty());
+        let ok = FailureBudgetSettings::default();
+        assert_eq!(ok.problem(), None);
+        let bad = FailureBudgetSettings {
+            per_second: 0.0,
+            ..ok
+        };
+        assert!(bad.problem().is_some());
+        let bad = FailureBudgetSettings {
+            max_clients: 0,
+            ..ok
+        };
+        assert!(bad.problem().is_some());
+    }
+}
