@@ -277,22 +277,30 @@ pub struct FailureBudgetSection {
 
 impl Default for FailureBudgetSection {
     fn default() -> Self {
-        let d = crate::auth::FailureBudgetSettings::default();
         Self {
-            burst: d.burst,
-            per_second: d.per_second,
-            max_clients: d.max_clients,
+            burst: 20,
+            per_second: 1.0,
+            max_clients: 65_536,
         }
     }
 }
 
 impl FailureBudgetSection {
-    pub fn settings(&self) -> crate::auth::FailureBudgetSettings {
-        crate::auth::FailureBudgetSettings {
-            burst: self.burst,
-            per_second: self.per_second,
-            max_clients: self.max_clients,
+    /// Why these settings cannot work, if they cannot (a zero `burst` turns the budget off).
+    fn problem(&self) -> Option<&'static str> {
+        if self.burst == 0 {
+            return None;
         }
+        if !(self.per_second.is_finite() && (0.001..=1_000_000.0).contains(&self.per_second)) {
+            return Some("`per_second` must be between 0.001 and 1000000");
+        }
+        if self.burst > 1_000_000 {
+            return Some("`burst` must be at most 1000000");
+        }
+        if self.max_clients == 0 {
+            return Some("`max_clients` must be at least 1");
+        }
+        None
     }
 }
 
@@ -885,7 +893,7 @@ impl FileConfig {
                 "must be non-empty text without quotes",
             ));
         }
-        if let Some(problem) = self.auth.failure_budget.settings().problem() {
+        if let Some(problem) = self.auth.failure_budget.problem() {
             return Err(invalid("auth.failure_budget", problem));
         }
         for (field, name) in [
@@ -1152,6 +1160,19 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.to_string().contains("auth.realm"), "{err}");
+        assert_eq!(cfg.file.auth.failure_budget.burst, 20);
+        for bad in ["per_second = 0.0", "per_second = nan", "max_clients = 0"] {
+            let err = FileConfig::parse(&format!("[auth.failure_budget]\n{bad}\n"))
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("auth.failure_budget"),
+                "{bad}: {err}"
+            );
+        }
+        let off = "[auth.failure_budget]\nburst = 0\nper_second = 0.0\n";
+        FileConfig::parse(off).unwrap().validate().unwrap();
     }
 
     #[test]

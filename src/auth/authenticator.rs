@@ -65,7 +65,11 @@ impl AuthSettings {
                 .iter()
                 .map(|h| header(h))
                 .collect::<Result<_, _>>()?,
-            failure_budget: section.failure_budget.settings(),
+            failure_budget: FailureBudgetSettings {
+                burst: section.failure_budget.burst,
+                per_second: section.failure_budget.per_second,
+                max_clients: section.failure_budget.max_clients,
+            },
         })
     }
 }
