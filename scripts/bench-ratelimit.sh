@@ -93,10 +93,10 @@ for c in "${CASES[@]}"; do
 done
 for admin in "$ADMIN_PORT" "$ADMIN2_PORT"; do
     for _ in $(seq 100); do
-        curl -sf "http://127.0.0.1:$admin/rate_limits" | grep -q '"state":"up"' && break
+        curl -sf "http://127.0.0.1:$admin/rate_limits" | grep -Eq '"state": ?"up"' && break
         sleep 0.1
     done
-    curl -sf "http://127.0.0.1:$admin/rate_limits" | grep -q '"state":"up"' \
+    curl -sf "http://127.0.0.1:$admin/rate_limits" | grep -Eq '"state": ?"up"' \
         || die "the gateway on admin $admin does not see Redis up"
 done
 
@@ -122,7 +122,7 @@ script_calls() {
 }
 fallbacks() { # fallbacks ADMIN_PORT
     curl -sf "http://127.0.0.1:$1/rate_limits" |
-        grep -o '"fallback_decisions":[0-9]*' | cut -d: -f2
+        grep -Eo '"fallback_decisions": ?[0-9]+' | grep -Eo '[0-9]+$'
 }
 
 log "${#CASES[@]} cases x $REPS reps x ${DURATION}s at -c$CONNS, lease $LEASE, budget ${BUDGET_MS}ms, interleaved"
