@@ -43,7 +43,9 @@ pub struct ParentContext {
 
 /// Reads one `traceparent` value, or `None` when it is not valid by the W3C rules.
 pub fn parse_traceparent(value: &[u8]) -> Option<ParentContext> {
-    if value.len() < TRACEPARENT_LEN {
+    // Stricter than the spec, which leaves a later version's tail open: only visible ASCII
+    // (found by fuzzing: a tail of obs-text bytes was accepted).
+    if value.len() < TRACEPARENT_LEN || !value.iter().all(|b| b.is_ascii_graphic()) {
         return None;
     }
     let version = hex_digits(&value[0..2])? as u8;
