@@ -8,6 +8,45 @@ PROXY_PORT="${PROXY_PORT:-18080}"
 ADMIN_PORT="${ADMIN_PORT:-18901}"
 export UPSTREAM1_PORT="${UPSTREAM1_PORT:-18081}" UPSTREAM2_PORT="${UPSTREAM2_PORT:-18082}"
 
+# bench_knobs [--quick]: DURATION (10 s per run), REPS (3) and CONNS (50) from the
+# environment, --quick for 3 s runs and 1 rep; HZ, the clock ticks of cpu_ticks.
+bench_knobs() {
+    DURATION="${DURATION:-10}"
+    REPS="${REPS:-3}"
+    CONNS="${CONNS:-50}"
+    if [[ "${1:-}" == "--quick" ]]; then
+        DURATION=3 REPS=1
+    fi
+    HZ=$(getconf CLK_TCK)
+}
+
+# bench_cpu_us TICKS OPS: CPU microseconds per operation, from cpu_ticks differences.
+bench_cpu_us() {
+    awk -v t="$1" -v hz="$HZ" -v n="$2" 'BEGIN { print (n > 0 ? t * 1e6 / hz / n : 0) }'
+}
+
+# bench_ratio A B: A / B (0 when B is 0).
+bench_ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { print (b > 0 ? a / b : 0) }'
+}
+
+# bench_wrk_summary: reads `wrk --latency` output (with a Lua script's lines mixed in) and
+# prints "rps p50_ms p99_ms requests errors"; errors are socket errors and non-2xx/3xx.
+bench_wrk_summary() {
+    awk '
+        function ms(v) {
+            if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0
+            if (v ~ /m$/) return v * 60000; if (v ~ /s$/) return v * 1000; return v
+        }
+        /^ +50%/ { p50 = ms($2) }
+        /^ +99%/ { p99 = ms($2) }
+        /Requests\/sec:/ { rps = $2 }
+        / requests in / { reqs = $1 }
+        /Socket errors:/ { gsub(",", ""); err += $4 + $6 + $8 + $10 }
+        /Non-2xx or 3xx responses:/ { err += $5 }
+        END { printf "%.0f %.3f %.3f %d %d\n", rps, p50, p99, reqs, err }'
+}
+
 # bench_harness TOOL...: finds the shared benchmark harness (BENCH_DIR, else ../shared/bench
 # next to the repository or next to a worktree's parent), sources its lib.sh (log, die,
 # start_upstream, ...) and checks that each TOOL is installed. Needs ROOT.
@@ -41,22 +80,27 @@ bench_binary() {
     fi
 }
 
-# bench_origin_and_registry: the run folder in $WORK (removed at exit, with every process
-# started through the harness), then on CPU 0 the harness's one-worker nginx origin on
-# UPSTREAM_PORT and the dev registry ($BIN) on REGISTRY_PORT, at $CONSUL, with the origin
-# registered as service `bench`. Needs bench_harness and bench_binary first.
+# bench_origin_and_registry [PORT...]: the run folder in $WORK (removed at exit, with every
+# process started through the harness), then on CPU 0 the harness's one-worker nginx
+# origin on each PORT (default UPSTREAM_PORT) and the dev registry ($BIN) on REGISTRY_PORT,
+# at $CONSUL, with the origins registered as service `bench`. Needs bench_harness and
+# bench_binary first.
 bench_origin_and_registry() {
+    local ports=("${@:-$UPSTREAM_PORT}") i=0 port
     trap bench_cleanup EXIT
     trap 'exit 130' INT TERM
     bench_rundir
     WORK="$BENCH_RUNDIR"
-    start_upstream upstream "$UPSTREAM_PORT" 0
-    wait_ready "127.0.0.1:$UPSTREAM_PORT" 10 || die "upstream did not start"
+    for port in "${ports[@]}"; do
+        i=$((i + 1))
+        start_upstream "upstream$i" "$port" 0
+        wait_ready "127.0.0.1:$port" 10 || die "upstream on $port did not start"
+    done
     CONSUL="http://127.0.0.1:$REGISTRY_PORT"
     port_free "$REGISTRY_PORT" || die "port $REGISTRY_PORT already in use"
     start_bg registry 0 "$BIN" registry --listen "127.0.0.1:$REGISTRY_PORT"
     bench_wait_registry "$CONSUL" || die "registry did not start"
-    bench_register "$CONSUL" "$UPSTREAM_PORT" || die "registering the upstream failed"
+    bench_register "$CONSUL" "${ports[@]}" || die "registering the upstreams failed"
 }
 
 # bench_workdir NAME: a fresh temporary folder in $WORK, and $PIDS, whose processes are
@@ -142,10 +186,12 @@ bench_gateway() {
         --listen "127.0.0.1:$PROXY_PORT" --admin "127.0.0.1:$ADMIN_PORT" >"$logfile" 2>&1 &
 }
 
-# bench_wait_url URL SECONDS: waits until URL answers with a success status.
+# bench_wait_url URL SECONDS [CURL-ARG...]: waits until URL answers with a success status
+# (curl given the extra arguments, e.g. -k or -H).
 bench_wait_url() {
-    local deadline=$((SECONDS + $2))
-    until curl -sf "$1" >/dev/null; do
+    local url=$1 deadline=$((SECONDS + $2))
+    shift 2
+    until curl -sf --max-time 1 "$@" "$url" >/dev/null; do
         ((SECONDS < deadline)) || return 1
         sleep 0.1
     done

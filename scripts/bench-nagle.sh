@@ -59,15 +59,8 @@ gateway switchyard "$BIN" 0
 
 # one ADDR: "rps p50_ms p99_ms" of one run on one connection.
 one() {
-    timeout $((DURATION + 30)) taskset -c 0 wrk -t1 -c1 -d"${DURATION}s" --latency "http://$1/" 2>&1 | awk '
-        function ms(v) {
-            if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0
-            if (v ~ /m$/) return v * 60000; if (v ~ /s$/) return v * 1000; return v
-        }
-        /^ +50%/ { p50 = ms($2) }
-        /^ +99%/ { p99 = ms($2) }
-        /Requests\/sec:/ { rps = $2 }
-        END { printf "%.0f %.3f %.3f\n", rps, p50, p99 }'
+    timeout $((DURATION + 30)) taskset -c 0 wrk -t1 -c1 -d"${DURATION}s" --latency "http://$1/" 2>&1 |
+        bench_wrk_summary | cut -d' ' -f1-3
 }
 
 declare -A RESULTS

@@ -103,18 +103,7 @@ done
 # wrk_once PORT PATH: "rps p50_ms p99_ms requests errors" of one run.
 wrk_once() {
     timeout $((DURATION + 30)) taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency \
-        "http://127.0.0.1:$1$2" 2>&1 | awk '
-        function ms(v) {
-            if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0
-            if (v ~ /m$/) return v * 60000; if (v ~ /s$/) return v * 1000; return v
-        }
-        /^ +50%/ { p50 = ms($2) }
-        /^ +99%/ { p99 = ms($2) }
-        /Requests\/sec:/ { rps = $2 }
-        / requests in / { reqs = $1 }
-        /Socket errors:/ { gsub(",", ""); err += $4 + $6 + $8 + $10 }
-        /Non-2xx or 3xx responses:/ { err += $5 }
-        END { printf "%.0f %.3f %.3f %d %d\n", rps, p50, p99, reqs, err }'
+        "http://127.0.0.1:$1$2" 2>&1 | bench_wrk_summary
 }
 # Script calls Redis has run (EVALSHA, and EVAL after a script cache miss).
 script_calls() {

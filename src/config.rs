@@ -220,10 +220,25 @@ pub struct TlsSection {
     /// How often certificate files are checked for changes, in seconds.
     #[serde(default = "default_reload_s")]
     pub reload_interval_s: u64,
+    /// Session tickets (TLS 1.3 and 1.2): a returning client resumes without a signature,
+    /// and without the gateway keeping anything per client.
+    #[serde(default = "default_session_tickets")]
+    pub session_tickets: bool,
+    /// Sessions kept in memory for TLS 1.2 clients that take no ticket (0: none).
+    #[serde(default = "default_session_cache_entries")]
+    pub session_cache_entries: usize,
 }
 
 fn default_reload_s() -> u64 {
     5
+}
+
+fn default_session_tickets() -> bool {
+    true
+}
+
+fn default_session_cache_entries() -> usize {
+    4096
 }
 
 #[derive(Debug, Clone, Deserialize)]

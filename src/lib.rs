@@ -21,6 +21,7 @@ pub mod balance;
 pub mod config;
 pub mod consul;
 pub mod control;
+pub mod crypto_provider;
 pub mod dev;
 pub mod devregistry;
 pub mod discovery;

@@ -1,5 +1,6 @@
-//! TLS termination with rustls (ring): the `ServerConfig` of the HTTPS listener, a resolver
-//! that picks the certificate by SNI (first certificate = default), hot reload of
+//! TLS termination with rustls: the `ServerConfig` of the HTTPS listener, a resolver
+//! that picks the certificate by SNI (first certificate = default), session resumption
+//! (tickets, and a bounded session cache for TLS 1.2 clients without them), hot reload of
 //! certificate files, optional client-certificate verification, and the plain-HTTP
 //! listener that redirects to HTTPS.
 //!
@@ -20,7 +21,10 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{
+    ClientHello, NoServerSessionStorage, ResolvesServerCert, ServerSessionMemoryCache,
+    WebPkiClientVerifier,
+};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::net::TcpListener;
@@ -126,9 +130,10 @@ pub struct Tls {
 
 impl Tls {
     /// Loads every certificate and builds the server configuration: TLS 1.2 and 1.3,
-    /// ALPN `h2` then `http/1.1`, client certificates when `client_ca` is set.
+    /// ALPN `h2` then `http/1.1`, session resumption as configured, client certificates
+    /// when `client_ca` is set.
     pub fn load(section: &TlsSection) -> Result<Tls, TlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crate::crypto_provider::provider();
         let stamps = stamps(&section.certificates);
         let table = load_table(&section.certificates, &provider)?;
         let resolver = Arc::new(SniResolver {
@@ -155,6 +160,16 @@ impl Tls {
         };
         let mut config = builder.with_cert_resolver(resolver.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // rustls's default keeps 256 sessions and issues no ticket: with more clients than
+        // that, a returning one finds its session evicted and pays a full handshake.
+        if section.session_tickets {
+            config.ticketer = crate::crypto_provider::ticketer()
+                .map_err(|e| TlsError::Config(format!("session ticket keys: {e}")))?;
+        }
+        config.session_storage = match section.session_cache_entries {
+            0 => Arc::new(NoServerSessionStorage {}),
+            n => ServerSessionMemoryCache::new(n),
+        };
         Ok(Tls {
             files: section.certificates.clone(),
             provider,

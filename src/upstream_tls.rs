@@ -65,8 +65,7 @@ impl UpstreamTls {
             ServerName::try_from(name.replace("{service}", "service").as_str())
                 .map_err(|_| UpstreamTlsError::ServerName(name.clone()))?;
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
+        let config = ClientConfig::builder_with_provider(crate::crypto_provider::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| UpstreamTlsError::Config(e.to_string()))?
             .with_root_certificates(roots)
@@ -189,7 +188,7 @@ mod tests {
         let (cert, key) = pki.leaf("upstream", &["127.0.0.1", "orders.service.consul"]);
         let mut roots = RootCertStore::empty();
         roots.add(pki.ca.der().clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crate::crypto_provider::provider();
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()

@@ -176,6 +176,8 @@ fn section(
         client_ca,
         redirect_http_listen: Some("127.0.0.1:0".into()),
         reload_interval_s: 1,
+        session_tickets: true,
+        session_cache_entries: 4096,
     }
 }
 

@@ -1866,6 +1866,9 @@ async fn rs_consul_reads_and_writes_what_the_registry_serves() {
     };
     within(async {
         let reg = start();
+        // rs-consul's HTTPS connector takes rustls's process default provider, and with two
+        // compiled in (ring and aws-lc) there is none until one is installed.
+        switchyard::crypto_provider::provider();
         let consul = Consul::new(Config {
             address: reg.url(),
             token: None,

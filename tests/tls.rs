@@ -1,6 +1,6 @@
 //! TLS termination end to end over loopback sockets: SNI selection, ALPN, protocol
-//! versions, hot reload without dropping connections, client certificates and the
-//! HTTP → HTTPS redirect listener. Certificates are made on the fly with rcgen.
+//! versions, session resumption, hot reload without dropping connections, client
+//! certificates and the HTTP → HTTPS redirect listener. Certificates are made on the fly with rcgen.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{ClientConfig, DigitallySignedStruct, HandshakeKind, RootCertStore, SignatureScheme};
 use switchyard::config::{CertificateSection, TlsSection};
 use switchyard::shutdown::Shutdown;
 use switchyard::tls::Tls;
@@ -80,6 +80,8 @@ fn section(certificates: Vec<CertificateSection>, client_ca: Option<PathBuf>) ->
         client_ca,
         redirect_http_listen: None,
         reload_interval_s: 1,
+        session_tickets: true,
+        session_cache_entries: 4096,
     }
 }
 
@@ -144,7 +146,7 @@ impl ServerCertVerifier for AcceptAny {
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    switchyard::crypto_provider::provider()
 }
 
 fn client(
@@ -153,6 +155,25 @@ fn client(
     versions: &[&'static rustls::SupportedProtocolVersion],
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> TlsConnector {
+    TlsConnector::from(Arc::new(client_config(roots, alpn, versions, identity)))
+}
+
+/// A client that keeps its sessions (rustls's in-memory store) and offers them again.
+fn resuming_client(
+    roots: RootCertStore,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> TlsConnector {
+    let mut config = client_config(Some(roots), &[], &[version], None);
+    config.resumption = rustls::client::Resumption::default();
+    TlsConnector::from(Arc::new(config))
+}
+
+fn client_config(
+    roots: Option<RootCertStore>,
+    alpn: &[&str],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> ClientConfig {
     let b = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(versions)
         .unwrap();
@@ -169,7 +190,7 @@ fn client(
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     // Each connection makes a full handshake, so it sees the certificate served now.
     config.resumption = rustls::client::Resumption::disabled();
-    TlsConnector::from(Arc::new(config))
+    config
 }
 
 type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
@@ -245,14 +266,8 @@ async fn sni_picks_the_certificate_and_unknown_names_get_the_first() {
 
 #[tokio::test]
 async fn alpn_offers_h2_then_http1_over_tls_1_2_and_1_3() {
-    let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new();
-    let tls = Tls::load(&section(
-        vec![write_pair(dir.path(), "a", &ca.leaf(&["a.test"]), 0)],
-        None,
-    ))
-    .unwrap();
-    let addr = echo_server(&tls).await;
+    let addr = one_certificate_server(&ca, |_| {}).await;
     for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
         let c = client(Some(ca.roots()), &["h2", "http/1.1"], &[version], None);
         let s = connect(&c, addr, "a.test").await.unwrap();
@@ -261,6 +276,67 @@ async fn alpn_offers_h2_then_http1_over_tls_1_2_and_1_3() {
         let c = client(Some(ca.roots()), &["http/1.1"], &[version], None);
         let s = connect(&c, addr, "a.test").await.unwrap();
         assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    }
+}
+
+/// An echo server with one certificate for `a.test` from `ca`, its `[tls]` section adjusted.
+async fn one_certificate_server(ca: &Ca, adjust: impl FnOnce(&mut TlsSection)) -> SocketAddr {
+    let dir = tempfile::tempdir().unwrap();
+    let mut section = section(
+        vec![write_pair(dir.path(), "a", &ca.leaf(&["a.test"]), 0)],
+        None,
+    );
+    adjust(&mut section);
+    echo_server(&Tls::load(&section).unwrap()).await
+}
+
+fn handshake_kind(s: &ClientStream) -> Option<HandshakeKind> {
+    s.get_ref().1.handshake_kind()
+}
+
+#[tokio::test]
+async fn a_returning_client_resumes_its_session_even_after_many_other_clients() {
+    let ca = Ca::new();
+    let addr = one_certificate_server(&ca, |_| {}).await;
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let returning = resuming_client(ca.roots(), version);
+        let mut first = connect(&returning, addr, "a.test").await.unwrap();
+        assert_eq!(handshake_kind(&first), Some(HandshakeKind::Full));
+        // TLS 1.3 tickets come after the handshake: the echo reads them.
+        assert_eq!(echo(&mut first, b"first").await, b"first");
+        drop(first);
+        // More clients than rustls's default session cache holds (256 entries; TLS 1.3
+        // stores two per handshake), each making a full handshake.
+        let others = client(Some(ca.roots()), &[], &[version], None);
+        for _ in 0..300 {
+            let mut s = connect(&others, addr, "a.test").await.unwrap();
+            assert_eq!(echo(&mut s, b"x").await, b"x");
+        }
+        let mut again = connect(&returning, addr, "a.test").await.unwrap();
+        assert_eq!(
+            handshake_kind(&again),
+            Some(HandshakeKind::Resumed),
+            "{version:?}: the returning client resumes"
+        );
+        assert_eq!(echo(&mut again, b"again").await, b"again");
+    }
+}
+
+#[tokio::test]
+async fn without_tickets_or_session_cache_every_handshake_is_full() {
+    let ca = Ca::new();
+    let addr = one_certificate_server(&ca, |s| {
+        s.session_tickets = false;
+        s.session_cache_entries = 0;
+    })
+    .await;
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let returning = resuming_client(ca.roots(), version);
+        for _ in 0..2 {
+            let mut s = connect(&returning, addr, "a.test").await.unwrap();
+            assert_eq!(echo(&mut s, b"hi").await, b"hi");
+            assert_eq!(handshake_kind(&s), Some(HandshakeKind::Full), "{version:?}");
+        }
     }
 }
 

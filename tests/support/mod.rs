@@ -641,7 +641,7 @@ pub fn pki() -> Pki {
     let client_cert = write("client.pem", client.pem());
     let client_key_path = write("client-key.pem", client_key.serialize_pem());
 
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = switchyard::crypto_provider::provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).unwrap();
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(

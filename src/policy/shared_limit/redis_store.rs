@@ -155,6 +155,8 @@ impl std::fmt::Debug for RedisStore {
 impl RedisStore {
     /// Prepares the connection; nothing is dialled until [`RedisStore::reconnect`].
     pub fn new(target: &RedisTarget) -> Result<RedisStore, StoreError> {
+        // `rediss://` connections take rustls's process default provider: install ours.
+        crate::crypto_provider::provider();
         let settings = |e: redis::RedisError| StoreError::Settings(e.to_string());
         let (connector, link) = match target {
             RedisTarget::Single(url) => {
