@@ -14,6 +14,8 @@ use std::time::Instant;
 use http::uri::Authority;
 use serde::{Deserialize, Serialize};
 
+use crate::http1::pool::PoolSlot;
+
 /// Which instances of a service may serve a route (a route document's `health`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -132,6 +134,9 @@ pub struct Endpoint {
     pub instance: Instance,
     pub authority: Authority,
     pub stats: Arc<EndpointStats>,
+    /// The HTTP/1.1 pool's idle list for this address, looked up by its first request
+    /// (every later one of this snapshot goes straight to it).
+    pub connections: OnceLock<PoolSlot>,
 }
 
 /// The instances one route may use: a service filtered by health policy and tags.
@@ -170,6 +175,7 @@ impl UpstreamSet {
                     instance,
                     authority,
                     stats,
+                    connections: OnceLock::new(),
                 })
             })
             .collect();

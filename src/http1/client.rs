@@ -365,7 +365,9 @@ pub(super) fn parse_response_head(read: &mut Bytes) -> Result<Option<Head>, H1Er
     let raw = read.split_to(len);
     // A little room for what policy may add (CORS, rate-limit headers); the request id
     // and `Via` are written by the server, not put in the map.
-    let headers = codec::field_map(&raw, &spans[..count], skip, 2)
+    // No room reserved: a typical answer's fields then fit a map under 1 KiB (mimalloc's
+    // fast path); one that gains fields at the gateway grows it.
+    let headers = codec::field_map(&raw, &spans[..count], skip, 0)
         .map_err(|_| H1Error::Framing("bad header name"))?;
     Ok(Some(Head {
         status,

@@ -99,6 +99,27 @@ impl IdleHome for IdleList {
     }
 }
 
+/// The idle connections of one key, for a caller that sends there often and keeps this at
+/// hand (the gateway keeps one per instance of a snapshot): sending through it skips the
+/// lookup by key and the pool-wide lock. The list lives as long as a slot holds it.
+#[derive(Clone)]
+pub struct PoolSlot {
+    key: PoolKey,
+    list: Arc<IdleList>,
+}
+
+impl std::fmt::Debug for PoolSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolSlot").field("key", &self.key).finish()
+    }
+}
+
+impl PoolSlot {
+    pub fn key(&self) -> &PoolKey {
+        &self.key
+    }
+}
+
 pub struct Http1Pool {
     lists: Mutex<HashMap<PoolKey, Arc<IdleList>, foldhash::fast::RandomState>>,
     max_idle_per_host: usize,
@@ -142,9 +163,26 @@ impl Http1Pool {
         D: Future<Output = Result<UpstreamStream, E>>,
         E: Into<BoxError>,
     {
+        let slot = self.slot(key);
+        self.send_to(&slot, dial, req, body).await
+    }
+
+    /// [`Http1Pool::send`] to the key of a slot taken before.
+    pub async fn send_to<S, D, E>(
+        &self,
+        slot: &PoolSlot,
+        dial: impl FnOnce() -> D,
+        req: RequestHead<'_>,
+        body: &mut Option<OutboundBody<S>>,
+    ) -> Result<Response<ResponseBody<S>>, SendError>
+    where
+        S: Stream,
+        D: Future<Output = Result<UpstreamStream, E>>,
+        E: Into<BoxError>,
+    {
         let replayable =
             is_idempotent(req.method) && !matches!(body, Some(OutboundBody::Stream(_)));
-        while let Some(conn) = self.checkout(&key) {
+        while let Some(conn) = self.checkout(&slot.list) {
             let going = body.take().unwrap_or(OutboundBody::Empty);
             match client::exchange(conn, req, going, replayable).await {
                 Ok(response) => return Ok(response),
@@ -157,20 +195,31 @@ impl Http1Pool {
         }
         // Boxed: dialing (TLS included) is the cold path, and its state would otherwise
         // enlarge every request's future, which stays in memory while the request is out.
-        let conn = Box::pin(self.connect(&key, dial())).await?;
+        let conn = Box::pin(self.connect(&slot.list, dial())).await?;
         let going = body.take().unwrap_or(OutboundBody::Empty);
         client::exchange(conn, req, going, false)
             .await
             .map_err(|(error, _, _)| error.into())
     }
 
-    fn checkout(&self, key: &PoolKey) -> Option<Box<Connection>> {
-        let lists = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut list = lists
-            .get(key)?
-            .conns
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+    /// The idle list of `key`, made when there is none.
+    pub fn slot(&self, key: PoolKey) -> PoolSlot {
+        let mut lists = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = lists.entry(key.clone()).or_insert_with(|| {
+            Arc::new(IdleList {
+                conns: Mutex::default(),
+                max: self.max_idle_per_host,
+                timeout: self.idle_timeout,
+            })
+        });
+        PoolSlot {
+            list: list.clone(),
+            key,
+        }
+    }
+
+    fn checkout(&self, list: &IdleList) -> Option<Box<Connection>> {
+        let mut list = list.conns.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         while let Some(mut entry) = list.pop_back() {
             if now.duration_since(entry.since) >= self.idle_timeout {
@@ -186,23 +235,12 @@ impl Http1Pool {
 
     async fn connect<E: Into<BoxError>>(
         &self,
-        key: &PoolKey,
+        list: &Arc<IdleList>,
         dial: impl Future<Output = Result<UpstreamStream, E>>,
     ) -> Result<Box<Connection>, SendError> {
         let stream = dial.await.map_err(|e| SendError::Connect(e.into()))?;
         self.start_reaper();
-        let list = {
-            let mut lists = self.lists.lock().unwrap_or_else(PoisonError::into_inner);
-            let list = lists.entry(key.clone()).or_insert_with(|| {
-                Arc::new(IdleList {
-                    conns: Mutex::default(),
-                    max: self.max_idle_per_host,
-                    timeout: self.idle_timeout,
-                })
-            });
-            Arc::downgrade(list)
-        };
-        let home: Weak<dyn IdleHome> = list;
+        let home: Weak<dyn IdleHome> = Arc::downgrade(list) as Weak<dyn IdleHome>;
         Ok(Connection::new(stream, home))
     }
 
@@ -217,7 +255,8 @@ impl Http1Pool {
                 now.duration_since(e.since) < self.idle_timeout && e.conn.is_idle_and_open()
             });
             // Kept while a connection that is out serving a request points to it.
-            !conns.is_empty() || Arc::weak_count(list) > 0
+            // Kept while a connection out or a caller's slot points to it.
+            !conns.is_empty() || Arc::weak_count(list) > 0 || Arc::strong_count(list) > 1
         });
     }
 

@@ -529,7 +529,7 @@ impl Gateway {
             let mut going = Some(source.take());
             let send = self.clients.send(
                 &client_key,
-                &endpoint.authority,
+                endpoint,
                 head,
                 forwarded,
                 &mut going,

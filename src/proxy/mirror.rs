@@ -83,12 +83,12 @@ impl Mirrors {
             count(&service, "no_instance");
             return;
         };
-        let authority = target.set.endpoints[index].authority.clone();
+        let set = target.set.clone();
         let clients = self.clients.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let timeout = copy.timeout;
-            let result = tokio::time::timeout(timeout, send_copy(&clients, &authority, copy)).await;
+            let result = tokio::time::timeout(timeout, send_copy(&clients, &set.endpoints[index], copy)).await;
             let outcome = match result {
                 Ok(Ok(())) => "answered",
                 Ok(Err(e)) => {
@@ -104,7 +104,7 @@ impl Mirrors {
 
 async fn send_copy(
     clients: &Clients,
-    authority: &http::uri::Authority,
+    endpoint: &crate::discovery::Endpoint,
     mut copy: MirrorCopy,
 ) -> Result<(), super::upstream::UpstreamError> {
     shadow_host(&mut copy.headers);
@@ -127,7 +127,7 @@ async fn send_copy(
         None => UpstreamBody::Empty,
     });
     let response = clients
-        .send(&copy.key, authority, head, &forwarded, &mut body)
+        .send(&copy.key, endpoint, head, &forwarded, &mut body)
         .await?;
     let mut answer = response.into_body();
     let mut read = 0usize;

@@ -25,6 +25,7 @@ use super::body::{ClientBody, UpstreamBody};
 use super::headers::Forwarded;
 use crate::http1::client::RequestHead;
 use crate::http1::io::UpstreamStream;
+use crate::discovery::Endpoint;
 use crate::http1::pool::{Http1Pool, PoolKey, SendError};
 use crate::upstream_tls::UpstreamTls;
 
@@ -108,17 +109,18 @@ impl Clients {
     }
 
     /// Sends a request (origin-form URI, `Host` set) with the gateway's forwarding
-    /// headers to the instance at `authority`. An HTTP/1.1 connection goes back to its
+    /// headers to the instance `endpoint`. An HTTP/1.1 connection goes back to its
     /// pool with the response body's end. Over HTTP/1.1, `body` is left in place when no
     /// connection could be made.
     pub async fn send(
         &self,
         key: &ClientKey,
-        authority: &Authority,
+        endpoint: &Endpoint,
         head: RequestHead<'_>,
         forwarded: &Forwarded<'_>,
         body: &mut Option<UpstreamBody>,
     ) -> Result<Response<ClientBody>, UpstreamError> {
+        let authority = &endpoint.authority;
         if key.http2 {
             let mut uri = Uri::builder().scheme("http").authority(authority.clone());
             if let Some(pq) = head.uri.path_and_query() {
@@ -133,10 +135,6 @@ impl Clients {
             let response = Box::pin(self.get(key).request(req)).await?;
             return Ok(response.map(ClientBody::h2));
         }
-        let pool_key = PoolKey {
-            authority: authority.clone(),
-            tls_service: key.tls_service.clone(),
-        };
         let head = RequestHead {
             extra: Some(forwarded),
             ..head
@@ -150,7 +148,23 @@ impl Clients {
                 Ok::<_, ConnectError>(stream)
             }
         };
-        let response = self.h1.send(pool_key, dial, head, body).await?;
+        let slot = endpoint.connections.get_or_init(|| {
+            self.h1.slot(PoolKey {
+                authority: authority.clone(),
+                tls_service: key.tls_service.clone(),
+            })
+        });
+        let response = if slot.key().tls_service == key.tls_service {
+            self.h1.send_to(slot, dial, head, body).await?
+        } else {
+            // An instance that routes reach both with and without TLS (rare): the other
+            // way is looked up by key.
+            let pool_key = PoolKey {
+                authority: authority.clone(),
+                tls_service: key.tls_service.clone(),
+            };
+            self.h1.send(pool_key, dial, head, body).await?
+        };
         Ok(response.map(ClientBody::h1))
     }
 
