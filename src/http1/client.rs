@@ -91,7 +91,7 @@ impl<S> Stream for S where S: Body<Data = Bytes, Error: Into<BoxError>> + Send +
 /// The largest response head (status line and headers) accepted from an instance.
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Headers in one response head, as in hyper.
-const MAX_HEADERS: usize = 100;
+const MAX_HEADERS: usize = codec::MAX_FIELDS;
 /// Interim (`1xx`) answers skipped before a final one; more is a broken instance.
 const MAX_INTERIM: usize = 8;
 /// Buffered request bodies up to this size leave in the same write as their head.
@@ -180,6 +180,8 @@ pub struct Connection {
     io: UpstreamStream,
     /// Received and not yet consumed.
     read: Bytes,
+    /// Where received bytes land.
+    area: codec::ReadArea,
     /// The part of a request head the socket did not take at once.
     unsent: Vec<u8>,
     /// A head was written and not yet flushed (TLS may hold the last records back).
@@ -206,6 +208,7 @@ impl Connection {
         Box::new(Connection {
             io,
             read: Bytes::new(),
+            area: codec::ReadArea::default(),
             unsent: Vec::new(),
             unflushed: false,
             served: 0,
@@ -228,10 +231,10 @@ impl Connection {
         self.poll_fill(&mut cx).is_pending()
     }
 
-    /// Reads what the socket has into the per-thread buffer and appends it to the
-    /// unconsumed bytes; `Ok(0)` at the end of the stream.
+    /// Reads what the socket has and appends it to the unconsumed bytes; `Ok(0)` at the
+    /// end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        codec::poll_fill(&mut self.io, &mut self.read, cx)
+        self.area.poll_fill(&mut self.io, &mut self.read, cx)
     }
 
     /// Writes the part of a head an earlier poll could not, and flushes it.
@@ -316,7 +319,7 @@ impl Connection {
 /// A complete response head taken off `read`, or `None` when more bytes are needed.
 pub(super) fn parse_response_head(read: &mut Bytes) -> Result<Option<Head>, H1Error> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut spans: [codec::FieldSpan; MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
+    let mut spans = codec::FieldSpans::new();
     let buf = &read[..];
     let base = buf.as_ptr() as usize;
     let mut parsed = httparse::Response::new(&mut []);
@@ -339,18 +342,18 @@ pub(super) fn parse_response_head(read: &mut Bytes) -> Result<Option<Head>, H1Er
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let count = parsed.headers.len();
     let mut facts = FramingFacts::default();
     let mut hop_by_hop = 0u128;
-    for (i, (span, h)) in spans.iter_mut().zip(parsed.headers.iter()).enumerate() {
+    for (i, h) in parsed.headers.iter().enumerate() {
         if FramingFacts::may_note(h.name) {
             facts.note(h.name, h.value);
         }
         if fields::is_hop_by_hop(h.name) {
             hop_by_hop |= 1 << i;
         }
-        *span = codec::field_span(h, base);
+        spans.push(codec::field_span(h, base));
     }
+    let spans = spans.as_slice();
     // Hop-by-hop headers never reach the client: left out here rather than removed
     // later, unless `Connection` names others (then the handler's strip does it all)
     // or the answer is a protocol switch, which needs them.
@@ -359,15 +362,15 @@ pub(super) fn parse_response_head(read: &mut Bytes) -> Result<Option<Head>, H1Er
     } else {
         hop_by_hop
     };
-    if !codec::head_lines_end_in_crlf(&read[..len], &spans[..count]) {
+    if !codec::head_lines_end_in_crlf(&read[..len], spans) {
         return Err(H1Error::Framing("bare LF in the response head"));
     }
     let raw = read.split_to(len);
-    // A little room for what policy may add (CORS, rate-limit headers); the request id
-    // and `Via` are written by the server, not put in the map.
-    // No room reserved: a typical answer's fields then fit a map under 1 KiB (mimalloc's
-    // fast path); one that gains fields at the gateway grows it.
-    let headers = codec::field_map(&raw, &spans[..count], skip, 0)
+    // No room reserved for what policy may add (CORS, rate-limit headers): a typical
+    // answer's fields then fit a map under 1 KiB (mimalloc's fast path), and one that
+    // gains fields grows it. The request id and `Via` are written by the server, not put
+    // in the map.
+    let headers = codec::field_map(&raw, spans, skip, 0)
         .map_err(|_| H1Error::Framing("bad header name"))?;
     Ok(Some(Head {
         status,
@@ -782,6 +785,7 @@ impl<S: Stream> ResponseBody<S> {
         // An empty slice still holds the buffer it was cut from; an idle connection
         // keeps nothing.
         conn.read = Bytes::new();
+        conn.area.shrink();
         if let Some(home) = conn.home.upgrade() {
             home.put(conn);
         }

@@ -103,6 +103,59 @@ pub(super) fn poll_fill<R: AsyncRead + Unpin>(
     })
 }
 
+/// What a connection keeps to read into, so that what it receives is handed on without a
+/// copy (answer heads and bodies are slices of it) and the buffer is reused once those
+/// slices are gone: no allocation per answer. For upstream connections, which are few and
+/// busy; client connections, many and often idle, read through [`SCRATCH`]. It holds
+/// [`AREA`] bytes, or [`READ_CHUNK`] after a read that filled it (a large answer), until
+/// [`ReadArea::shrink`].
+#[derive(Default)]
+pub(super) struct ReadArea {
+    buf: BytesMut,
+    big: bool,
+}
+
+/// The size of a [`ReadArea`] for ordinary answers.
+const AREA: usize = 8 * 1024;
+/// Below this much room the area is reclaimed (or replaced) before a read.
+const AREA_LOW: usize = 1024;
+
+impl ReadArea {
+    /// Reads what `io` has and appends it to `read`; `Ok(0)` at the end of the stream.
+    pub fn poll_fill<R: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+        read: &mut Bytes,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() < AREA_LOW {
+            // Takes the buffer back when nothing cut from it is alive any more.
+            self.buf.reserve(if self.big { READ_CHUNK } else { AREA });
+        }
+        let room = self.buf.capacity();
+        let n = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.buf))?;
+        self.big = n == room;
+        let got = self.buf.split().freeze();
+        if read.is_empty() {
+            *read = got;
+        } else if !got.is_empty() {
+            let mut joined = BytesMut::with_capacity(read.len() + got.len());
+            joined.extend_from_slice(read);
+            joined.extend_from_slice(&got);
+            *read = joined.freeze();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Lets go of an area grown for a large answer (an idle connection keeps [`AREA`] at
+    /// most).
+    pub fn shrink(&mut self) {
+        if self.big || self.buf.capacity() > AREA {
+            *self = ReadArea::default();
+        }
+    }
+}
+
 pub(super) fn push_hex(out: &mut Vec<u8>, n: usize) {
     let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
     for i in (0..digits).rev() {
@@ -525,6 +578,37 @@ pub(super) fn has_bare_lf(bytes: &[u8]) -> bool {
 /// Where a field lies in a head's bytes: name offset, name length, value offset, value
 /// length (kept as offsets so the fields can be cut from the bytes once they are frozen).
 pub(super) type FieldSpan = (u32, u32, u32, u32);
+
+/// The spans of a head's fields, written in place: zeroing room for [`MAX_FIELDS`] spans
+/// first cost a twentieth of a short request's parsing.
+pub(super) struct FieldSpans {
+    slots: [std::mem::MaybeUninit<FieldSpan>; MAX_FIELDS],
+    len: usize,
+}
+
+/// Fields in one head, request or answer (hyper's limit too).
+pub(super) const MAX_FIELDS: usize = 100;
+
+impl FieldSpans {
+    pub fn new() -> FieldSpans {
+        FieldSpans {
+            slots: [const { std::mem::MaybeUninit::uninit() }; MAX_FIELDS],
+            len: 0,
+        }
+    }
+
+    /// Adds a span; one past [`MAX_FIELDS`] panics (heads are parsed into as many slots).
+    pub fn push(&mut self, span: FieldSpan) {
+        self.slots[self.len].write(span);
+        self.len += 1;
+    }
+
+    pub fn as_slice(&self) -> &[FieldSpan] {
+        // SAFETY: the first `len` slots were written by `push`, and a `MaybeUninit<T>` has
+        // the layout of `T`.
+        unsafe { std::slice::from_raw_parts(self.slots.as_ptr().cast::<FieldSpan>(), self.len) }
+    }
+}
 
 /// The span of a field httparse found in the head that starts at address `base`.
 pub(super) fn field_span(field: &httparse::Header<'_>, base: usize) -> FieldSpan {

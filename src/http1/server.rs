@@ -124,7 +124,7 @@ impl From<DecodeError> for ReceiveError {
 }
 
 /// Headers in one request head, as in hyper.
-const MAX_HEADERS: usize = 100;
+const MAX_HEADERS: usize = codec::MAX_FIELDS;
 /// Response body frames up to this size are copied next to the head or their chunk
 /// framing, so they leave in one write.
 const COALESCE: usize = 16 * 1024;
@@ -624,7 +624,7 @@ async fn read_head(
 /// A complete head taken off `read`, or `None` when more bytes are needed.
 pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Head>, HeadError> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    let mut spans: [codec::FieldSpan; MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
+    let mut spans = codec::FieldSpans::new();
     let buf = &read[..];
     let base = buf.as_ptr() as usize;
     let mut parsed = httparse::Request::new(&mut []);
@@ -650,18 +650,18 @@ pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Hea
     };
     let target = parsed.path.unwrap_or_default();
     let target_at = (target.as_ptr() as usize - base, target.len());
-    let count = parsed.headers.len();
     let mut facts = FramingFacts::default();
     let mut expect = None;
-    for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+    for h in parsed.headers.iter() {
         if FramingFacts::may_note(h.name) {
             facts.note(h.name, h.value);
         } else if h.name.len() == 6 && h.name.eq_ignore_ascii_case("expect") {
             expect = Some(h.value.eq_ignore_ascii_case(b"100-continue"));
         }
-        *span = codec::field_span(h, base);
+        spans.push(codec::field_span(h, base));
     }
-    if !codec::head_lines_end_in_crlf(&read[..len], &spans[..count]) {
+    let spans = spans.as_slice();
+    if !codec::head_lines_end_in_crlf(&read[..len], spans) {
         return Err(HeadError::Bad("bare LF in the request head"));
     }
     let raw = read.split_to(len);
@@ -674,7 +674,7 @@ pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Hea
         .map_err(|_| HeadError::Bad("bad request target"))?;
     // A little room for what auth and policy may add (identity, assertion); the
     // forwarding headers are written into the upstream head, not put in the map.
-    let mut headers = codec::field_map(&raw, &spans[..count], 0, 2)
+    let mut headers = codec::field_map(&raw, spans, 0, 2)
         .map_err(|_| HeadError::Bad("bad header name"))?;
     // The gateway answers the expectation itself; the instance gets the body at once.
     if expect.is_some() {
