@@ -251,16 +251,26 @@ impl TraceContext {
                 sampled: p.sampled,
                 tracestate,
             },
-            None => {
-                let trace_id = u128::from(random_nonzero()) << 64 | u128::from(random_nonzero());
-                TraceContext {
-                    trace_id,
-                    span_id,
-                    parent_id: None,
-                    sampled: sampler.samples_new(trace_id),
-                    tracestate,
-                }
-            }
+            None => TraceContext {
+                tracestate,
+                ..TraceContext::new_trace_with_span(span_id, sampler)
+            },
+        }
+    }
+
+    /// The context of a request that carries no trace context: a new trace.
+    pub fn new_trace(sampler: &Sampler) -> TraceContext {
+        TraceContext::new_trace_with_span(random_nonzero(), sampler)
+    }
+
+    fn new_trace_with_span(span_id: u64, sampler: &Sampler) -> TraceContext {
+        let trace_id = u128::from(random_nonzero()) << 64 | u128::from(random_nonzero());
+        TraceContext {
+            trace_id,
+            span_id,
+            parent_id: None,
+            sampled: sampler.samples_new(trace_id),
+            tracestate: TraceState::Absent,
         }
     }
 

@@ -34,7 +34,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Sleep;
 
 use super::codec::{self, DecodeError, Decoding, FramingFacts, OutBuf, Source};
-use super::fields::{self, ExtraFields};
+use super::fields::{self, ExtraFields, NameLengths};
 use super::io::{ClientRead, ClientWrite, OnUpgrade, Rewind, Upgraded};
 
 /// What the server hands requests to: the gateway.
@@ -46,9 +46,11 @@ pub trait Service: Send + Sync {
     type Fields: ExtraFields + Send;
 
     /// Answers a request; `body` is `None` when the request has none.
+    /// `names`: which lengths of field name the head has (a filter for absent fields).
     fn call(
         &self,
         request: http::request::Parts,
+        names: NameLengths,
         body: Option<ReceivedBody>,
     ) -> impl Future<Output = Reply<Self::Body, Self::Fields>> + Send;
 
@@ -264,6 +266,7 @@ pub(super) enum HeadError {
 /// A request head as the connection's loop needs it.
 pub(super) struct Head {
     pub request: http::request::Parts,
+    pub names: NameLengths,
     pub facts: FramingFacts,
     pub expect_continue: bool,
 }
@@ -366,6 +369,7 @@ struct Connection<S> {
 /// A request head read off the connection, with what its body and answer depend on.
 struct Incoming {
     parts: http::request::Parts,
+    names: NameLengths,
     /// How its body is framed (`Done`: it has none).
     body_framing: Decoding,
     expect_continue: bool,
@@ -415,6 +419,7 @@ impl<S: Service> Connection<S> {
         };
         let Head {
             request: parts,
+            names,
             facts,
             expect_continue,
         } = head;
@@ -428,6 +433,7 @@ impl<S: Service> Connection<S> {
             && parts.method == Method::GET
             && fields::wants_websocket(&parts.headers);
         Ok(Some(Incoming {
+            names,
             answer_framing: AnswerFraming {
                 head_request: parts.method == Method::HEAD,
                 http10,
@@ -445,6 +451,7 @@ impl<S: Service> Connection<S> {
     async fn dispatch(&mut self, request: Incoming) -> Answered<S::Body, S::Fields> {
         let Incoming {
             mut parts,
+            names,
             body_framing,
             expect_continue,
             websocket,
@@ -481,7 +488,7 @@ impl<S: Service> Connection<S> {
 
         // Pinned in the connection's own future: boxing it cost an allocation (of a few
         // KiB, mimalloc's slow path) per request.
-        let answer = self.service.call(parts, body);
+        let answer = self.service.call(parts, names, body);
         let mut answer = std::pin::pin!(answer);
         let mut asked_done = false;
         let mut continued = false;
@@ -652,7 +659,9 @@ pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Hea
     let target_at = (target.as_ptr() as usize - base, target.len());
     let mut facts = FramingFacts::default();
     let mut expect = None;
+    let mut names = NameLengths::NONE;
     for h in parsed.headers.iter() {
+        names.add(h.name.len());
         if FramingFacts::may_note(h.name) {
             facts.note(h.name, h.value);
         } else if h.name.len() == 6 && h.name.eq_ignore_ascii_case("expect") {
@@ -688,6 +697,7 @@ pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Hea
     let (request, ()) = request.into_parts();
     Ok(Some(Head {
         request,
+        names,
         facts,
         expect_continue: expect == Some(true) && version == Version::HTTP_11,
     }))

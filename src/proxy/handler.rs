@@ -38,14 +38,14 @@ use crate::balance::mirror::MirrorTarget;
 use crate::balance::{self, outlier, Tried};
 use crate::discovery::{ms_at, now_ms, EndpointStats, UpstreamSet};
 use crate::http1::client::RequestHead;
-use crate::http1::fields;
+use crate::http1::fields::{self, NameLengths};
 use crate::http1::io::OnUpgrade;
 use crate::otel_export::{AttrValue, FinishedSpan, SpanSink};
 use crate::policy::{cors, Admission, PeerIp, PolicyReply};
 use crate::rewrite::{Redirect, RuleVars};
 use crate::routing::spec::{EscapedSlashes, UpstreamProtocol};
 use crate::routing::Route;
-use crate::trace_context::{TraceContext, TraceState, TRACESTATE};
+use crate::trace_context::{TraceContext, TraceState, TRACEPARENT, TRACESTATE};
 
 /// Bodies up to this size are buffered when the request may be retried, so a retry can
 /// replay them; larger ones stream and get a single try.
@@ -211,20 +211,32 @@ impl Stopped {
 impl Gateway {
     /// Serves one request; never fails (errors become responses). Takes the request in
     /// parts: a `Request` taken apart here would be held twice in the future.
+    /// `names` tells which optional fields the request cannot have (no lookup for them).
     pub async fn handle(
         &self,
         mut parts: Parts,
+        names: NameLengths,
         body: RequestBody,
         conn: &ClientConn,
     ) -> GatewayAnswer {
+        let request_id = if names.may_have(&X_REQUEST_ID) {
+            headers::request_id(&parts.headers)
+        } else {
+            headers::new_request_id()
+        };
+        let trace = if names.may_have(&TRACEPARENT) || names.may_have(&TRACESTATE) {
+            TraceContext::for_request(&parts.headers, &self.tracing.sampler)
+        } else {
+            TraceContext::new_trace(&self.tracing.sampler)
+        };
         let mut ex = RequestRecord {
             start: Instant::now(),
             method: parts.method.clone(),
             version: parts.version,
             tls: conn.tls,
             path: NormalPath::Normalised(String::new()),
-            request_id: headers::request_id(&parts.headers),
-            trace: TraceContext::for_request(&parts.headers, &self.tracing.sampler),
+            request_id,
+            trace,
             client_ip: self.edge.client_ip(conn.peer_ip.ip(), &parts.headers),
             route: None,
             admission: None,
@@ -240,7 +252,11 @@ impl Gateway {
             by_gateway: false,
         };
         // From the headers as the client sent them, before any phase changes them.
-        let errors = ErrorFormat::for_request(&parts.headers);
+        let errors = if names.may_have(&header::CONTENT_TYPE) {
+            ErrorFormat::for_request(&parts.headers)
+        } else {
+            ErrorFormat::Json
+        };
         let mut close = false;
         let response = match self.process(&mut ex, &mut parts, body, conn).await {
             Ok(r) => r,

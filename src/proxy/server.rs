@@ -28,6 +28,7 @@ use super::error::{ErrorFormat, ProxyError};
 use super::handler::ClientConn;
 use super::headers::{self, AnswerStamp};
 use super::Gateway;
+use crate::http1::fields::NameLengths;
 use crate::http1::io::{ClientRead, ClientWrite, Rewind};
 use crate::http1::server::{self as h1, ReceivedBody, Refusal, Reply};
 use crate::shutdown::Shutdown;
@@ -217,7 +218,9 @@ async fn serve_http2<I>(
         let conn = conn.clone();
         let (parts, body) = req.into_parts();
         Box::pin(async move {
-            let answer = gateway.handle(parts, RequestBody::H2(body), &conn).await;
+            let answer = gateway
+                .handle(parts, NameLengths::UNKNOWN, RequestBody::H2(body), &conn)
+                .await;
             Ok::<_, Infallible>(answer.into_response())
         })
     });
@@ -248,10 +251,11 @@ impl h1::Service for Http1Service {
     async fn call(
         &self,
         request: http::request::Parts,
+        names: NameLengths,
         body: Option<ReceivedBody>,
     ) -> Reply<ClientBody, AnswerStamp> {
         let body = body.map_or(RequestBody::Empty, RequestBody::H1);
-        let answer = self.gateway.handle(request, body, &self.conn).await;
+        let answer = self.gateway.handle(request, names, body, &self.conn).await;
         Reply {
             response: answer.response,
             fields: AnswerStamp(answer.request_id),
