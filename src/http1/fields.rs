@@ -93,7 +93,7 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     may_be_hop_by_hop(name.len())
         && HOP_BY_HOP
             .iter()
-            .any(|h| h.as_str().eq_ignore_ascii_case(name))
+            .any(|h| super::codec::eq_lower(name.as_bytes(), h.as_str().as_bytes()))
 }
 
 /// Removes hop-by-hop headers and every header named in `Connection`. With `upgrade`,

@@ -664,8 +664,8 @@ pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Hea
         names.add(h.name.len());
         if FramingFacts::may_note(h.name) {
             facts.note(h.name, h.value);
-        } else if h.name.len() == 6 && h.name.eq_ignore_ascii_case("expect") {
-            expect = Some(h.value.eq_ignore_ascii_case(b"100-continue"));
+        } else if codec::eq_lower(h.name.as_bytes(), b"expect") {
+            expect = Some(codec::eq_lower(h.value, b"100-continue"));
         }
         spans.push(codec::field_span(h, base));
     }
