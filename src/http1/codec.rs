@@ -128,10 +128,8 @@ impl ReadArea {
         read: &mut Bytes,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<usize>> {
-        // From the start of the buffer again when nothing cut from it is alive any more:
-        // each connection then reads into the same few cache lines (moving on through the
-        // area, hundreds of connections walked megabytes of it, and missed the cache).
-        if !self.buf.try_reclaim(AREA) && self.buf.capacity() < AREA_LOW {
+        if self.buf.capacity() < AREA_LOW {
+            // Takes the buffer back when nothing cut from it is alive any more.
             self.buf.reserve(if self.big { READ_CHUNK } else { AREA });
         }
         let room = self.buf.capacity();

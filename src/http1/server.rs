@@ -486,10 +486,10 @@ impl<S: Service> Connection<S> {
             _ => None,
         };
 
-        // Pinned in the connection's own future: boxing it cost an allocation (of a few
-        // KiB, mimalloc's slow path) per request.
-        let answer = self.service.call(parts, names, body);
-        let mut answer = std::pin::pin!(answer);
+        // Boxed, into a block another request just freed: pinned in the connection's own
+        // future instead, it saves an allocation but spreads each request's state over
+        // every connection's memory (at 256 connections, 3.6× the last-level cache misses).
+        let mut answer = Box::pin(self.service.call(parts, names, body));
         let mut asked_done = false;
         let mut continued = false;
         let reply = match continue_asked {
