@@ -245,17 +245,15 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 /// `None` when another recorder was installed first (metrics then go there).
 pub fn handle() -> Option<&'static PrometheusHandle> {
     HANDLE
-        .get_or_init(|| {
-            match PrometheusBuilder::new().install_recorder() {
-                Ok(h) => {
-                    describe();
-                    start_upkeep(h.clone());
-                    Some(h)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics recorder not installed");
-                    None
-                }
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(h) => {
+                describe();
+                start_upkeep(h.clone());
+                Some(h)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics recorder not installed");
+                None
             }
         })
         .as_ref()
@@ -438,14 +436,19 @@ mod tests {
                 })
                 .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
         };
-        assert_eq!(duration("bucket", Some("0.0005")).as_deref(), Some("0"), "{text}");
+        assert_eq!(
+            duration("bucket", Some("0.0005")).as_deref(),
+            Some("0"),
+            "{text}"
+        );
         assert_eq!(duration("bucket", Some("0.001")).as_deref(), Some("3"));
         assert_eq!(duration("bucket", Some("0.0025")).as_deref(), Some("4"));
         assert_eq!(duration("bucket", Some("+Inf")).as_deref(), Some("4"));
         assert_eq!(duration("count", None).as_deref(), Some("4"));
         assert_eq!(duration("sum", None).as_deref(), Some("0.005"));
         assert_eq!(
-            text.matches("# TYPE switchyard_request_duration_seconds histogram").count(),
+            text.matches("# TYPE switchyard_request_duration_seconds histogram")
+                .count(),
             1
         );
         assert_eq!(line("4xx").as_deref(), Some("1"));

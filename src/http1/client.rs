@@ -370,8 +370,8 @@ pub(super) fn parse_response_head(read: &mut Bytes) -> Result<Option<Head>, H1Er
     // answer's fields then fit a map under 1 KiB (mimalloc's fast path), and one that
     // gains fields grows it. The request id and `Via` are written by the server, not put
     // in the map.
-    let headers = codec::field_map(&raw, spans, skip, 0)
-        .map_err(|_| H1Error::Framing("bad header name"))?;
+    let headers =
+        codec::field_map(&raw, spans, skip, 0).map_err(|_| H1Error::Framing("bad header name"))?;
     Ok(Some(Head {
         status,
         version,

@@ -133,7 +133,11 @@ impl ReadArea {
             self.buf.reserve(if self.big { READ_CHUNK } else { AREA });
         }
         let room = self.buf.capacity();
-        let n = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.buf))?;
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(io),
+            cx,
+            &mut self.buf
+        ))?;
         self.big = n == room;
         let got = self.buf.split().freeze();
         if read.is_empty() {
@@ -292,9 +296,7 @@ impl FramingFacts {
             }
         } else if eq_lower(name.as_bytes(), b"transfer-encoding") {
             let mut codings = tokens();
-            let only_chunked = codings
-                .next()
-                .is_some_and(|c| eq_lower(c, b"chunked"))
+            let only_chunked = codings.next().is_some_and(|c| eq_lower(c, b"chunked"))
                 && codings.next().is_none()
                 && !value.contains(&b',');
             self.chunked = Some(only_chunked && self.chunked.is_none());

@@ -683,8 +683,8 @@ pub(super) fn parse_head(read: &mut Bytes, max_head: usize) -> Result<Option<Hea
         .map_err(|_| HeadError::Bad("bad request target"))?;
     // A little room for what auth and policy may add (identity, assertion); the
     // forwarding headers are written into the upstream head, not put in the map.
-    let mut headers = codec::field_map(&raw, spans, 0, 2)
-        .map_err(|_| HeadError::Bad("bad header name"))?;
+    let mut headers =
+        codec::field_map(&raw, spans, 0, 2).map_err(|_| HeadError::Bad("bad header name"))?;
     // The gateway answers the expectation itself; the instance gets the body at once.
     if expect.is_some() {
         headers.remove(header::EXPECT);

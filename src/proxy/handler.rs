@@ -543,13 +543,9 @@ impl Gateway {
             let stats = &endpoint.stats;
             let remaining = deadline.saturating_duration_since(started);
             let mut going = Some(source.take());
-            let send = self.clients.send(
-                &client_key,
-                endpoint,
-                head,
-                forwarded,
-                &mut going,
-            );
+            let send = self
+                .clients
+                .send(&client_key, endpoint, head, forwarded, &mut going);
             let try_deadline = tokio::time::Instant::from_std(started + per_try.min(remaining));
             let outcome = tokio::time::timeout_at(try_deadline, send).await;
             // A body that never left (no connection could be made) can go elsewhere.

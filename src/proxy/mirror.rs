@@ -88,7 +88,9 @@ impl Mirrors {
         tokio::spawn(async move {
             let _slot = slot;
             let timeout = copy.timeout;
-            let result = tokio::time::timeout(timeout, send_copy(&clients, &set.endpoints[index], copy)).await;
+            let result =
+                tokio::time::timeout(timeout, send_copy(&clients, &set.endpoints[index], copy))
+                    .await;
             let outcome = match result {
                 Ok(Ok(())) => "answered",
                 Ok(Err(e)) => {

@@ -23,9 +23,9 @@ use tokio::net::TcpStream;
 
 use super::body::{ClientBody, UpstreamBody};
 use super::headers::Forwarded;
+use crate::discovery::Endpoint;
 use crate::http1::client::RequestHead;
 use crate::http1::io::UpstreamStream;
-use crate::discovery::Endpoint;
 use crate::http1::pool::{Http1Pool, PoolKey, SendError};
 use crate::upstream_tls::UpstreamTls;
 
