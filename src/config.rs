@@ -288,6 +288,11 @@ pub struct FailureBudgetSection {
     pub per_second: f64,
     /// Client addresses tracked at most (16 bytes each, plus the map's overhead).
     pub max_clients: usize,
+    /// Failed verifications in a row from all addresses together before every token the
+    /// cache does not know is refused; 0 turns this budget off.
+    pub global_burst: u32,
+    /// Failed verifications the gateway regains per second.
+    pub global_per_second: f64,
 }
 
 impl Default for FailureBudgetSection {
@@ -296,6 +301,12 @@ impl Default for FailureBudgetSection {
             burst: 20,
             per_second: 1.0,
             max_clients: 65_536,
+            // A few percent of one core at most: a failed RS256/PS256 check costs ~30 µs,
+            // ES256/EdDSA ~60-90 µs, so 200 a second is 0.6-1.8% of a core and a burst of
+            // 1000 is 30-90 ms of it; far above the failures genuine clients cause
+            // (expired tokens before a refresh).
+            global_burst: 1000,
+            global_per_second: 200.0,
         }
     }
 }
@@ -303,10 +314,19 @@ impl Default for FailureBudgetSection {
 impl FailureBudgetSection {
     /// Why these settings cannot work, if they cannot (a zero `burst` turns the budget off).
     fn problem(&self) -> Option<&'static str> {
+        let rate_ok = |r: f64| r.is_finite() && (0.001..=1_000_000.0).contains(&r);
+        if self.global_burst != 0 {
+            if !rate_ok(self.global_per_second) {
+                return Some("`global_per_second` must be between 0.001 and 1000000");
+            }
+            if self.global_burst > 1_000_000 {
+                return Some("`global_burst` must be at most 1000000");
+            }
+        }
         if self.burst == 0 {
             return None;
         }
-        if !(self.per_second.is_finite() && (0.001..=1_000_000.0).contains(&self.per_second)) {
+        if !rate_ok(self.per_second) {
             return Some("`per_second` must be between 0.001 and 1000000");
         }
         if self.burst > 1_000_000 {
@@ -1176,7 +1196,15 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("auth.realm"), "{err}");
         assert_eq!(cfg.file.auth.failure_budget.burst, 20);
-        for bad in ["per_second = 0.0", "per_second = nan", "max_clients = 0"] {
+        assert_eq!(cfg.file.auth.failure_budget.global_burst, 1000);
+        for bad in [
+            "per_second = 0.0",
+            "per_second = nan",
+            "max_clients = 0",
+            "global_per_second = 0.0",
+            "global_per_second = inf",
+            "global_burst = 1000001",
+        ] {
             let err = FileConfig::parse(&format!("[auth.failure_budget]\n{bad}\n"))
                 .unwrap()
                 .validate()
@@ -1188,6 +1216,13 @@ mod tests {
         }
         let off = "[auth.failure_budget]\nburst = 0\nper_second = 0.0\n";
         FileConfig::parse(off).unwrap().validate().unwrap();
+        let off = "[auth.failure_budget]\nglobal_burst = 0\nglobal_per_second = 0.0\n";
+        FileConfig::parse(off).unwrap().validate().unwrap();
+        let err = FileConfig::parse("[auth.failure_budget]\nglobal_per_second = -1.0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("global_per_second"), "{err}");
     }
 
     #[test]

@@ -228,6 +228,7 @@ fn jwt_target() -> Option<&'static JwtTarget> {
             let settings = AuthSettings {
                 failure_budget: FailureBudgetSettings {
                     burst: 0,
+                    global_burst: 0,
                     ..FailureBudgetSettings::default()
                 },
                 ..AuthSettings::default()

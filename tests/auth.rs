@@ -714,6 +714,20 @@ async fn the_bearer_scheme_is_case_insensitive_and_cookies_work_where_enabled() 
     env.stop().await;
 }
 
+/// A refusal without verification: 429, a `Retry-After` within the budgets' refill, and
+/// error `too_many_invalid_tokens`.
+async fn assert_refused_by_a_failure_budget(resp: reqwest::Response, what: &str) {
+    assert_eq!(resp.status(), 429, "{what} is refused unverified");
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=100).contains(&retry), "{what}: Retry-After {retry}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "too_many_invalid_tokens", "{what}");
+}
+
 #[tokio::test]
 async fn a_flood_of_bad_signatures_spends_only_its_senders_budget() {
     let env = Env::start_with(|f| {
@@ -762,19 +776,7 @@ async fn a_flood_of_bad_signatures_spends_only_its_senders_budget() {
     }
     for i in 3..10 {
         let resp = from("10.9.9.9", &bad(i)).send().await.unwrap();
-        assert_eq!(
-            resp.status(),
-            429,
-            "bad signature {i} is refused unverified"
-        );
-        let retry: u64 = resp.headers()["retry-after"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!((1..=100).contains(&retry), "Retry-After {retry}");
-        let body: Value = resp.json().await.unwrap();
-        assert_eq!(body["error"], "too_many_invalid_tokens");
+        assert_refused_by_a_failure_budget(resp, &format!("bad signature {i}")).await;
     }
     assert_eq!(env.hits(), before, "nothing reached the upstream");
     assert!(refusals().await >= refused_before + 7.0);
@@ -790,5 +792,76 @@ async fn a_flood_of_bad_signatures_spends_only_its_senders_budget() {
     assert_eq!(resp.status(), 200);
     let resp = from("10.1.1.1", &bad(99)).send().await.unwrap();
     assert_eq!(resp.status(), 401);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn bad_signatures_from_ever_new_addresses_spend_the_gateway_wide_budget_and_known_clients_still_pass(
+) {
+    let env = Env::start_with(|f| {
+        // Loopback is the trusted proxy, so X-Forwarded-For names each test client.
+        f.proxy.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        f.auth.failure_budget.burst = 3;
+        f.auth.failure_budget.per_second = 0.01;
+        f.auth.failure_budget.global_burst = 5;
+        f.auth.failure_budget.global_per_second = 0.01;
+    })
+    .await;
+    env.route("api", "/api", json!({"auth": {"jwt": ["cfg"]}}))
+        .await;
+    env.route("keys", "/keys", json!({"auth": {"api_key": true}}))
+        .await;
+    let key = switchyard::auth::api_key::mint("billing", vec![], None);
+    env.put("apikeys", &key.id, &serde_json::to_value(&key.doc).unwrap())
+        .await;
+    env.wait_accepted("/keys/x", ("x-api-key", &key.key)).await;
+    let from = |ip: String, token: &str| env.bearer("/api/x", token).header("x-forwarded-for", ip);
+    let refusals = || {
+        env.gw.metric(
+            "switchyard_auth_failures_total",
+            &[("reason", "failure_budget_global")],
+        )
+    };
+    let refused_before = refusals().await;
+    // A healthy client whose token the gateway has verified.
+    let healthy = tokens::rs256("r", &claims("alice", json!({})));
+    let resp = from("10.1.1.1".into(), &healthy).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // Distinct bad signatures, each from a new address: no address ever spends its own
+    // budget (3), but the gateway's (5) is spent after the fifth.
+    let bad = |i: u64| tokens::tampered(&healthy, &claims("mallory", json!({"n": i})));
+    let attacker = |i: u64| format!("10.66.{}.{}", i / 256, i % 256);
+    let before = env.hits();
+    for i in 0..5 {
+        let resp = from(attacker(i), &bad(i)).send().await.unwrap();
+        assert_eq!(resp.status(), 401, "bad signature {i} is verified");
+        assert!(
+            challenge(&resp).contains("invalid signature"),
+            "{}",
+            challenge(&resp)
+        );
+    }
+    for i in 5..15 {
+        let resp = from(attacker(i), &bad(i)).send().await.unwrap();
+        assert_refused_by_a_failure_budget(resp, &format!("bad signature {i} from a new address"))
+            .await;
+    }
+    assert_eq!(env.hits(), before, "nothing reached the upstream");
+    assert!(refusals().await >= refused_before + 10.0);
+
+    // A good token the gateway never verified is not verified either while the budget is
+    // spent (the trade-off); one it verified before, and API keys, still pass.
+    let fresh = tokens::rs256("r", &claims("bob", json!({})));
+    let resp = from("10.2.2.2".into(), &fresh).send().await.unwrap();
+    assert_eq!(resp.status(), 429);
+    let resp = from("10.1.1.1".into(), &healthy).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "a cached token still passes");
+    let resp = env
+        .get_with("/keys/x", "x-api-key", &key.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "API keys are not affected");
     env.stop().await;
 }

@@ -34,7 +34,8 @@ pub struct AuthSettings {
     pub consumer_header: HeaderName,
     /// Headers always stripped from client requests, besides those providers write.
     pub strip_headers: Vec<HeaderName>,
-    /// Failed verifications per client address before its tokens are refused unverified.
+    /// Failed verifications per client address, and gateway-wide, before tokens are refused
+    /// unverified.
     pub failure_budget: FailureBudgetSettings,
 }
 
@@ -69,6 +70,8 @@ impl AuthSettings {
                 burst: section.failure_budget.burst,
                 per_second: section.failure_budget.per_second,
                 max_clients: section.failure_budget.max_clients,
+                global_burst: section.failure_budget.global_burst,
+                global_per_second: section.failure_budget.global_per_second,
             },
         })
     }
@@ -97,7 +100,9 @@ impl AuthRejection {
     /// credential was presented.
     pub fn code(&self) -> &'static str {
         match self.error {
-            AuthError::TooManyFailures { .. } => "too_many_invalid_tokens",
+            AuthError::TooManyFailures { .. } | AuthError::TooManyFailuresGatewayWide { .. } => {
+                "too_many_invalid_tokens"
+            }
             _ => self.error.oauth_code().unwrap_or("unauthorized"),
         }
     }
@@ -394,7 +399,7 @@ impl Authenticator {
     ) -> AuthRejection {
         let mut headers = HeaderMap::new();
         headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let AuthError::TooManyFailures { retry_after_s } = error {
+        if let Some(retry_after_s) = error.retry_after_s() {
             headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_s));
             return AuthRejection {
                 status: error.status(),

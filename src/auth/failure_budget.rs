@@ -1,4 +1,5 @@
-//! A budget of failed token verifications per client address.
+//! Budgets of failed token verifications: one per client address, and one for the whole
+//! gateway.
 //!
 //! A token the gateway has not verified before costs a signature check (tens of
 //! microseconds for RSA or ECDSA); a token with a bad signature is never cached, so a client
@@ -9,6 +10,13 @@
 //! already in the verified-token cache are still accepted, so a healthy client behind the
 //! same address keeps working; other addresses are not affected at all.
 //!
+//! A flood that brings a new address with every bad token never spends any address's budget,
+//! so every failure also spends one unit of a gateway-wide budget; once that is spent, no
+//! token outside the cache is verified (429) until it refills. Genuine tokens the gateway has
+//! not seen yet are refused too while it lasts: the price of keeping the CPU for the clients
+//! it already knows. Both are GCRA buckets (a theoretical arrival time per key); the
+//! gateway-wide one is a single atomic word.
+//!
 //! Memory is bounded: a key is the hash of the address (IPv6 by its /64, the block one
 //! subscriber usually gets, so rotating addresses inside it buys nothing) and its
 //! theoretical arrival time (GCRA), 16 bytes each, at most `max_clients` of them. A full
@@ -18,6 +26,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,6 +42,27 @@ pub struct FailureBudgetSettings {
     pub per_second: f64,
     /// Client addresses tracked at most.
     pub max_clients: usize,
+    /// Failed verifications the whole gateway may see in a row; 0 turns that budget off.
+    pub global_burst: u32,
+    /// Failed verifications the whole gateway regains per second.
+    pub global_per_second: f64,
+}
+
+/// Which budget is spent, and how long until one more verification may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpentBudget {
+    /// This client address's.
+    Address(Duration),
+    /// The gateway-wide one.
+    Gateway(Duration),
+}
+
+impl SpentBudget {
+    pub fn wait(&self) -> Duration {
+        match *self {
+            SpentBudget::Address(w) | SpentBudget::Gateway(w) => w,
+        }
+    }
 }
 
 impl Default for FailureBudgetSettings {
@@ -43,7 +73,51 @@ impl Default for FailureBudgetSettings {
             burst: section.burst,
             per_second: section.per_second,
             max_clients: section.max_clients,
+            global_burst: section.global_burst,
+            global_per_second: section.global_per_second,
         }
+    }
+}
+
+/// GCRA over failures: `burst` in a row, then one per `1 / per_second`. A key's state is its
+/// theoretical arrival time (ns since the budget's epoch; 0 for a key never charged).
+#[derive(Debug, Clone, Copy)]
+struct Gcra {
+    /// Time one unit takes to come back, in nanoseconds.
+    interval_ns: u64,
+    /// `interval_ns * burst`: how far ahead of now an arrival time may run; 0 when off.
+    tolerance_ns: u64,
+}
+
+impl Gcra {
+    /// Settings out of range (the config file's validation refuses them) are clamped.
+    fn new(burst: u32, per_second: f64) -> Gcra {
+        let interval_ns = if burst == 0 {
+            0
+        } else {
+            ((1e9 / per_second.clamp(0.001, 1_000_000.0)).round() as u64).max(1)
+        };
+        Gcra {
+            interval_ns,
+            tolerance_ns: interval_ns.saturating_mul(u64::from(burst)),
+        }
+    }
+
+    fn is_off(&self) -> bool {
+        self.tolerance_ns == 0
+    }
+
+    /// `Some(wait)` when one more failure would not fit.
+    fn wait(&self, tat: u64, now_ns: u64) -> Option<Duration> {
+        let next = tat.max(now_ns) + self.interval_ns;
+        (next - now_ns > self.tolerance_ns)
+            .then(|| Duration::from_nanos(next - self.tolerance_ns - now_ns))
+    }
+
+    /// The arrival time after one more failure. Capped: failures while spent (raced past
+    /// the check) do not extend the wait.
+    fn charged(&self, tat: u64, now_ns: u64) -> u64 {
+        (tat.max(now_ns) + self.interval_ns).min(now_ns + self.tolerance_ns + self.interval_ns)
     }
 }
 
@@ -70,10 +144,10 @@ type Shard = HashMap<u64, u64, BuildHasherDefault<Prehashed>>;
 
 pub struct FailureBudget {
     settings: FailureBudgetSettings,
-    /// Time one unit takes to come back, in nanoseconds.
-    interval_ns: u64,
-    /// `interval_ns * burst`: how far ahead of now a key's arrival time may run.
-    tolerance_ns: u64,
+    per_address: Gcra,
+    gateway: Gcra,
+    /// The gateway-wide budget's arrival time.
+    gateway_tat: AtomicU64,
     epoch: Instant,
     seed: std::collections::hash_map::RandomState,
     shards: Box<[Mutex<Shard>]>,
@@ -91,19 +165,15 @@ impl std::fmt::Debug for FailureBudget {
 impl FailureBudget {
     /// Settings out of range (the config file's validation refuses them) are clamped.
     pub fn new(settings: FailureBudgetSettings) -> FailureBudget {
-        let interval_ns = if settings.burst == 0 {
-            0
-        } else {
-            (1e9 / settings.per_second.clamp(0.001, 1_000_000.0)).round() as u64
-        };
         let max_clients = settings.max_clients.max(1);
         let shards = (max_clients / KEYS_PER_SHARD)
             .clamp(1, MAX_SHARDS)
             .next_power_of_two()
             .min(MAX_SHARDS);
         FailureBudget {
-            interval_ns,
-            tolerance_ns: interval_ns.saturating_mul(u64::from(settings.burst)),
+            per_address: Gcra::new(settings.burst, settings.per_second),
+            gateway: Gcra::new(settings.global_burst, settings.global_per_second),
+            gateway_tat: AtomicU64::new(0),
             settings,
             epoch: Instant::now(),
             seed: Default::default(),
@@ -116,30 +186,44 @@ impl FailureBudget {
         &self.settings
     }
 
-    /// `Some(wait)` when `client` has spent its budget: how long until it may try again.
-    pub fn spent(&self, client: IpAddr) -> Option<Duration> {
+    /// `Some` when `client`'s budget or the gateway's is spent: which, and how long until
+    /// a token from `client` may be verified again.
+    pub fn spent(&self, client: IpAddr) -> Option<SpentBudget> {
         self.spent_at(client, self.now_ns())
     }
 
-    /// Spends one unit of `client`'s budget (a verification that failed).
+    /// Spends one unit of `client`'s budget and of the gateway's (a verification that
+    /// failed).
     pub fn charge(&self, client: IpAddr) {
         self.charge_at(client, self.now_ns())
     }
 
-    pub fn spent_at(&self, client: IpAddr, now_ns: u64) -> Option<Duration> {
-        if self.settings.burst == 0 {
+    pub fn spent_at(&self, client: IpAddr, now_ns: u64) -> Option<SpentBudget> {
+        if !self.per_address.is_off() {
+            let hash = self.hash(client);
+            let tat = self.shard(hash).get(&hash).copied();
+            if let Some(wait) = tat.and_then(|tat| self.per_address.wait(tat, now_ns)) {
+                return Some(SpentBudget::Address(wait));
+            }
+        }
+        if self.gateway.is_off() {
             return None;
         }
-        let hash = self.hash(client);
-        let tat = *self.shard(hash).get(&hash)?;
-        // One more failure would push the arrival time past the tolerance.
-        let next = tat.max(now_ns) + self.interval_ns;
-        (next - now_ns > self.tolerance_ns)
-            .then(|| Duration::from_nanos(next - self.tolerance_ns - now_ns))
+        self.gateway
+            .wait(self.gateway_tat.load(Ordering::Relaxed), now_ns)
+            .map(SpentBudget::Gateway)
     }
 
     pub fn charge_at(&self, client: IpAddr, now_ns: u64) {
-        if self.settings.burst == 0 {
+        if !self.gateway.is_off() {
+            // The closure cannot fail: `fetch_update` only retries on a concurrent change.
+            let _ = self
+                .gateway_tat
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
+                    Some(self.gateway.charged(tat, now_ns))
+                });
+        }
+        if self.per_address.is_off() {
             return;
         }
         let hash = self.hash(client);
@@ -148,10 +232,7 @@ impl FailureBudget {
         if stored.is_none() && shard.len() >= self.per_shard {
             self.make_room(&mut shard, now_ns);
         }
-        // Capped: failures while spent (raced past the check) do not extend the wait.
-        let tat = (stored.unwrap_or(0).max(now_ns) + self.interval_ns)
-            .min(now_ns + self.tolerance_ns + self.interval_ns);
-        shard.insert(hash, tat);
+        shard.insert(hash, self.per_address.charged(stored.unwrap_or(0), now_ns));
     }
 
     /// Client addresses tracked right now.
@@ -217,6 +298,8 @@ mod tests {
             burst,
             per_second,
             max_clients,
+            global_burst: 0,
+            global_per_second: 0.0,
         })
     }
 
@@ -230,7 +313,7 @@ mod tests {
             b.charge_at(ip, t);
         }
         let wait = b.spent_at(ip, t).expect("spent after 3 failures");
-        assert_eq!(wait, Duration::from_millis(500));
+        assert_eq!(wait, SpentBudget::Address(Duration::from_millis(500)));
         assert!(b.spent_at(ip, t + S / 2 - 1).is_some());
         assert_eq!(b.spent_at(ip, t + S / 2), None);
         // More failures while spent do not push the wait further out.
@@ -288,5 +371,76 @@ mod tests {
         }
         assert_eq!(b.spent_at(ip, S), None);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn failures_from_ever_new_addresses_spend_the_gateway_wide_budget() {
+        let b = FailureBudget::new(FailureBudgetSettings {
+            burst: 20,
+            per_second: 1.0,
+            max_clients: 1000,
+            global_burst: 5,
+            global_per_second: 10.0,
+        });
+        let t = 10 * S;
+        for i in 0..5u32 {
+            let ip = IpAddr::from((0x0a00_0000 + i).to_be_bytes());
+            assert_eq!(b.spent_at(ip, t), None, "failure {i} fits");
+            b.charge_at(ip, t);
+        }
+        // No address has spent its own budget, but any address is now refused...
+        let new: IpAddr = "192.0.2.200".parse().unwrap();
+        assert_eq!(
+            b.spent_at(new, t),
+            Some(SpentBudget::Gateway(Duration::from_millis(100)))
+        );
+        // ...more failures racing past the check do not push the wait further out...
+        for i in 0..50u32 {
+            b.charge_at(IpAddr::from((0x0b00_0000 + i).to_be_bytes()), t);
+        }
+        assert!(b.spent_at(new, t + S / 10 - 1).is_some());
+        // ...and one try comes back every 1/10 s.
+        assert_eq!(b.spent_at(new, t + 2 * S / 10), None);
+        b.charge_at(new, t + 2 * S / 10);
+        assert!(b.spent_at(new, t + 2 * S / 10).is_some());
+        assert_eq!(b.spent_at(new, t + 10 * S), None);
+    }
+
+    #[test]
+    fn an_address_that_spent_its_own_budget_hears_about_its_own_first() {
+        let b = FailureBudget::new(FailureBudgetSettings {
+            burst: 1,
+            per_second: 1.0,
+            max_clients: 100,
+            global_burst: 1,
+            global_per_second: 0.5,
+        });
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        b.charge_at(ip, S);
+        assert_eq!(
+            b.spent_at(ip, S),
+            Some(SpentBudget::Address(Duration::from_secs(1)))
+        );
+        assert_eq!(
+            b.spent_at("192.0.2.2".parse().unwrap(), S),
+            Some(SpentBudget::Gateway(Duration::from_secs(2)))
+        );
+    }
+
+    #[test]
+    fn a_zero_global_burst_turns_only_the_gateway_wide_budget_off() {
+        let b = FailureBudget::new(FailureBudgetSettings {
+            burst: 1,
+            per_second: 1.0,
+            max_clients: 100_000,
+            global_burst: 0,
+            global_per_second: 0.0,
+        });
+        for i in 0..10_000u32 {
+            let ip = IpAddr::from(i.to_be_bytes());
+            assert_eq!(b.spent_at(ip, S), None);
+            b.charge_at(ip, S);
+        }
+        assert!(b.spent_at(IpAddr::from(7u32.to_be_bytes()), S).is_some());
     }
 }

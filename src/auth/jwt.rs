@@ -18,7 +18,7 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
 use super::cache::{self, TokenCache};
-use super::failure_budget::FailureBudget;
+use super::failure_budget::{FailureBudget, SpentBudget};
 use super::jwks::{Jwks, JwksSettings};
 use super::keys::{parse_algorithm, Key, KeyError, KeySet, KeySpec};
 use super::{scopes_of, AuthError, AuthMethod, Identity};
@@ -390,9 +390,14 @@ impl Provider {
             return Ok(identity);
         }
         if let Some((budget, client)) = guard {
-            if let Some(wait) = budget.spent(client) {
-                return Err(AuthError::TooManyFailures {
-                    retry_after_s: wait.as_secs() + u64::from(wait.subsec_nanos() > 0),
+            if let Some(spent) = budget.spent(client) {
+                let wait = spent.wait();
+                let retry_after_s = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                return Err(match spent {
+                    SpentBudget::Address(_) => AuthError::TooManyFailures { retry_after_s },
+                    SpentBudget::Gateway(_) => {
+                        AuthError::TooManyFailuresGatewayWide { retry_after_s }
+                    }
                 });
             }
         }

@@ -11,8 +11,8 @@
 //! - [`api_key`]: hashed API keys from KV, compared in constant time.
 //! - [`identity_headers`]: forged identity headers out, verified ones in.
 //! - [`cache`]: verified tokens by hash, so a token's signature is checked once.
-//! - [`failure_budget`]: failed verifications per client address, so tokens with bad
-//!   signatures cannot make every request cost a signature check.
+//! - [`failure_budget`]: failed verifications per client address and gateway-wide, so tokens
+//!   with bad signatures cannot make every request cost a signature check.
 //! - [`docs`]: KV documents (providers, API keys) with the last good version per key.
 
 pub mod api_key;
@@ -30,7 +30,7 @@ use std::sync::Arc;
 use http::{HeaderName, HeaderValue, StatusCode};
 
 pub use authenticator::{AuthRejection, AuthSettings, Authenticator, Grant};
-pub use failure_budget::{FailureBudget, FailureBudgetSettings};
+pub use failure_budget::{FailureBudget, FailureBudgetSettings, SpentBudget};
 
 /// How a caller proved who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,13 +247,19 @@ pub enum AuthError {
     /// without verification for a while.
     #[error("too many invalid tokens from this address; retry in {retry_after_s} s")]
     TooManyFailures { retry_after_s: u64 },
+    /// The gateway-wide budget of failed verifications is spent (a flood of bad tokens from
+    /// many addresses): tokens it has not verified before are refused unverified for a while.
+    #[error("too many invalid tokens at this gateway; retry in {retry_after_s} s")]
+    TooManyFailuresGatewayWide { retry_after_s: u64 },
 }
 
 impl AuthError {
     pub fn status(&self) -> StatusCode {
         match self {
             AuthError::InsufficientScope { .. } => StatusCode::FORBIDDEN,
-            AuthError::TooManyFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AuthError::TooManyFailures { .. } | AuthError::TooManyFailuresGatewayWide { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             AuthError::Missing
             | AuthError::TooLarge { .. }
             | AuthError::Malformed(_)
@@ -290,6 +296,16 @@ impl AuthError {
             AuthError::UnknownProvider => "unknown_provider",
             AuthError::InsufficientScope { .. } => "insufficient_scope",
             AuthError::TooManyFailures { .. } => "failure_budget",
+            AuthError::TooManyFailuresGatewayWide { .. } => "failure_budget_global",
+        }
+    }
+
+    /// How long a refusal by a failure budget asks the client to wait (`Retry-After`).
+    pub fn retry_after_s(&self) -> Option<u64> {
+        match *self {
+            AuthError::TooManyFailures { retry_after_s }
+            | AuthError::TooManyFailuresGatewayWide { retry_after_s } => Some(retry_after_s),
+            _ => None,
         }
     }
 
@@ -311,7 +327,9 @@ impl AuthError {
     /// The RFC 6750 `error` code (`None` when no credential was presented at all).
     pub fn oauth_code(&self) -> Option<&'static str> {
         match self {
-            AuthError::Missing | AuthError::TooManyFailures { .. } => None,
+            AuthError::Missing
+            | AuthError::TooManyFailures { .. }
+            | AuthError::TooManyFailuresGatewayWide { .. } => None,
             AuthError::InsufficientScope { .. } => Some("insufficient_scope"),
             AuthError::Malformed(_) => Some("invalid_request"),
             _ => Some("invalid_token"),

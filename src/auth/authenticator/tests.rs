@@ -345,6 +345,8 @@ async fn a_client_that_spends_its_failure_budget_is_refused_unverified_and_other
             burst: 2,
             per_second: 0.01,
             max_clients: 100,
+            global_burst: 0,
+            global_per_second: 0.0,
         },
         ..AuthSettings::default()
     };
