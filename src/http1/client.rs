@@ -7,11 +7,10 @@
 //! back, and a second buffered codec layer (`scripts/bench-cost.sh` measures the
 //! difference; docs/benchmarks.md).
 //!
-//! Memory that requests touch stays hot with hundreds of connections: reads land in one
-//! per-thread buffer, and a connection keeps only the bytes it has not consumed (usually
-//! none between requests); request heads are encoded in another per-thread buffer.
-//! Responses are parsed with `httparse`; their header values are slices of the bytes
-//! received, not copies. Request bodies stream (`Content-Length` when known, else chunked),
+//! A connection reads into an area of its own ([`codec::ReadArea`], 8 KiB) that answers
+//! are cut from without a copy and that is reused once they are gone; request heads are
+//! encoded in a per-thread buffer. Responses are parsed with `httparse`; their header
+//! values are slices of the bytes received, not copies. Request bodies stream (`Content-Length` when known, else chunked),
 //! concurrently with reading the answer, so an instance that answers before the upload
 //! is in (a 413, a 401) is heard at once.
 
