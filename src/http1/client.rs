@@ -7,7 +7,7 @@
 //! back, and a second buffered codec layer (`scripts/bench-cost.sh` measures the
 //! difference; docs/benchmarks.md).
 //!
-//! A connection reads into an area of its own ([`codec::ReadArea`], 8 KiB) that answers
+//! A connection reads into an area of its own (`codec::ReadArea`, 8 KiB) that answers
 //! are cut from without a copy and that is reused once they are gone; request heads are
 //! encoded in a per-thread buffer. Responses are parsed with `httparse`; their header
 //! values are slices of the bytes received, not copies. Request bodies stream (`Content-Length` when known, else chunked),
