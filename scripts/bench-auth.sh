@@ -344,12 +344,12 @@ base_p99=$(fcol none 4)
 {
     echo
     echo "# bad-signature flood (RS256, distinct tokens), healthy client wrk -c$HEALTHY_CONNS with a cached token, flood wrk -c$CONNS, ${DURATION}s x $REPS"
-    printf '%-26s %11s %8s %12s %9s %9s %9s %8s %6s\n' flood healthy_rps p99_ms p99_vs_alone \
+    printf '%-30s %11s %8s %12s %9s %9s %9s %8s %6s\n' flood healthy_rps p99_ms p99_vs_alone \
         flood_rps flood_401 flood_429 gw_busy errors
     for f in "${FLOODS[@]}"; do
         IFS='|' read -r name _ _ label <<<"$f"
         p99=$(fcol "$name" 4)
-        printf '%-26s %11.0f %8.3f %12.2f %9.0f %9.0f %9.0f %8.2f %6d\n' "$label" "$(fcol "$name" 3)" "$p99" \
+        printf '%-30s %11.0f %8.3f %12.2f %9.0f %9.0f %9.0f %8.2f %6d\n' "$label" "$(fcol "$name" 3)" "$p99" \
             "$(bench_ratio "$p99" "$base_p99")" "$(fcol "$name" 6)" "$(fcol "$name" 7)" "$(fcol "$name" 8)" \
             "$(fcol "$name" 9)" "$(awk -v n="$name" '$1 == n { s += $5 } END { print s + 0 }' "$frows")"
     done
