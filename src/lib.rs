@@ -35,6 +35,7 @@ pub mod otel_export;
 pub mod owned_headers;
 pub mod pem;
 pub mod policy;
+pub mod prehashed;
 pub mod proxy;
 pub mod registration;
 pub mod rewrite;

@@ -23,8 +23,7 @@
 //! shard first drops keys whose budget has refilled (indistinguishable from unseen keys),
 //! then evicts a random batch (each evicted key starts again with a full budget).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -121,26 +120,7 @@ impl Gcra {
     }
 }
 
-/// Passes an already-hashed `u64` through (keys are hashed once, with the budget's seed).
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-/// Key hash → theoretical arrival time (ns since the budget's epoch).
-type Shard = HashMap<u64, u64, BuildHasherDefault<Prehashed>>;
+type Shard = crate::prehashed::ArrivalTimes;
 
 pub struct FailureBudget {
     settings: FailureBudgetSettings,

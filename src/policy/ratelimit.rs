@@ -11,7 +11,7 @@
 //! rebuild (or a route document change that leaves `rate_limit` as it was) keeps the buckets.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -216,26 +216,7 @@ pub(super) fn ceil_secs(d: Duration) -> u64 {
     d.as_nanos().div_ceil(1_000_000_000) as u64
 }
 
-/// Passes an already-hashed `u64` through: keys are hashed once, with the limiter's seed.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-/// Key hash → theoretical arrival time (ns since the limiter's epoch).
-type Shard = HashMap<u64, u64, BuildHasherDefault<Prehashed>>;
+type Shard = crate::prehashed::ArrivalTimes;
 
 /// One route's buckets.
 ///
