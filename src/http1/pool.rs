@@ -394,6 +394,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_slot_taken_before_any_connection_survives_the_reaper_and_shares_the_keys_connections(
+    ) {
+        let (authority, accepted) = server(usize::MAX).await;
+        let pool = Http1Pool::new(8, Duration::from_secs(60));
+        let key = key(authority);
+        let slot = pool.slot(key.clone());
+        // Empty and with no connection out: only the slot holds it.
+        pool.reap();
+        for i in 0..6 {
+            let parts = request(&key.authority, Method::GET);
+            let response = if i % 2 == 0 {
+                pool.send_to(
+                    &slot,
+                    || dial(key.authority.clone()),
+                    RequestHead::of(&parts),
+                    &mut Some(OutboundBody::<NoBody>::Empty),
+                )
+                .await
+                .unwrap()
+            } else {
+                get(&pool, &key).await.unwrap()
+            };
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "by slot and by key: one list"
+        );
+        assert_eq!(pool.idle_count(&key), 1);
+    }
+
+    #[tokio::test]
     async fn an_abandoned_body_closes_its_connection() {
         let (authority, accepted) = server(usize::MAX).await;
         let pool = Http1Pool::new(8, Duration::from_secs(60));
