@@ -23,7 +23,8 @@
 # Usage: scripts/bench-tls.sh [--quick]   (--quick: 3 s runs, 1 rep)
 # Env:   BIN (a built gateway instead of a fresh release build), ALT_BIN and ALT_LABEL (a
 #        second gateway build measured in the same run, e.g. another crypto provider),
-#        DURATION (10), REPS (3), CONNS (50), CLIENTS (3), OUT, and the ports below.
+#        DURATION (10), REPS (3), CONNS (50), CLIENTS (3), OUT, ONLY (a regular expression:
+#        the cases whose names match, e.g. ONLY=resumed), and the ports below.
 # Not run in CI: timed targets live in scripts, never in tests.
 set -euo pipefail
 
@@ -157,16 +158,18 @@ keepalive() {
     read -r rps _p50 _p99 reqs err < <(OPENSSL_CONF="$WORK/client-tls$1.cnf" \
         timeout $((DURATION + 30)) taskset -c 0 \
         wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "https://127.0.0.1:$2/" 2>&1 | bench_wrk_summary)
-    if [[ $err != 0 || $reqs == 0 ]]; then echo ERR; else echo "$reqs $(bench_ratio "$reqs" "$rps")"; fi
+    if [[ $err != 0 || $reqs == 0 ]]; then echo ERR; else echo "$reqs $(bench_ratio "$reqs" "$rps") -"; fi
 }
 # handshakes MODE VERSION PORT: $CLIENTS s_time clients at once (MODE -new or -reuse),
 # each with a GET / per connection. With -reuse every connection after each client's first
 # must have resumed (s_time prints `r` for a resumed one, `*` for a full one).
 handshakes() {
-    local i total=0 n full t0 t1
+    local i total=0 n full t0 t1 cpu
+    rm -f "$WORK"/s_time.cpu.*
     t0=$(date +%s.%N)
     for i in $(seq "$CLIENTS"); do
         OPENSSL_CONF="$WORK/client-tls$2.cnf" timeout $((DURATION + 30)) taskset -c 0 \
+            /usr/bin/time -f '%U %S' -o "$WORK/s_time.cpu.$i" \
             openssl s_time -connect "127.0.0.1:$3" "$1" -time "$DURATION" -www / \
             >"$WORK/s_time.$i" 2>&1 &
     done
@@ -182,7 +185,9 @@ handshakes() {
         fi
         total=$((total + n))
     done
-    echo "$total $(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')"
+    # The clients' own CPU (user + system seconds, all of them): what bounds the rate here.
+    cpu=$(cat "$WORK"/s_time.cpu.* | awk '{ s += $1 + $2 } END { print s + 0 }')
+    echo "$total $(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }') $cpu"
 }
 # check_version VERSION PORT: the client settings give that version and AES-256-GCM.
 check_version() {
@@ -200,6 +205,10 @@ CASES=(
     "resumed_tls1.3_ecdsa|ec|handshakes -reuse 1.3"
     "resumed_tls1.2_ecdsa|ec|handshakes -reuse 1.2"
 )
+if [[ -n ${ONLY:-} ]]; then # a subset of the cases, by an extended regular expression
+    mapfile -t CASES < <(printf '%s\n' "${CASES[@]}" | grep -E "^[^|]*(${ONLY})[^|]*\|")
+    ((${#CASES[@]})) || die "no case matches ONLY=$ONLY"
+fi
 SERVERS=$(for t in "${TARGETS[@]}"; do echo "${t%%|*}"; done | uniq)
 
 for t in "${TARGETS[@]}"; do
@@ -224,13 +233,15 @@ for rep in $(seq "$REPS"); do
             [[ $tcert == "$cert" ]] || continue
             t0=$(cpu_ticks "$pid")
             # shellcheck disable=SC2086 # cmd is a function name and its words
-            read -r n secs < <($cmd "$port")
+            read -r n secs client_s < <($cmd "$port")
             t1=$(cpu_ticks "$pid")
             [[ $n != ERR && $n -gt 0 ]] || die "$case on $name failed (see $WORK; KEEP_RUNDIR=1)"
             ops=$(bench_ratio "$n" "$secs")
             us=$(bench_cpu_us $((t1 - t0)) "$n")
-            echo "$case $name $rep $ops $us" >>"$rows"
-            log "run $rep/$REPS $case $name: $ops/s, ${us} us CPU per op"
+            client_us=-
+            [[ $client_s == - ]] || client_us=$(awk -v s="$client_s" -v n="$n" 'BEGIN { printf "%.1f", s * 1e6 / n }')
+            echo "$case $name $rep $ops $us $client_us" >>"$rows"
+            log "run $rep/$REPS $case $name: $ops/s, ${us} us CPU per op (clients: $client_us)"
         done
     done
 done
@@ -243,7 +254,7 @@ col() { awk -v c="$1" -v n="$2" -v f="$3" '$1 == c && $2 == n { print $f }' "$ro
 mkdir -p "$(dirname "$OUT")"
 {
     echo "# TLS termination, $(date -u +%F), 1 worker each on CPU 1, clients on CPU 0, ${DURATION}s x $REPS (medians)"
-    printf '%-24s %-12s %10s %9s %11s %12s\n' case server ops/s vs_nginx cpu_us/op cpu_vs_nginx
+    printf '%-24s %-12s %10s %9s %11s %12s %14s\n' case server ops/s vs_nginx cpu_us/op cpu_vs_nginx client_us/op
     for c in "${CASES[@]}"; do
         IFS='|' read -r case _ _ <<<"$c"
         n_ops=$(col "$case" nginx 4)
@@ -251,8 +262,9 @@ mkdir -p "$(dirname "$OUT")"
         for name in $SERVERS; do
             ops=$(col "$case" "$name" 4)
             us=$(col "$case" "$name" 5)
-            printf '%-24s %-12s %10.0f %9.3f %11.1f %12.3f\n' "$case" "$name" "$ops" \
-                "$(bench_ratio "$ops" "$n_ops")" "$us" "$(bench_ratio "$us" "$n_us")"
+            client=$(awk -v c="$case" -v n="$name" '$1 == c && $2 == n && $6 != "-" { print $6 }' "$rows" | median)
+            printf '%-24s %-12s %10.0f %9.3f %11.1f %12.3f %14s\n' "$case" "$name" "$ops" \
+                "$(bench_ratio "$ops" "$n_ops")" "$us" "$(bench_ratio "$us" "$n_us")" "${client:--}"
         done
     done
 } | tee "$OUT"
