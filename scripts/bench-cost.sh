@@ -19,7 +19,10 @@
 #        BENCH_DIR (../shared/bench, for the upstreams), ports as in scripts/bench.sh,
 #        DUMPS (a folder to keep the callgrind dumps in, for callgrind_annotate),
 #        ACCESS_LOG (1: access logs on at both sides, to files: Switchyard's default writer,
-#        nginx's `combined` format with `buffer=64k`).
+#        nginx's `combined` format with `buffer=64k`),
+#        H2 (1: HTTP/2 from the client instead, h2c by prior knowledge with h2load, CONNS
+#        connections of STREAMS concurrent streams each (default 1); nginx gets `http2` on
+#        its listener).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -34,6 +37,9 @@ source "$ROOT/scripts/bench-common.sh"
 say() { printf '[bench-cost] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
+H2="${H2:-0}"
+STREAMS="${STREAMS:-1}"
+[[ $H2 == 1 ]] && ! command -v h2load >/dev/null && die "h2load is missing (apt-get install nghttp2-client)"
 for tool in valgrind callgrind_control wrk python3 curl nginx; do
     command -v "$tool" >/dev/null || die "$tool is missing (apt-get install valgrind python3 curl; wrk and nginx: $BENCH_DIR/setup.sh)"
 done
@@ -64,6 +70,17 @@ curl -sf "http://127.0.0.1:$UPSTREAM2_PORT/" >/dev/null || die "upstreams did no
 bench_register "$CONSUL" "$UPSTREAM1_PORT" "$UPSTREAM2_PORT" || die "registering the upstreams failed"
 bench_route "$CONSUL" switchyard-bench/ root '{"service":"bench","path_prefix":"/"}' || die "storing the route failed"
 bench_gateway_config >"$WORK/switchyard.toml"
+
+# load CONNECTIONS SECONDS: drives the proxy on PROXY_PORT and prints the requests it
+# completed (wrk, or h2load with H2=1).
+load() {
+    if [[ $H2 == 1 ]]; then
+        taskset -c 0 h2load -c"$1" -m"$STREAMS" -D"$2" "http://127.0.0.1:$PROXY_PORT/" \
+            | awk '/^requests:/ { print $8 }'
+    else
+        taskset -c 0 wrk -t1 -c"$1" -d"$2s" "http://127.0.0.1:$PROXY_PORT/" | awk '/requests in/ { print $1 }'
+    fi
+}
 
 served() {
     curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics" \
@@ -128,10 +145,10 @@ for bin in "${BINS[@]}"; do
         bench_wait_url "http://127.0.0.1:$ADMIN_PORT/ready" 60 \
             || die "gateway not ready under valgrind (see $WORK/gateway.log)"
         say "$label_base c$c: warm-up, then ${DURATION}s counted"
-        taskset -c 0 wrk -t1 -c"$c" -d3s "http://127.0.0.1:$PROXY_PORT/" >/dev/null
+        load "$c" 3 >/dev/null
         read -r ok0 all0 < <(served)
         callgrind_control -z "$vg" >/dev/null 2>&1
-        taskset -c 0 wrk -t1 -c"$c" -d"${DURATION}s" "http://127.0.0.1:$PROXY_PORT/" >/dev/null
+        load "$c" "$DURATION" >/dev/null
         callgrind_control -d "$vg" >/dev/null 2>&1
         read -r ok1 all1 < <(served)
         kill "$vg" 2>/dev/null || true
@@ -157,14 +174,16 @@ count_anchor() {
             --callgrind-out-file="$out" "$@" >"$WORK/$label.log" 2>&1 &
         vg=$!
         PIDS+=("$vg")
+        local proto=()
+        [[ $H2 == 1 ]] && proto=(--http2-prior-knowledge)
         for _ in $(seq 300); do
-            curl -sf "http://127.0.0.1:$PROXY_PORT/" >/dev/null && break
+            curl -sf "${proto[@]}" "http://127.0.0.1:$PROXY_PORT/" >/dev/null && break
             sleep 0.2
         done
         say "$label c$c: warm-up, then ${DURATION}s counted"
-        taskset -c 0 wrk -t1 -c"$c" -d3s "http://127.0.0.1:$PROXY_PORT/" >/dev/null
+        load "$c" 3 >/dev/null
         callgrind_control -z "$vg" >/dev/null 2>&1
-        n=$(taskset -c 0 wrk -t1 -c"$c" -d"${DURATION}s" "http://127.0.0.1:$PROXY_PORT/" | awk '/requests in/ { print $1 }')
+        n=$(load "$c" "$DURATION")
         callgrind_control -d "$vg" >/dev/null 2>&1
         kill "$vg" 2>/dev/null || true
         wait "$vg" 2>/dev/null || true
@@ -182,6 +201,10 @@ if [[ "${NGINX:-1}" == 1 ]]; then
         -e "s#@RUNDIR@#$WORK#g; s/@NAME@/nginx-proxy/g" \
         "$BENCH_DIR/conf/proxy.nginx.conf.tmpl" >"$WORK/nginx-proxy.conf"
     bench_nginx_access_log "$WORK/nginx-proxy.conf"
+    if [[ $H2 == 1 ]]; then
+        sed -i "s#listen 127.0.0.1:$PROXY_PORT #listen 127.0.0.1:$PROXY_PORT http2 #" "$WORK/nginx-proxy.conf"
+        grep -q "listen 127.0.0.1:$PROXY_PORT http2" "$WORK/nginx-proxy.conf" || die "could not turn http2 on in nginx's config"
+    fi
     count_anchor nginx-1w nginx -e "$WORK/nginx-proxy.error.log" -c "$WORK/nginx-proxy.conf" \
         -g 'daemon off; master_process off;'
 fi

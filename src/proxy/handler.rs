@@ -153,7 +153,11 @@ impl GatewayAnswer {
     pub fn into_response(self) -> Response<ClientBody> {
         let mut response = self.response;
         let h = response.headers_mut();
-        h.insert(&X_REQUEST_ID, self.request_id);
+        // Unique per answer: kept out of the HPACK tables (an HTTP/2-only flag), where it
+        // would only evict the fields that repeat.
+        let mut request_id = self.request_id;
+        request_id.set_sensitive(true);
+        h.insert(&X_REQUEST_ID, request_id);
         headers::add_via(h);
         response
     }
@@ -1095,6 +1099,26 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_http2_answer_carries_its_request_id_never_indexed_and_replaces_the_upstreams() {
+        let mut response = Response::new(ClientBody::empty());
+        response
+            .headers_mut()
+            .insert(&X_REQUEST_ID, HeaderValue::from_static("from-upstream"));
+        let answer = GatewayAnswer {
+            response,
+            request_id: HeaderValue::from_static("gw-1"),
+            close: false,
+        };
+        let response = answer.into_response();
+        let ids: Vec<_> = response.headers().get_all(&X_REQUEST_ID).iter().collect();
+        assert_eq!(ids, ["gw-1"]);
+        assert!(
+            ids[0].is_sensitive(),
+            "a unique value would churn the HPACK table"
+        );
+    }
 
     #[test]
     fn a_client_uri_goes_upstream_as_is_only_when_its_text_starts_with_the_path() {
