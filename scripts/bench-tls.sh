@@ -4,27 +4,36 @@
 #
 # - keep-alive HTTPS: wrk over one TLS connection per wrk connection, TLS 1.3 and TLS 1.2
 #   (the client's OpenSSL limited through OPENSSL_CONF), ECDSA P-256 certificate;
-# - full handshakes: `openssl s_time -new` (a new connection, full handshake and one GET
-#   / per connection), ECDSA P-256 and RSA-2048 certificates, TLS 1.3 and 1.2;
-# - resumed handshakes: `openssl s_time -reuse` (the session from a first full handshake:
-#   a ticket), ECDSA certificate, TLS 1.3 and 1.2.
+# - full handshakes: `examples/tls_handshakes.rs` (a new connection per request: full
+#   handshake, one GET / with `Connection: close`, read until the server closes), ECDSA
+#   P-256 and RSA-2048 certificates, TLS 1.3 and 1.2;
+# - resumed handshakes: the same client, each of its loops resuming the session of its
+#   previous connection (a ticket), ECDSA certificate, TLS 1.3 and 1.2.
 #
-# Both servers use the same certificates (made here with openssl; `s_time` sends no SNI, so
-# each certificate has its own listener: one gateway process per certificate, one nginx
-# with two ports), the same cipher suite (AES-256-GCM, ECDHE over X25519, which the clients
-# offer first; checked with s_client before the run) and session tickets. `s_time` runs
-# $CLIENTS copies at once (sequential handshakes each), so handshakes/s depend on the
-# client's CPU too; the server's CPU time per operation (user + system, from
-# /proc/<pid>/stat) is the steadier figure. With -reuse every connection must resume, or
-# the run stops. Each table row is one case; the
-# ratios are switchyard over nginx in the same run (req/s or handshakes/s: higher is
-# better; CPU per op: lower is better).
+# Both servers use the same certificates (made here with openssl: a CA and a leaf for
+# bench.test per key type; one gateway process per certificate, one nginx with two ports),
+# the same cipher suite (AES-256-GCM, ECDHE over X25519, which the clients offer first;
+# checked with s_client before the run) and session tickets. The handshake client (rustls,
+# one thread, $HS_CONNS connections at once, each one connection after the other) verifies
+# the certificate against the CA and spends about 250 us of CPU per full ECDSA handshake
+# (a third or more of it in the kernel's TCP), against ~550 for `openssl s_time`, used
+# before, whose rates measured the client; a server that spends about as little per
+# handshake as the client is still bound by it (server_busy below 1). Every full case must
+# see only full handshakes, every resumed case only resumed ones after each loop's first
+# connection, and every response must be a 200, or the run stops. The server's CPU time
+# per operation (user + system, from /proc/<pid>/stat) is the steadier figure; server_busy
+# is that CPU time over the case's wall time (1.0: a whole core, the server is the
+# bottleneck), client_us/op the handshake client's own CPU per handshake. Each table row
+# is one case; the ratios are switchyard over nginx in the same run (req/s or
+# handshakes/s: higher is better; CPU per op: lower is better).
 #
 # Usage: scripts/bench-tls.sh [--quick]   (--quick: 3 s runs, 1 rep)
 # Env:   BIN (a built gateway instead of a fresh release build), ALT_BIN and ALT_LABEL (a
 #        second gateway build measured in the same run, e.g. another crypto provider),
-#        DURATION (10), REPS (3), CONNS (50), CLIENTS (3), OUT, ONLY (a regular expression:
-#        the cases whose names match, e.g. ONLY=resumed), and the ports below.
+#        CLIENT_BIN (a built `tls_handshakes` example instead of a fresh release build),
+#        DURATION (10), REPS (3), CONNS (50: wrk's connections), HS_CONNS (64: the
+#        handshake client's), OUT, ONLY (a regular expression: the cases whose names match,
+#        e.g. ONLY=resumed), and the ports below.
 # Not run in CI: timed targets live in scripts, never in tests.
 set -euo pipefail
 
@@ -39,26 +48,44 @@ ADMIN_PORT="${ADMIN_PORT:-29901}"
 TLS_PORT="${TLS_PORT:-29443}"
 NGINX_TLS_PORT="${NGINX_TLS_PORT:-29450}"
 export UPSTREAM1_PORT="${UPSTREAM1_PORT:-29081}" UPSTREAM2_PORT="${UPSTREAM2_PORT:-29082}"
-CLIENTS="${CLIENTS:-3}"
+HS_CONNS="${HS_CONNS:-64}"
 
 # shellcheck source=scripts/bench-common.sh
 source "$ROOT/scripts/bench-common.sh"
 bench_knobs "$@"
 bench_harness wrk nginx openssl curl taskset
 bench_binary log
+if [[ -n "${CLIENT_BIN:-}" ]]; then
+    [[ -x "$CLIENT_BIN" ]] || die "CLIENT_BIN=$CLIENT_BIN is not an executable"
+else
+    log "building the handshake client (release)"
+    (cd "$ROOT" && cargo build --release --locked --example tls_handshakes >&2)
+    CLIENT_BIN="$ROOT/target/release/examples/tls_handshakes"
+fi
 
 # --- upstreams and registry (CPU 0) ------------------------------------------------------
 bench_origin_and_registry "$UPSTREAM1_PORT" "$UPSTREAM2_PORT"
 bench_route "$CONSUL" switchyard-bench/ bench '{"service":"bench","path_prefix":"/"}' ||
     die "storing the route failed"
 
-# --- certificates: ECDSA P-256 and RSA-2048 -----------------------------------------------
+# --- certificates: a CA (ECDSA P-256), leaves ECDSA P-256 and RSA-2048 ----------------------
+# A CA and leaves rather than self-signed certificates: a verifying client (webpki) refuses
+# a CA certificate as the server's own.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-    -subj /CN=bench.test -addext subjectAltName=DNS:bench.test \
-    -keyout "$WORK/ec.key" -out "$WORK/ec.crt" 2>/dev/null
-openssl req -x509 -newkey rsa:2048 -nodes -days 2 \
-    -subj /CN=bench.test -addext subjectAltName=DNS:bench.test \
-    -keyout "$WORK/rsa.key" -out "$WORK/rsa.crt" 2>/dev/null
+    -subj /CN=bench-ca -keyout "$WORK/ca.key" -out "$WORK/ca.crt" 2>/dev/null
+printf '%s\n' 'subjectAltName = DNS:bench.test, IP:127.0.0.1' \
+    'basicConstraints = critical, CA:FALSE' 'extendedKeyUsage = serverAuth' >"$WORK/leaf.ext"
+for key in ec rsa; do
+    case $key in
+        ec) newkey=(-newkey ec -pkeyopt ec_paramgen_curve:P-256) ;;
+        rsa) newkey=(-newkey rsa:2048) ;;
+    esac
+    openssl req -new "${newkey[@]}" -nodes -subj /CN=bench.test \
+        -keyout "$WORK/$key.key" -out "$WORK/$key.csr" 2>/dev/null
+    openssl x509 -req -in "$WORK/$key.csr" -CA "$WORK/ca.crt" -CAkey "$WORK/ca.key" \
+        -set_serial "$RANDOM$RANDOM" -days 2 -extfile "$WORK/leaf.ext" \
+        -out "$WORK/$key.crt" 2>/dev/null || die "signing the $key certificate failed"
+done
 
 # --- the gateways (CPU 1, one worker each) -------------------------------------------------
 # TARGETS: "server|certificate|port|pid" per listener.
@@ -160,34 +187,23 @@ keepalive() {
         wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "https://127.0.0.1:$2/" 2>&1 | bench_wrk_summary)
     if [[ $err != 0 || $reqs == 0 ]]; then echo ERR; else echo "$reqs $(bench_ratio "$reqs" "$rps") -"; fi
 }
-# handshakes MODE VERSION PORT: $CLIENTS s_time clients at once (MODE -new or -reuse),
-# each with a GET / per connection. With -reuse every connection after each client's first
-# must have resumed (s_time prints `r` for a resumed one, `*` for a full one).
+# handshakes MODE VERSION PORT: the handshake client, MODE full or resume, a GET / per
+# connection. It exits non-zero on any failed request, and on any handshake of the wrong
+# kind (full ones with MODE full; after each loop's first connection, resumed ones with
+# MODE resume). Prints "HANDSHAKES SECONDS CLIENT_CPU_SECONDS".
 handshakes() {
-    local i total=0 n full t0 t1 cpu
-    rm -f "$WORK"/s_time.cpu.*
-    t0=$(date +%s.%N)
-    for i in $(seq "$CLIENTS"); do
-        OPENSSL_CONF="$WORK/client-tls$2.cnf" timeout $((DURATION + 30)) taskset -c 0 \
-            /usr/bin/time -f '%U %S' -o "$WORK/s_time.cpu.$i" \
-            openssl s_time -connect "127.0.0.1:$3" "$1" -time "$DURATION" -www / \
-            >"$WORK/s_time.$i" 2>&1 &
-    done
-    wait
-    t1=$(date +%s.%N)
-    for i in $(seq "$CLIENTS"); do
-        # "N connections in T real seconds"
-        n=$(awk '/connections in .* real seconds/ { print $1 }' "$WORK/s_time.$i" | tail -1)
-        [[ -n $n ]] || { echo ERR; return; }
-        if [[ $1 == -reuse ]]; then
-            full=$(sed -n '/^starting/,$p' "$WORK/s_time.$i" | tr -cd '*' | wc -c)
-            ((full <= 1)) || { log "$full of $n connections did not resume"; echo ERR; return; }
-        fi
-        total=$((total + n))
-    done
-    # The clients' own CPU (user + system seconds, all of them): what bounds the rate here.
-    cpu=$(cat "$WORK"/s_time.cpu.* | awk '{ s += $1 + $2 } END { print s + 0 }')
-    echo "$total $(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }') $cpu"
+    local resume=() line
+    [[ $1 == resume ]] && resume=(--resume)
+    if ! line=$(RUST_BACKTRACE=0 timeout $((DURATION + 30)) taskset -c 0 "$CLIENT_BIN" \
+        "127.0.0.1:$3" --ca "$WORK/ca.crt" --server-name bench.test --version "$2" \
+        "${resume[@]}" --connections "$HS_CONNS" --seconds "$DURATION" 2>"$WORK/handshakes.err"); then
+        log "handshake client: $line $(tr '\n' ' ' <"$WORK/handshakes.err")"
+        echo ERR
+        return
+    fi
+    # handshakes=N seconds=S cpu_s=C resumed=R full=F failed=X
+    awk '{ for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+           print v["handshakes"], v["seconds"], v["cpu_s"] }' <<<"$line"
 }
 # check_version VERSION PORT: the client settings give that version and AES-256-GCM.
 check_version() {
@@ -198,12 +214,12 @@ check_version() {
 CASES=(
     "keepalive_tls1.3_ecdsa|ec|keepalive 1.3"
     "keepalive_tls1.2_ecdsa|ec|keepalive 1.2"
-    "full_tls1.3_ecdsa|ec|handshakes -new 1.3"
-    "full_tls1.3_rsa2048|rsa|handshakes -new 1.3"
-    "full_tls1.2_ecdsa|ec|handshakes -new 1.2"
-    "full_tls1.2_rsa2048|rsa|handshakes -new 1.2"
-    "resumed_tls1.3_ecdsa|ec|handshakes -reuse 1.3"
-    "resumed_tls1.2_ecdsa|ec|handshakes -reuse 1.2"
+    "full_tls1.3_ecdsa|ec|handshakes full 1.3"
+    "full_tls1.3_rsa2048|rsa|handshakes full 1.3"
+    "full_tls1.2_ecdsa|ec|handshakes full 1.2"
+    "full_tls1.2_rsa2048|rsa|handshakes full 1.2"
+    "resumed_tls1.3_ecdsa|ec|handshakes resume 1.3"
+    "resumed_tls1.2_ecdsa|ec|handshakes resume 1.2"
 )
 if [[ -n ${ONLY:-} ]]; then # a subset of the cases, by an extended regular expression
     mapfile -t CASES < <(printf '%s\n' "${CASES[@]}" | grep -E "^[^|]*(${ONLY})[^|]*\|")
@@ -238,10 +254,11 @@ for rep in $(seq "$REPS"); do
             [[ $n != ERR && $n -gt 0 ]] || die "$case on $name failed (see $WORK; KEEP_RUNDIR=1)"
             ops=$(bench_ratio "$n" "$secs")
             us=$(bench_cpu_us $((t1 - t0)) "$n")
+            busy=$(awk -v t=$((t1 - t0)) -v hz="$HZ" -v s="$secs" 'BEGIN { printf "%.2f", t / hz / s }')
             client_us=-
             [[ $client_s == - ]] || client_us=$(awk -v s="$client_s" -v n="$n" 'BEGIN { printf "%.1f", s * 1e6 / n }')
-            echo "$case $name $rep $ops $us $client_us" >>"$rows"
-            log "run $rep/$REPS $case $name: $ops/s, ${us} us CPU per op (clients: $client_us)"
+            echo "$case $name $rep $ops $us $client_us $busy" >>"$rows"
+            log "run $rep/$REPS $case $name: $ops/s, ${us} us CPU per op, server busy $busy (client: $client_us us/op)"
         done
     done
 done
@@ -254,7 +271,7 @@ col() { awk -v c="$1" -v n="$2" -v f="$3" '$1 == c && $2 == n { print $f }' "$ro
 mkdir -p "$(dirname "$OUT")"
 {
     echo "# TLS termination, $(date -u +%F), 1 worker each on CPU 1, clients on CPU 0, ${DURATION}s x $REPS (medians)"
-    printf '%-24s %-12s %10s %9s %11s %12s %14s\n' case server ops/s vs_nginx cpu_us/op cpu_vs_nginx client_us/op
+    printf '%-24s %-12s %10s %9s %11s %12s %11s %13s\n' case server ops/s vs_nginx cpu_us/op cpu_vs_nginx server_busy client_us/op
     for c in "${CASES[@]}"; do
         IFS='|' read -r case _ _ <<<"$c"
         n_ops=$(col "$case" nginx 4)
@@ -262,9 +279,10 @@ mkdir -p "$(dirname "$OUT")"
         for name in $SERVERS; do
             ops=$(col "$case" "$name" 4)
             us=$(col "$case" "$name" 5)
+            busy=$(col "$case" "$name" 7)
             client=$(awk -v c="$case" -v n="$name" '$1 == c && $2 == n && $6 != "-" { print $6 }' "$rows" | median)
-            printf '%-24s %-12s %10.0f %9.3f %11.1f %12.3f %14s\n' "$case" "$name" "$ops" \
-                "$(bench_ratio "$ops" "$n_ops")" "$us" "$(bench_ratio "$us" "$n_us")" "${client:--}"
+            printf '%-24s %-12s %10.0f %9.3f %11.1f %12.3f %11.2f %13s\n' "$case" "$name" "$ops" \
+                "$(bench_ratio "$ops" "$n_ops")" "$us" "$(bench_ratio "$us" "$n_us")" "$busy" "${client:--}"
         done
     done
 } | tee "$OUT"
