@@ -21,7 +21,8 @@
 # on a second gateway with the budgets off (burst = 0, global_burst = 0: every bad token is
 # verified), and from a different address on every request (each address fails once, so
 # only the gateway-wide budget, global_burst, stops it; on the second gateway every bad
-# token costs a verification). Client addresses come from
+# token costs a verification); the budgets' refusals are held a second (refusal_delay_ms),
+# and a third gateway sends them at once, to show what holding them does. Client addresses come from
 # X-Forwarded-For (loopback is a trusted proxy in this config). The second table gives the
 # flood's req/s and statuses, and the healthy client's req/s and p99 against its p99 alone;
 # a flood of the same requests without a token (401 before any crypto) is the floor: what
@@ -31,7 +32,7 @@
 # Env:   FLOOD_ONLY=1 (only the flood table), BENCH_DIR (default ../shared/bench next to the repo), BIN (a built gateway instead
 #        of a fresh release build), DURATION (10), REPS (3), CONNS (50), HEALTHY_CONNS (10),
 #        OUT (result file), and the ports below (the gateway without budget takes the next
-#        proxy and admin ports).
+#        proxy and admin ports, the one without held refusals the ones after).
 # Not run in CI: timed targets live in scripts, never in tests.
 set -euo pipefail
 
@@ -151,7 +152,13 @@ grep -q '^trusted_proxies' "$WORK/switchyard.toml" || die "no [proxy] section to
     printf '\n[auth.failure_budget]\nburst = 0\nglobal_burst = 0\n'
 } >"$WORK/switchyard-nobudget.toml"
 "$BIN" check-config "$WORK/switchyard-nobudget.toml" >/dev/null || die "bad generated config $WORK/switchyard-nobudget.toml"
-for p in "$PROXY_PORT" "$ADMIN_PORT" $((PROXY_PORT + 1)) $((ADMIN_PORT + 1)); do
+# The third, two ports on, has the budgets but sends their refusals at once (not held).
+{
+    cat "$WORK/switchyard.toml"
+    printf '\n[auth.failure_budget]\nrefusal_delay_ms = 0\n'
+} >"$WORK/switchyard-nohold.toml"
+"$BIN" check-config "$WORK/switchyard-nohold.toml" >/dev/null || die "bad generated config $WORK/switchyard-nohold.toml"
+for p in "$PROXY_PORT" "$ADMIN_PORT" $((PROXY_PORT + 1)) $((ADMIN_PORT + 1)) $((PROXY_PORT + 2)) $((ADMIN_PORT + 2)); do
     port_free "$p" || die "port $p already in use"
 done
 start_bg switchyard 1 "$BIN" run --config "$WORK/switchyard.toml" --consul "$CONSUL" \
@@ -160,6 +167,9 @@ GW_PID=$LAST_PID
 start_bg switchyard-nobudget 1 "$BIN" run --config "$WORK/switchyard-nobudget.toml" --consul "$CONSUL" \
     --kv-prefix bench-auth/ --listen "127.0.0.1:$((PROXY_PORT + 1))" --admin "127.0.0.1:$((ADMIN_PORT + 1))"
 NOBUDGET_PID=$LAST_PID
+start_bg switchyard-nohold 1 "$BIN" run --config "$WORK/switchyard-nohold.toml" --consul "$CONSUL" \
+    --kv-prefix bench-auth/ --listen "127.0.0.1:$((PROXY_PORT + 2))" --admin "127.0.0.1:$((ADMIN_PORT + 2))"
+NOHOLD_PID=$LAST_PID
 
 # case|path|header: every case must answer 200 before the measurement starts.
 CASES=(
@@ -176,7 +186,7 @@ CASES=(
 )
 for c in "${CASES[@]}"; do
     IFS='|' read -r name path hdr <<<"$c"
-    for port in "$PROXY_PORT" $((PROXY_PORT + 1)); do
+    for port in "$PROXY_PORT" $((PROXY_PORT + 1)) $((PROXY_PORT + 2)); do
         bench_wait_url "http://127.0.0.1:$port$path" 15 ${hdr:+-H "$hdr"} ||
             die "case $name: $path on :$port does not answer 200 (see $WORK/switchyard*.out; KEEP_RUNDIR=1)"
     done
@@ -300,14 +310,17 @@ healthy() {
         "http://127.0.0.1:$1/rs256/" 2>&1 | bench_wrk_summary
 }
 
-# A flood case: name|flood mode (- for none)|gateway (budget: default budget; nobudget:
+# A flood case: name|flood mode (- for none)|gateway (budget: the default budgets, whose
+# refusals are held a second; nohold: the same budgets, refusals sent at once; nobudget:
 # burst = 0, global_burst = 0)|label.
 FLOODS=(
     "none|-|budget|none (healthy alone)"
     "notoken|notoken|budget|no token (floor)"
     "one|one|budget|one address, budget on"
+    "one_nohold|one|nohold|one address, refusals not held"
     "one_nobudget|one|nobudget|one address, budget off"
     "many|many|budget|new address each"
+    "many_nohold|many|nohold|new address each, not held"
     "many_nobudget|many|nobudget|new address each, budgets off"
 )
 log "flood: healthy -c$HEALTHY_CONNS alone, then beside a bad-signature flood -c$CONNS, x $REPS"
@@ -316,7 +329,11 @@ frows="$WORK/flood-rows"
 for rep in $(seq "$REPS"); do
     for f in "${FLOODS[@]}"; do
         IFS='|' read -r name mode gw _ <<<"$f"
-        if [[ $gw == budget ]]; then port=$PROXY_PORT pid=$GW_PID; else port=$((PROXY_PORT + 1)) pid=$NOBUDGET_PID; fi
+        case $gw in
+            budget) port=$PROXY_PORT pid=$GW_PID ;;
+            nobudget) port=$((PROXY_PORT + 1)) pid=$NOBUDGET_PID ;;
+            nohold) port=$((PROXY_PORT + 2)) pid=$NOHOLD_PID ;;
+        esac
         if [[ $mode != - ]]; then
             flood "$mode" "$port" $((DURATION + 2)) &
             fpid=$!
@@ -339,6 +356,7 @@ for rep in $(seq "$REPS"); do
 done
 alive "$GW_PID" || die "the gateway died during the flood (see $WORK/switchyard.out)"
 alive "$NOBUDGET_PID" || die "the gateway without budget died during the flood (see $WORK/switchyard-nobudget.out)"
+alive "$NOHOLD_PID" || die "the gateway without held refusals died during the flood (see $WORK/switchyard-nohold.out)"
 fcol() { awk -v n="$1" -v f="$2" '$1 == n { print $f }' "$frows" | median; }
 base_p99=$(fcol none 4)
 {

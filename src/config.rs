@@ -293,6 +293,12 @@ pub struct FailureBudgetSection {
     pub global_burst: u32,
     /// Failed verifications the gateway regains per second.
     pub global_per_second: f64,
+    /// How long a refusal for a spent budget (429) is held before it is sent, in
+    /// milliseconds (spread over half to one and a half of it); 0 sends it at once. A flooding connection then gets one refusal per
+    /// hold instead of as many as it can send (HAProxy's tarpit).
+    pub refusal_delay_ms: u64,
+    /// Refusals held at once, gateway-wide; beyond it they are sent at once.
+    pub max_delayed_refusals: usize,
 }
 
 impl Default for FailureBudgetSection {
@@ -307,6 +313,9 @@ impl Default for FailureBudgetSection {
             // (expired tokens before a refresh).
             global_burst: 1000,
             global_per_second: 200.0,
+            refusal_delay_ms: 1000,
+            // A held refusal is a parked request (a few KiB): tens of MiB at most.
+            max_delayed_refusals: 10_000,
         }
     }
 }
@@ -315,6 +324,9 @@ impl FailureBudgetSection {
     /// Why these settings cannot work, if they cannot (a zero `burst` turns the budget off).
     fn problem(&self) -> Option<&'static str> {
         let rate_ok = |r: f64| r.is_finite() && (0.001..=1_000_000.0).contains(&r);
+        if self.refusal_delay_ms > 60_000 {
+            return Some("`refusal_delay_ms` must be at most 60000");
+        }
         if self.global_burst != 0 {
             if !rate_ok(self.global_per_second) {
                 return Some("`global_per_second` must be between 0.001 and 1000000");
@@ -1197,6 +1209,7 @@ mod tests {
         assert!(err.to_string().contains("auth.realm"), "{err}");
         assert_eq!(cfg.file.auth.failure_budget.burst, 20);
         assert_eq!(cfg.file.auth.failure_budget.global_burst, 1000);
+        assert_eq!(cfg.file.auth.failure_budget.refusal_delay_ms, 1000);
         for bad in [
             "per_second = 0.0",
             "per_second = nan",
@@ -1204,6 +1217,7 @@ mod tests {
             "global_per_second = 0.0",
             "global_per_second = inf",
             "global_burst = 1000001",
+            "refusal_delay_ms = 60001",
         ] {
             let err = FileConfig::parse(&format!("[auth.failure_budget]\n{bad}\n"))
                 .unwrap()

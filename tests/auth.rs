@@ -735,6 +735,7 @@ async fn a_flood_of_bad_signatures_spends_only_its_senders_budget() {
         f.proxy.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
         f.auth.failure_budget.burst = 3;
         f.auth.failure_budget.per_second = 0.01;
+        f.auth.failure_budget.refusal_delay_ms = 20;
     })
     .await;
     env.route("api", "/api", json!({"auth": {"jwt": ["cfg"]}}))
@@ -796,6 +797,44 @@ async fn a_flood_of_bad_signatures_spends_only_its_senders_budget() {
 }
 
 #[tokio::test]
+async fn a_refusal_for_a_spent_budget_is_held_while_other_clients_are_served() {
+    let env = Env::start_with(|f| {
+        f.proxy.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        f.auth.failure_budget.burst = 1;
+        f.auth.failure_budget.per_second = 0.01;
+        // Held between 750 and 2250 ms.
+        f.auth.failure_budget.refusal_delay_ms = 1500;
+    })
+    .await;
+    env.route("api", "/api", json!({"auth": {"jwt": ["cfg"]}}))
+        .await;
+    let from = |ip: &str, token: &str| {
+        env.bearer("/api/x", token)
+            .header("x-forwarded-for", ip.to_string())
+    };
+    let valid = tokens::rs256("r", &claims("alice", json!({})));
+    let bad = |i: u64| tokens::tampered(&valid, &claims("mallory", json!({"n": i})));
+    let resp = from("10.9.9.9", &bad(0)).send().await.unwrap();
+    assert_eq!(resp.status(), 401, "the first bad signature is verified");
+
+    // The budget is spent: the next refusal is held for the delay...
+    let held = tokio::spawn(from("10.9.9.9", &bad(1)).send());
+    let started = std::time::Instant::now();
+    // ...and while it is, another client is served (the worker is not blocked).
+    let resp = from("10.1.1.1", &valid).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(!held.is_finished(), "the refusal is still held");
+    let resp = held.await.unwrap().unwrap();
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(700),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert_refused_by_a_failure_budget(resp, "the held refusal").await;
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn bad_signatures_from_ever_new_addresses_spend_the_gateway_wide_budget_and_known_clients_still_pass(
 ) {
     let env = Env::start_with(|f| {
@@ -805,6 +844,7 @@ async fn bad_signatures_from_ever_new_addresses_spend_the_gateway_wide_budget_an
         f.auth.failure_budget.per_second = 0.01;
         f.auth.failure_budget.global_burst = 5;
         f.auth.failure_budget.global_per_second = 0.01;
+        f.auth.failure_budget.refusal_delay_ms = 20;
     })
     .await;
     env.route("api", "/api", json!({"auth": {"jwt": ["cfg"]}}))

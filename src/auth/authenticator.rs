@@ -66,13 +66,7 @@ impl AuthSettings {
                 .iter()
                 .map(|h| header(h))
                 .collect::<Result<_, _>>()?,
-            failure_budget: FailureBudgetSettings {
-                burst: section.failure_budget.burst,
-                per_second: section.failure_budget.per_second,
-                max_clients: section.failure_budget.max_clients,
-                global_burst: section.failure_budget.global_burst,
-                global_per_second: section.failure_budget.global_per_second,
-            },
+            failure_budget: FailureBudgetSettings::from(&section.failure_budget),
         })
     }
 }
@@ -384,6 +378,9 @@ impl Authenticator {
             Err(e) => {
                 metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => e.reason())
                     .increment(1);
+                if e.spent_budget() {
+                    self.failure_budget.hold_refusal().await;
+                }
                 Err(self.reject(e, requirement, headers))
             }
         }

@@ -25,7 +25,7 @@
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,10 @@ pub struct FailureBudgetSettings {
     pub global_burst: u32,
     /// Failed verifications the whole gateway regains per second.
     pub global_per_second: f64,
+    /// How long a refusal for a spent budget is held before it is sent (zero: not held).
+    pub refusal_delay: Duration,
+    /// Refusals held at once at most; beyond it they are sent at once.
+    pub max_delayed_refusals: usize,
 }
 
 /// Which budget is spent, and how long until one more verification may run.
@@ -67,13 +71,20 @@ impl SpentBudget {
 impl Default for FailureBudgetSettings {
     /// The defaults of `[auth.failure_budget]`.
     fn default() -> Self {
-        let section = crate::config::FailureBudgetSection::default();
+        FailureBudgetSettings::from(&crate::config::FailureBudgetSection::default())
+    }
+}
+
+impl From<&crate::config::FailureBudgetSection> for FailureBudgetSettings {
+    fn from(section: &crate::config::FailureBudgetSection) -> Self {
         FailureBudgetSettings {
             burst: section.burst,
             per_second: section.per_second,
             max_clients: section.max_clients,
             global_burst: section.global_burst,
             global_per_second: section.global_per_second,
+            refusal_delay: Duration::from_millis(section.refusal_delay_ms),
+            max_delayed_refusals: section.max_delayed_refusals,
         }
     }
 }
@@ -122,6 +133,25 @@ impl Gcra {
 
 type Shard = crate::prehashed::ArrivalTimes;
 
+/// One place among the refusals held at once; given back when dropped.
+struct HeldRefusal<'a>(&'a AtomicUsize);
+
+impl<'a> HeldRefusal<'a> {
+    fn take(held: &'a AtomicUsize, max: usize) -> Option<HeldRefusal<'a>> {
+        held.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| HeldRefusal(held))
+    }
+}
+
+impl Drop for HeldRefusal<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 pub struct FailureBudget {
     settings: FailureBudgetSettings,
     per_address: Gcra,
@@ -132,6 +162,8 @@ pub struct FailureBudget {
     seed: std::collections::hash_map::RandomState,
     shards: Box<[Mutex<Shard>]>,
     per_shard: usize,
+    /// Refusals being held now.
+    held: AtomicUsize,
 }
 
 impl std::fmt::Debug for FailureBudget {
@@ -159,7 +191,33 @@ impl FailureBudget {
             seed: Default::default(),
             shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
             per_shard: max_clients.div_ceil(shards),
+            held: AtomicUsize::new(0),
         }
+    }
+
+    /// Holds a refusal for a spent budget for about `refusal_delay` (between half and one
+    /// and a half of it) before it is sent, unless `max_delayed_refusals` are held already.
+    /// The refusal costs the gateway nothing while held (a timer), and a flooding
+    /// connection, which sends its next request only after the answer, gets one refusal per
+    /// delay instead of thousands a second: the worker's time stays with the other clients.
+    /// The spread keeps the held connections from coming back all at once, each with a
+    /// token to verify on a budget that refilled meanwhile. A client that gives up (drops
+    /// the request) frees its place at once.
+    pub async fn hold_refusal(&self) {
+        let delay = self.settings.refusal_delay;
+        if delay.is_zero() {
+            return;
+        }
+        let slot = HeldRefusal::take(&self.held, self.settings.max_delayed_refusals);
+        if slot.is_some() {
+            let spread = rand::Rng::random_range(&mut rand::rng(), 0.5..1.5);
+            tokio::time::sleep(delay.mul_f64(spread)).await;
+        }
+    }
+
+    /// Refusals being held now.
+    pub fn held_refusals(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
     }
 
     pub fn settings(&self) -> &FailureBudgetSettings {
@@ -280,7 +338,51 @@ mod tests {
             max_clients,
             global_burst: 0,
             global_per_second: 0.0,
+            refusal_delay: Duration::ZERO,
+            max_delayed_refusals: 0,
         })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_held_for_the_delay_up_to_the_cap_and_then_sent_at_once() {
+        let b = std::sync::Arc::new(FailureBudget::new(FailureBudgetSettings {
+            refusal_delay: Duration::from_secs(2),
+            max_delayed_refusals: 2,
+            ..FailureBudgetSettings::default()
+        }));
+        let start = tokio::time::Instant::now();
+        let held: Vec<_> = (0..2)
+            .map(|_| {
+                let b = b.clone();
+                tokio::spawn(async move { b.hold_refusal().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert_eq!(b.held_refusals(), 2);
+        // The cap is reached: the third is not held.
+        b.hold_refusal().await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        for h in held {
+            h.await.unwrap();
+        }
+        let waited = start.elapsed();
+        assert!(
+            (Duration::from_secs(1)..Duration::from_secs(3)).contains(&waited),
+            "{waited:?}"
+        );
+        assert_eq!(b.held_refusals(), 0);
+        // A refusal whose client gave up frees its place.
+        let gone = tokio::time::timeout(Duration::from_millis(10), b.hold_refusal()).await;
+        assert!(gone.is_err());
+        assert_eq!(b.held_refusals(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_delay_holds_nothing() {
+        let b = budget(1, 1.0, 10);
+        let start = tokio::time::Instant::now();
+        b.hold_refusal().await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 
     #[test]
@@ -361,6 +463,7 @@ mod tests {
             max_clients: 1000,
             global_burst: 5,
             global_per_second: 10.0,
+            ..FailureBudgetSettings::default()
         });
         let t = 10 * S;
         for i in 0..5u32 {
@@ -394,6 +497,7 @@ mod tests {
             max_clients: 100,
             global_burst: 1,
             global_per_second: 0.5,
+            ..FailureBudgetSettings::default()
         });
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         b.charge_at(ip, S);
@@ -415,6 +519,7 @@ mod tests {
             max_clients: 100_000,
             global_burst: 0,
             global_per_second: 0.0,
+            ..FailureBudgetSettings::default()
         });
         for i in 0..10_000u32 {
             let ip = IpAddr::from(i.to_be_bytes());

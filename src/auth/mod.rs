@@ -309,6 +309,15 @@ impl AuthError {
         }
     }
 
+    /// Whether a failure budget refused this request (the refusal is held, see
+    /// [`FailureBudget::hold_refusal`]).
+    pub fn spent_budget(&self) -> bool {
+        matches!(
+            self,
+            AuthError::TooManyFailures { .. } | AuthError::TooManyFailuresGatewayWide { .. }
+        )
+    }
+
     /// Whether this failure came out of a signature check (bad signature, or a good one on
     /// claims that do not pass): what the failure budget counts. Failures found before any
     /// crypto (size, syntax, algorithm, unknown key) cost next to nothing.

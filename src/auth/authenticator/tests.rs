@@ -347,6 +347,8 @@ async fn a_client_that_spends_its_failure_budget_is_refused_unverified_and_other
             max_clients: 100,
             global_burst: 0,
             global_per_second: 0.0,
+            refusal_delay: std::time::Duration::ZERO,
+            max_delayed_refusals: 0,
         },
         ..AuthSettings::default()
     };
