@@ -31,6 +31,7 @@ pub const ROUTES: &str = "switchyard_routes";
 pub const ROUTE_REJECTED: &str = "switchyard_route_rejected_total";
 pub const AUTH_FAILURES: &str = "switchyard_auth_failures_total";
 pub const AUTH_FAILURE_BUDGET_EVICTIONS: &str = "switchyard_auth_failure_budget_evictions_total";
+pub const AUTH_REFUSALS_HELD: &str = "switchyard_auth_refusals_held";
 pub const RATE_LIMITED: &str = "switchyard_rate_limited_total";
 pub const IP_DENIED: &str = "switchyard_ip_denied_total";
 pub const CORS_PREFLIGHTS: &str = "switchyard_cors_preflights_total";
@@ -349,6 +350,10 @@ fn describe() {
     describe_counter!(
         AUTH_FAILURE_BUDGET_EVICTIONS,
         "Client addresses dropped from the failed-verification budget before it refilled (max_clients reached)."
+    );
+    describe_gauge!(
+        AUTH_REFUSALS_HELD,
+        "Refusals of a spent failure budget being held before they are sent."
     );
     describe_counter!(RATE_LIMITED, "Requests refused by a rate limit, by route.");
     describe_counter!(IP_DENIED, "Requests refused by IP rules, by route.");

@@ -824,6 +824,10 @@ async fn a_refusal_for_a_spent_budget_is_held_while_other_clients_are_served() {
     let resp = from("10.1.1.1", &valid).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert!(!held.is_finished(), "the refusal is still held");
+    assert!(
+        env.gw.metric("switchyard_auth_refusals_held", &[]).await >= 1.0,
+        "the held refusal is counted"
+    );
     let resp = held.await.unwrap().unwrap();
     assert!(
         started.elapsed() >= std::time::Duration::from_millis(700),

@@ -141,14 +141,16 @@ impl<'a> HeldRefusal<'a> {
         held.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
             (n < max).then_some(n + 1)
         })
-        .ok()
-        .map(|_| HeldRefusal(held))
+        .ok()?;
+        metrics::gauge!(crate::metrics::AUTH_REFUSALS_HELD).increment(1.0);
+        Some(HeldRefusal(held))
     }
 }
 
 impl Drop for HeldRefusal<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(crate::metrics::AUTH_REFUSALS_HELD).decrement(1.0);
     }
 }
 
