@@ -728,18 +728,25 @@ async fn assert_refused_by_a_failure_budget(resp: reqwest::Response, what: &str)
     assert_eq!(body["error"], "too_many_invalid_tokens", "{what}");
 }
 
-#[tokio::test]
-async fn a_flood_of_bad_signatures_spends_only_its_senders_budget() {
+/// A gateway whose `/api` route needs a JWT, with a per-address failure budget of `burst`
+/// (regained at 0.01 a second) whose refusals are held `refusal_delay_ms`; loopback is the
+/// trusted proxy, so `X-Forwarded-For` names each test client.
+async fn env_with_failure_budget(burst: u32, refusal_delay_ms: u64) -> Env {
     let env = Env::start_with(|f| {
-        // Loopback is the trusted proxy, so X-Forwarded-For names each test client.
         f.proxy.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
-        f.auth.failure_budget.burst = 3;
+        f.auth.failure_budget.burst = burst;
         f.auth.failure_budget.per_second = 0.01;
-        f.auth.failure_budget.refusal_delay_ms = 20;
+        f.auth.failure_budget.refusal_delay_ms = refusal_delay_ms;
     })
     .await;
     env.route("api", "/api", json!({"auth": {"jwt": ["cfg"]}}))
         .await;
+    env
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_signatures_spends_only_its_senders_budget() {
+    let env = env_with_failure_budget(3, 20).await;
     let from = |ip: &str, token: &str| {
         env.bearer("/api/x", token)
             .header("x-forwarded-for", ip.to_string())
@@ -798,16 +805,8 @@ async fn a_flood_of_bad_signatures_spends_only_its_senders_budget() {
 
 #[tokio::test]
 async fn a_refusal_for_a_spent_budget_is_held_while_other_clients_are_served() {
-    let env = Env::start_with(|f| {
-        f.proxy.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
-        f.auth.failure_budget.burst = 1;
-        f.auth.failure_budget.per_second = 0.01;
-        // Held between 750 and 2250 ms.
-        f.auth.failure_budget.refusal_delay_ms = 1500;
-    })
-    .await;
-    env.route("api", "/api", json!({"auth": {"jwt": ["cfg"]}}))
-        .await;
+    // Held between 750 and 2250 ms.
+    let env = env_with_failure_budget(1, 1500).await;
     let from = |ip: &str, token: &str| {
         env.bearer("/api/x", token)
             .header("x-forwarded-for", ip.to_string())
