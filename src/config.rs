@@ -166,9 +166,9 @@ pub struct ProxySection {
     pub max_header_bytes: usize,
     /// Default request body limit; a route may lower or raise it.
     pub max_body_bytes: u64,
-    /// HTTP/2 client connections are pinged at this interval and closed when a ping goes
-    /// unanswered as long. (Idle HTTP/1.1 connections close after `header_read_timeout_ms`
-    /// without a new request.)
+    /// HTTP/2 client connections with no stream open and no byte either way for this long
+    /// are closed (GOAWAY; between one and two of it after the last byte). (Idle HTTP/1.1
+    /// connections close after `header_read_timeout_ms` without a new request.)
     pub idle_timeout_s: u64,
     /// Time in-flight requests get to finish after SIGTERM.
     pub drain_timeout_s: u64,

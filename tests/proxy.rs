@@ -770,6 +770,68 @@ async fn grpc_trailers_pass_through_over_http2() {
     env.stop().await;
 }
 
+/// An HTTP/2 connection (hyper's client, h2c) to the gateway: its request sender, and a
+/// task that ends when the gateway closes the connection.
+async fn h2c_connection(
+    env: &Env,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = tokio::net::TcpStream::connect(env.gw.app.proxy_addr())
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(async move { drop(conn.await) }))
+}
+
+async fn h2c_get(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    path: &str,
+) -> u16 {
+    let req = http::Request::get(format!("http://t{path}"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap();
+    status
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_but_not_one_with_a_request_in_flight() {
+    let env = Env::start("proxy", 1, |f| f.proxy.idle_timeout_s = 1).await;
+    env.route("api", "/api", json!({})).await;
+
+    // Idle after one answer: closed (GOAWAY) one to two timeouts later.
+    let (mut sender, closed) = h2c_connection(&env).await;
+    assert_eq!(h2c_get(&mut sender, "/api/x").await, 200);
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("an idle HTTP/2 connection is closed")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}, before the idle timeout",
+        started.elapsed()
+    );
+
+    // A request whose answer takes three timeouts, no byte moving meanwhile: the
+    // connection stays until it is answered.
+    let (mut sender, closed) = h2c_connection(&env).await;
+    assert_eq!(h2c_get(&mut sender, "/api/slow?ms=3000").await, 200);
+    assert!(!closed.is_finished(), "closed under a request in flight");
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn oversized_heads_get_431_and_slow_heads_are_cut_off() {
     let env = Env::start("proxy", 1, |f| {

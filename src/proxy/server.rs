@@ -9,7 +9,9 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -109,14 +111,14 @@ async fn accept_loop(
     }
 }
 
+/// No keep-alive pings: hyper's look at the clock and a lock on every frame, and an idle
+/// connection is closed by [`serve_http2`] instead (as nginx and Envoy do).
 fn http2_builder(gateway: &Gateway) -> http2::Builder<TokioExecutor> {
     let s = &gateway.settings;
     let mut b = http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .max_header_list_size(s.max_header_bytes.min(u32::MAX as usize) as u32)
-        .max_concurrent_streams(MAX_STREAMS)
-        .keep_alive_interval(Some(s.idle_timeout.max(Duration::from_secs(1))))
-        .keep_alive_timeout(s.idle_timeout.max(Duration::from_secs(1)));
+        .max_concurrent_streams(MAX_STREAMS);
     b
 }
 
@@ -203,6 +205,10 @@ async fn serve_tls_stream(
     h1::serve(read, write, Bytes::new(), service, settings, finish).await;
 }
 
+/// Serves HTTP/2 until the client goes, the gateway drains, or the connection has been idle
+/// (no stream open, no byte either way) for `idle_timeout`: then a graceful close (GOAWAY).
+/// Idle is judged by looking at the connection's activity once per `idle_timeout`, so an
+/// idle connection closes between one and two timeouts after its last byte.
 async fn serve_http2<I>(
     io: I,
     conn: ClientConn,
@@ -213,27 +219,183 @@ async fn serve_http2<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer = conn.peer;
+    let idle = gateway.settings.idle_timeout.max(Duration::from_secs(1));
+    let activity = Arc::new(H2Activity::default());
+    let io = ActivityIo {
+        inner: io,
+        activity: activity.clone(),
+    };
+    let streams = activity.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let gateway = gateway.clone();
         let conn = conn.clone();
+        let open = OpenStream::new(streams.clone());
         let (parts, body) = req.into_parts();
         Box::pin(async move {
             let answer = gateway
                 .handle(parts, NameLengths::UNKNOWN, RequestBody::H2(body), &conn)
                 .await;
-            Ok::<_, Infallible>(answer.into_response())
+            Ok::<_, Infallible>(
+                answer
+                    .into_response()
+                    .map(|body| H2AnswerBody { body, _open: open }),
+            )
         })
     });
     let mut connection = pin!(builder.serve_connection(TokioIo::new(io), service));
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        _ = finish.changed() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    let mut seen = activity.io_events();
+    let mut check = pin!(tokio::time::sleep(idle));
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            _ = finish.changed() => {
+                connection.as_mut().graceful_shutdown();
+                break connection.await;
+            }
+            _ = check.as_mut() => {
+                let now = activity.io_events();
+                if now == seen && activity.open_streams() == 0 {
+                    tracing::debug!(%peer, "closing an idle HTTP/2 connection");
+                    connection.as_mut().graceful_shutdown();
+                    break connection.await;
+                }
+                seen = now;
+                check.as_mut().reset(tokio::time::Instant::now() + idle);
+            }
         }
     };
     if let Err(e) = result {
         trace_connection_error(peer, &e);
+    }
+}
+
+/// What an HTTP/2 connection has done lately: how many reads and writes moved bytes (a
+/// count, compared between two looks) and how many streams are open.
+#[derive(Default)]
+struct H2Activity {
+    io_events: AtomicU64,
+    open_streams: AtomicUsize,
+}
+
+impl H2Activity {
+    fn io_events(&self) -> u64 {
+        self.io_events.load(Ordering::Relaxed)
+    }
+
+    fn open_streams(&self) -> usize {
+        self.open_streams.load(Ordering::Relaxed)
+    }
+
+    /// Only the connection's task reads and writes its socket: no read-modify-write needed.
+    fn moved(&self) {
+        self.io_events.store(
+            self.io_events.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// One stream, from its request until its answer's body is sent or dropped.
+struct OpenStream(Arc<H2Activity>);
+
+impl OpenStream {
+    fn new(activity: Arc<H2Activity>) -> OpenStream {
+        activity.open_streams.fetch_add(1, Ordering::Relaxed);
+        OpenStream(activity)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An answer's body on HTTP/2: the gateway's, holding its stream open until it is done.
+struct H2AnswerBody {
+    body: ClientBody,
+    _open: OpenStream,
+}
+
+impl hyper::body::Body for H2AnswerBody {
+    type Data = Bytes;
+    type Error = ResponseError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, ResponseError>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The client connection's transport, counting the reads and writes that move bytes.
+struct ActivityIo<I> {
+    inner: I,
+    activity: Arc<H2Activity>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for ActivityIo<I> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() != before {
+            this.activity.moved();
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for ActivityIo<I> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.moved();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.moved();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
