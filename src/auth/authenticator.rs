@@ -93,11 +93,10 @@ impl AuthRejection {
     /// The machine-readable reason: the RFC 6750 code, or `unauthorized` when no
     /// credential was presented.
     pub fn code(&self) -> &'static str {
-        match self.error {
-            AuthError::TooManyFailures { .. } | AuthError::TooManyFailuresGatewayWide { .. } => {
-                "too_many_invalid_tokens"
-            }
-            _ => self.error.oauth_code().unwrap_or("unauthorized"),
+        if self.error.spent_budget() {
+            "too_many_invalid_tokens"
+        } else {
+            self.error.oauth_code().unwrap_or("unauthorized")
         }
     }
 
