@@ -1,7 +1,8 @@
 //! Client connections: HTTP/1.1 and HTTP/2 (h2c by prior knowledge, or `h2` by ALPN over
 //! TLS) on one listener, a gateway-wide connection limit, a deadline for the request head
-//! (slowloris), a cap on head size (431), and a graceful drain on shutdown: stop
-//! accepting, let in-flight requests finish up to the drain timeout, then close.
+//! (slowloris), a cap on head size (431), a close of idle HTTP/2 connections, and a
+//! graceful drain on shutdown: stop accepting, let in-flight requests finish up to the
+//! drain timeout, then close.
 //! HTTP/1.1 is the gateway's own ([`crate::http1::server`], with the gateway as its
 //! [`Service`](crate::http1::server::Service)); HTTP/2 is hyper's.
 
